@@ -1,0 +1,554 @@
+#!/usr/bin/env python3
+"""The in-guest backdoor agent: serves the ntng protocol on a virtio-serial port (or a socket).
+
+stdlib + construct only; `protocol.py` (python/ntng/protocol.py) is installed beside this file.
+One reader thread decodes frames; each request runs in threads of its own so many can be in
+flight; all writes go through one lock so frames never interleave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import grp
+import pwd
+import queue
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+try:
+    from ntng import protocol as P
+except ImportError:  # in the guest: protocol.py sits next to this file
+    import protocol as P  # type: ignore[no-redef]
+
+AGENT_VERSION = "0.1.0"
+CAPABILITIES = ["exec", "stdin", "file-put", "file-get", "signal", "ping"]
+DEFAULT_PORT_NAME = "org.ntng.backdoor"
+
+
+def log(msg: str) -> None:
+    print(f"ntng-agent: {msg}", file=sys.stderr, flush=True)
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+class Disconnected(Exception):
+    pass
+
+
+class Connection:
+    """A byte pipe to the host: read() returns b"" on disconnect; write() sends everything."""
+
+    def __init__(self, rfd: int, wfd: int) -> None:
+        self.rfd, self.wfd = rfd, wfd
+        self._lock = threading.Lock()
+
+    def read(self, n: int) -> bytes:
+        try:
+            return os.read(self.rfd, n)
+        except OSError:
+            return b""
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            view = memoryview(data)
+            while view:
+                try:
+                    n = os.write(self.wfd, view)
+                except OSError as e:
+                    raise Disconnected(str(e)) from None
+                view = view[n:]
+
+
+class Task:
+    """One request in flight."""
+
+    def __init__(self, session: Session, rid: int) -> None:
+        self.session, self.rid = session, rid
+        self.send_window = P.SendWindow(session.window)
+        self.recv_window = P.ReceiveWindow(session.window)
+
+    def on_data(self, ftype: int, data: bytes) -> None:
+        self.session.error(self.rid, P.ErrorCode.BAD_PAYLOAD, f"unexpected data frame {ftype}")
+
+    def on_signal(self, signum: int) -> None:
+        pass
+
+    def cancel(self) -> None:
+        self.send_window.close("connection closed")
+
+    def send_data(self, ftype: int, data: bytes) -> None:
+        """Send data under flow control, cut into frames that fit the credit."""
+        view = memoryview(data)
+        while view:
+            n = self.send_window.take(min(len(view), self.session.chunk))
+            self.session.send(P.encode_frame(ftype, self.rid, bytes(view[:n])))
+            view = view[n:]
+
+
+class ExecTask(Task):
+    def start(self, req: Any) -> None:
+        argv = list(req.argv) if not req.shell else ["/bin/sh", "-c", req.shell]
+        env = {} if req.clear_env else dict(os.environ)
+        env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        kwargs: dict[str, Any] = {}
+        cwd = req.cwd or None
+        if req.user:
+            try:
+                pw = pwd.getpwnam(req.user)
+            except KeyError:
+                raise OSError(f"no such user: {req.user}") from None
+            groups = [g.gr_gid for g in grp.getgrall() if pw.pw_name in g.gr_mem]
+            kwargs.update(user=pw.pw_uid, group=pw.pw_gid, extra_groups=groups)
+            env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name, SHELL=pw.pw_shell)
+            cwd = cwd or pw.pw_dir
+        for e in req.env:
+            env[e["key"]] = e["value"]
+        self.started = time.monotonic()
+        self.timeout = req.timeout_ms / 1000 if req.timeout_ms else None
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE if req.stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if req.merge_stderr else subprocess.PIPE,
+            cwd=cwd or "/",
+            env=env,
+            start_new_session=True,  # own process group, so a timeout kills all of it
+            bufsize=0,
+            **kwargs,
+        )
+        if self.proc.stdin is not None:
+            self.stdin_queue: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+            self._spawn(self._feed_stdin, self.proc.stdin)
+        self.pumps = [self._spawn(self._pump, self.proc.stdout, P.FrameType.STDOUT)]
+        if self.proc.stderr is not None:
+            self.pumps.append(self._spawn(self._pump, self.proc.stderr, P.FrameType.STDERR))
+        self._spawn(self._wait)
+
+    def _spawn(self, fn: Callable[..., None], *args: Any) -> threading.Thread:
+        t = threading.Thread(target=fn, args=args, daemon=True)
+        t.start()
+        return t
+
+    def _pump(self, pipe: Any, ftype: int) -> None:
+        try:
+            while True:
+                chunk = pipe.read(self.session.chunk)
+                if not chunk:
+                    break
+                self.send_data(ftype, chunk)
+            self.session.send(P.encode_frame(ftype, self.rid))  # end of stream
+        except (P.ProtocolError, Disconnected):
+            self.kill()
+        finally:
+            pipe.close()
+
+    def _wait(self) -> None:
+        timed_out = False
+        try:
+            self.proc.wait(self.timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            self.kill()
+            self.proc.wait()
+        deadline = None if self.timeout is None else self.started + self.timeout + 5
+        for t in self.pumps:
+            # A background child may keep the pipes open; the timeout still bounds the wait.
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                timed_out = True
+                self.kill()
+                self.send_window.close("command timed out")
+                t.join()
+        rc = self.proc.returncode
+        exit_msg = P.Exit(
+            code=rc if rc >= 0 else -1,
+            signal=-rc if rc < 0 else 0,
+            timed_out=timed_out,
+            duration_us=int((time.monotonic() - self.started) * 1e6),
+        )
+        self.session.finish(self.rid, exit_msg.frame(self.rid))
+
+    def _feed_stdin(self, pipe: Any) -> None:
+        """Write host data to the command; blocking here never stalls the reader thread."""
+        broken = False
+        while True:
+            data = self.stdin_queue.get()
+            if data and not broken:
+                try:
+                    pipe.write(data)
+                except (BrokenPipeError, ValueError, OSError):
+                    broken = True  # the command stopped reading: like a pipe, drop the rest
+            if data:
+                credit = self.recv_window.consumed(len(data))
+                if credit:
+                    try:
+                        self.session.send(P.Credit(credit).frame(self.rid))
+                    except Disconnected:
+                        return
+                continue
+            try:
+                pipe.close()
+            except OSError:
+                pass
+            return
+
+    def kill(self, signum: int = signal.SIGKILL) -> None:
+        if getattr(self, "proc", None) is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def on_signal(self, signum: int) -> None:
+        self.kill(signum)
+
+    def cancel(self) -> None:
+        super().cancel()
+        self.kill()
+        if getattr(self, "stdin_queue", None) is not None:
+            self.stdin_queue.put(b"")
+
+    def on_data(self, ftype: int, data: bytes) -> None:
+        if ftype != P.FrameType.STDIN or self.proc.stdin is None:
+            return super().on_data(ftype, data)
+        self.recv_window.received(len(data))
+        self.stdin_queue.put(data)
+
+
+class PutTask(Task):
+    def start(self, req: Any) -> None:
+        self.req = req
+        directory = os.path.dirname(req.path) or "."
+        if req.mkdirs:
+            os.makedirs(directory, exist_ok=True)
+        self.tmp = os.path.join(directory, f".{os.path.basename(req.path)}.ntng-{self.rid}")
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def on_data(self, ftype: int, data: bytes) -> None:
+        if ftype != P.FrameType.FILE_DATA:
+            return super().on_data(ftype, data)
+        self.recv_window.received(len(data))
+        if data:
+            _write_all(self.fd, data)
+            self.hash.update(data)
+            self.size += len(data)
+            credit = self.recv_window.consumed(len(data))
+            if credit:
+                self.session.send(P.Credit(credit).frame(self.rid))
+            return
+        os.close(self.fd)
+        self.fd = -1
+        digest = self.hash.digest()
+        if (self.req.sha256 and digest != self.req.sha256) or self.size != self.req.size:
+            os.unlink(self.tmp)
+            raise TaskError(
+                P.ErrorCode.CHECKSUM,
+                f"{self.req.path}: received {self.size} bytes with sha256 {digest.hex()}, "
+                f"expected {self.req.size} bytes with sha256 {self.req.sha256.hex()}",
+            )
+        os.chmod(self.tmp, self.req.mode)
+        if self.req.owner:
+            user, _, group = self.req.owner.partition(":")
+            uid = pwd.getpwnam(user).pw_uid if user else -1
+            gid = grp.getgrnam(group).gr_gid if group else -1
+            os.chown(self.tmp, uid, gid)
+        os.rename(self.tmp, self.req.path)
+        done = P.FileDone(size=self.size, sha256=digest, mode=self.req.mode)
+        self.session.finish(self.rid, done.frame(self.rid))
+
+    def cancel(self) -> None:
+        super().cancel()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class GetTask(Task):
+    def start(self, req: Any) -> None:
+        self.file = open(req.path, "rb", buffering=0)  # errors surface as FILE_FAILED
+        self.path = req.path
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with self.file:
+                mode = os.fstat(self.file.fileno()).st_mode & 0o7777
+                while True:
+                    chunk = self.file.read(self.session.chunk)
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    size += len(chunk)
+                    self.send_data(P.FrameType.FILE_DATA, chunk)
+            self.session.send(P.encode_frame(P.FrameType.FILE_DATA, self.rid))
+            done = P.FileDone(size=size, sha256=h.digest(), mode=mode)
+            self.session.finish(self.rid, done.frame(self.rid))
+        except OSError as e:
+            self.session.fail(self.rid, P.ErrorCode.FILE_FAILED, f"{self.path}: {e.strerror}")
+        except (P.ProtocolError, Disconnected):
+            pass
+
+
+class TaskError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class Session:
+    """Protocol state for one host connection."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.tasks: dict[int, Task] = {}
+        self.lock = threading.Lock()
+        self.established = False
+        self.window = P.DEFAULT_WINDOW
+        self.max_frame = P.DEFAULT_MAX_FRAME
+        self.max_in_flight = P.DEFAULT_MAX_IN_FLIGHT
+        self.chunk = P.CHUNK
+
+    def send(self, frame: bytes) -> None:
+        self.conn.write(frame)
+
+    def error(self, rid: int, code: int, message: str) -> None:
+        try:
+            self.send(P.Error(code=code, message=message).frame(rid))
+        except Disconnected:
+            pass
+
+    def finish(self, rid: int, final_frame: bytes) -> None:
+        with self.lock:
+            self.tasks.pop(rid, None)
+        try:
+            self.send(final_frame)
+        except Disconnected:
+            pass
+
+    def fail(self, rid: int, code: int, message: str) -> None:
+        with self.lock:
+            task = self.tasks.pop(rid, None)
+        if task is not None:
+            task.cancel()
+        self.error(rid, code, message)
+
+    def cancel_all(self) -> None:
+        with self.lock:
+            tasks, self.tasks = list(self.tasks.values()), {}
+        for t in tasks:
+            t.cancel()
+
+    def handle(self, frame: P.Frame) -> None:
+        ft, rid = frame.type, frame.request_id
+        try:
+            msg = P.parse_message(frame)
+        except P.FrameError as e:
+            code = P.ErrorCode.UNKNOWN_TYPE if ft not in P.MESSAGES else P.ErrorCode.BAD_PAYLOAD
+            return self.error(rid, code, str(e))
+        if ft == P.FrameType.HELLO:
+            return self._hello(msg)
+        if ft == P.FrameType.PING:
+            return self.send(P.Pong(msg.data).frame(rid))
+        if not self.established:
+            return self.error(rid, P.ErrorCode.NO_SESSION, "send HELLO first")
+        with self.lock:
+            task = self.tasks.get(rid)
+        if ft in P.DATA_TYPES:
+            if task is not None:
+                self._guard(rid, lambda: task.on_data(ft, msg))
+            return  # data for a finished request: a harmless race
+        if ft == P.FrameType.CREDIT:
+            if task is not None:
+                task.send_window.grant(msg.amount)
+            return
+        if ft == P.FrameType.SIGNAL:
+            if task is not None:
+                task.on_signal(msg.signum)
+            return
+        starters: dict[int, type[Task]] = {
+            P.FrameType.EXEC: ExecTask,
+            P.FrameType.FILE_PUT: PutTask,
+            P.FrameType.FILE_GET: GetTask,
+        }
+        cls = starters.get(ft)
+        if cls is None:
+            return self.error(rid, P.ErrorCode.UNKNOWN_TYPE, f"{P.FrameType(ft).name} is not a request")
+        with self.lock:
+            if rid in self.tasks:
+                return self.error(rid, P.ErrorCode.BAD_PAYLOAD, f"request id {rid} is in use")
+            if len(self.tasks) >= self.max_in_flight:
+                return self.error(
+                    rid, P.ErrorCode.TOO_MANY_REQUESTS, f"limit of {self.max_in_flight} in flight"
+                )
+            new = cls(self, rid)
+            self.tasks[rid] = new
+        self._guard(rid, lambda: new.start(msg))  # type: ignore[attr-defined]
+
+    def _guard(self, rid: int, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except TaskError as e:
+            self.fail(rid, e.code, e.message)
+        except P.LimitExceeded as e:
+            self.fail(rid, P.ErrorCode.WINDOW_EXCEEDED, str(e))
+        except (OSError, KeyError, subprocess.SubprocessError) as e:
+            code = P.ErrorCode.EXEC_FAILED
+            with self.lock:
+                task = self.tasks.get(rid)
+            if isinstance(task, (PutTask, GetTask)):
+                code = P.ErrorCode.FILE_FAILED
+            self.fail(rid, code, _describe(e))
+
+    def _hello(self, hello: Any) -> None:
+        try:
+            version = P.negotiate_version(hello.min_version, hello.max_version)
+        except P.ProtocolError as e:
+            return self.error(0, P.ErrorCode.VERSION, str(e))
+        self.cancel_all()  # a new HELLO starts a new session
+        self.window = min(hello.window, P.DEFAULT_WINDOW * 16)
+        self.max_frame = min(hello.max_frame, P.DEFAULT_MAX_FRAME)
+        self.chunk = min(P.CHUNK, self.max_frame)
+        self.max_in_flight = min(hello.max_in_flight, P.DEFAULT_MAX_IN_FLIGHT)
+        self.established = True
+        ack = P.HelloAck(
+            version=version,
+            nonce=hello.nonce,
+            agent_version=AGENT_VERSION,
+            boot_id=boot_id(),
+            hostname=socket.gethostname(),
+            max_frame=self.max_frame,
+            window=self.window,
+            max_in_flight=self.max_in_flight,
+            capabilities=CAPABILITIES,
+        )
+        self.send(ack.frame(P.HANDSHAKE_REQUEST_ID))
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.strerror}: {e.filename}"
+    return str(e)
+
+
+def serve(conn: Connection, started_ns: int) -> None:
+    """Serve one connection until the host goes away."""
+    session = Session(conn)
+    decoder = P.Decoder(P.DEFAULT_MAX_FRAME)
+    conn.write(P.Announce(boot_id(), AGENT_VERSION, started_ns).frame(P.HANDSHAKE_REQUEST_ID))
+    try:
+        while True:
+            data = conn.read(1 << 20)
+            if not data:
+                return
+            decoder.feed(data)
+            for ev in decoder.events():
+                if isinstance(ev, P.Garbage):
+                    if ev.request_id is not None:
+                        session.error(ev.request_id, P.ErrorCode.BAD_FRAME, f"dropped frame: {ev.reason}")
+                    continue
+                session.handle(ev)
+    except Disconnected:
+        return
+    finally:
+        session.cancel_all()
+
+
+def find_port(name: str) -> str:
+    """/dev path of the virtio-serial port called `name` (udev may not have made the link yet)."""
+    link = f"/dev/virtio-ports/{name}"
+    if os.path.exists(link):
+        return link
+    base = "/sys/class/virtio-ports"
+    for entry in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        try:
+            with open(f"{base}/{entry}/name") as f:
+                if f.read().strip() == name and os.path.exists(f"/dev/{entry}"):
+                    return f"/dev/{entry}"
+        except OSError:
+            continue
+    raise FileNotFoundError(link)
+
+
+def drain(fd: int) -> None:
+    """Throw away bytes queued for a previous agent (a request sent just before a reboot)."""
+    while select.select([fd], [], [], 0.05)[0]:
+        if not os.read(fd, 1 << 20):
+            return
+
+
+def run_on_port(name: str) -> None:
+    started_ns = time.time_ns()
+    subprocess.run(["modprobe", "-q", "virtio_console"], check=False)
+    while True:
+        try:
+            path = find_port(name)
+            break
+        except FileNotFoundError:
+            time.sleep(0.05)
+    fd = os.open(path, os.O_RDWR)
+    log(f"serving on {path}")
+    drain(fd)
+    while True:
+        serve(Connection(fd, fd), started_ns)
+        # The host disconnected: the next ANNOUNCE blocks until one connects again.
+        log("host disconnected")
+
+
+def run_on_socket(path: str) -> None:
+    """Listen on a unix socket (tests on the host, or a vsock-proxied setup)."""
+    started_ns = time.time_ns()
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    while True:
+        c, _ = srv.accept()
+        with c:
+            serve(Connection(c.fileno(), c.fileno()), started_ns)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="nixos-test-ng backdoor agent")
+    ap.add_argument("--port-name", default=DEFAULT_PORT_NAME, help="virtio-serial port name")
+    ap.add_argument("--unix", help="listen on this unix socket instead of a virtio port")
+    ap.add_argument("--fd", type=int, help="serve one connection on this inherited fd")
+    args = ap.parse_args(argv)
+    if args.fd is not None:
+        serve(Connection(args.fd, args.fd), time.time_ns())
+    elif args.unix:
+        run_on_socket(args.unix)
+    else:
+        run_on_port(args.port_name)
+
+
+if __name__ == "__main__":
+    main()

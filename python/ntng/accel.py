@@ -1,0 +1,98 @@
+"""Which accelerator actually boots a guest here.
+
+/dev/kvm can exist and still hang every guest (nested virtualisation): KVM is only used after
+a short real boot probe (nixlib.qemu.probe: the kernel panics without a root fs and QEMU exits).
+auto falls back to TCG with a loud warning; an explicit kvm fails with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import nixeval, paths
+from .errors import SetupError
+from .pdeathsig import preexec
+
+PROBE_TIMEOUT = 20.0  # a working KVM finishes the probe in about a second
+CACHE_TTL = 3600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AccelChoice:
+    accel: str  # "kvm" or "tcg"
+    reason: str
+
+    @property
+    def timeout_scale(self) -> float:
+        """Boot and command timeouts are multiplied by this (TCG is ~10x slower)."""
+        return 1.0 if self.accel == "kvm" else 4.0
+
+
+def kvm_device_problem() -> str | None:
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm does not exist (no hardware virtualisation, or the kvm module is not loaded)"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not readable and writable by this user (add yourself to the kvm group)"
+    return None
+
+
+def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
+    """Boot `kernel` under KVM until it panics; (works, explanation)."""
+    problem = kvm_device_problem()
+    if problem:
+        return False, problem
+    spec = nixeval.call("qemu.probe", {"kernel": str(kernel), "accel": "kvm"})
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.Popen(spec["argv"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, preexec_fn=preexec(os.getpid()))
+    except FileNotFoundError:
+        raise SetupError(f"{spec['argv'][0]} not found: apt-get install qemu-system-x86") from None
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        tail = out.decode(errors="replace").strip().splitlines()[-1:] or ["(no console output)"]
+        return False, (f"a KVM guest did not finish a {timeout:.0f}s boot probe (last console line: "
+                       f"{tail[0][:100]!r}); nested KVM that hangs at boot looks like this")
+    text = out.decode(errors="replace")
+    if spec["expect"] in text:
+        return True, f"KVM boot probe passed in {time.monotonic() - t0:.1f}s"
+    return False, f"the KVM boot probe exited with {proc.returncode}: {text.strip()[-200:]}"
+
+
+def choose(requested: str, kernel: Path, use_cache: bool = True) -> AccelChoice:
+    if requested not in ("auto", "kvm", "tcg"):
+        raise SetupError(f"--accel must be auto, kvm or tcg, not {requested!r}")
+    if requested == "tcg":
+        return AccelChoice("tcg", "TCG requested")
+    works, why = _cached_probe(kernel, use_cache)
+    if works:
+        return AccelChoice("kvm", why)
+    if requested == "kvm":
+        raise SetupError(f"--accel kvm: KVM is not usable here: {why}")
+    print(f"ntng: WARNING: KVM not usable ({why}); falling back to TCG software emulation, "
+          "which is about 10x slower. Timeouts are scaled accordingly.", file=sys.stderr)
+    return AccelChoice("tcg", f"KVM not usable: {why}")
+
+
+def _cached_probe(kernel: Path, use_cache: bool) -> tuple[bool, str]:
+    cache = paths.cache_dir() / "kvm-probe.json"
+    key = f"{kernel}:{kernel.stat().st_mtime_ns if kernel.exists() else 0}:{os.uname().release}"
+    if use_cache and cache.exists():
+        try:
+            data = json.loads(cache.read_text())
+            if data["key"] == key and time.time() - data["time"] < CACHE_TTL:
+                return data["works"], data["why"] + " (cached probe)"
+        except (ValueError, KeyError):
+            pass
+    works, why = probe_kvm(kernel)
+    cache.write_text(json.dumps({"key": key, "time": time.time(), "works": works, "why": why}))
+    return works, why

@@ -1,0 +1,108 @@
+"""`ntng` / `nixos-test-ng` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from . import accel, image, paths
+from .errors import EXIT_OK, EXIT_SETUP, EXIT_USAGE, NtngError
+from .runner import RunOptions, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="ntng", description="VM integration tests, NixOS-driver compatible")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run one test script")
+    r.add_argument("script", type=Path)
+    r.add_argument("--accel", choices=["auto", "kvm", "tcg"],
+                   default=os.environ.get("NTNG_ACCEL", "auto"),
+                   help="auto probes KVM with a real boot and falls back to TCG (default: auto)")
+    r.add_argument("--image", help="guest image directory (default: the cached Debian image)")
+    r.add_argument("-o", "--output-directory", "--output_directory", dest="out", type=Path,
+                   help="where copy_from_machine and logs go (default: ./ntng-out)")
+    r.add_argument("--global-timeout", type=float, help="seconds for the whole test")
+    r.add_argument("--boot-timeout", type=float, help="seconds to wait for a guest's hello")
+    r.add_argument("-K", "--keep-machine-state", action="store_true")
+    r.add_argument("--show-trace", action="store_true", help="full Nix traces on evaluation errors")
+    r.add_argument("--serial-stdout", action="store_true", help="echo guest consoles")
+    r.add_argument("-i", "--interactive", action="store_true", help="a REPL with the machines bound")
+
+    im = sub.add_parser("image", help="guest image")
+    im_sub = im.add_subparsers(dest="image_cmd", required=True)
+    b = im_sub.add_parser("build", help="debootstrap and build the Debian guest image (cached)")
+    b.add_argument("--force", action="store_true")
+    im_sub.add_parser("path", help="print the image directory")
+
+    sub.add_parser("doctor", help="what works on this machine, and why")
+
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "run":
+            return run(RunOptions(
+                script=args.script, accel=args.accel, image_dir=args.image, out_dir=args.out,
+                global_timeout=args.global_timeout, boot_timeout=args.boot_timeout,
+                keep_state=args.keep_machine_state, show_trace=args.show_trace,
+                serial_stdout=args.serial_stdout, interactive=args.interactive,
+            ))
+        if args.cmd == "image":
+            if args.image_cmd == "build":
+                image.build(force=args.force)
+            else:
+                print(image.find_image().directory)
+            return EXIT_OK
+        if args.cmd == "doctor":
+            return doctor()
+    except NtngError as e:
+        print(f"ntng: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_USAGE
+
+
+def doctor() -> int:
+    ok = True
+
+    def line(good: bool, what: str, why: str) -> None:
+        nonlocal ok
+        ok = ok and good
+        print(f"[{'ok' if good else '!!'}] {what}: {why}")
+
+    for tool, pkg in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils"),
+                      ("nix-instantiate", "nix-bin"), ("debootstrap", "debootstrap"),
+                      ("mkfs.ext4", "e2fsprogs")):
+        path = shutil.which(tool) or (f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None)
+        line(path is not None, tool, path or f"missing: apt-get install {pkg}")
+    if shutil.which("qemu-system-x86_64"):
+        v = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout
+        print(f"     {v.splitlines()[0] if v else '?'}")
+    try:
+        img = image.find_image()
+        line(True, "guest image", str(img.directory))
+    except NtngError as e:
+        line(False, "guest image", str(e))
+        img = None
+    problem = accel.kvm_device_problem()
+    if problem:
+        line(False, "KVM", problem + " → TCG will be used")
+    elif img is not None:
+        works, why = accel.probe_kvm(img.kernel)
+        line(works, "KVM", why + ("" if works else " → TCG will be used (about 10x slower)"))
+    else:
+        print("[??] KVM: /dev/kvm exists; the boot probe needs the guest image")
+    line(os.path.exists("/dev/net/tun"), "TAP networking", "/dev/net/tun" if os.path.exists("/dev/net/tun") else "no /dev/net/tun")
+    vsock = os.path.exists("/dev/vhost-vsock")
+    print(f"[{'ok' if vsock else '--'}] AF_VSOCK host side: {'/dev/vhost-vsock' if vsock else 'no /dev/vhost-vsock (virtio-serial backdoor is used)'}")
+    print(f"     cache: {paths.cache_dir()}")
+    print("ntng doctor: " + ("everything needed for a run is here" if ok else "some parts are missing (see !!)"))
+    return EXIT_OK if img is not None else EXIT_SETUP
+
+
+if __name__ == "__main__":
+    sys.exit(main())

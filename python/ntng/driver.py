@@ -1,0 +1,210 @@
+"""Driver: machines, the test script's globals, the global timeout, and cleanup.
+
+Test scripts written for the NixOS test driver run unchanged: the same globals (start_all,
+subtest, retry, polling_condition, …) and one global per node.
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import re
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import GlobalTimeout, NtngError, TestFailure, TestScriptError
+from .machine import Machine, RequestedAssertionFailed, retry
+from .polling import PollingCondition, polling_condition_factory
+from .testspec import TestSpec, compile_script
+
+
+def pythonize_name(name: str) -> str:
+    return re.sub(r"^[^A-Za-z_]|[^A-Za-z0-9_]", "_", name)
+
+
+class Driver:
+    def __init__(
+        self,
+        spec: TestSpec,
+        out_dir: Path,
+        boot_timeout: float,
+        global_timeout: float | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.out_dir = out_dir
+        self.global_timeout = global_timeout if global_timeout is not None else spec.global_timeout
+        self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.polling_conditions: list[PollingCondition] = []
+        self.machines: list[Machine] = [
+            Machine(name, spec.plans[name], out_dir, boot_timeout, self._log,
+                    callbacks=[self.check_polling_conditions])
+            for name in sorted(spec.node_names)
+        ]
+        self.timed_out = False
+        self._timer: threading.Timer | None = None
+        self.subtests: list[tuple[str, float, BaseException | None]] = []
+
+    def log(self, msg: str) -> None:
+        self._log(msg)
+
+    # -- globals ------------------------------------------------------------------------------
+
+    def test_symbols(self) -> dict[str, Any]:
+        symbols: dict[str, Any] = {
+            "start_all": self.start_all,
+            "join_all": self.join_all,
+            "subtest": self.subtest,
+            "retry": retry,
+            "polling_condition": polling_condition_factory(self),
+            "serial_stdout_on": self.serial_stdout_on,
+            "serial_stdout_off": self.serial_stdout_off,
+            "run_tests": self.run_tests,
+            "machines": self.machines,
+            "machines_qemu": self.machines,
+            "driver": self,
+            "log": self,
+            "Machine": Machine,
+            "BaseMachine": Machine,
+            "RequestedAssertionFailed": RequestedAssertionFailed,
+        }
+        for m in self.machines:
+            symbols[pythonize_name(m.name)] = m
+        if len(self.machines) == 1:
+            symbols["machine"] = self.machines[0]
+        return symbols
+
+    def start_all(self) -> None:
+        """Start every VM, then wait for all of them to come up, in parallel."""
+        self.log("start all VMs")
+        for m in self.machines:
+            m.start()
+        errors: list[BaseException] = []
+
+        def connect(m: Machine) -> None:
+            try:
+                m.connect()
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=connect, args=(m,), daemon=True) for m in self.machines]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    def join_all(self) -> None:
+        for m in self.machines:
+            m.wait_for_shutdown()
+        if self._timer:
+            self._timer.cancel()
+
+    @contextlib.contextmanager
+    def subtest(self, name: str) -> Iterator[None]:
+        self.log(f"subtest: {name}")
+        t0 = time.monotonic()
+        try:
+            yield
+        except BaseException as e:
+            self.subtests.append((name, time.monotonic() - t0, e))
+            self.log(f'Test "{name}" failed with error: "{e}"')
+            raise
+        self.subtests.append((name, time.monotonic() - t0, None))
+
+    def serial_stdout_on(self) -> None:
+        for m in self.machines:
+            m.serial_stdout = True
+
+    def serial_stdout_off(self) -> None:
+        for m in self.machines:
+            m.serial_stdout = False
+
+    def check_polling_conditions(self) -> None:
+        for cond in self.polling_conditions:
+            cond.maybe_raise()
+
+    # -- running ------------------------------------------------------------------------------
+
+    def _on_global_timeout(self) -> None:
+        self.timed_out = True
+        self.log(f"global timeout of {self.global_timeout:.0f}s reached; test terminating")
+        for m in self.machines:
+            try:
+                m.release()
+            except Exception:
+                pass
+        _thread.interrupt_main()
+
+    def run_tests(self) -> None:
+        code = compile_script(self.spec.script_path, self.spec.script)
+        self._timer = threading.Timer(self.global_timeout, self._on_global_timeout)
+        self._timer.daemon = True
+        self._timer.start()
+        t0 = time.monotonic()
+        try:
+            exec(code, self.test_symbols())
+        except KeyboardInterrupt:
+            if self.timed_out:
+                raise GlobalTimeout(
+                    f"{self.spec.script_path}: global timeout of {self.global_timeout:.0f}s reached"
+                ) from None
+            raise
+        except (NtngError, AssertionError, Exception) as e:
+            if self.timed_out:
+                raise GlobalTimeout(
+                    f"{self.spec.script_path}: global timeout of {self.global_timeout:.0f}s reached"
+                ) from None
+            raise script_error(self.spec.script_path, e) from None
+        finally:
+            self._timer.cancel()
+        self.log(f"test script finished in {time.monotonic() - t0:.2f}s")
+
+    def release(self) -> None:
+        if self._timer:
+            self._timer.cancel()
+        for m in self.machines:
+            try:
+                m.release()
+            except Exception as e:
+                self.log(f"{m.name}: cleanup failed: {e}")
+
+    def __enter__(self) -> Driver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def script_error(path: Path, e: BaseException) -> NtngError:
+    """Turn an exception from the script into an error naming the script line."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == str(path)]
+    where = f"{path}:{frames[-1].lineno}" if frames else str(path)
+    line = f" ({frames[-1].line.strip()})" if frames and frames[-1].line else ""
+    if isinstance(e, NtngError):
+        out: NtngError = type(e).__new__(type(e))
+        NtngError.__init__(out, f"{where}{line}: {e}")
+        out.exit_code = e.exit_code
+        return out
+    if isinstance(e, (NameError, AttributeError, TypeError, ImportError)) and not isinstance(
+        e, RequestedAssertionFailed
+    ):
+        hint = ""
+        if isinstance(e, AttributeError) and e.name and isinstance(e.obj, Machine):
+            hint = _closest(e.name, dir(Machine))
+        return TestScriptError(f"{where}{line}: {type(e).__name__}: {e}{hint}")
+    return TestFailure(f"{where}{line}: {type(e).__name__}: {e}")
+
+
+def _closest(name: str, candidates: list[str]) -> str:
+    import difflib
+
+    public = [c for c in candidates if not c.startswith("_")]
+    match = difflib.get_close_matches(name, public, n=1)
+    return f" (did you mean {match[0]}?)" if match else ""

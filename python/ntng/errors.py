@@ -1,0 +1,76 @@
+"""Exceptions and the exit codes they map to.
+
+The exit code tells a failed test from a broken setup: CI can retry infrastructure trouble
+and report real regressions.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_TEST_FAILED = 1  # an assertion in the test script failed
+EXIT_USAGE = 2  # bad command line or a test script that does not parse / names nothing
+EXIT_SETUP = 3  # the machinery broke: image, QEMU, KVM, a guest that never said hello
+EXIT_TIMEOUT = 4  # the global timeout expired
+
+
+class NtngError(Exception):
+    """Base of every error this project raises on purpose."""
+
+    exit_code = EXIT_SETUP
+
+
+class SetupError(NtngError):
+    """The environment can't run the test (missing image or binary, unusable accelerator)."""
+
+
+class UsageError(NtngError):
+    exit_code = EXIT_USAGE
+
+
+class TestScriptError(UsageError):
+    """The test script does not compile or refers to something that does not exist."""
+
+
+class TestFailure(NtngError):
+    """A test-level assertion failed (succeed() of a failing command, a wait that gave up)."""
+
+    exit_code = EXIT_TEST_FAILED
+
+
+class GlobalTimeout(NtngError):
+    exit_code = EXIT_TIMEOUT
+
+
+class BootError(SetupError):
+    """A guest did not come up: names the machine, what was awaited and the console tail."""
+
+
+class NixEvalError(SetupError):
+    """nixlib refused a node description (its `throw` message is the first line)."""
+
+
+class BackdoorError(NtngError):
+    """The backdoor connection broke or the agent reported a failure."""
+
+
+class ConnectionLost(BackdoorError):
+    pass
+
+
+class AgentRestarted(BackdoorError):
+    """The agent said hello again while requests were in flight (agent restart or reboot)."""
+
+
+class RemoteError(BackdoorError):
+    """An ERROR frame from the agent."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class WaitTimeout(NtngError, TimeoutError):
+    """A bounded wait expired; the message says what was awaited."""
+
+    exit_code = EXIT_TEST_FAILED

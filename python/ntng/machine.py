@@ -1,0 +1,533 @@
+"""Machine: the NixOS test driver's machine API over the binary backdoor.
+
+Names, arguments, defaults and error messages follow nixpkgs' test driver so test scripts run
+unchanged; `run()` is the extension returning stdout, stderr and timings separately.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from . import protocol as P
+from .backends.qemu import QemuBackend
+from .client import BackdoorClient, ExecResult, OutputCallback
+from .errors import (
+    AgentRestarted,
+    BackdoorError,
+    BootError,
+    ConnectionLost,
+    TestFailure,
+    WaitTimeout,
+)
+
+
+class RequestedAssertionFailed(TestFailure):
+    """Same name as the NixOS driver's: a test assertion failed."""
+
+
+def retry(fn: Callable[[bool], Any], timeout_seconds: int | float = 900) -> None:
+    """Call fn(False) every second until it returns truthy; then one last fn(True)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_seconds:
+        if fn(False):
+            return
+        time.sleep(1)
+    elapsed = time.monotonic() - start
+    if not fn(True):
+        raise RequestedAssertionFailed(
+            f"action timed out after {elapsed:.2f} seconds (timeout={timeout_seconds})"
+        )
+
+
+class Machine:
+    def __init__(
+        self,
+        name: str,
+        plan: dict[str, Any],
+        out_dir: Path,
+        boot_timeout: float,
+        log: Callable[[str], None] | None = None,
+        callbacks: list[Callable[[], None]] | None = None,
+    ) -> None:
+        self.name = name
+        self.plan = plan
+        self.out_dir = out_dir
+        self.boot_timeout = boot_timeout
+        self.callbacks = callbacks or []
+        self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.backend = QemuBackend(name, plan)
+        self.client: BackdoorClient | None = None
+        self.booted = False
+        self.boot_id: str | None = None
+        self.boot_ids: list[str] = []  # one per boot seen, in order
+        self.reboots_seen = 0
+        self._start_lock = threading.Lock()
+        self._restart_event = threading.Event()
+        self.serial_stdout = False
+
+    def __repr__(self) -> str:
+        return f"<Machine '{self.name}'>"
+
+    def log(self, msg: str) -> None:
+        self._log(f"{self.name}: {msg}")
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def is_up(self) -> bool:
+        return self.booted and self.client is not None and self.client.agent is not None
+
+    def start(self, allow_reboot: bool = True) -> None:
+        """Launch the VM (does not wait for it: the first command does, as in NixOS)."""
+        with self._start_lock:
+            if self.booted:
+                return
+            self.log("starting vm")
+            self.backend = QemuBackend(self.name, self.plan)
+            self.backend.console_callbacks.append(self._on_console)
+            self.backend.start()
+            self.booted = True
+            self.log(f"QEMU running (pid {self.backend.pid})")
+
+    def _on_console(self, line: str) -> None:
+        if self.serial_stdout:
+            print(f"{self.name} # {line}", file=sys.stderr, flush=True)
+
+    def connect(self) -> BackdoorClient:
+        """Start if needed and wait until the agent has said hello (bounded by the boot timeout)."""
+        if self.client is not None and self.client.agent is not None:
+            return self.client
+        self.start()
+        t0 = time.monotonic()
+        deadline = t0 + self.boot_timeout
+        what = "the backdoor agent's hello"
+        try:
+            if self.client is None:
+                sock = self.backend.connect_backdoor(timeout=self.boot_timeout)
+                self.client = BackdoorClient(sock, self.name, on_restart=self._on_agent_restart)
+            while True:
+                if not self.backend.alive():
+                    raise ConnectionLost("QEMU exited")
+                try:
+                    ack = self.client.wait_ready(min(2.0, max(0.1, deadline - time.monotonic())), what)
+                    break
+                except WaitTimeout:
+                    if time.monotonic() >= deadline:
+                        raise
+        except (WaitTimeout, ConnectionLost, BackdoorError) as e:
+            raise BootError(
+                f"{self.name}: {e}; waited {time.monotonic() - t0:.0f}s for {what} "
+                f"(boot timeout {self.boot_timeout:.0f}s). "
+                f"QEMU: {'running' if self.backend.alive() else 'exited: ' + self.backend.stderr_tail()}\n"
+                f"last console lines:\n{self.backend.console_tail()}"
+            ) from None
+        self._note_boot(ack.boot_id)
+        self.log(f"connected to agent {ack.agent_version} (boot {ack.boot_id[:8]}, "
+                 f"{time.monotonic() - t0:.1f}s)")
+        return self.client
+
+    def _note_boot(self, boot_id: str) -> None:
+        if self.boot_id is not None and boot_id != self.boot_id:
+            self.reboots_seen += 1
+        if boot_id != self.boot_id:
+            self.boot_ids.append(boot_id)
+        self.boot_id = boot_id
+
+    def _on_agent_restart(self, ack: P.HelloAck, previous: P.HelloAck) -> None:
+        self._restart_event.set()
+        if ack.boot_id != previous.boot_id:
+            self.log(f"guest rebooted (boot id {previous.boot_id[:8]} → {ack.boot_id[:8]})")
+        else:
+            self.log("backdoor agent restarted (same boot)")
+
+    def wait_for_shutdown(self, timeout: float | None = None) -> None:
+        if not self.booted:
+            return
+        self.log("waiting for the VM to power off")
+        limit = timeout if timeout is not None else self.boot_timeout
+        if self.backend.wait_exit(limit) is None:
+            raise WaitTimeout(f"{self.name}: the VM did not power off within {limit:.0f}s")
+        self._stopped()
+
+    def _stopped(self) -> None:
+        self.backend.release()
+        if self.client is not None:
+            self.client.close()
+        self.client = None
+        self.booted = False
+
+    def shutdown(self) -> None:
+        """Clean poweroff from inside the guest, then wait for QEMU to exit."""
+        if not self.booted:
+            return
+        client = self.connect()
+        try:
+            client.execute(P.Exec(argv=["systemctl", "poweroff", "--no-block"]), wait=30)
+        except BackdoorError:
+            pass
+        self.wait_for_shutdown()
+
+    def crash(self) -> None:
+        """Simulate a power loss: QEMU quits at once."""
+        if not self.booted:
+            return
+        self.log("forced crash")
+        self.backend.quit()
+        self._stopped()
+
+    def reboot(self) -> None:
+        """Ctrl-Alt-Delete; the next command waits for the agent of the new boot."""
+        client = self.connect()
+        old_boot = self.boot_id
+        self.send_key("ctrl-alt-delete")
+        # The agent of the new boot announces itself; wait until the boot id changes.
+        deadline = time.monotonic() + self.boot_timeout
+        while True:
+            try:
+                ack = client.wait_ready(max(0.1, deadline - time.monotonic()))
+                if ack.boot_id != old_boot:
+                    self._note_boot(ack.boot_id)
+                    return
+            except WaitTimeout:
+                pass
+            if time.monotonic() >= deadline:
+                raise BootError(f"{self.name}: no new boot within {self.boot_timeout:.0f}s after "
+                                f"ctrl-alt-delete\nlast console lines:\n{self.backend.console_tail()}")
+            time.sleep(0.2)
+
+    def release(self) -> None:
+        if self.booted or self.backend.proc is not None:
+            if self.backend.alive():
+                self.log(f"kill machine (pid {self.backend.pid})")
+            self._stopped()
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def run_callbacks(self) -> None:
+        for cb in self.callbacks:
+            cb()
+
+    def run(
+        self,
+        command: str | list[str],
+        *,
+        stdin: bytes | Iterable[bytes] | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str = "",
+        user: str = "",
+        timeout: float | None = 900,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        strict: bool = True,
+    ) -> ExecResult:
+        """Extension: run a command and get stdout, stderr, status and duration separately.
+
+        A string runs under `bash -c 'set -euo pipefail; …'` (strict=True, like NixOS), a list
+        runs as argv without a shell.
+        """
+        self.run_callbacks()
+        if isinstance(command, str):
+            script = f"set -euo pipefail; {command}" if strict else command
+            argv = ["bash", "-c", script]
+        else:
+            argv = list(command)
+        req = P.Exec(
+            argv=argv,
+            env=[{"key": k, "value": v} for k, v in (env or {}).items()],
+            cwd=cwd,
+            user=user,
+            timeout_ms=int(timeout * 1000) if timeout else 0,
+            stdin=stdin is not None,
+        )
+        wait = (timeout + 60) if timeout else 7 * 24 * 3600.0
+        client = self.connect()
+        return client.execute(req, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr, wait=wait)
+
+    def execute(
+        self,
+        command: str,
+        check_return: bool = True,
+        check_output: bool = True,
+        timeout: int | None = 900,
+    ) -> tuple[int, str]:
+        """NixOS-compatible: (status, stdout).  A timed-out command gives status 124 like
+        coreutils' `timeout`."""
+        if not check_output:
+            # Fire and forget, like NixOS: used for commands that take the machine down.
+            client = self.connect()
+            threading.Thread(
+                target=self._ignore_errors,
+                args=(client, P.Exec(argv=["bash", "-c", f"set -euo pipefail; {command}"])),
+                daemon=True,
+            ).start()
+            return (-2, "")
+        try:
+            r = self.run(command, timeout=timeout)
+        except (AgentRestarted, ConnectionLost):
+            if not check_return:
+                return (-1, "")
+            raise
+        if r.timed_out:
+            return (124, r.output)
+        if not check_return:
+            return (-1, r.output)
+        return (r.status, r.output)
+
+    @staticmethod
+    def _ignore_errors(client: BackdoorClient, req: P.Exec) -> None:
+        try:
+            client.execute(req, wait=3600)
+        except Exception:
+            pass
+
+    def succeed(self, *commands: str, timeout: int | None = None) -> str:
+        output = ""
+        for command in commands:
+            self.log(f"must succeed: {command}")
+            status, out = self.execute(command, timeout=timeout)
+            if status != 0:
+                self.log(f"output: {out}")
+                raise RequestedAssertionFailed(f"command `{command}` failed (exit code {status})")
+            output += out
+        return output
+
+    def fail(self, *commands: str, timeout: int | None = None) -> str:
+        output = ""
+        for command in commands:
+            self.log(f"must fail: {command}")
+            status, out = self.execute(command, timeout=timeout)
+            if status == 0:
+                raise RequestedAssertionFailed(f"command `{command}` unexpectedly succeeded")
+            output += out
+        return output
+
+    def wait_until_succeeds(self, command: str, timeout: int = 900) -> str:
+        output = ""
+
+        def check(_last_try: bool) -> bool:
+            nonlocal output
+            status, output = self.execute(command, timeout=timeout)
+            return status == 0
+
+        self.log(f"waiting for success: {command}")
+        retry(check, timeout)
+        return output
+
+    def wait_until_fails(self, command: str, timeout: int = 900) -> str:
+        output = ""
+
+        def check(_last_try: bool) -> bool:
+            nonlocal output
+            status, output = self.execute(command, timeout=timeout)
+            return status != 0
+
+        self.log(f"waiting for failure: {command}")
+        retry(check, timeout)
+        return output
+
+    def sleep(self, secs: int) -> None:
+        self.succeed(f"sleep {secs}")
+
+    # -- systemd ------------------------------------------------------------------------------
+
+    def systemctl(self, q: str, user: str | None = None) -> tuple[int, str]:
+        if user is not None:
+            q = q.replace("'", "\\'")
+            return self.execute(
+                f"su -l {user} --shell /bin/sh -c "
+                "$'XDG_RUNTIME_DIR=/run/user/`id -u` "
+                f"systemctl --user {q}'"
+            )
+        return self.execute(f"systemctl {q}")
+
+    def start_job(self, jobname: str, user: str | None = None) -> tuple[int, str]:
+        return self.systemctl(f"start {jobname}", user)
+
+    def stop_job(self, jobname: str, user: str | None = None) -> tuple[int, str]:
+        return self.systemctl(f"stop {jobname}", user)
+
+    def get_unit_info(self, unit: str, user: str | None = None) -> dict[str, str]:
+        status, lines = self.systemctl(f'--no-pager show "{unit}"', user)
+        if status != 0:
+            raise RequestedAssertionFailed(
+                f'retrieving systemctl info for unit "{unit}"'
+                + ("" if user is None else f' under user "{user}"')
+                + f" failed with exit code {status}"
+            )
+        info = {}
+        for line in lines.splitlines():
+            m = re.match(r"^([^=]+)=(.*)$", line)
+            if m:
+                info[m.group(1)] = m.group(2)
+        return info
+
+    def get_unit_property(self, unit: str, property: str, user: str | None = None) -> str:
+        status, lines = self.systemctl(f'--no-pager show "{unit}" --property="{property}"', user)
+        if status != 0:
+            raise RequestedAssertionFailed(
+                f'retrieving systemctl property "{property}" for unit "{unit}"'
+                + ("" if user is None else f' under user "{user}"')
+                + f" failed with exit code {status}"
+            )
+        m = re.match(rf"^{re.escape(property)}=(.*)$", lines.strip())
+        if m is None:
+            raise RequestedAssertionFailed(
+                f'systemctl show --property "{property}" "{unit}" produced invalid output: {lines!r}'
+            )
+        return m.group(1)
+
+    def wait_for_unit(self, unit: str, user: str | None = None, timeout: int = 900) -> None:
+        def check_active(_last_try: bool) -> bool:
+            state = self.get_unit_property(unit, "ActiveState", user)
+            if state == "failed":
+                raise RequestedAssertionFailed(f'unit "{unit}" reached state "{state}"')
+            if state == "inactive":
+                _, jobs = self.systemctl("list-jobs --full 2>&1", user)
+                if "No jobs" in jobs:
+                    info = self.get_unit_info(unit, user)
+                    if info["ActiveState"] == state:
+                        raise RequestedAssertionFailed(
+                            f'unit "{unit}" is inactive and there are no pending jobs'
+                        )
+            return state == "active"
+
+        self.log(f"waiting for unit {unit}" + (f" with user {user}" if user else ""))
+        retry(check_active, timeout)
+
+    def require_unit_state(self, unit: str, require_state: str = "active") -> None:
+        state = self.get_unit_info(unit)["ActiveState"]
+        if state != require_state:
+            raise RequestedAssertionFailed(
+                f"Expected unit '{unit}' to to be in state '{require_state}' but it is in state '{state}'"
+            )
+
+    # -- waiting helpers ----------------------------------------------------------------------
+
+    def _wait_for_status(self, command: str, want_success: bool, timeout: int) -> None:
+        retry(lambda _: (self.execute(command)[0] == 0) == want_success, timeout)
+
+    def wait_for_file(self, filename: str, timeout: int = 900) -> None:
+        self.log(f"waiting for file '{filename}'")
+        self._wait_for_status(f"test -e {filename}", True, timeout)
+
+    def wait_for_open_port(self, port: int, addr: str = "localhost", timeout: int = 900) -> None:
+        self.log(f"waiting for TCP port {port} on {addr}")
+        self._wait_for_status(f"nc -z {addr} {port}", True, timeout)
+
+    def wait_for_closed_port(self, port: int, addr: str = "localhost", timeout: int = 900) -> None:
+        self.log(f"waiting for TCP port {port} on {addr} to be closed")
+        self._wait_for_status(f"nc -z {addr} {port}", False, timeout)
+
+    def wait_for_open_unix_socket(self, addr: str, is_datagram: bool = False, timeout: int = 900) -> None:
+        flags = "-uU" if is_datagram else "-U"
+        self._wait_for_status(f"nc -z {flags} {addr}", True, timeout)
+
+    def wait_for_console_text(self, regex: str, timeout: int | None = None) -> None:
+        """Wait until the serial console (since start) matches `regex`."""
+        self.log(f"waiting for {regex} to appear on console")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen = 0
+        text = ""
+        while True:
+            lines = self.backend.console_log
+            if len(lines) > seen:
+                text += "\n".join(lines[seen:]) + "\n"
+                seen = len(lines)
+                if re.search(regex, text):
+                    return
+            if deadline is not None and time.monotonic() > deadline:
+                raise WaitTimeout(f"{self.name}: console did not match /{regex}/ within {timeout}s")
+            time.sleep(0.1)
+
+    def get_console_log(self) -> str:
+        return "\n".join(self.backend.console_log)
+
+    # -- keys, console, screen ----------------------------------------------------------------
+
+    def send_key(self, key: str, delay: float | None = 0.01, log: bool | None = True) -> None:
+        if log:
+            self.log(f"sending key {key!r}")
+        self.backend.send_key(key)
+        if delay:
+            time.sleep(delay)
+
+    def send_console(self, chars: str) -> None:
+        self.backend.send_console(chars)
+
+    def screenshot(self, filename: str) -> None:
+        raise NotImplementedError("screenshot needs a display; the Debian test image has none")
+
+    # -- files --------------------------------------------------------------------------------
+
+    def copy_from_host(self, source: str, target: str) -> None:
+        """Copy a host file or directory to `target` in the guest (through the protocol)."""
+        src = Path(source)
+        if not src.exists():
+            raise RequestedAssertionFailed(f"copy_from_host: {source} does not exist on the host")
+        client = self.connect()
+        self.log(f"copy_from_host {source} -> {target}")
+        if src.is_dir():
+            for root, _dirs, files in os.walk(src):
+                rel = Path(root).relative_to(src)
+                self.succeed(f"mkdir -p {shlex.quote(str(Path(target) / rel))}")
+                for f in files:
+                    client.put_file(Path(root) / f, str(Path(target) / rel / f))
+        else:
+            client.put_file(src, target)
+
+    def copy_from_host_via_shell(self, source: str, target: str) -> None:
+        import base64
+
+        data = base64.b64encode(Path(source).read_bytes()).decode()
+        self.succeed(f"mkdir -p $(dirname {target})", f"echo -n {data} | base64 -d > {target}")
+
+    def copy_from_machine(self, source: str, target_dir: str = "") -> None:
+        """Copy a guest file or directory into out_dir/target_dir/basename(source)."""
+        client = self.connect()
+        dest_root = self.out_dir / target_dir
+        dest_root.mkdir(parents=True, exist_ok=True)
+        name = os.path.basename(source.rstrip("/"))
+        status, listing = self.execute(
+            f"cd {shlex.quote(source)} 2>/dev/null && find . -type f -print0 || "
+            f"test -f {shlex.quote(source)}"
+        )
+        if status != 0:
+            raise RequestedAssertionFailed(f"copy_from_machine: {source} does not exist in {self.name}")
+        if listing:
+            for rel in filter(None, listing.split("\0")):
+                dest = dest_root / name / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                client.get_file(f"{source}/{rel}", dest)
+        else:
+            client.get_file(source, dest_root / name)
+
+    copy_from_vm = copy_from_machine
+
+    def copy_to_machine(self, source: str | Path, target: str, mode: int | None = None) -> P.FileDone:
+        """Extension: one file, returns size and sha256 as the agent wrote them."""
+        return self.connect().put_file(Path(source), target, mode=mode)
+
+    def get_file(self, source: str, target: str | Path) -> P.FileDone:
+        """Extension: one guest file to a host path, sha256-verified."""
+        return self.connect().get_file(source, target)
+
+
+def make_out_dir(path: str | None) -> Path:
+    if path:
+        p = Path(path).resolve()
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+    return Path(tempfile.mkdtemp(prefix="ntng-out-"))
+
+
+def rmtree_quiet(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,39 @@
+"""Where the project's non-Python parts (nixlib, backdoor) and the user's cache live."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def data_root() -> Path:
+    """The directory holding nixlib/ and backdoor/: the source tree, or the wheel's copy."""
+    env = os.environ.get("NTNG_DATA")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parents[1], here / "_data"):
+        if (candidate / "nixlib" / "default.nix").exists():
+            return candidate
+    raise FileNotFoundError(f"nixlib/ not found next to {here} (set NTNG_DATA)")
+
+
+def nixlib_dir() -> Path:
+    return data_root() / "nixlib"
+
+
+def backdoor_dir() -> Path:
+    return data_root() / "backdoor"
+
+
+def protocol_source() -> Path:
+    return Path(__file__).resolve().parent / "protocol.py"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("NTNG_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ntng"
+    )
+    p = Path(base)
+    p.mkdir(parents=True, exist_ok=True)
+    return p

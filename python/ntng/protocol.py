@@ -1,0 +1,562 @@
+"""The backdoor wire protocol, shared verbatim by the host runner and the in-guest agent.
+
+Only the stdlib and `construct` may be imported here: the guest image copies this file next to
+the agent.  A frame is
+
+    magic(4) version(1) type(1) flags(2) request_id(4) length(4) header_crc(4)
+    payload(length) crc32(4)
+
+header_crc covers the 16 bytes before it, so noise that happens to contain the magic is
+rejected at once instead of stalling the decoder on a forged length; crc32 covers header and
+payload.  The decoder resynchronises on the next magic after
+garbage (console noise, half a frame left by a guest reset) and reports what it skipped, so a
+receiver can answer a bad frame with ERROR and go on.
+
+Bulk data (STDIN/STDOUT/STDERR/FILE_DATA) is credit-based per request: a sender may have at
+most `window` unacknowledged payload bytes in flight; the receiver returns credit with CREDIT
+frames as its consumer drains the data.  An empty data frame is end-of-stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+from construct import (
+    Const,
+    ConstructError,
+    Flag,
+    GreedyBytes,
+    Int8ub,
+    Int16ub,
+    Int32sb,
+    Int32ub,
+    Int64ub,
+    PascalString,
+    Prefixed,
+    PrefixedArray,
+    Struct,
+    VarInt,
+)
+
+MAGIC = b"\xe2NTG"
+VERSION = 1
+MIN_VERSION = 1
+HEADER_SIZE = 20
+TRAILER_SIZE = 4
+DEFAULT_MAX_FRAME = 256 * 1024  # payload bytes
+DEFAULT_WINDOW = 1024 * 1024  # unacknowledged data bytes per request and direction
+DEFAULT_MAX_IN_FLIGHT = 64
+CHUNK = 64 * 1024  # data frames are cut at this size
+HANDSHAKE_REQUEST_ID = 0  # HELLO/ANNOUNCE/PING use no request slot
+
+Header = Struct(
+    "magic" / Const(MAGIC),
+    "version" / Int8ub,
+    "type" / Int8ub,
+    "flags" / Int16ub,
+    "request_id" / Int32ub,
+    "length" / Int32ub,
+    "header_crc" / Int32ub,
+)
+_header = Header.compile()
+Trailer = Struct("crc32" / Int32ub)
+
+
+class ProtocolError(Exception):
+    """Anything wrong on the wire.  The only exception decoding may raise."""
+
+
+class FrameError(ProtocolError):
+    """A frame whose header, CRC or payload is invalid."""
+
+
+class LimitExceeded(ProtocolError):
+    """A peer broke a negotiated limit (frame size, in-flight requests, flow-control window)."""
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1  # host → agent: start a session
+    HELLO_ACK = 2  # agent → host: session accepted
+    ANNOUNCE = 3  # agent → host: "I (re)started", sent unsolicited
+    EXEC = 10
+    STDIN = 11
+    STDOUT = 12
+    STDERR = 13
+    EXIT = 14
+    SIGNAL = 15
+    FILE_PUT = 20
+    FILE_GET = 21
+    FILE_DATA = 22
+    FILE_DONE = 23
+    CREDIT = 30
+    PING = 31
+    PONG = 32
+    ERROR = 33
+
+
+DATA_TYPES = frozenset({FrameType.STDIN, FrameType.STDOUT, FrameType.STDERR, FrameType.FILE_DATA})
+
+
+class ErrorCode(enum.IntEnum):
+    BAD_FRAME = 1  # CRC or header damaged; request id may be unreliable
+    BAD_PAYLOAD = 2  # frame intact but its payload does not parse
+    UNKNOWN_TYPE = 3
+    UNKNOWN_REQUEST = 4
+    TOO_MANY_REQUESTS = 5
+    WINDOW_EXCEEDED = 6
+    NO_SESSION = 7  # request before HELLO
+    VERSION = 8
+    EXEC_FAILED = 20  # command could not be started (no such file, bad user, bad cwd)
+    FILE_FAILED = 21  # open/write/rename failed
+    CHECKSUM = 22  # sha256 mismatch on FILE_PUT
+    INTERNAL = 99
+
+
+Str = PascalString(VarInt, "utf8")
+Blob = Prefixed(VarInt, GreedyBytes)
+StrList = PrefixedArray(VarInt, Str)
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    type: int
+    request_id: int
+    payload: bytes = b""
+    flags: int = 0
+    version: int = VERSION
+
+    def encode(self) -> bytes:
+        return encode_frame(self.type, self.request_id, self.payload, self.flags, self.version)
+
+
+def encode_frame(
+    ftype: int, request_id: int, payload: bytes = b"", flags: int = 0, version: int = VERSION
+) -> bytes:
+    head = _header.build(
+        dict(
+            version=version, type=ftype, flags=flags, request_id=request_id,
+            length=len(payload), header_crc=0,
+        )
+    )[:-4]
+    head += zlib.crc32(head).to_bytes(4, "big")
+    crc = zlib.crc32(payload, zlib.crc32(head))
+    return b"".join((head, payload, crc.to_bytes(4, "big")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed messages.  Each is a dataclass whose fields match its construct declaration one to one.
+
+
+class Message:
+    TYPE: ClassVar[FrameType]
+    SCHEMA: ClassVar[Any]
+
+    def payload(self) -> bytes:
+        return bytes(self.SCHEMA.build(dataclasses.asdict(self)))  # type: ignore[call-overload]
+
+    def frame(self, request_id: int) -> bytes:
+        return encode_frame(self.TYPE, request_id, self.payload())
+
+    @classmethod
+    def parse(cls, payload: bytes) -> Any:
+        try:
+            c = cls.SCHEMA.parse(payload)
+        except (ConstructError, UnicodeDecodeError, ValueError, OverflowError) as e:
+            raise FrameError(f"bad {cls.TYPE.name} payload: {e}") from None
+        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        values = {n: _plain(c[n]) for n in names}
+        return cls(**values)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):  # construct Containers
+        return {k: _plain(x) for k, x in v.items() if not k.startswith("_")}
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello(Message):
+    TYPE = FrameType.HELLO
+    SCHEMA = Struct(
+        "min_version" / Int8ub,
+        "max_version" / Int8ub,
+        "nonce" / Blob,
+        "max_frame" / Int32ub,
+        "window" / Int32ub,
+        "max_in_flight" / Int16ub,
+        "capabilities" / StrList,
+    )
+    min_version: int
+    max_version: int
+    nonce: bytes
+    max_frame: int = DEFAULT_MAX_FRAME
+    window: int = DEFAULT_WINDOW
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    capabilities: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class HelloAck(Message):
+    TYPE = FrameType.HELLO_ACK
+    SCHEMA = Struct(
+        "version" / Int8ub,
+        "nonce" / Blob,
+        "agent_version" / Str,
+        "boot_id" / Str,
+        "hostname" / Str,
+        "max_frame" / Int32ub,
+        "window" / Int32ub,
+        "max_in_flight" / Int16ub,
+        "capabilities" / StrList,
+    )
+    version: int
+    nonce: bytes
+    agent_version: str
+    boot_id: str
+    hostname: str
+    max_frame: int
+    window: int
+    max_in_flight: int
+    capabilities: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Announce(Message):
+    TYPE = FrameType.ANNOUNCE
+    SCHEMA = Struct("boot_id" / Str, "agent_version" / Str, "started_ns" / Int64ub)
+    boot_id: str
+    agent_version: str
+    started_ns: int
+
+
+EnvEntry = Struct("key" / Str, "value" / Str)
+
+
+@dataclasses.dataclass(frozen=True)
+class Exec(Message):
+    """Run argv (when `shell` is empty) or `shell` through /bin/sh -c."""
+
+    TYPE = FrameType.EXEC
+    SCHEMA = Struct(
+        "argv" / StrList,
+        "shell" / Str,
+        "env" / PrefixedArray(VarInt, EnvEntry),
+        "clear_env" / Flag,
+        "cwd" / Str,
+        "user" / Str,
+        "timeout_ms" / Int32ub,
+        "stdin" / Flag,
+        "pty" / Flag,
+        "merge_stderr" / Flag,
+    )
+    argv: list[str] = dataclasses.field(default_factory=list)
+    shell: str = ""
+    env: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    clear_env: bool = False
+    cwd: str = ""
+    user: str = ""
+    timeout_ms: int = 0  # 0: no timeout
+    stdin: bool = False  # False: stdin is /dev/null
+    pty: bool = False
+    merge_stderr: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Exit(Message):
+    TYPE = FrameType.EXIT
+    SCHEMA = Struct(
+        "code" / Int32sb, "signal" / Int8ub, "timed_out" / Flag, "duration_us" / Int64ub
+    )
+    code: int  # -1 when killed by a signal
+    signal: int
+    timed_out: bool
+    duration_us: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Signal(Message):
+    TYPE = FrameType.SIGNAL
+    SCHEMA = Struct("signum" / Int8ub)
+    signum: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FilePut(Message):
+    """Write a file; FILE_DATA frames follow, then an empty FILE_DATA; answered by FILE_DONE."""
+
+    TYPE = FrameType.FILE_PUT
+    SCHEMA = Struct(
+        "path" / Str,
+        "mode" / Int32ub,
+        "owner" / Str,
+        "size" / Int64ub,
+        "sha256" / Blob,
+        "mkdirs" / Flag,
+    )
+    path: str
+    mode: int = 0o644
+    owner: str = ""  # "user" or "user:group"; empty keeps the agent's
+    size: int = 0
+    sha256: bytes = b""
+    mkdirs: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class FileGet(Message):
+    """Read a file; answered by FILE_DATA frames, an empty FILE_DATA, then FILE_DONE."""
+
+    TYPE = FrameType.FILE_GET
+    SCHEMA = Struct("path" / Str)
+    path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class FileDone(Message):
+    TYPE = FrameType.FILE_DONE
+    SCHEMA = Struct("size" / Int64ub, "sha256" / Blob, "mode" / Int32ub)
+    size: int
+    sha256: bytes
+    mode: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Credit(Message):
+    TYPE = FrameType.CREDIT
+    SCHEMA = Struct("amount" / Int32ub)
+    amount: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Ping(Message):
+    TYPE = FrameType.PING
+    SCHEMA = Struct("data" / Blob)
+    data: bytes = b""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pong(Message):
+    TYPE = FrameType.PONG
+    SCHEMA = Struct("data" / Blob)
+    data: bytes = b""
+
+
+@dataclasses.dataclass(frozen=True)
+class Error(Message):
+    TYPE = FrameType.ERROR
+    SCHEMA = Struct("code" / Int16ub, "message" / Str)
+    code: int
+    message: str
+
+
+MESSAGES: dict[int, type[Message]] = {
+    m.TYPE: m
+    for m in (
+        Hello, HelloAck, Announce, Exec, Exit, Signal, FilePut, FileGet, FileDone,
+        Credit, Ping, Pong, Error,
+    )
+}
+
+
+def parse_message(frame: Frame) -> Any:
+    """The typed message of a control frame (raises FrameError), or raw bytes for data frames."""
+    if frame.type in DATA_TYPES:
+        return frame.payload
+    cls = MESSAGES.get(frame.type)
+    if cls is None:
+        raise FrameError(f"unknown frame type {frame.type}")
+    return cls.parse(frame.payload)
+
+
+def negotiate_version(min_version: int, max_version: int) -> int:
+    """The highest version both sides speak, or ProtocolError."""
+    best = min(max_version, VERSION)
+    if best < max(min_version, MIN_VERSION):
+        raise ProtocolError(
+            f"no common protocol version: peer speaks {min_version}..{max_version}, "
+            f"we speak {MIN_VERSION}..{VERSION}"
+        )
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# Stream decoding with resynchronisation.
+
+
+@dataclasses.dataclass(frozen=True)
+class Garbage:
+    """Bytes the decoder skipped, and why (noise before a magic, bad CRC, oversized length)."""
+
+    size: int
+    reason: str
+    request_id: int | None = None  # set when a damaged frame's header looked plausible
+
+
+class Decoder:
+    """Incremental frame decoder.  feed() bytes, iterate events(): Frame or Garbage.
+
+    Never raises on input: damaged data is reported as Garbage and skipped up to the next
+    magic.  Memory is bounded by max_frame plus one read.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._pending_garbage = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def events(self) -> Iterator[Frame | Garbage]:
+        buf = self._buf
+        while True:
+            start = buf.find(MAGIC)
+            if start < 0:
+                # Keep a tail that may be the beginning of a magic split across reads.
+                keep = _magic_prefix_len(buf)
+                self._skip(len(buf) - keep, buf)
+                if self._pending_garbage and not buf:
+                    yield self._flush_garbage("noise without frame magic")
+                return
+            if start:
+                self._skip(start, buf)
+            if len(buf) < HEADER_SIZE:
+                return
+            raw_head = bytes(buf[:HEADER_SIZE])
+            head = _header.parse(raw_head)
+            if zlib.crc32(raw_head[:-4]) != head.header_crc:
+                self._skip(1, buf)
+                continue  # the magic was noise: keep counting it as garbage
+            if head.version < MIN_VERSION or head.length > self.max_frame:
+                if self._pending_garbage:
+                    yield self._flush_garbage("noise before frame")
+                why = (
+                    f"unsupported version {head.version}"
+                    if head.version < MIN_VERSION
+                    else f"length {head.length} exceeds limit {self.max_frame}"
+                )
+                self._skip(1, buf)
+                yield self._flush_garbage(f"bad header ({why})")
+                continue
+            total = HEADER_SIZE + head.length + TRAILER_SIZE
+            if len(buf) < total:
+                return
+            if self._pending_garbage:
+                yield self._flush_garbage("noise before frame")
+            body = bytes(buf[:total])
+            crc = int.from_bytes(body[-4:], "big")
+            if zlib.crc32(body[:-4]) != crc:
+                # Skip only the magic: a real frame may start inside this fake one.
+                self._skip(1, buf)
+                yield self._flush_garbage("bad CRC", head.request_id)
+                continue
+            del buf[:total]
+            yield Frame(head.type, head.request_id, body[HEADER_SIZE:-4], head.flags, head.version)
+
+    def _skip(self, n: int, buf: bytearray) -> None:
+        if n > 0:
+            del buf[:n]
+            self._pending_garbage += n
+
+    def _flush_garbage(self, reason: str, request_id: int | None = None) -> Garbage:
+        g = Garbage(self._pending_garbage, reason, request_id)
+        self._pending_garbage = 0
+        return g
+
+
+def _magic_prefix_len(buf: bytearray) -> int:
+    for n in range(min(len(MAGIC) - 1, len(buf)), 0, -1):
+        if buf.endswith(MAGIC[:n]):
+            return n
+    return 0
+
+
+def decode_all(data: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> list[Frame | Garbage]:
+    d = Decoder(max_frame)
+    d.feed(data)
+    return list(d.events())
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow control.
+
+
+class SendWindow:
+    """Credit held by a data sender.  take() blocks until the peer has granted enough."""
+
+    def __init__(self, window: int) -> None:
+        self._credit = window
+        self._cond = threading.Condition()
+        self._closed: str | None = None
+
+    @property
+    def credit(self) -> int:
+        return self._credit
+
+    def grant(self, amount: int) -> None:
+        with self._cond:
+            self._credit += amount
+            self._cond.notify_all()
+
+    def close(self, reason: str) -> None:
+        with self._cond:
+            self._closed = reason
+            self._cond.notify_all()
+
+    def take(self, wanted: int, timeout: float | None = None) -> int:
+        """Reserve up to `wanted` bytes (at least 1); returns how many may be sent."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._credit <= 0:
+                if self._closed is not None:
+                    raise ProtocolError(self._closed)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError("no flow-control credit from the peer")
+                self._cond.wait(remaining)
+            if self._closed is not None:
+                raise ProtocolError(self._closed)
+            n = min(wanted, self._credit)
+            self._credit -= n
+            return n
+
+
+class ReceiveWindow:
+    """Receiver-side accounting: data buffered but not yet consumed must stay within window."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.buffered = 0  # received, not yet consumed
+        self._unacked = 0  # consumed, credit not yet returned
+        self._lock = threading.Lock()  # received() and consumed() run on different threads
+
+    def received(self, n: int) -> None:
+        with self._lock:
+            outstanding = self.buffered + self._unacked
+            if outstanding + n > self.window:
+                raise LimitExceeded(
+                    f"peer sent {n} bytes with {self.window - outstanding} bytes of window left"
+                )
+            self.buffered += n
+
+    def consumed(self, n: int) -> int:
+        """Mark n bytes consumed; returns credit to send back now (batched to a quarter window,
+        which leaves the sender at least three quarters, so batching never stalls it)."""
+        with self._lock:
+            self.buffered -= n
+            self._unacked += n
+            if self._unacked >= max(1, self.window // 4):
+                out, self._unacked = self._unacked, 0
+                return out
+            return 0

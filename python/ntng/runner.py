@@ -1,0 +1,116 @@
+"""Run one test script: find the image, choose the accelerator, ask nixlib for the plan, drive.
+
+Everything made here (state dir with sockets and overlays, VMs) is removed on success,
+failure, Ctrl-C and SIGTERM; VMMs also die with the runner through PDEATHSIG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+
+from . import accel as accel_mod
+from . import image as image_mod
+from . import testspec
+from .driver import Driver
+from .errors import EXIT_OK, NtngError, SetupError
+
+DEFAULT_BOOT_TIMEOUT = 60.0  # seconds under KVM; scaled for TCG
+
+
+@dataclasses.dataclass
+class RunOptions:
+    script: Path
+    accel: str = "auto"
+    image_dir: str | None = None
+    out_dir: Path | None = None
+    global_timeout: float | None = None
+    boot_timeout: float | None = None
+    keep_state: bool = False
+    show_trace: bool = False
+    serial_stdout: bool = False
+    interactive: bool = False
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prepare(opts: RunOptions, state_root: Path) -> tuple[testspec.TestSpec, accel_mod.AccelChoice]:
+    # A script that does not compile is the user's error: say so before touching any VM.
+    script = testspec.read_script(opts.script)
+    testspec.compile_script(opts.script, script)
+    img = image_mod.find_image(opts.image_dir)
+    if shutil.which("qemu-system-x86_64") is None:
+        raise SetupError("qemu-system-x86_64 not found: apt-get install qemu-system-x86 (or run ./setup.sh)")
+    choice = accel_mod.choose(opts.accel, img.kernel)
+    log(f"ntng: accelerator: {choice.accel} ({choice.reason})")
+    defaults = {
+        "kernel": str(img.kernel),
+        "initrd": str(img.initrd),
+        "image": str(img.base),
+        "accel": choice.accel,
+        "stateRoot": str(state_root),
+    }
+    spec = testspec.load(opts.script, defaults, opts.show_trace)
+    return spec, choice
+
+
+def run(opts: RunOptions) -> int:
+    state_root = Path(tempfile.mkdtemp(prefix="ntng-run-"))
+    out_dir = opts.out_dir or Path.cwd() / "ntng-out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    driver: Driver | None = None
+    t0 = time.monotonic()
+    try:
+        spec, choice = prepare(opts, state_root)
+        boot_timeout = opts.boot_timeout or DEFAULT_BOOT_TIMEOUT * choice.timeout_scale
+        driver = Driver(spec, out_dir, boot_timeout, opts.global_timeout, log)
+        if opts.serial_stdout:
+            driver.serial_stdout_on()
+        if opts.interactive:
+            return _interactive(driver)
+        driver.run_tests()
+        log(f"ntng: PASS {spec.name} ({time.monotonic() - t0:.1f}s, {choice.accel})")
+        return EXIT_OK
+    except NtngError as e:
+        kind = {1: "FAIL", 2: "ERROR (test script)", 3: "ERROR (setup)", 4: "TIMEOUT"}.get(e.exit_code, "ERROR")
+        log(f"ntng: {kind}: {e}")
+        return e.exit_code
+    except KeyboardInterrupt:
+        log("ntng: interrupted; cleaning up")
+        return 130
+    finally:
+        if driver is not None:
+            driver.release()
+        signal.signal(signal.SIGTERM, previous)
+        if opts.keep_state:
+            log(f"ntng: machine state kept in {state_root}")
+        else:
+            shutil.rmtree(state_root, ignore_errors=True)
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _interactive(driver: Driver) -> int:
+    import code
+
+    symbols = driver.test_symbols()
+    banner = ("ntng interactive: machines " + ", ".join(m.name for m in driver.machines)
+              + "; e.g. start_all(), machine.succeed('uname -a'). Ctrl-D quits.")
+    code.interact(banner=banner, local=symbols)
+    return EXIT_OK
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0", "false")

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One-time setup on a fresh Debian machine (idempotent, cached): system packages, a venv with
+# the Python dependencies, and the Debian guest image.  Run as root (debootstrap, TAP).
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${NTNG_VENV:-.venv}
+need_apt=()
+for pkg in qemu-system-x86 qemu-utils debootstrap e2fsprogs nix-bin python3-venv; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${need_apt[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need_apt[@]}"
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+stamp="$VENV/.ntng-deps-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -e "$stamp" ]; then
+  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/pip" install -q -e '.[dev]'
+  touch "$stamp"
+fi
+"$VENV/bin/ntng" image build
+echo "setup: done. Tests: ./test.sh   Demo: $VENV/bin/ntng run examples/two_nodes.py"
