@@ -58,8 +58,23 @@ class Connection:
         self._lock = threading.Lock()
 
     def read(self, n: int) -> bytes:
+        """Block for some bytes, then take whatever else is ready (up to n).
+
+        A virtio-serial port hands out at most one 4 KiB guest buffer per read(); batching
+        the reads keeps the per-chunk Python work (slow under TCG) off the data path.
+        """
         try:
-            return os.read(self.rfd, n)
+            first = os.read(self.rfd, n)
+            if not first:
+                return b""
+            parts, size = [first], len(first)
+            while size < n and select.select([self.rfd], [], [], 0)[0]:
+                more = os.read(self.rfd, n - size)
+                if not more:
+                    break
+                parts.append(more)
+                size += len(more)
+            return b"".join(parts)
         except OSError:
             return b""
 
@@ -115,7 +130,7 @@ class ExecTask(Task):
             groups = [g.gr_gid for g in grp.getgrall() if pw.pw_name in g.gr_mem]
             kwargs.update(user=pw.pw_uid, group=pw.pw_gid, extra_groups=groups)
             env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name, SHELL=pw.pw_shell)
-            cwd = cwd or pw.pw_dir
+            cwd = cwd or (pw.pw_dir if os.path.isdir(pw.pw_dir) else "/")
         for e in req.env:
             env[e["key"]] = e["value"]
         self.started = time.monotonic()
@@ -234,6 +249,7 @@ class ExecTask(Task):
 class PutTask(Task):
     def start(self, req: Any) -> None:
         self.req = req
+        self.fd = -1  # cancel() runs when makedirs/open below fail
         directory = os.path.dirname(req.path) or "."
         if req.mkdirs:
             os.makedirs(directory, exist_ok=True)
@@ -467,7 +483,7 @@ def serve(conn: Connection, started_ns: int) -> None:
     conn.write(P.Announce(boot_id(), AGENT_VERSION, started_ns).frame(P.HANDSHAKE_REQUEST_ID))
     try:
         while True:
-            data = conn.read(1 << 20)
+            data = conn.read(P.CHUNK * 4)
             if not data:
                 return
             decoder.feed(data)

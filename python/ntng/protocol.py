@@ -410,6 +410,7 @@ class Decoder:
         self.max_frame = max_frame
         self._buf = bytearray()
         self._pending_garbage = 0
+        self._need = 0  # bytes needed before the next parse attempt is worth it
 
     @property
     def buffered(self) -> int:
@@ -420,6 +421,9 @@ class Decoder:
 
     def events(self) -> Iterator[Frame | Garbage]:
         buf = self._buf
+        if len(buf) < self._need:
+            return  # the frame whose header we checked is still incomplete: skip re-parsing
+        self._need = 0
         while True:
             start = buf.find(MAGIC)
             if start < 0:
@@ -451,6 +455,7 @@ class Decoder:
                 continue
             total = HEADER_SIZE + head.length + TRAILER_SIZE
             if len(buf) < total:
+                self._need = total
                 return
             if self._pending_garbage:
                 yield self._flush_garbage("noise before frame")
