@@ -18,6 +18,7 @@ let
     allowReboot = true;
     bootTimeout = null; # seconds; null: the runner's default for the accelerator
     extraArgs = [ ];
+    extraSerialPorts = [ ]; # names of additional virtio-serial ports, each on its own socket
     backdoor = { };
   };
 
@@ -49,6 +50,8 @@ let
         (check name (spec ? stateDir && isString spec.stateDir) "stateDir is required")
         (check name (isList n.kernelParams) "kernelParams must be a list of strings")
         (check name (isList n.extraArgs) "extraArgs must be a list of strings")
+        (check name (isList n.extraSerialPorts && builtins.all (p: isString p && builtins.match "[a-z0-9.-]+" p != null) n.extraSerialPorts)
+          "extraSerialPorts must be a list of port names (lower-case letters, digits, dots, dashes)")
         (check name (isBool n.allowReboot) "allowReboot must be a boolean")
         (check name (elem n.backdoor.transport [ "virtio-serial" "vsock" ]) "backdoor.transport must be \"virtio-serial\" or \"vsock\", got ${toJSON n.backdoor.transport}")
       ];

@@ -24,12 +24,22 @@ let
   socketChardev = id: path: extra:
     [ "-chardev" "socket,id=${id},path=${path},server=on,wait=off${extra}" ];
 
+  portSocket = n: name: "${n.stateDir}/port-${name}.sock";
+
+  # Extra virtio-serial ports (benchmarks' raw baselines, user channels), each on its socket.
+  extraPortArgs = n: builtins.concatLists (builtins.genList (i:
+    let name = builtins.elemAt n.extraSerialPorts i; id = "port${toString i}"; in
+    socketChardev id (portSocket n name) ""
+    ++ [ "-device" "virtserialport,bus=vser0.0,chardev=${id},name=${name}" ]
+  ) (builtins.length n.extraSerialPorts));
+
   backdoorArgs = n: p:
     if n.backdoor.transport == "virtio-serial" then
       [ "-device" "virtio-serial-pci,id=vser0" ]
       ++ socketChardev "backdoor" p.backdoor ""
       ++ [ "-device" "virtserialport,bus=vser0.0,chardev=backdoor,name=${n.backdoor.portName}" ]
-    else throw "nixlib.qemu: node '${n.name}': backdoor transport '${n.backdoor.transport}' is not supported by the qemu backend yet";
+      ++ extraPortArgs n
+    else throw "node '${n.name}': backdoor transport '${n.backdoor.transport}' is not supported by the qemu backend yet";
 
   kernelArgs = n:
     [ "-kernel" n.kernel ]
@@ -61,7 +71,8 @@ let
         ++ backdoorArgs n p
         ++ [ "-nic" "none" ]
         ++ n.extraArgs;
-      sockets = { inherit (p) qmp backdoor console; };
+      sockets = { inherit (p) qmp backdoor console; }
+        // builtins.listToAttrs (map (name: { name = "port:${name}"; value = portSocket n name; }) n.extraSerialPorts);
       files = { inherit (p) consoleLog disk; };
       backdoor = n.backdoor;
       bootTimeout = n.bootTimeout;

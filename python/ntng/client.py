@@ -174,6 +174,9 @@ class BackdoorClient:
                 pending.frames.put(BackdoorError(f"{self.name}: agent broke flow control: {e}"))
                 return
         pending.frames.put(frame)
+        if ft == P.FrameType.ERROR:
+            # The agent dropped the request and will grant no more credit: unblock our sender.
+            pending.send_window.close("the agent reported an error")
 
     def _acknowledged(self, ack: P.HelloAck) -> None:
         with self._state:
@@ -192,6 +195,7 @@ class BackdoorClient:
             pending, self._pending = list(self._pending.values()), {}
         for p in pending:
             p.frames.put(AgentRestarted(f"{self.name}: the agent restarted while the request was running"))
+            p.send_window.close("the agent restarted")
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._state:
@@ -331,7 +335,10 @@ class BackdoorClient:
         try:
             with fh:
                 chunks = iter(lambda: fh.read(P.CHUNK * 4), b"")
-                self._send_stream(p, P.FrameType.FILE_DATA, chunks, deadline)
+                try:
+                    self._send_stream(p, P.FrameType.FILE_DATA, chunks, deadline)
+                except P.ProtocolError:
+                    pass  # send window closed: the reason (ERROR, restart, lost link) is queued
             f = self._next(p, deadline, f"the copy to {target} to finish")
             return P.FileDone.parse(f.payload)
         finally:

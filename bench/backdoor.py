@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""Backdoor benchmarks on one real guest, each next to a baseline on the same VM.
+
+  boot      cold start → first command returned
+  rtt       PING and succeed("true") vs a raw echo over a second virtio-serial port, and vs a
+            reimplementation of the NixOS driver's shell protocol (bash on a port, base64
+            output, a second round trip for the exit status)
+  copy      FILE_PUT / FILE_GET MB/s vs raw bytes over the same kind of port (C tools in
+            the guest, so the baseline is the transport's ceiling)
+  memory    the runner's peak RSS during the download
+
+Usage: .venv/bin/python bench/backdoor.py [--rounds 200] [--copy-mb 64]
+Prints a markdown table.  Not a test: numbers vary with the machine and the accelerator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import resource
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+from ntng import runner  # noqa: E402
+from ntng.client import connect_unix  # noqa: E402
+from ntng.driver import Driver  # noqa: E402
+from ntng.machine import Machine  # noqa: E402
+
+RAW = "org.ntng.raw"
+SHELL = "org.ntng.shell"
+HEADER = f'#: nodes.machine = {{ extraSerialPorts = [ "{RAW}" "{SHELL}" ]; }};\n'
+ECHO = (
+    "import os\n"
+    f"fd = os.open('/dev/virtio-ports/{RAW}', os.O_RDWR)\n"
+    "while True:\n"
+    "    d = os.read(fd, 65536)\n"
+    "    if d: os.write(fd, d)\n"
+)
+
+
+def pct(samples: list[float], p: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def ms(samples: list[float]) -> str:
+    return f"{pct(samples, 50) * 1000:.2f} / {pct(samples, 99) * 1000:.2f}"
+
+
+def timed(fn: object, rounds: int) -> list[float]:
+    out = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()  # type: ignore[operator]
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("raw port closed")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_line(s: socket.socket) -> bytes:
+    buf = bytearray()
+    while not buf.endswith(b"\n"):
+        chunk = s.recv(1)
+        if not chunk:
+            raise ConnectionError("shell port closed")
+        buf += chunk
+    return bytes(buf)
+
+
+def nixos_style_shell(m: Machine, rounds: int) -> list[float]:
+    """The NixOS driver's command round trip: base64 output, then `echo ${PIPESTATUS[0]}`."""
+    m.succeed(f"setsid bash -c 'exec bash --norc 0<>/dev/virtio-ports/{SHELL} 1>&0 2>/dev/null' "
+              "</dev/null >/dev/null 2>&1 &")
+    s = connect_unix(m.plan["sockets"][f"port:{SHELL}"], 10)
+    time.sleep(1)
+
+    def one() -> None:
+        s.sendall(b"bash -c 'set -euo pipefail; true' | (base64 -w 0; echo)\n")
+        recv_line(s)
+        s.sendall(b"echo ${PIPESTATUS[0]}\n")
+        assert recv_line(s).strip() == b"0"
+
+    one()
+    samples = timed(one, rounds)
+    s.close()
+    return samples
+
+
+def raw_echo(m: Machine, rounds: int) -> tuple[list[float], socket.socket]:
+    m.succeed(f"setsid python3 -c \"{ECHO}\" </dev/null >/dev/null 2>&1 &")
+    s = connect_unix(m.plan["sockets"][f"port:{RAW}"], 10)
+    msg = b"x" * 16
+    s.sendall(msg)
+    recv_exact(s, len(msg))
+
+    def one() -> None:
+        s.sendall(msg)
+        recv_exact(s, len(msg))
+
+    return timed(one, rounds), s
+
+
+def raw_copy(m: Machine, s: socket.socket, nbytes: int) -> tuple[float, float]:
+    """(host→guest MB/s, guest→host MB/s) of plain bytes over the raw port."""
+    m.execute("pkill -f 'org.ntng.raw' || true")
+    time.sleep(0.5)
+    done = threading.Event()
+    result: list[float] = []
+
+    def guest_reader() -> None:
+        m.succeed(f"head -c {nbytes} /dev/virtio-ports/{RAW} > /dev/null")
+        result.append(time.perf_counter())
+        done.set()
+
+    t0 = time.perf_counter()
+    threading.Thread(target=guest_reader, daemon=True).start()
+    block = os.urandom(1 << 20)
+    left = nbytes
+    while left:
+        n = min(left, len(block))
+        s.sendall(block[:n])
+        left -= n
+    done.wait(600)
+    up = nbytes / (result[0] - t0) / 1e6
+    t0 = time.perf_counter()
+    writer = threading.Thread(
+        target=lambda: m.succeed(f"head -c {nbytes} /dev/urandom > /tmp/raw.bin; "
+                                 f"cat /tmp/raw.bin > /dev/virtio-ports/{RAW}"), daemon=True)
+    writer.start()
+    got = 0
+    first = None
+    while got < nbytes:
+        chunk = s.recv(1 << 20)
+        if first is None:
+            first = time.perf_counter()
+        got += len(chunk)
+    down = nbytes / (time.perf_counter() - (first or t0)) / 1e6
+    writer.join(60)
+    return up, down
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--copy-mb", type=int, default=64)
+    ap.add_argument("--accel", default=os.environ.get("NTNG_ACCEL", "auto"))
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="ntng-bench-"))
+    script = tmp / "bench.py"
+    script.write_text(HEADER)
+    spec, choice = runner.prepare(runner.RunOptions(script=script, accel=args.accel), tmp)
+    driver = Driver(spec, tmp / "out", runner.DEFAULT_BOOT_TIMEOUT * choice.timeout_scale,
+                    log=lambda _m: None)
+    m = driver.machines[0]
+    rows: list[tuple[str, str, str]] = []
+    try:
+        t0 = time.perf_counter()
+        m.start()
+        m.succeed("true")
+        rows.append(("cold boot → first command", f"{time.perf_counter() - t0:.1f} s", ""))
+        m.wait_until_succeeds("systemctl is-system-running | grep -qE 'running|degraded'", 300)
+        client = m.connect()
+        ping = timed(client.ping, args.rounds)
+        true_cmd = timed(lambda: m.succeed("true"), max(20, args.rounds // 4))
+        argv_true = timed(lambda: m.run(["true"]), max(20, args.rounds // 4))
+        shell = nixos_style_shell(m, max(20, args.rounds // 4))
+        echo, raw = raw_echo(m, args.rounds)
+        rows += [
+            ("PING round trip p50/p99 (ms)", ms(ping), f"raw echo {ms(echo)}"),
+            ('succeed("true") p50/p99 (ms)', ms(true_cmd), f"NixOS-style shell {ms(shell)}"),
+            ('run(["true"]) (argv, no bash) p50/p99 (ms)', ms(argv_true), ""),
+        ]
+        nbytes = args.copy_mb << 20
+        src = tmp / "up.bin"
+        with open(src, "wb") as f:
+            for _ in range(args.copy_mb):
+                f.write(os.urandom(1 << 20))
+        t = time.perf_counter()
+        client.put_file(src, "/root/up.bin")
+        up = nbytes / (time.perf_counter() - t) / 1e6
+        m.succeed(f"head -c {nbytes} /dev/urandom > /root/down.bin")
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        t = time.perf_counter()
+        client.get_file("/root/down.bin", tmp / "down.bin")
+        down = nbytes / (time.perf_counter() - t) / 1e6
+        rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        assert hashlib.sha256((tmp / "down.bin").read_bytes()).hexdigest() == \
+            m.succeed("sha256sum /root/down.bin").split()[0]
+        raw_up, raw_down = raw_copy(m, raw, nbytes)
+        rows += [
+            (f"copy host→guest, {args.copy_mb} MB (MB/s)", f"{up:.1f}",
+             f"raw port {raw_up:.1f} ({up / raw_up:.0%})"),
+            (f"copy guest→host, {args.copy_mb} MB (MB/s)", f"{down:.1f}",
+             f"raw port {raw_down:.1f} ({down / raw_down:.0%})"),
+            ("runner peak RSS during the download (MB)", f"{rss_peak:.0f}", f"before: {rss_before:.0f}"),
+        ]
+    finally:
+        driver.release()
+    print(f"\naccelerator: {choice.accel} ({choice.reason.splitlines()[0][:80]})\n")
+    print("| measure | nixos-test-ng | baseline |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""nixlib computes every launch detail; Python executes it verbatim."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ntng import nixeval, pdeathsig
+from ntng.backends.qemu import QemuBackend
+from ntng.errors import NixEvalError
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = {"name": "m", "kernel": "/k", "image": "/img.qcow2", "stateDir": "/tmp/ntng-test-state/m"}
+
+
+def launch(**over: Any) -> Any:
+    return nixeval.call("qemu.launch", {**BASE, **over})
+
+
+def test_launch_plan_shape() -> None:
+    plan = launch(memory=512, cores=2, accel="tcg", initrd="/i")
+    argv = plan["argv"]
+    assert argv[0] == "qemu-system-x86_64"
+    assert argv[argv.index("-m") + 1] == "512" and argv[argv.index("-smp") + 1] == "2"
+    assert "q35,accel=tcg" in argv and "-initrd" in argv
+    assert any("virtserialport" in a and "name=org.ntng.backdoor" in a for a in argv)
+    assert plan["prepare"][0][:2] == ["qemu-img", "create"]
+    assert plan["sockets"]["backdoor"].startswith(BASE["stateDir"])
+    assert launch(accel="kvm")["argv"][launch(accel="kvm")["argv"].index("-cpu") + 1] == "host"
+    assert "-no-reboot" in launch(allowReboot=False)["argv"]
+
+
+def test_no_duplicate_devices_or_ids() -> None:
+    argv = launch(extraSerialPorts=["a.b", "c"])["argv"]
+    ids = [m.group(1) for a in argv for m in [re.search(r"(?:^|,)id=([^,]+)", a)] if m]
+    assert len(ids) == len(set(ids)), ids
+    flags = [a for a in argv if a in ("-m", "-smp", "-kernel", "-machine", "-cpu", "-serial")]
+    assert len(flags) == len(set(flags)), flags
+
+
+def test_plans_are_stable_across_evaluations() -> None:
+    assert launch() == launch()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"memory": "1G"}, "node 'm': memory must be an integer number of MiB"),
+        ({"memory": 64}, "memory must be between 128 and 65536"),
+        ({"cores": 0}, "cores must be an integer from 1 to 64"),
+        ({"accel": "hvf"}, "accel must be \"kvm\" or \"tcg\""),
+        ({"backend": "bochs"}, "unknown backend \"bochs\""),
+        ({"colour": "red"}, "unknown option(s) colour"),
+        ({"kernelParams": "quiet"}, "kernelParams must be a list"),
+        ({"allowReboot": "yes"}, "allowReboot must be a boolean"),
+        ({"extraSerialPorts": ["Bad Name"]}, "extraSerialPorts must be a list of port names"),
+        ({"backdoor": {"transport": "carrier-pigeon"}}, "backdoor.transport must be"),
+    ],
+)
+def test_each_validation_names_node_and_option(override: dict[str, Any], message: str) -> None:
+    with pytest.raises(NixEvalError) as e:
+        launch(**override)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)  # one clear line, the Nix trace only on request
+
+
+def test_missing_required_options() -> None:
+    for key, message in (("kernel", "kernel (path to the guest kernel) is required"),
+                         ("image", "image (path to the base disk image) is required")):
+        spec = {k: v for k, v in BASE.items() if k != key}
+        with pytest.raises(NixEvalError, match=re.escape(message)):
+            nixeval.call("qemu.launch", spec)
+
+
+def test_backend_executes_the_plan_verbatim(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    plan = nixeval.call("qemu.launch", {**BASE, "stateDir": str(tmp_path / "m"), "qemuImg": "true"})
+    seen: list[list[str]] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_spawn(argv: list[str], **kw: object) -> object:
+        seen.append(argv)
+        raise Stop
+
+    monkeypatch.setattr(pdeathsig, "spawn", fake_spawn)
+    with pytest.raises(Stop):
+        QemuBackend("m", plan).start()
+    assert seen == [plan["argv"]]
+
+
+def test_python_builds_no_vm_command_line() -> None:
+    """No QEMU option is spelled anywhere in the runner: they all come from nixlib."""
+    qemu_flags = re.compile(r"""["'](-chardev|-device|-machine|-kernel|-append|-drive|-netdev|-smp)["']""")
+    offenders = [
+        f"{p.relative_to(ROOT)}:{i + 1}"
+        for p in (ROOT / "python" / "ntng").rglob("*.py")
+        for i, line in enumerate(p.read_text().splitlines())
+        if qemu_flags.search(line)
+    ]
+    assert offenders == []
