@@ -9,9 +9,9 @@ flight; all writes go through one lock so frames never interleave.
 from __future__ import annotations
 
 import argparse
+import grp
 import hashlib
 import os
-import grp
 import pwd
 import queue
 import select
@@ -196,6 +196,8 @@ class ExecTask(Task):
             timed_out=timed_out,
             duration_us=int((time.monotonic() - self.started) * 1e6),
         )
+        if getattr(self, "stdin_queue", None) is not None:
+            self.stdin_queue.put(b"")  # later STDIN is dropped: end the feeder thread now
         self.session.finish(self.rid, exit_msg.frame(self.rid))
 
     def _feed_stdin(self, pipe: Any) -> None:
@@ -480,7 +482,7 @@ def serve(conn: Connection, started_ns: int) -> None:
     """Serve one connection until the host goes away."""
     session = Session(conn)
     decoder = P.Decoder(P.DEFAULT_MAX_FRAME)
-    conn.write(P.Announce(boot_id(), AGENT_VERSION, started_ns).frame(P.HANDSHAKE_REQUEST_ID))
+    conn.write(P.announce_bytes(P.Announce(boot_id(), AGENT_VERSION, started_ns)))
     try:
         while True:
             data = conn.read(P.CHUNK * 4)

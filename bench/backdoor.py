@@ -20,7 +20,6 @@ import hashlib
 import os
 import resource
 import socket
-import statistics
 import sys
 import tempfile
 import threading

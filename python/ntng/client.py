@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from . import protocol as P
 from .errors import AgentRestarted, BackdoorError, ConnectionLost, RemoteError, WaitTimeout
@@ -57,7 +57,7 @@ class BackdoorClient:
         window: int = P.DEFAULT_WINDOW,
         max_frame: int = P.DEFAULT_MAX_FRAME,
         on_garbage: Callable[[P.Garbage], None] | None = None,
-        on_restart: Callable[[P.HelloAck, P.HelloAck | None], None] | None = None,
+        on_restart: Callable[[P.HelloAck, P.HelloAck], None] | None = None,
     ) -> None:
         self.name = name
         self.sock = sock
@@ -66,6 +66,7 @@ class BackdoorClient:
         self.on_garbage = on_garbage
         self.on_restart = on_restart
         self.agent: P.HelloAck | None = None  # set once the current session is acknowledged
+        self._previous_ack: P.HelloAck | None = None  # the session before, to tell restarts
         self.garbage_bytes = 0
         self._write_lock = threading.Lock()
         self._state = threading.Condition()
@@ -182,12 +183,11 @@ class BackdoorClient:
         with self._state:
             if ack.nonce != self._nonce:
                 return  # answer to an older HELLO
-            previous, self.agent = self.agent, ack
-            self._last_ack = ack
+            self.agent = ack
+            previous, self._previous_ack = self._previous_ack, ack
             self._state.notify_all()
-        if self.on_restart is not None and previous is None and getattr(self, "_had", None):
-            self.on_restart(ack, self._had)
-        self._had = ack
+        if self.on_restart is not None and previous is not None:
+            self.on_restart(ack, previous)
 
     def _agent_restarted(self) -> None:
         with self._state:

@@ -375,6 +375,18 @@ def parse_message(frame: Frame) -> Any:
     return cls.parse(frame.payload)
 
 
+# A (re)starting agent cannot know whether the host's decoder holds half a frame of the
+# previous session (a guest reset mid-frame), whose intact header makes the decoder wait for up
+# to a frame's length more.  Zeros (never a magic) longer than any frame complete that wait;
+# the damaged frame then fails its CRC and the decoder finds the ANNOUNCE after the padding.
+RESYNC_PADDING = bytes(DEFAULT_MAX_FRAME + HEADER_SIZE + TRAILER_SIZE)
+
+
+def announce_bytes(announce: Announce) -> bytes:
+    """What an agent writes when it starts serving a connection: padding, then ANNOUNCE."""
+    return RESYNC_PADDING + announce.frame(HANDSHAKE_REQUEST_ID)
+
+
 def negotiate_version(min_version: int, max_version: int) -> int:
     """The highest version both sides speak, or ProtocolError."""
     best = min(max_version, VERSION)

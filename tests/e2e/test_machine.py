@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import make_driver
 
+from helpers import make_driver
 from ntng.errors import AgentRestarted
 from ntng.machine import Machine, RequestedAssertionFailed
 
@@ -142,6 +142,15 @@ def test_wait_for_unit_ssh_and_failed_units(vm: Machine) -> None:
     vm.wait_for_file("/tmp/flag", timeout=10)
     status, _ = vm.systemctl("is-active ssh.service")
     assert status == 0
+
+
+def test_host_disconnects_and_reconnects(vm: Machine) -> None:
+    """The agent survives the runner going away: a new connection gets a new session."""
+    assert vm.client is not None
+    vm.client.close()
+    vm.client = None
+    assert vm.succeed("echo again") == "again\n"
+    assert vm.reboots_seen == 0
 
 
 def test_agent_restarted_while_the_host_waits(vm: Machine) -> None:

@@ -1,0 +1,797 @@
+"""Property tests of the backdoor wire protocol (python/ntng/protocol.py).
+
+Covers: round trips of every typed message and of raw data frames; stream decoding with
+garbage, resynchronisation and arbitrary read boundaries; robustness against corrupted input;
+credit-based flow control; and the real BackdoorClient against a scripted fake agent that
+interleaves the frames of concurrent requests in a hypothesis-chosen order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+import construct
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from ntng import protocol as P
+from ntng.client import BackdoorClient
+from ntng.errors import BackdoorError
+
+pytestmark = pytest.mark.timeout(120)
+
+# ---------------------------------------------------------------------------------------------
+# Strategies
+
+U8 = st.integers(0, 2**8 - 1)
+U16 = st.integers(0, 2**16 - 1)
+U32 = st.integers(0, 2**32 - 1)
+TEXT = st.text(max_size=24)
+BLOB = st.binary(max_size=64)
+
+_INT_RANGES = {
+    ">B": (0, 2**8 - 1),
+    ">H": (0, 2**16 - 1),
+    ">L": (0, 2**32 - 1),
+    ">l": (-(2**31), 2**31 - 1),
+    ">Q": (0, 2**64 - 1),
+}
+
+# Fields whose construct is built in place (not one of the shared declarations).
+_FIELD_OVERRIDES: dict[tuple[type, str], st.SearchStrategy] = {
+    (P.Exec, "env"): st.lists(st.fixed_dictionaries({"key": TEXT, "value": TEXT}), max_size=4),
+}
+
+
+def _field_strategy(cls: type, name: str, sub: construct.Construct) -> st.SearchStrategy:
+    if (cls, name) in _FIELD_OVERRIDES:
+        return _FIELD_OVERRIDES[(cls, name)]
+    if sub is P.Str:
+        return TEXT
+    if sub is P.Blob:
+        return BLOB
+    if sub is P.StrList:
+        return st.lists(TEXT, max_size=4)
+    if sub is construct.Flag:
+        return st.booleans()
+    if isinstance(sub, construct.FormatField) and sub.fmtstr in _INT_RANGES:
+        lo, hi = _INT_RANGES[sub.fmtstr]
+        return st.integers(lo, hi)
+    raise AssertionError(f"no strategy for {cls.__name__}.{name} ({sub!r}): extend the test")
+
+
+def message_strategy(cls: type[P.Message]) -> st.SearchStrategy:
+    fields = {
+        sc.name: _field_strategy(cls, sc.name, sc.subcon)
+        for sc in cls.SCHEMA.subcons  # type: ignore[attr-defined]
+    }
+    return st.builds(cls, **fields)
+
+
+ALL_MESSAGES = st.sampled_from(list(P.MESSAGES.values())).flatmap(message_strategy)
+
+RAW_FRAMES = st.builds(
+    P.Frame,
+    type=U8,
+    request_id=U32,
+    payload=st.binary(max_size=300),
+    flags=U16,
+    version=st.integers(P.MIN_VERSION, 255),
+)
+TYPED_FRAMES = st.tuples(ALL_MESSAGES, U32).map(lambda t: P.Frame(t[0].TYPE, t[1], t[0].payload()))
+FRAMES = st.one_of(RAW_FRAMES, TYPED_FRAMES)
+
+
+def _truncated(frame: P.Frame) -> st.SearchStrategy[bytes]:
+    wire = frame.encode()
+    return st.integers(1, len(wire) - 1).map(lambda n: wire[:n])
+
+
+def _bitflipped(frame: P.Frame) -> st.SearchStrategy[bytes]:
+    wire = frame.encode()
+    return st.tuples(st.integers(0, len(wire) - 1), st.integers(0, 7)).map(
+        lambda t: wire[: t[0]] + bytes([wire[t[0]] ^ (1 << t[1])]) + wire[t[0] + 1 :]
+    )
+
+
+GARBAGE_PIECE = st.one_of(
+    st.binary(max_size=48),
+    st.tuples(st.binary(max_size=24), st.binary(max_size=24)).map(lambda t: t[0] + P.MAGIC + t[1]),
+    st.tuples(st.binary(max_size=24), st.integers(1, len(P.MAGIC) - 1)).map(
+        lambda t: t[0] + P.MAGIC[: t[1]]
+    ),
+    RAW_FRAMES.flatmap(_truncated),
+    RAW_FRAMES.flatmap(_bitflipped),
+)
+GARBAGE = st.lists(GARBAGE_PIECE, max_size=3).map(b"".join)
+
+
+def _frames(events: Iterable[P.Frame | P.Garbage]) -> list[P.Frame]:
+    return [e for e in events if isinstance(e, P.Frame)]
+
+
+def _garbage(events: Iterable[P.Frame | P.Garbage]) -> list[P.Garbage]:
+    return [e for e in events if isinstance(e, P.Garbage)]
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    return [data[a:b] for a, b in zip(points, points[1:], strict=False)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trips
+
+
+def test_message_fields_match_their_construct_declaration_one_to_one() -> None:
+    for cls in P.MESSAGES.values():
+        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        assert names == [sc.name for sc in cls.SCHEMA.subcons], cls.__name__
+        assert P.MESSAGES[cls.TYPE] is cls
+
+
+@pytest.mark.parametrize("cls", list(P.MESSAGES.values()), ids=lambda c: c.__name__)
+@settings(deadline=None)
+@given(data=st.data())
+def test_message_round_trip(cls: type[P.Message], data: st.DataObject) -> None:
+    msg = data.draw(message_strategy(cls), label="message")
+    rid = data.draw(U32, label="request_id")
+    payload = msg.payload()
+    wire = msg.frame(rid)
+    assert len(wire) == P.HEADER_SIZE + len(payload) + P.TRAILER_SIZE
+    events = P.decode_all(wire, max_frame=max(len(payload), 1))
+    assert events == [P.Frame(cls.TYPE, rid, payload)]
+    assert P.parse_message(events[0]) == msg
+    assert cls.parse(payload) == msg
+
+
+@settings(deadline=None)
+@given(
+    ftype=st.sampled_from(sorted(P.DATA_TYPES)),
+    rid=U32,
+    payload=st.binary(max_size=4096),
+    flags=U16,
+    version=st.integers(P.MIN_VERSION, 255),
+)
+def test_data_frame_round_trip(ftype: int, rid: int, payload: bytes, flags: int, version: int) -> None:
+    frame = P.Frame(ftype, rid, payload, flags, version)
+    wire = frame.encode()
+    assert wire == P.encode_frame(ftype, rid, payload, flags, version)
+    assert wire.startswith(P.MAGIC)
+    events = P.decode_all(wire)
+    assert events == [frame]
+    assert P.parse_message(events[0]) == payload
+
+
+# ---------------------------------------------------------------------------------------------
+# Stream decoding with garbage and resynchronisation
+
+STREAM_MAX_FRAME = 1024  # every generated frame fits, so only damage makes garbage
+# A damaged header that still passes its CRC (a truncated real frame) announces up to
+# STREAM_MAX_FRAME payload bytes; the decoder rightly waits for them before it can tell the frame
+# is bad.  Zero padding at the end of the stream supplies them, like the live traffic that
+# follows would.
+PADDING = bytes(STREAM_MAX_FRAME + P.HEADER_SIZE + P.TRAILER_SIZE)
+
+
+def _contains_frame(data: bytes) -> bool:
+    return bool(_frames(P.decode_all(data + PADDING, STREAM_MAX_FRAME)))
+
+
+@settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_stream_with_garbage_yields_the_frames_in_order(data: st.DataObject) -> None:
+    frames = data.draw(st.lists(FRAMES, max_size=8), label="frames")
+    garbage = data.draw(
+        st.lists(GARBAGE, min_size=len(frames) + 1, max_size=len(frames) + 1), label="garbage"
+    )
+    assume(not any(_contains_frame(g) for g in garbage))
+    stream = bytearray()
+    for g, f in zip(garbage, frames, strict=False):
+        stream += g + f.encode()
+    stream += garbage[-1] + PADDING
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=20), label="cuts")
+
+    decoder = P.Decoder(STREAM_MAX_FRAME)
+    events: list[P.Frame | P.Garbage] = []
+    for chunk in _split(bytes(stream), cuts):
+        decoder.feed(chunk)
+        events.extend(decoder.events())
+
+    assert _frames(events) == frames
+    reported = _garbage(events)
+    assert all(g.size > 0 for g in reported)
+    assert sum(g.size for g in reported) == sum(map(len, garbage)) + len(PADDING)
+    assert decoder.buffered == 0
+
+
+@settings(deadline=None, max_examples=300)
+@given(
+    data=st.binary(max_size=3000) | st.lists(st.binary(max_size=40) | FRAMES.map(P.Frame.encode)).map(
+        b"".join
+    ),
+    max_frame=st.integers(0, 2048),
+    cuts=st.lists(st.integers(0, 4000), max_size=30),
+)
+def test_decoder_never_raises_and_accounts_for_every_byte(
+    data: bytes, max_frame: int, cuts: list[int]
+) -> None:
+    decoder = P.Decoder(max_frame)
+    seen = 0
+    for chunk in _split(data, cuts):
+        decoder.feed(chunk)
+        for ev in decoder.events():
+            if isinstance(ev, P.Garbage):
+                assert ev.size > 0
+                seen += ev.size
+            else:
+                assert len(ev.payload) <= max_frame
+                seen += P.HEADER_SIZE + len(ev.payload) + P.TRAILER_SIZE
+        # memory stays bounded by one frame (plus a partial header)
+        assert decoder.buffered < max(P.HEADER_SIZE, P.HEADER_SIZE + max_frame + P.TRAILER_SIZE)
+    assert seen + decoder.buffered + decoder._pending_garbage == len(data)
+
+
+@settings(deadline=None)
+@given(frame=RAW_FRAMES, extra=st.integers(1, 64), after=RAW_FRAMES)
+def test_oversized_frame_is_garbage_and_the_next_frame_survives(
+    frame: P.Frame, extra: int, after: P.Frame
+) -> None:
+    big = dataclasses.replace(frame, payload=frame.payload + bytes(extra))
+    limit = len(big.payload) - 1
+    assume(len(after.payload) <= limit)
+    events = P.decode_all(big.encode() + after.encode(), max_frame=limit)
+    assume(not _contains_frame(big.encode()[1:]))
+    assert _frames(events) == [after]
+    assert sum(g.size for g in _garbage(events)) == len(big.encode())
+    assert "exceeds limit" in _garbage(events)[0].reason
+
+
+def test_bad_crc_reports_the_request_id_of_a_plausible_header() -> None:
+    wire = bytearray(P.encode_frame(P.FrameType.STDOUT, 4242, b"hello"))
+    wire[-1] ^= 0xFF
+    events = P.decode_all(bytes(wire) + P.encode_frame(P.FrameType.PING, 0, P.Ping(b"x").payload()))
+    garbage = _garbage(events)
+    assert garbage[0].reason == "bad CRC" and garbage[0].request_id == 4242
+    assert sum(g.size for g in garbage) == len(wire)
+    assert _frames(events) == [P.Frame(P.FrameType.PING, 0, P.Ping(b"x").payload())]
+
+
+def test_half_a_frame_left_by_a_reset_does_not_hide_the_next_announce() -> None:
+    """A guest reset mid-frame leaves an intact header whose length the decoder waits for;
+    the agent's announcement (padding + ANNOUNCE) still gets through."""
+    half = P.encode_frame(P.FrameType.STDOUT, 7, bytes(P.CHUNK))[: P.HEADER_SIZE + 100]
+    announce = P.announce_bytes(P.Announce("boot", "1", 1))
+    decoder = P.Decoder()
+    decoder.feed(half + announce)
+    assert [f.type for f in _frames(decoder.events())] == [P.FrameType.ANNOUNCE]
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrupted input
+
+
+def _only_protocol_errors(parse: Callable[[], object]) -> None:
+    """Parsing may succeed or raise ProtocolError; anything else escapes and fails the test."""
+    try:
+        parse()
+    except P.ProtocolError:
+        pass
+
+
+@settings(deadline=None, max_examples=300)
+@given(
+    frame=FRAMES,
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 7)), min_size=1, max_size=3),
+)
+def test_bit_flips_never_pass_as_the_original_frame(
+    frame: P.Frame, flips: list[tuple[int, int]]
+) -> None:
+    wire = bytearray(frame.encode())
+    for pos, bit in flips:
+        wire[pos % len(wire)] ^= 1 << bit
+    assume(bytes(wire) != frame.encode())
+    decoder = P.Decoder()
+    decoder.feed(bytes(wire) + PADDING)
+    events = list(decoder.events())
+    # CRC-32 has Hamming distance >= 4 at these lengths: 1..3 flipped bits are always caught.
+    assert frame not in _frames(events)
+    for f in _frames(events):
+        _only_protocol_errors(lambda f=f: P.parse_message(f))
+
+
+@settings(deadline=None)
+@given(frame=FRAMES, data=st.data())
+def test_truncated_frame_yields_nothing_and_never_raises(frame: P.Frame, data: st.DataObject) -> None:
+    wire = frame.encode()
+    n = data.draw(st.integers(0, len(wire) - 1))
+    decoder = P.Decoder()
+    decoder.feed(wire[:n])
+    assert _frames(decoder.events()) == []
+
+
+@pytest.mark.parametrize("cls", list(P.MESSAGES.values()), ids=lambda c: c.__name__)
+@settings(deadline=None, max_examples=150)
+@given(payload=st.binary(max_size=200))
+def test_random_payload_only_raises_protocol_error(cls: type[P.Message], payload: bytes) -> None:
+    _only_protocol_errors(lambda: cls.parse(payload))
+    _only_protocol_errors(lambda: P.parse_message(P.Frame(cls.TYPE, 1, payload)))
+    # and a frame carrying it decodes cleanly off the wire, whatever the payload is
+    assert P.decode_all(P.encode_frame(cls.TYPE, 1, payload)) == [P.Frame(cls.TYPE, 1, payload)]
+
+
+@pytest.mark.parametrize("cls", list(P.MESSAGES.values()), ids=lambda c: c.__name__)
+@settings(deadline=None, max_examples=150)
+@given(data=st.data())
+def test_mutated_valid_payload_only_raises_protocol_error(
+    cls: type[P.Message], data: st.DataObject
+) -> None:
+    payload = bytearray(data.draw(message_strategy(cls)).payload())
+    mutation = data.draw(st.sampled_from(["flip", "truncate", "insert", "huge-varint"]))
+    pos = data.draw(st.integers(0, len(payload)))
+    if mutation == "flip" and payload:
+        payload[pos % len(payload)] ^= 1 << data.draw(st.integers(0, 7))
+    elif mutation == "truncate":
+        del payload[pos:]
+    elif mutation == "insert":
+        payload[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
+    else:  # a length prefix far beyond anything a stream can hold
+        payload[pos:pos] = b"\xff" * data.draw(st.integers(1, 20)) + b"\x01"
+    _only_protocol_errors(lambda: cls.parse(bytes(payload)))
+
+
+@settings(deadline=None, max_examples=100)
+@given(ftype=st.integers(0, 255).filter(lambda t: t not in P.MESSAGES and t not in P.DATA_TYPES))
+def test_unknown_frame_type_is_a_frame_error(ftype: int) -> None:
+    with pytest.raises(P.FrameError):
+        P.parse_message(P.Frame(ftype, 1, b""))
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow control
+
+
+@settings(deadline=None, max_examples=300)
+@given(
+    window=st.integers(1, 5000),
+    ops=st.lists(st.tuples(st.booleans(), st.integers(0, 6000)), max_size=60),
+)
+def test_receive_window_rejects_exactly_the_bytes_never_granted(
+    window: int, ops: list[tuple[bool, int]]
+) -> None:
+    """From the sender's point of view: it may have `window` bytes not yet credited back."""
+    rw = P.ReceiveWindow(window)
+    received = credited = consumed = 0
+    for is_receive, n in ops:
+        if is_receive:
+            if received - credited + n > window:
+                with pytest.raises(P.LimitExceeded):
+                    rw.received(n)
+            else:
+                rw.received(n)
+                received += n
+        else:
+            n = min(n, received - consumed)
+            credit = rw.consumed(n)
+            consumed += n
+            credited += credit
+            assert 0 <= credit
+            assert credited <= consumed  # never credits bytes still buffered
+            # batching keeps back less than a quarter window, so the sender is never starved
+            assert consumed - credited < max(1, window // 4)
+        assert rw.buffered == received - consumed <= window
+
+
+@dataclasses.dataclass
+class _Link:
+    """A simulated connection for one request's data in one direction."""
+
+    window: int
+    data: bytes
+    send: P.SendWindow = dataclasses.field(init=False)
+    recv: P.ReceiveWindow = dataclasses.field(init=False)
+    sent: int = 0
+    to_receiver: list[bytes] = dataclasses.field(default_factory=list)
+    to_sender: list[int] = dataclasses.field(default_factory=list)
+    delivered: bytearray = dataclasses.field(default_factory=bytearray)
+    unconsumed: int = 0
+
+    def __post_init__(self) -> None:
+        self.send = P.SendWindow(self.window)
+        self.recv = P.ReceiveWindow(self.window)
+
+    def try_send(self, chunk: int) -> bool:
+        if self.sent >= len(self.data):
+            return False
+        try:
+            n = self.send.take(min(chunk, len(self.data) - self.sent), timeout=0)
+        except TimeoutError:
+            return False
+        assert 1 <= n <= chunk
+        self.to_receiver.append(self.data[self.sent : self.sent + n])
+        self.sent += n
+        return True
+
+    def deliver_data(self) -> bool:
+        if not self.to_receiver:
+            return False
+        piece = self.to_receiver.pop(0)
+        self.recv.received(len(piece))  # raises LimitExceeded if the sender cheated
+        self.delivered += piece
+        self.unconsumed += len(piece)
+        return True
+
+    def consume(self, n: int) -> bool:
+        n = min(n, self.unconsumed)
+        if n <= 0:
+            return False
+        self.unconsumed -= n
+        credit = self.recv.consumed(n)
+        if credit:
+            self.to_sender.append(credit)
+        return True
+
+    def deliver_credit(self) -> bool:
+        if not self.to_sender:
+            return False
+        self.send.grant(self.to_sender.pop(0))
+        return True
+
+    def check(self) -> None:
+        assert self.recv.buffered == self.unconsumed <= self.window
+        in_flight = sum(map(len, self.to_receiver))
+        # conservation: every byte of window is credit, in flight, buffered or being credited
+        assert (
+            self.send.credit + in_flight + self.recv.buffered + self.recv._unacked
+            + sum(self.to_sender)
+            == self.window
+        )
+
+
+@settings(deadline=None, max_examples=300)
+@given(
+    window=st.integers(1, 4096),
+    size=st.integers(0, 20000),
+    chunk=st.integers(1, 5000),
+    schedule=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 5000)), max_size=200),
+)
+def test_flow_control_simulation_bounded_and_live(
+    window: int, size: int, chunk: int, schedule: list[tuple[int, int]]
+) -> None:
+    link = _Link(window, random.Random(size).randbytes(size))
+    for action, n in schedule:  # adversarial interleaving chosen by hypothesis
+        if action == 0:
+            link.try_send(chunk)
+        elif action == 1:
+            link.deliver_data()
+        elif action == 2:
+            link.consume(n)
+        else:
+            link.deliver_credit()
+        link.check()
+    # then a fair scheduler must always finish: no deadlock whatever happened before
+    steps = 0
+    while link.sent < len(link.data) or link.to_receiver or link.unconsumed:
+        progressed = (
+            link.try_send(chunk) | link.deliver_data() | link.consume(n=7) | link.deliver_credit()
+        )
+        assert progressed, "flow control deadlocked"
+        link.check()
+        steps += 1
+        assert steps < 10 * (size + 10)
+    assert bytes(link.delivered) == link.data
+
+
+@settings(deadline=None, max_examples=300)
+@given(
+    window=st.integers(1, 4096),
+    schedule=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 5000)), max_size=100),
+    extra=st.integers(1, 5000),
+)
+def test_cheating_sender_is_caught(
+    window: int, schedule: list[tuple[int, int]], extra: int
+) -> None:
+    link = _Link(window, bytes(10**6))
+    for action, n in schedule:
+        if action == 0:
+            link.try_send(n)
+        elif action == 1:
+            link.deliver_data()
+        elif action == 2:
+            link.consume(n)
+        else:
+            link.deliver_credit()
+    while link.to_receiver:
+        link.deliver_data()
+    # the receiver has granted `window` minus what is still buffered or held back for batching
+    allowed = window - link.recv.buffered - link.recv._unacked
+    link.to_receiver.append(bytes(allowed + extra))
+    with pytest.raises(P.LimitExceeded):
+        link.deliver_data()
+    assert link.recv.buffered <= window
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    window=st.integers(1, 8192),
+    size=st.integers(0, 200_000),
+    chunk=st.integers(1, 70_000),
+    rng=st.randoms(use_true_random=False),
+)
+def test_flow_control_threads_deliver_everything(
+    window: int, size: int, chunk: int, rng: random.Random
+) -> None:
+    """A real sender thread blocked in SendWindow.take and a receiver draining at random."""
+    data = rng.randbytes(size)
+    send, recv = P.SendWindow(window), P.ReceiveWindow(window)
+    wire: list[bytes | None] = []
+    cond = threading.Condition()
+    errors: list[BaseException] = []
+    consume_sizes = [rng.randint(1, max(1, window)) for _ in range(64)]
+
+    def sender() -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                n = send.take(min(chunk, len(view)), timeout=10)
+                with cond:
+                    wire.append(bytes(view[:n]))
+                    cond.notify_all()
+                view = view[n:]
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            with cond:
+                wire.append(None)
+                cond.notify_all()
+
+    t = threading.Thread(target=sender, daemon=True)
+    t.start()
+    got = bytearray()
+    buffered = bytearray()
+    i = 0
+    done = False
+    deadline = time.monotonic() + 30
+    while not (done and not buffered):
+        with cond:
+            while not wire and not buffered:
+                assert cond.wait(max(0.0, deadline - time.monotonic())), "receiver starved"
+            pieces, wire[:] = list(wire), []
+        for piece in pieces:
+            if piece is None:
+                done = True
+            else:
+                recv.received(len(piece))
+                buffered += piece
+        assert recv.buffered == len(buffered) <= window
+        n = min(len(buffered), consume_sizes[i % len(consume_sizes)])
+        i += 1
+        got += buffered[:n]
+        del buffered[:n]
+        credit = recv.consumed(n)
+        if credit:
+            send.grant(credit)
+    t.join(10)
+    assert not errors
+    assert bytes(got) == data
+
+
+# ---------------------------------------------------------------------------------------------
+# The real client against a scripted fake agent
+
+
+@dataclasses.dataclass
+class Job:
+    chunks: list[tuple[int, bytes]]  # (STDOUT|STDERR, data)
+    code: int
+    signal: int
+
+    def steps(self) -> list[tuple[str, int, bytes]]:
+        out: list[tuple[str, int, bytes]] = [("data", t, d) for t, d in self.chunks]
+        out += [("data", P.FrameType.STDOUT, b""), ("data", P.FrameType.STDERR, b""), ("exit", 0, b"")]
+        return out
+
+    def stream(self, ftype: int) -> bytes:
+        return b"".join(d for t, d in self.chunks if t == ftype)
+
+
+JOBS = st.builds(
+    Job,
+    chunks=st.lists(
+        st.tuples(st.sampled_from([P.FrameType.STDOUT, P.FrameType.STDERR]), st.binary(min_size=1, max_size=3000)),
+        max_size=5,
+    ),
+    code=st.integers(0, 255),
+    signal=st.integers(0, 64),
+).map(lambda j: dataclasses.replace(j, code=-1) if j.signal else j)
+
+
+class FakeAgent:
+    """Speaks the protocol over a socket: answers EXEC requests from a script, sending the frames
+    of all requests in one given order, never beyond the credit the client granted."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        window: int,
+        jobs: list[Job],
+        order: list[int],
+        noise: list[bytes],
+        cheat: bool = False,
+    ) -> None:
+        self.sock, self.window, self.jobs, self.order, self.noise = sock, window, jobs, order, noise
+        self.cheat = cheat
+        self.cond = threading.Condition()
+        self.hello: P.Hello | None = None
+        self.rids: dict[int, int] = {}  # job index -> request id
+        self.credit: dict[int, int] = {}  # request id -> bytes we may send
+        self.closed = False
+        self.errors: list[BaseException] = []
+        self.threads = [
+            threading.Thread(target=self._guard, args=(self._read,), daemon=True),
+            threading.Thread(target=self._guard, args=(self._play,), daemon=True),
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _guard(self, fn) -> None:  # type: ignore[no-untyped-def]
+        try:
+            fn()
+        except BaseException as e:
+            self.errors.append(e)
+            with self.cond:
+                self.closed = True
+                self.cond.notify_all()
+
+    def _read(self) -> None:
+        decoder = P.Decoder()
+        while True:
+            data = self.sock.recv(1 << 16)
+            if not data:
+                break
+            decoder.feed(data)
+            for ev in decoder.events():
+                assert isinstance(ev, P.Frame), f"the client sent garbage: {ev}"
+                msg = P.parse_message(ev)
+                with self.cond:
+                    if ev.type == P.FrameType.HELLO:
+                        self.hello = msg
+                    elif ev.type == P.FrameType.EXEC:
+                        assert msg.argv[0] == "job"
+                        self.rids[int(msg.argv[1])] = ev.request_id
+                        self.credit[ev.request_id] = self.window
+                    elif ev.type == P.FrameType.CREDIT:
+                        assert msg.amount > 0
+                        self.credit[ev.request_id] += msg.amount
+                        assert self.credit[ev.request_id] <= self.window, "client over-credited"
+                    else:
+                        raise AssertionError(f"unexpected frame {ev}")
+                    self.cond.notify_all()
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def _wait(self, pred, what: str) -> None:  # type: ignore[no-untyped-def]
+        with self.cond:
+            if not self.cond.wait_for(lambda: pred() or self.closed, timeout=20) or not pred():
+                raise AssertionError(f"fake agent gave up waiting for {what}")
+
+    def _play(self) -> None:
+        send = self.sock.sendall
+        send(P.Announce("fake-boot", "fake", 1).frame(P.HANDSHAKE_REQUEST_ID))
+        self._wait(lambda: self.hello is not None, "HELLO")
+        assert self.hello is not None
+        ack = P.HelloAck(
+            1, self.hello.nonce, "fake", "fake-boot", "fake", P.DEFAULT_MAX_FRAME, self.window, 64, []
+        )
+        send(ack.frame(P.HANDSHAKE_REQUEST_ID))
+        self._wait(lambda: len(self.rids) == len(self.jobs), "all EXEC requests")
+        steps = [job.steps() for job in self.jobs]
+        pos = [0] * len(self.jobs)
+        for i, noise in zip(self.order, self.noise, strict=True):
+            kind, ftype, data = steps[i][pos[i]]
+            pos[i] += 1
+            rid = self.rids[i]
+            send(noise)
+            if kind == "exit":
+                job = self.jobs[i]
+                send(P.Exit(job.code, job.signal, False, 1234).frame(rid))
+            elif not data:
+                send(P.encode_frame(ftype, rid))
+            elif self.cheat:
+                send(P.encode_frame(ftype, rid, data + bytes(self.window)))
+            else:
+                view = memoryview(data)
+                while view:
+                    self._wait(lambda rid=rid: self.credit[rid] > 0, f"credit for request {rid}")
+                    with self.cond:
+                        n = min(len(view), self.credit[rid])
+                        self.credit[rid] -= n
+                    send(P.encode_frame(ftype, rid, bytes(view[:n])))
+                    view = view[n:]
+
+    def played(self, timeout: float = 10) -> None:
+        """Wait until every scripted frame is sent (before the client hangs up)."""
+        self.threads[1].join(timeout)
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join(10)
+        assert not self.errors, self.errors
+
+
+NOISE = st.one_of(
+    st.just(b""),
+    st.binary(max_size=24),
+    st.binary(max_size=12).map(lambda b: P.MAGIC + b),
+)
+
+
+def _run_jobs(client: BackdoorClient, n: int) -> list[object]:
+    results: list[object] = [None] * n
+
+    def run(i: int) -> None:
+        try:
+            results[i] = client.execute(P.Exec(argv=["job", str(i)]), wait=30)
+        except BaseException as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    return results
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data(), jobs=st.lists(JOBS, min_size=1, max_size=6), window=st.integers(64, 1 << 16))
+def test_concurrent_executes_against_a_fake_agent(
+    data: st.DataObject, jobs: list[Job], window: int
+) -> None:
+    tokens = [i for i, job in enumerate(jobs) for _ in job.steps()]
+    order = data.draw(st.permutations(tokens), label="frame order")
+    noise = data.draw(st.lists(NOISE, min_size=len(order), max_size=len(order)), label="noise")
+    host, guest = socket.socketpair()
+    agent = FakeAgent(guest, window, jobs, order, noise)
+    client = BackdoorClient(host, name="fake")
+    try:
+        client.wait_ready(10)
+        results = _run_jobs(client, len(jobs))
+        for job, res in zip(jobs, results, strict=True):
+            assert not isinstance(res, BaseException), res
+            assert res.stdout == job.stream(P.FrameType.STDOUT)  # type: ignore[attr-defined]
+            assert res.stderr == job.stream(P.FrameType.STDERR)  # type: ignore[attr-defined]
+            expected = job.code if job.code >= 0 else 128 + job.signal
+            assert res.status == expected  # type: ignore[attr-defined]
+            assert res.signal == job.signal  # type: ignore[attr-defined]
+        assert client.garbage_bytes == sum(map(len, noise))
+        assert not client._pending
+    finally:
+        agent.played()
+        client.close()
+        agent.join()
+        guest.close()
+
+
+@pytest.mark.timeout(60)
+def test_client_rejects_an_agent_that_ignores_credit() -> None:
+    job = Job([(P.FrameType.STDOUT, b"x" * 100)], 0, 0)
+    host, guest = socket.socketpair()
+    agent = FakeAgent(guest, 1024, [job], [0] * len(job.steps()), [b""] * len(job.steps()), cheat=True)
+    client = BackdoorClient(host, name="fake")
+    try:
+        client.wait_ready(10)
+        [res] = _run_jobs(client, 1)
+        assert isinstance(res, BackdoorError) and "flow control" in str(res)
+    finally:
+        agent.played()
+        client.close()
+        agent.join()
+        guest.close()

@@ -1,0 +1,493 @@
+"""The real in-guest agent (backdoor/ntng_agent.py) served over a socketpair in a thread, driven by
+the real BackdoorClient: every request type end to end, with real host commands, no VM."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ntng import protocol as P
+from ntng.client import BackdoorClient, ExecResult, _Pending
+from ntng.errors import AgentRestarted, RemoteError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "backdoor"))
+import ntng_agent as agent  # noqa: E402
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    # an exception escaping an agent or client thread fails the test instead of warning
+    pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
+]
+
+MiB = 1024 * 1024
+
+
+class HostConnection(agent.Connection):
+    """The agent's end of a socketpair; kill() makes it vanish like a restarted agent process:
+    reads end and nothing more is written, so late frames of the old session never arrive."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock.fileno(), sock.fileno())
+        self.dead = threading.Event()
+
+    def read(self, n: int) -> bytes:
+        while not self.dead.is_set():
+            if select.select([self.rfd], [], [], 0.05)[0]:
+                return b"" if self.dead.is_set() else super().read(n)
+        return b""
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self.dead.is_set():
+                raise agent.Disconnected("agent stopped")
+            view = memoryview(data)
+            while view:
+                try:
+                    view = view[os.write(self.wfd, view) :]
+                except OSError as e:
+                    raise agent.Disconnected(str(e)) from None
+
+    def kill(self) -> None:
+        with self._lock:
+            self.dead.set()
+
+
+class LocalAgent:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.conn: HostConnection | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.conn = HostConnection(self.sock)
+        self.thread = threading.Thread(
+            target=agent.serve, args=(self.conn, time.time_ns()), name="ntng-agent", daemon=True
+        )
+        self.thread.start()
+
+    def stop(self) -> None:
+        assert self.conn is not None and self.thread is not None
+        self.conn.kill()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "agent did not stop"
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[BackdoorClient, LocalAgent]]:
+    host, guest = socket.socketpair()
+    local = LocalAgent(guest)
+    local.start()
+    client = BackdoorClient(host, name="local")
+    try:
+        client.wait_ready(10)
+        yield client, local
+    finally:
+        client.close()
+        local.stop()
+        guest.close()
+
+
+@pytest.fixture
+def client(pair: tuple[BackdoorClient, LocalAgent]) -> BackdoorClient:
+    return pair[0]
+
+
+def sh(client: BackdoorClient, script: str, **kw: object) -> ExecResult:
+    wait = kw.pop("wait", 30.0)
+    stdin = kw.pop("stdin", None)
+    return client.execute(P.Exec(shell=script, **kw), stdin=stdin, wait=wait)  # type: ignore[arg-type]
+
+
+def test_handshake(client: BackdoorClient) -> None:
+    ack = client.wait_ready(1)
+    assert ack.version == P.VERSION
+    assert ack.agent_version == agent.AGENT_VERSION
+    assert ack.hostname == socket.gethostname()
+    assert ack.window == P.DEFAULT_WINDOW and ack.max_frame == P.DEFAULT_MAX_FRAME
+    assert "exec" in ack.capabilities
+
+
+def test_exit_code_and_stderr_are_separate(client: BackdoorClient) -> None:
+    r = sh(client, "echo out; echo err >&2; echo more; exit 3")
+    assert (r.status, r.stdout, r.stderr) == (3, b"out\nmore\n", b"err\n")
+    assert r.signal == 0 and not r.timed_out and r.duration > 0
+    assert sh(client, "true").status == 0
+
+
+def test_merge_stderr(client: BackdoorClient) -> None:
+    r = sh(client, "echo out; echo err >&2", merge_stderr=True)
+    assert r.stdout == b"out\nerr\n" and r.stderr == b""
+
+
+def test_argv_is_not_interpreted_by_a_shell(client: BackdoorClient) -> None:
+    r = client.execute(P.Exec(argv=["printf", "%s|", "a b", "$HOME", "*", "; exit 1"]))
+    assert r.status == 0
+    assert r.stdout == b"a b|$HOME|*|; exit 1|"
+
+
+def test_shell_is_interpreted(client: BackdoorClient) -> None:
+    r = sh(client, "x=$((6*7)); echo $x | tr 4 X")
+    assert r.stdout == b"X2\n"
+
+
+def test_env(client: BackdoorClient) -> None:
+    env = [{"key": "NTNG_A", "value": "one two"}, {"key": "NTNG_B", "value": "ü"}]
+    r = sh(client, 'printf "%s,%s" "$NTNG_A" "$NTNG_B"', env=env)
+    assert r.stdout == "one two,ü".encode()
+    os.environ["NTNG_INHERITED"] = "yes"
+    try:
+        assert sh(client, 'echo "$NTNG_INHERITED"').stdout == b"yes\n"
+        r = client.execute(P.Exec(argv=["env"], clear_env=True, env=[{"key": "ONLY", "value": "1"}]))
+    finally:
+        del os.environ["NTNG_INHERITED"]
+    lines = sorted(r.stdout.decode().splitlines())
+    assert "ONLY=1" in lines and not any(x.startswith("NTNG_INHERITED=") for x in lines)
+    assert [x for x in lines if not x.startswith(("ONLY=", "PATH="))] == []
+
+
+def test_cwd(client: BackdoorClient, tmp_path: Path) -> None:
+    (tmp_path / "marker").write_text("here")
+    r = client.execute(P.Exec(argv=["cat", "marker"], cwd=str(tmp_path)))
+    assert r.stdout == b"here"
+    assert sh(client, "pwd").stdout == b"/\n"  # no cwd: the root directory
+
+
+def test_start_failures_are_remote_errors(client: BackdoorClient, tmp_path: Path) -> None:
+    with pytest.raises(RemoteError) as e:
+        client.execute(P.Exec(argv=["pwd"], cwd=str(tmp_path / "missing")))
+    assert e.value.code == P.ErrorCode.EXEC_FAILED and "missing" in e.value.message
+    with pytest.raises(RemoteError) as e:
+        client.execute(P.Exec(argv=[str(tmp_path / "no-such-binary")]))
+    assert e.value.code == P.ErrorCode.EXEC_FAILED and "no-such-binary" in e.value.message
+    with pytest.raises(RemoteError) as e:
+        client.execute(P.Exec(argv=["true"], user="ntng-no-such-user"))
+    assert e.value.code == P.ErrorCode.EXEC_FAILED
+    assert sh(client, "echo still alive").stdout == b"still alive\n"
+
+
+def test_stdin_to_cat(client: BackdoorClient) -> None:
+    r = client.execute(P.Exec(argv=["cat"]), stdin=b"hello\x00world")
+    assert (r.status, r.stdout) == (0, b"hello\x00world")
+    r = client.execute(P.Exec(argv=["cat"]), stdin=[b"a", b"", b"bc"])
+    assert r.stdout == b"abc"
+    # no stdin: /dev/null, so cat ends at once
+    assert client.execute(P.Exec(argv=["cat"])).stdout == b""
+
+
+def test_stdin_5mb(client: BackdoorClient) -> None:
+    data = os.urandom(5 * MiB)
+    r = client.execute(P.Exec(shell="cat; echo done >&2"), stdin=data)
+    assert r.status == 0 and r.stderr == b"done\n"
+    assert len(r.stdout) == len(data) and r.stdout == data
+
+
+def test_stdin_ignored_by_the_command(client: BackdoorClient) -> None:
+    # more stdin than the window, to a command that never reads it: no hang, no error
+    r = client.execute(P.Exec(argv=["true"]), stdin=bytes(3 * MiB), wait=20)
+    assert r.status == 0
+    assert sh(client, "echo ok").stdout == b"ok\n"
+
+
+def test_50mb_stdout_arrives_complete_with_bounded_memory(client: BackdoorClient, tmp_path: Path) -> None:
+    block = os.urandom(MiB)
+    (tmp_path / "block").write_bytes(block)
+    expected = hashlib.sha256()
+    for _ in range(50):
+        expected.update(block)
+
+    got = hashlib.sha256()
+    size = 0
+    max_buffered = 0
+
+    def on_stdout(chunk: bytes) -> None:
+        nonlocal size, max_buffered
+        got.update(chunk)
+        size += len(chunk)
+        for p in list(client._pending.values()):
+            max_buffered = max(max_buffered, p.recv_window.buffered)
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        r = client.execute(
+            P.Exec(shell="for i in $(seq 50); do cat block; done", cwd=str(tmp_path)),
+            on_stdout=on_stdout,
+            wait=50,
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert r.status == 0 and r.stdout == b""  # the callback took it all
+    assert size == 50 * MiB
+    assert got.digest() == expected.digest()
+    assert 0 < max_buffered <= client.window
+    # client and agent together held a few windows' worth, nowhere near the 50 MiB
+    assert peak < 16 * MiB, f"peak traced memory {peak / MiB:.1f} MiB"
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # dead, not yet reaped
+    except FileNotFoundError:
+        return True
+
+
+def _wait_gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _gone(pid):
+            return True
+        time.sleep(0.02)
+    return _gone(pid)
+
+
+def test_timeout_kills_the_process_group(client: BackdoorClient) -> None:
+    t0 = time.monotonic()
+    r = sh(client, "sleep 1000 & echo $!; wait", timeout_ms=300)
+    assert time.monotonic() - t0 < 10
+    assert r.timed_out
+    assert r.signal == signal.SIGKILL and r.status == 128 + signal.SIGKILL
+    child = int(r.stdout)
+    assert _wait_gone(child), f"background child {child} survived the timeout"
+
+
+def test_timeout_with_a_child_holding_stdout(client: BackdoorClient) -> None:
+    # the shell exits at once, but its child keeps stdout open: bounded by timeout + grace
+    r = sh(client, "sleep 1000 & echo $!", timeout_ms=200, wait=20)
+    assert r.timed_out
+    assert _wait_gone(int(r.stdout))
+
+
+def test_exit_by_signal(client: BackdoorClient) -> None:
+    r = sh(client, "echo before; kill -TERM $$; echo after")
+    assert r.stdout == b"before\n"
+    assert r.signal == signal.SIGTERM and r.status == 128 + signal.SIGTERM
+    assert not r.timed_out
+
+
+def test_signal_frame_reaches_the_process_group(client: BackdoorClient, tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    results: queue.SimpleQueue[ExecResult | BaseException] = queue.SimpleQueue()
+
+    def run() -> None:
+        try:
+            results.put(sh(client, f"touch {started}; sleep 30"))
+        except BaseException as e:
+            results.put(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    _wait_for(started.exists)
+    [rid] = list(client._pending)
+    client._send(P.Signal(signal.SIGINT).frame(rid))
+    r = results.get(timeout=10)
+    assert isinstance(r, ExecResult)
+    assert r.signal == signal.SIGINT and r.status == 128 + signal.SIGINT
+
+
+def _wait_for(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.01)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_put_and_get_20mb_file(client: BackdoorClient, tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(20 * MiB))
+    src.chmod(0o640)
+    target = tmp_path / "guest" / "deep" / "dir" / "file.bin"
+    done = client.put_file(src, str(target), timeout=50)
+    assert done.size == 20 * MiB and done.sha256.hex() == _sha(src)
+    assert _sha(target) == _sha(src)
+    assert target.stat().st_mode & 0o7777 == 0o640
+    assert not [p for p in target.parent.iterdir() if p.name != "file.bin"]  # no temp file left
+
+    target.chmod(0o604)
+    back = tmp_path / "back.bin"
+    done = client.get_file(str(target), back, timeout=50)
+    assert done.size == 20 * MiB and done.mode == 0o604
+    assert _sha(back) == _sha(src)
+    assert back.stat().st_mode & 0o7777 == 0o604
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_put_file_mode_override_and_empty_file(client: BackdoorClient, tmp_path: Path) -> None:
+    src = tmp_path / "empty"
+    src.write_bytes(b"")
+    done = client.put_file(src, str(tmp_path / "out" / "empty"), mode=0o755)
+    assert done.size == 0
+    assert (tmp_path / "out" / "empty").stat().st_mode & 0o7777 == 0o755
+    back = tmp_path / "empty.back"
+    assert client.get_file(str(tmp_path / "out" / "empty"), back).size == 0
+    assert back.read_bytes() == b""
+
+
+@pytest.mark.parametrize("size", [10, 3 * MiB], ids=["small", "larger-than-window"])
+def test_put_file_to_an_uncreatable_directory(client: BackdoorClient, tmp_path: Path, size: int) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(bytes(size))
+    (tmp_path / "plain-file").write_text("not a directory")
+    target = tmp_path / "plain-file" / "sub" / "x"
+    with pytest.raises(RemoteError) as e:
+        client.put_file(src, str(target), timeout=20)
+    assert e.value.code == P.ErrorCode.FILE_FAILED
+    assert "plain-file" in e.value.message
+    assert sh(client, "echo ok").stdout == b"ok\n"
+
+
+def test_get_missing_file(client: BackdoorClient, tmp_path: Path) -> None:
+    missing = tmp_path / "does" / "not-exist"
+    local = tmp_path / "local"
+    with pytest.raises(RemoteError) as e:
+        client.get_file(str(missing), local)
+    assert e.value.code == P.ErrorCode.FILE_FAILED
+    assert str(missing) in e.value.message
+    assert not local.exists() and not list(tmp_path.glob(".local*"))
+
+
+def test_concurrent_executes_from_8_threads(client: BackdoorClient) -> None:
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            for j in range(5):
+                r = sh(client, f"echo out-{i}-{j}; echo err-{i}-{j} >&2; head -c {i * 7919} /dev/zero; exit {i + j}")
+                assert r.status == i + j
+                assert r.stdout == f"out-{i}-{j}\n".encode() + bytes(i * 7919)
+                assert r.stderr == f"err-{i}-{j}\n".encode()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(50)
+    assert not errors, errors
+    assert not client._pending
+
+
+def test_garbage_between_requests_is_skipped(pair: tuple[BackdoorClient, LocalAgent]) -> None:
+    client, local = pair
+    assert local.conn is not None
+    noise = b"[    3.141592] console noise\r\n" * 50 + P.MAGIC + b"forged header" + P.MAGIC[:2]
+    # host -> agent: the agent skips it and still answers
+    client._send(noise)
+    assert sh(client, "echo after host noise").stdout == b"after host noise\n"
+    # agent -> host: the client skips it and counts it
+    before = client.garbage_bytes
+    local.conn.write(noise)
+    assert client.ping() >= 0
+    assert client.garbage_bytes - before == len(noise)
+    assert sh(client, "echo after agent noise").stdout == b"after agent noise\n"
+
+
+def test_corrupted_frame_gets_an_error_and_the_connection_continues(client: BackdoorClient) -> None:
+    rid = 0x7FFF0001  # far from the ids the client hands out
+    pending = _Pending(rid, P.SendWindow(1), P.ReceiveWindow(1), queue.SimpleQueue())
+    client._pending[rid] = pending  # listen for the answer to a request we forge by hand
+    try:
+        wire = bytearray(P.Exec(argv=["true"]).frame(rid))
+        wire[-1] ^= 0x55  # payload CRC wrong, header (and its CRC) intact
+        client._send(bytes(wire))
+        with pytest.raises(RemoteError) as e:
+            client._next(pending, time.monotonic() + 10, "the agent's ERROR")
+        assert e.value.code == P.ErrorCode.BAD_FRAME
+        # an intact frame with an unparsable payload gets BAD_PAYLOAD
+        client._send(P.encode_frame(P.FrameType.EXEC, rid, b"\xff\xff\xff"))
+        with pytest.raises(RemoteError) as e:
+            client._next(pending, time.monotonic() + 10, "the agent's ERROR")
+        assert e.value.code == P.ErrorCode.BAD_PAYLOAD
+    finally:
+        client._close(pending)
+    assert sh(client, "echo ok").stdout == b"ok\n"
+    assert client.ping() >= 0
+
+
+def test_ping(client: BackdoorClient) -> None:
+    rtts = [client.ping(b"x" * n) for n in (0, 1, 1000)]
+    assert all(0 <= t < 5 for t in rtts)
+
+
+def test_agent_restart_fails_pending_requests(pair: tuple[BackdoorClient, LocalAgent], tmp_path: Path) -> None:
+    client, local = pair
+    started = tmp_path / "started"
+    results: queue.SimpleQueue[object] = queue.SimpleQueue()
+    restarts: list[tuple[P.HelloAck, P.HelloAck | None]] = []
+    client.on_restart = lambda new, old: restarts.append((new, old))
+
+    def run() -> None:
+        try:
+            results.put(sh(client, f"touch {started}; exec sleep 30"))
+        except BaseException as e:
+            results.put(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    _wait_for(started.exists)
+    first_ack = client.agent
+    local.restart()  # the old agent vanishes without a word; the new one says ANNOUNCE
+    outcome = results.get(timeout=10)
+    assert isinstance(outcome, AgentRestarted), outcome
+    ack = client.wait_ready(10)
+    assert ack is not first_ack
+    _wait_for(lambda: bool(restarts))
+    assert restarts == [(ack, first_ack)]
+    assert sh(client, "echo new session").stdout == b"new session\n"
+
+
+def test_agent_restart_during_put_file_fails_it(pair: tuple[BackdoorClient, LocalAgent], tmp_path: Path) -> None:
+    client, local = pair
+    src = tmp_path / "src"
+    src.write_bytes(bytes(5 * MiB))  # more than the window: the sender must wait for credit
+    results: queue.SimpleQueue[object] = queue.SimpleQueue()
+    local.stop()  # the agent vanishes; the client does not know yet
+
+    def run() -> None:
+        try:
+            results.put(client.put_file(src, str(tmp_path / "dst"), timeout=20))
+        except BaseException as e:
+            results.put(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    time.sleep(0.2)
+    local.start()  # ANNOUNCE: the copy can never finish and must say why, at once
+    outcome = results.get(timeout=15)
+    assert isinstance(outcome, AgentRestarted), outcome
+    assert not (tmp_path / "dst").exists()
+    client.wait_ready(10)
+    assert client.put_file(src, str(tmp_path / "dst")).size == 5 * MiB
+
+
+def _stdin_feeders() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if "_feed_stdin" in t.name]
+
+
+def test_stdin_feeder_ends_with_the_command(client: BackdoorClient) -> None:
+    before = len(_stdin_feeders())
+    for _ in range(3):
+        assert client.execute(P.Exec(argv=["true"]), stdin=bytes(2 * MiB), wait=20).status == 0
+    deadline = time.monotonic() + 5
+    while len(_stdin_feeders()) > before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(_stdin_feeders()) == before, "the agent leaks a stdin thread per command"
