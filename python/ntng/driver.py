@@ -6,9 +6,10 @@ subtest, retry, polling_condition, …) and one global per node.
 
 from __future__ import annotations
 
-import _thread
 import contextlib
+import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -48,6 +49,7 @@ class Driver:
         ]
         self.timed_out = False
         self._timer: threading.Timer | None = None
+        self._fallback: threading.Timer | None = None
         self.subtests: list[tuple[str, float, BaseException | None]] = []
 
     def log(self, msg: str) -> None:
@@ -135,12 +137,12 @@ class Driver:
     def _on_global_timeout(self) -> None:
         self.timed_out = True
         self.log(f"global timeout of {self.global_timeout:.0f}s reached; test terminating")
-        for m in self.machines:
-            try:
-                m.release()
-            except Exception:
-                pass
-        _thread.interrupt_main()
+        # A real signal wakes the main thread even inside a blocking wait; it then unwinds
+        # and the runner releases the machines.  Should it be wedged, release them from here.
+        os.kill(os.getpid(), signal.SIGINT)
+        self._fallback = threading.Timer(30, self.release)
+        self._fallback.daemon = True
+        self._fallback.start()
 
     def run_tests(self) -> None:
         code = compile_script(self.spec.script_path, self.spec.script)
@@ -169,6 +171,8 @@ class Driver:
     def release(self) -> None:
         if self._timer:
             self._timer.cancel()
+        if self._fallback:
+            self._fallback.cancel()
         for m in self.machines:
             try:
                 m.release()

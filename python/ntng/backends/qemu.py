@@ -119,7 +119,10 @@ class QemuBackend:
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # exited (and was reaped elsewhere) in the meantime
             self.proc.wait()
 
     def release(self) -> None:
