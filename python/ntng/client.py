@@ -77,6 +77,14 @@ class BackdoorClient:
         self._pongs: dict[bytes, queue.SimpleQueue[float]] = {}
         self._reader = threading.Thread(target=self._read_loop, name=f"backdoor-{name}", daemon=True)
         self._reader.start()
+        # Say hello now, not only when the agent announces itself: an agent whose host went
+        # away and came back quickly may never have noticed, and waits for us.  If it did
+        # notice (or is just starting), its ANNOUNCE reaches us before any answer to this
+        # HELLO, and we say hello again then.
+        try:
+            self.hello()
+        except ConnectionLost:
+            pass  # reported by the reader
 
     # -- connection and session ---------------------------------------------------------------
 

@@ -63,8 +63,31 @@ def prepare(opts: RunOptions, state_root: Path) -> tuple[testspec.TestSpec, acce
     return spec, choice
 
 
+def reap_stale_state() -> list[Path]:
+    """Remove state dirs of runners that died without cleaning up (kill -9).  Their VMs are
+    already gone (PDEATHSIG); what is left are sockets and disk overlays."""
+    reaped = []
+    for d in Path(tempfile.gettempdir()).glob("ntng-run-*"):
+        try:
+            pid = int((d / "runner.pid").read_text())
+            os.kill(pid, 0)
+            continue  # its runner is alive
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
+            # No pid file yet: a runner may be starting right now; leave young dirs alone.
+            if time.time() - d.stat().st_mtime < 600:
+                continue
+        shutil.rmtree(d, ignore_errors=True)
+        reaped.append(d)
+    return reaped
+
+
 def run(opts: RunOptions) -> int:
+    for d in reap_stale_state():
+        log(f"ntng: removed {d} left by a runner that died")
     state_root = Path(tempfile.mkdtemp(prefix="ntng-run-"))
+    (state_root / "runner.pid").write_text(str(os.getpid()))
     out_dir = opts.out_dir or Path.cwd() / "ntng-out"
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = signal.signal(signal.SIGTERM, _sigterm)

@@ -1,0 +1,72 @@
+"""Nothing leaks: VMs and state dirs go away on failure, Ctrl-C and kill -9 of the runner."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ntng import errors
+
+
+def qemu_pids(tag: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"qemu-system.*{tag}"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def start_runner(tmp_path: Path, tmpdir: Path) -> subprocess.Popen[str]:
+    script = tmp_path / "slow.py"
+    script.write_text("machine.succeed('true')\nmachine.succeed('sleep 600')\n")
+    env = {**os.environ, "TMPDIR": str(tmpdir)}
+    return subprocess.Popen([sys.executable, "-m", "ntng.cli", "run", str(script), "--accel", "tcg"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def wait_for_vm(tmpdir: Path, timeout: float = 300) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        # The first command has run once the agent answered: the VM is fully up.
+        pids = qemu_pids(str(tmpdir))
+        logs = list(tmpdir.glob("ntng-run-*/machine/console.log"))
+        if pids and logs and "serving on" in logs[0].read_text(errors="replace"):
+            return pids
+        time.sleep(1)
+    raise AssertionError("the VM never came up")
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "kill-9"])
+def test_runner_death_takes_the_vm_along(tmp_path: Path, guest_image: object, how: str) -> None:
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    proc = start_runner(tmp_path, tmpdir)
+    try:
+        pids = wait_for_vm(tmpdir)
+        time.sleep(3)  # inside `sleep 600` now
+        proc.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
+        out, _ = proc.communicate(timeout=60)
+        deadline = time.monotonic() + 20
+        while qemu_pids(str(tmpdir)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert qemu_pids(str(tmpdir)) == [], f"QEMU {pids} outlived the runner"
+        if how == "ctrl-c":
+            assert proc.returncode == 130, out
+            assert list(tmpdir.glob("ntng-run-*")) == [], "state dir left behind"
+        else:
+            # kill -9 leaves the state dir; the next run reaps it.
+            assert list(tmpdir.glob("ntng-run-*"))
+            bad = tmp_path / "bad.py"
+            bad.write_text("if\n")
+            env = {**os.environ, "TMPDIR": str(tmpdir)}
+            r = subprocess.run([sys.executable, "-m", "ntng.cli", "run", str(bad)], env=env,
+                               capture_output=True, text=True, cwd=tmp_path)
+            assert r.returncode == errors.EXIT_USAGE
+            assert list(tmpdir.glob("ntng-run-*")) == [], "a dead runner's state dir was not reaped"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
