@@ -9,9 +9,11 @@ flight; all writes go through one lock so frames never interleave.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import grp
 import hashlib
 import os
+import pty
 import pwd
 import queue
 import select
@@ -19,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +33,7 @@ except ImportError:  # in the guest: protocol.py sits next to this file
     import protocol as P  # type: ignore[no-redef]
 
 AGENT_VERSION = "0.1.0"
-CAPABILITIES = ["exec", "stdin", "file-put", "file-get", "signal", "ping"]
+CAPABILITIES = ["exec", "stdin", "pty", "file-put", "file-get", "signal", "ping"]
 DEFAULT_PORT_NAME = "org.ntng.backdoor"
 
 
@@ -135,6 +138,24 @@ class ExecTask(Task):
             env[e["key"]] = e["value"]
         self.started = time.monotonic()
         self.timeout = req.timeout_ms / 1000 if req.timeout_ms else None
+        self.pty = bool(req.pty)
+        if self.pty:
+            # One terminal for stdin/stdout/stderr, made the command's controlling tty.
+            master, slave = pty.openpty()
+            try:
+                self.proc = subprocess.Popen(
+                    argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd or "/", env=env,
+                    start_new_session=True, preexec_fn=_take_controlling_tty, **kwargs,
+                )
+            finally:
+                os.close(slave)
+            out = os.fdopen(master, "rb", buffering=0)
+            if req.stdin:
+                self.stdin_queue: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+                self._spawn(self._feed_stdin, os.fdopen(os.dup(master), "wb", buffering=0))
+            self.pumps = [self._spawn(self._pump, out, P.FrameType.STDOUT)]
+            self._spawn(self._wait)
+            return
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE if req.stdin else subprocess.DEVNULL,
@@ -147,7 +168,7 @@ class ExecTask(Task):
             **kwargs,
         )
         if self.proc.stdin is not None:
-            self.stdin_queue: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+            self.stdin_queue = queue.SimpleQueue()
             self._spawn(self._feed_stdin, self.proc.stdin)
         self.pumps = [self._spawn(self._pump, self.proc.stdout, P.FrameType.STDOUT)]
         if self.proc.stderr is not None:
@@ -162,7 +183,10 @@ class ExecTask(Task):
     def _pump(self, pipe: Any, ftype: int) -> None:
         try:
             while True:
-                chunk = pipe.read(self.session.chunk)
+                try:
+                    chunk = pipe.read(self.session.chunk)
+                except OSError:  # EIO: the pty's last writer is gone
+                    break
                 if not chunk:
                     break
                 self.send_data(ftype, chunk)
@@ -219,6 +243,8 @@ class ExecTask(Task):
                         return
                 continue
             try:
+                if self.pty:
+                    pipe.write(b"\x04")  # end of input on a terminal is ^D, not a close
                 pipe.close()
             except OSError:
                 pass
@@ -242,7 +268,7 @@ class ExecTask(Task):
             self.stdin_queue.put(b"")
 
     def on_data(self, ftype: int, data: bytes) -> None:
-        if ftype != P.FrameType.STDIN or self.proc.stdin is None:
+        if ftype != P.FrameType.STDIN or getattr(self, "stdin_queue", None) is None:
             return super().on_data(ftype, data)
         self.recv_window.received(len(data))
         self.stdin_queue.put(data)
@@ -301,6 +327,10 @@ class PutTask(Task):
                 os.unlink(self.tmp)
             except OSError:
                 pass
+
+
+def _take_controlling_tty() -> None:
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
 def _write_all(fd: int, data: bytes) -> None:

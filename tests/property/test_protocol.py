@@ -629,6 +629,7 @@ class FakeAgent:
         self.cheat = cheat
         self.cond = threading.Condition()
         self.hello: P.Hello | None = None
+        self.send_lock = threading.Lock()
         self.rids: dict[int, int] = {}  # job index -> request id
         self.credit: dict[int, int] = {}  # request id -> bytes we may send
         self.closed = False
@@ -661,7 +662,10 @@ class FakeAgent:
                 msg = P.parse_message(ev)
                 with self.cond:
                     if ev.type == P.FrameType.HELLO:
+                        # Like the real agent: every HELLO (the client's early one and the
+                        # one after our ANNOUNCE) gets its own ACK.
                         self.hello = msg
+                        self._send(self._ack(msg))
                     elif ev.type == P.FrameType.EXEC:
                         assert msg.argv[0] == "job"
                         self.rids[int(msg.argv[1])] = ev.request_id
@@ -682,15 +686,19 @@ class FakeAgent:
             if not self.cond.wait_for(lambda: pred() or self.closed, timeout=20) or not pred():
                 raise AssertionError(f"fake agent gave up waiting for {what}")
 
-    def _play(self) -> None:
-        send = self.sock.sendall
-        send(P.Announce("fake-boot", "fake", 1).frame(P.HANDSHAKE_REQUEST_ID))
-        self._wait(lambda: self.hello is not None, "HELLO")
-        assert self.hello is not None
+    def _ack(self, hello: P.Hello) -> bytes:
         ack = P.HelloAck(
-            1, self.hello.nonce, "fake", "fake-boot", "fake", P.DEFAULT_MAX_FRAME, self.window, 64, []
+            1, hello.nonce, "fake", "fake-boot", "fake", P.DEFAULT_MAX_FRAME, self.window, 64, []
         )
-        send(ack.frame(P.HANDSHAKE_REQUEST_ID))
+        return ack.frame(P.HANDSHAKE_REQUEST_ID)
+
+    def _send(self, data: bytes) -> None:
+        with self.send_lock:
+            self.sock.sendall(data)
+
+    def _play(self) -> None:
+        send = self._send
+        send(P.Announce("fake-boot", "fake", 1).frame(P.HANDSHAKE_REQUEST_ID))
         self._wait(lambda: len(self.rids) == len(self.jobs), "all EXEC requests")
         steps = [job.steps() for job in self.jobs]
         pos = [0] * len(self.jobs)

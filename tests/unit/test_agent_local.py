@@ -491,3 +491,13 @@ def test_stdin_feeder_ends_with_the_command(client: BackdoorClient) -> None:
     while len(_stdin_feeders()) > before and time.monotonic() < deadline:
         time.sleep(0.02)
     assert len(_stdin_feeders()) == before, "the agent leaks a stdin thread per command"
+
+
+@pytest.mark.timeout(60)
+def test_pty_gives_the_command_a_terminal(client: BackdoorClient) -> None:
+    r = client.execute(P.Exec(shell="tty; test -t 0 && test -t 1 && echo both-tty", pty=True), wait=30)
+    assert r.status == 0
+    out = r.stdout.replace(b"\r\n", b"\n")
+    assert out.startswith(b"/dev/pts/") and b"both-tty\n" in out
+    r = client.execute(P.Exec(shell="read line; echo got:$line", pty=True), stdin=b"hello\n", wait=30)
+    assert b"got:hello" in r.stdout
