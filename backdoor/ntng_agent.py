@@ -114,7 +114,8 @@ class Task:
         view = memoryview(data)
         while view:
             n = self.send_window.take(min(len(view), self.session.chunk))
-            self.session.send(P.encode_frame(ftype, self.rid, bytes(view[:n])))
+            part = data if n == len(data) else bytes(view[:n])  # no copy in the common case
+            self.session.send(P.encode_frame(ftype, self.rid, part))
             view = view[n:]
 
 

@@ -9,6 +9,7 @@ let
     cores = 1;
     accel = "tcg";
     machineType = "q35";
+    cpu = null; # QEMU -cpu model; null: "host" under KVM, a fast x86-64-v2 model under TCG
     backend = "qemu";
     qemuBinary = "qemu-system-x86_64";
     qemuImg = "qemu-img";
@@ -48,6 +49,7 @@ let
         (check name (spec ? kernel && isString spec.kernel) "kernel (path to the guest kernel) is required")
         (check name (spec ? image && isString spec.image) "image (path to the base disk image) is required")
         (check name (spec ? stateDir && isString spec.stateDir) "stateDir is required")
+        (check name (n.cpu == null || isString n.cpu) "cpu must be a QEMU CPU model string or null")
         (check name (isList n.kernelParams) "kernelParams must be a list of strings")
         (check name (isList n.extraArgs) "extraArgs must be a list of strings")
         (check name (isList n.extraSerialPorts && builtins.all (p: isString p && builtins.match "[a-z0-9.-]+" p != null) n.extraSerialPorts)

@@ -471,15 +471,19 @@ class Decoder:
                 return
             if self._pending_garbage:
                 yield self._flush_garbage("noise before frame")
-            body = bytes(buf[:total])
-            crc = int.from_bytes(body[-4:], "big")
-            if zlib.crc32(body[:-4]) != crc:
+            # CRC over a view and one copy of the payload: under TCG every copy costs.
+            with memoryview(buf) as view:
+                crc_ok = zlib.crc32(view[: total - TRAILER_SIZE]) == int.from_bytes(
+                    view[total - TRAILER_SIZE : total], "big"
+                )
+                payload = bytes(view[HEADER_SIZE : total - TRAILER_SIZE]) if crc_ok else b""
+            if not crc_ok:
                 # Skip only the magic: a real frame may start inside this fake one.
                 self._skip(1, buf)
                 yield self._flush_garbage("bad CRC", head.request_id)
                 continue
             del buf[:total]
-            yield Frame(head.type, head.request_id, body[HEADER_SIZE:-4], head.flags, head.version)
+            yield Frame(head.type, head.request_id, payload, head.flags, head.version)
 
     def _skip(self, n: int, buf: bytearray) -> None:
         if n > 0:
