@@ -630,6 +630,7 @@ class FakeAgent:
         self.cond = threading.Condition()
         self.hello: P.Hello | None = None
         self.send_lock = threading.Lock()
+        self.announced = threading.Event()
         self.rids: dict[int, int] = {}  # job index -> request id
         self.credit: dict[int, int] = {}  # request id -> bytes we may send
         self.closed = False
@@ -664,6 +665,8 @@ class FakeAgent:
                     if ev.type == P.FrameType.HELLO:
                         # Like the real agent: every HELLO (the client's early one and the
                         # one after our ANNOUNCE) gets its own ACK.
+                        # Like the real agent, ANNOUNCE goes out before any ACK.
+                        self.announced.wait(10)
                         self.hello = msg
                         self._send(self._ack(msg))
                     elif ev.type == P.FrameType.EXEC:
@@ -699,6 +702,7 @@ class FakeAgent:
     def _play(self) -> None:
         send = self._send
         send(P.Announce("fake-boot", "fake", 1).frame(P.HANDSHAKE_REQUEST_ID))
+        self.announced.set()
         self._wait(lambda: len(self.rids) == len(self.jobs), "all EXEC requests")
         steps = [job.steps() for job in self.jobs]
         pos = [0] * len(self.jobs)
