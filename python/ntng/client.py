@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO
 
 from . import protocol as P
 from .errors import AgentRestarted, BackdoorError, ConnectionLost, RemoteError, WaitTimeout
@@ -324,21 +323,18 @@ class BackdoorClient:
 
     def put_file(
         self,
-        source: Path | str | IO[bytes],
+        source: Path | str,
         target: str,
         mode: int | None = None,
         owner: str = "",
         timeout: float = 900.0,
     ) -> P.FileDone:
-        """Copy a host file (path or binary stream) to `target` in the guest, sha256-verified."""
+        """Copy a host file to `target` in the guest, sha256-verified."""
         deadline = time.monotonic() + timeout
-        if isinstance(source, (str, Path)):
-            size = os.path.getsize(source)
-            digest = _sha256_file(source)
-            mode = os.stat(source).st_mode & 0o7777 if mode is None else mode
-            fh: IO[bytes] = open(source, "rb")
-        else:
-            raise TypeError("put_file takes a path")
+        size = os.path.getsize(source)
+        digest = _sha256_file(source)
+        mode = os.stat(source).st_mode & 0o7777 if mode is None else mode
+        fh = open(source, "rb")
         p = self._open(P.FilePut(str(target), mode, owner, size, digest), timeout)
         try:
             with fh:

@@ -9,9 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -310,29 +308,27 @@ class Machine:
             output += out
         return output
 
-    def wait_until_succeeds(self, command: str, timeout: int = 900) -> str:
+    def _retry_command(
+        self, command: str, want_success: bool, timeout: int, command_timeout: int | None = 900
+    ) -> str:
+        """Run `command` every second until its success is `want_success`; the last output."""
         output = ""
 
         def check(_last_try: bool) -> bool:
             nonlocal output
-            status, output = self.execute(command, timeout=timeout)
-            return status == 0
+            status, output = self.execute(command, timeout=command_timeout)
+            return (status == 0) == want_success
 
-        self.log(f"waiting for success: {command}")
         retry(check, timeout)
         return output
+
+    def wait_until_succeeds(self, command: str, timeout: int = 900) -> str:
+        self.log(f"waiting for success: {command}")
+        return self._retry_command(command, True, timeout, command_timeout=timeout)
 
     def wait_until_fails(self, command: str, timeout: int = 900) -> str:
-        output = ""
-
-        def check(_last_try: bool) -> bool:
-            nonlocal output
-            status, output = self.execute(command, timeout=timeout)
-            return status != 0
-
         self.log(f"waiting for failure: {command}")
-        retry(check, timeout)
-        return output
+        return self._retry_command(command, False, timeout, command_timeout=timeout)
 
     def sleep(self, secs: int) -> None:
         self.succeed(f"sleep {secs}")
@@ -412,24 +408,21 @@ class Machine:
 
     # -- waiting helpers ----------------------------------------------------------------------
 
-    def _wait_for_status(self, command: str, want_success: bool, timeout: int) -> None:
-        retry(lambda _: (self.execute(command)[0] == 0) == want_success, timeout)
-
     def wait_for_file(self, filename: str, timeout: int = 900) -> None:
         self.log(f"waiting for file '{filename}'")
-        self._wait_for_status(f"test -e {filename}", True, timeout)
+        self._retry_command(f"test -e {filename}", True, timeout)
 
     def wait_for_open_port(self, port: int, addr: str = "localhost", timeout: int = 900) -> None:
         self.log(f"waiting for TCP port {port} on {addr}")
-        self._wait_for_status(f"nc -z {addr} {port}", True, timeout)
+        self._retry_command(f"nc -z {addr} {port}", True, timeout)
 
     def wait_for_closed_port(self, port: int, addr: str = "localhost", timeout: int = 900) -> None:
         self.log(f"waiting for TCP port {port} on {addr} to be closed")
-        self._wait_for_status(f"nc -z {addr} {port}", False, timeout)
+        self._retry_command(f"nc -z {addr} {port}", False, timeout)
 
     def wait_for_open_unix_socket(self, addr: str, is_datagram: bool = False, timeout: int = 900) -> None:
         flags = "-uU" if is_datagram else "-U"
-        self._wait_for_status(f"nc -z {flags} {addr}", True, timeout)
+        self._retry_command(f"nc -z {flags} {addr}", True, timeout)
 
     def wait_for_console_text(self, regex: str, timeout: int | None = None) -> None:
         """Wait until the serial console (since start) matches `regex`."""
@@ -520,14 +513,3 @@ class Machine:
         """Extension: one guest file to a host path, sha256-verified."""
         return self.connect().get_file(source, target)
 
-
-def make_out_dir(path: str | None) -> Path:
-    if path:
-        p = Path(path).resolve()
-        p.mkdir(parents=True, exist_ok=True)
-        return p
-    return Path(tempfile.mkdtemp(prefix="ntng-out-"))
-
-
-def rmtree_quiet(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

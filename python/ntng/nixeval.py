@@ -25,23 +25,32 @@ def nix_instantiate() -> str:
     return exe
 
 
-def call(fn: str, arg: Any, show_trace: bool = False) -> Any:
-    """Apply nixlib function `fn` (dotted, e.g. "qemu.launch") to the JSON value `arg`."""
+def evaluate(entry: str, args: list[str], show_trace: bool = False) -> tuple[Any, str | None]:
+    """Evaluate nixlib/<entry> with `args` (--arg/--argstr pairs): (JSON value, None) on
+    success, (None, Nix's stderr) on an evaluation error."""
     cmd = [
         nix_instantiate(), "--eval", "--strict", "--json",
         "--option", "build-users-group", "",
-        str(paths.nixlib_dir() / "eval.nix"),
-        "--argstr", "fn", fn, "--argstr", "arg", json.dumps(arg),
+        str(paths.nixlib_dir() / entry), *args,
     ]
     if show_trace:
         cmd.append("--show-trace")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
-        raise NixEvalError(_nix_message(r.stderr) + (f"\n{r.stderr}" if show_trace else ""))
-    return json.loads(r.stdout)
+        return None, r.stderr
+    return json.loads(r.stdout), None
 
 
-def _nix_message(stderr: str) -> str:
+def call(fn: str, arg: Any, show_trace: bool = False) -> Any:
+    """Apply nixlib function `fn` (dotted, e.g. "qemu.launch") to the JSON value `arg`."""
+    value, stderr = evaluate("eval.nix", ["--argstr", "fn", fn, "--argstr", "arg", json.dumps(arg)],
+                             show_trace)
+    if stderr is not None:
+        raise NixEvalError(nix_message(stderr) + (f"\n{stderr}" if show_trace else ""))
+    return value
+
+
+def nix_message(stderr: str) -> str:
     """The one line a user needs: the `throw` text (Nix prints `error: <message>` last)."""
     lines = [ln for ln in stderr.splitlines() if not ln.startswith("warning:")]
     for ln in reversed(lines):

@@ -134,6 +134,3 @@ def _interactive(driver: Driver) -> int:
     code.interact(banner=banner, local=symbols)
     return EXIT_OK
 
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0", "false")

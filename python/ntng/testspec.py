@@ -15,12 +15,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import nixeval, paths
+from . import nixeval
 from .errors import NixEvalError, TestScriptError
 
 
@@ -64,19 +63,13 @@ def load(path: Path, defaults: dict[str, Any], show_trace: bool = False) -> Test
     with tempfile.TemporaryDirectory(prefix="ntng-header-") as tmp:
         header = Path(tmp) / "header.nix"
         header.write_text(header_source(script))
-        cmd = [
-            nixeval.nix_instantiate(), "--eval", "--strict", "--json",
-            "--option", "build-users-group", "",
-            str(paths.nixlib_dir() / "eval-test.nix"),
-            "--arg", "headerFile", str(header),
-            "--argstr", "defaults", json.dumps(defaults),
-        ]
-        if show_trace:
-            cmd.append("--show-trace")
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if r.returncode != 0:
-            raise _header_error(path, header, r.stderr, show_trace)
-    data = json.loads(r.stdout)
+        data, stderr = nixeval.evaluate(
+            "eval-test.nix",
+            ["--arg", "headerFile", str(header), "--argstr", "defaults", json.dumps(defaults)],
+            show_trace,
+        )
+        if stderr is not None:
+            raise _header_error(path, header, stderr, show_trace)
     return TestSpec(
         script_path=path,
         script=script,
@@ -89,7 +82,7 @@ def load(path: Path, defaults: dict[str, Any], show_trace: bool = False) -> Test
 
 def _header_error(path: Path, header: Path, stderr: str, show_trace: bool) -> NixEvalError:
     """Point at the script line: Nix names positions in the header file we wrote."""
-    msg = nixeval._nix_message(stderr)
+    msg = nixeval.nix_message(stderr)
     m = re.search(re.escape(str(header)) + r":(\d+):(\d+)", stderr)
     line = int(m.group(1)) if m else _declaring_line(header.read_text(), msg)
     where = f"{path}:{line}" if line else str(path)

@@ -402,6 +402,17 @@ class _Link:
     delivered: bytearray = dataclasses.field(default_factory=bytearray)
     unconsumed: int = 0
 
+    def step(self, action: int, n: int, send_size: int) -> None:
+        """One scheduler move: 0 send, 1 deliver data, 2 consume n, 3 deliver credit."""
+        if action == 0:
+            self.try_send(send_size)
+        elif action == 1:
+            self.deliver_data()
+        elif action == 2:
+            self.consume(n)
+        else:
+            self.deliver_credit()
+
     def __post_init__(self) -> None:
         self.send = P.SendWindow(self.window)
         self.recv = P.ReceiveWindow(self.window)
@@ -466,14 +477,7 @@ def test_flow_control_simulation_bounded_and_live(
 ) -> None:
     link = _Link(window, random.Random(size).randbytes(size))
     for action, n in schedule:  # adversarial interleaving chosen by hypothesis
-        if action == 0:
-            link.try_send(chunk)
-        elif action == 1:
-            link.deliver_data()
-        elif action == 2:
-            link.consume(n)
-        else:
-            link.deliver_credit()
+        link.step(action, n, send_size=chunk)
         link.check()
     # then a fair scheduler must always finish: no deadlock whatever happened before
     steps = 0
@@ -499,14 +503,7 @@ def test_cheating_sender_is_caught(
 ) -> None:
     link = _Link(window, bytes(10**6))
     for action, n in schedule:
-        if action == 0:
-            link.try_send(n)
-        elif action == 1:
-            link.deliver_data()
-        elif action == 2:
-            link.consume(n)
-        else:
-            link.deliver_credit()
+        link.step(action, n, send_size=n)
     while link.to_receiver:
         link.deliver_data()
     # the receiver has granted `window` minus what is still buffered or held back for batching

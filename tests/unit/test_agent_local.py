@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -284,21 +284,27 @@ def test_exit_by_signal(client: BackdoorClient) -> None:
 
 def test_signal_frame_reaches_the_process_group(client: BackdoorClient, tmp_path: Path) -> None:
     started = tmp_path / "started"
-    results: queue.SimpleQueue[ExecResult | BaseException] = queue.SimpleQueue()
-
-    def run() -> None:
-        try:
-            results.put(sh(client, f"touch {started}; sleep 30"))
-        except BaseException as e:
-            results.put(e)
-
-    threading.Thread(target=run, daemon=True).start()
+    results = in_background(lambda: sh(client, f"touch {started}; sleep 30"))
     _wait_for(started.exists)
     [rid] = list(client._pending)
     client._send(P.Signal(signal.SIGINT).frame(rid))
     r = results.get(timeout=10)
     assert isinstance(r, ExecResult)
     assert r.signal == signal.SIGINT and r.status == 128 + signal.SIGINT
+
+
+def in_background(fn: Callable[[], object]) -> queue.SimpleQueue[object]:
+    """Run fn on a daemon thread; its result or exception arrives on the returned queue."""
+    results: queue.SimpleQueue[object] = queue.SimpleQueue()
+
+    def run() -> None:
+        try:
+            results.put(fn())
+        except BaseException as e:
+            results.put(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    return results
 
 
 def _wait_for(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
@@ -433,17 +439,9 @@ def test_ping(client: BackdoorClient) -> None:
 def test_agent_restart_fails_pending_requests(pair: tuple[BackdoorClient, LocalAgent], tmp_path: Path) -> None:
     client, local = pair
     started = tmp_path / "started"
-    results: queue.SimpleQueue[object] = queue.SimpleQueue()
     restarts: list[tuple[P.HelloAck, P.HelloAck | None]] = []
     client.on_restart = lambda new, old: restarts.append((new, old))
-
-    def run() -> None:
-        try:
-            results.put(sh(client, f"touch {started}; exec sleep 30"))
-        except BaseException as e:
-            results.put(e)
-
-    threading.Thread(target=run, daemon=True).start()
+    results = in_background(lambda: sh(client, f"touch {started}; exec sleep 30"))
     _wait_for(started.exists)
     first_ack = client.agent
     local.restart()  # the old agent vanishes without a word; the new one says ANNOUNCE
@@ -460,16 +458,8 @@ def test_agent_restart_during_put_file_fails_it(pair: tuple[BackdoorClient, Loca
     client, local = pair
     src = tmp_path / "src"
     src.write_bytes(bytes(5 * MiB))  # more than the window: the sender must wait for credit
-    results: queue.SimpleQueue[object] = queue.SimpleQueue()
     local.stop()  # the agent vanishes; the client does not know yet
-
-    def run() -> None:
-        try:
-            results.put(client.put_file(src, str(tmp_path / "dst"), timeout=20))
-        except BaseException as e:
-            results.put(e)
-
-    threading.Thread(target=run, daemon=True).start()
+    results = in_background(lambda: client.put_file(src, str(tmp_path / "dst"), timeout=20))
     time.sleep(0.2)
     local.start()  # ANNOUNCE: the copy can never finish and must say why, at once
     outcome = results.get(timeout=15)
