@@ -1,6 +1,10 @@
 # nixlib: pure functions, builtins only (no nixpkgs needed to evaluate).
 {
   node = import ./node.nix;
+  capabilities = import ./capabilities.nix;
+  network = import ./network.nix;
   qemu = import ./qemu.nix;
+  firecracker = import ./firecracker.nix;
+  cloudHypervisor = import ./cloud-hypervisor.nix;
   testSpec = import ./test.nix;
 }

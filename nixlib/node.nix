@@ -2,63 +2,110 @@
 # Every `throw` names the node and the option so a user can find the line at fault.
 let
   inherit (builtins) isInt isString isBool isList isAttrs elem attrNames filter concatStringsSep
-    toJSON typeOf;
+    toJSON typeOf all;
+  capabilities = import ./capabilities.nix;
 
   defaults = {
     memory = 1024; # MiB
     cores = 1;
     accel = "tcg";
-    machineType = "q35";
-    cpu = null; # QEMU -cpu model; null: "host" under KVM, a fast x86-64-v2 model under TCG
     backend = "qemu";
+    machineType = null; # null: the backend's first machine type (q35 for QEMU)
+    cpu = null; # QEMU -cpu model; null: "host" under KVM, a fast x86-64-v2 model under TCG
     qemuBinary = "qemu-system-x86_64";
     qemuImg = "qemu-img";
-    imageFormat = "qcow2";
+    firecrackerBinary = "firecracker";
+    cloudHypervisorBinary = "cloud-hypervisor";
+    vhostDeviceVsock = "vhost-device-vsock"; # QEMU's hybrid vsock (Debian package vhost-device-vsock)
+    imageFormat = "qcow2"; # of `image`; Firecracker and Cloud Hypervisor need "raw"
     initrd = null;
     kernelParams = [ ];
     allowReboot = true;
+    tscKhz = null; # host TSC rate: lets a TCG microvm guest skip PIT calibration (python/ntng/hostclock.py)
     bootTimeout = null; # seconds; null: the runner's default for the accelerator
     extraArgs = [ ];
     extraSerialPorts = [ ]; # names of additional virtio-serial ports, each on its own socket
     backdoor = { };
+    vlans = [ ]; # the test's network plan turns these into `interfaces`
+    interfaces = [ ];
+    requires = [ ]; # features the test needs from the backend (see capabilities.nix)
   };
 
-  backdoorDefaults = { transport = "virtio-serial"; portName = "org.ntng.backdoor"; vsockPort = 1234; };
+  backdoorDefaults = backend: {
+    transport = builtins.head capabilities.${backend}.transports;
+    portName = "org.ntng.backdoor";
+    vsockPort = 1234;
+    guestCid = 3;
+  };
 
   baseKernelParams = [ "root=/dev/vda" "rw" "console=ttyS0,115200" "panic=-1" "quiet"
     "systemd.show_status=auto" "net.ifnames=0" ];
 
   known = attrNames defaults ++ [ "name" "kernel" "image" "stateDir" ];
+  backends = attrNames capabilities;
 
   fail = name: msg: throw "node '${name}': ${msg}";
-
   check = name: cond: msg: if cond then true else fail name msg;
+  list = xs: concatStringsSep ", " xs;
+
+  isPort = p: isInt p && p >= 1 && p <= 4294967294;
+  validInterface = i: isAttrs i && i ? tap && isString i.tap && i ? mac && isString i.mac
+    && builtins.match "([0-9a-f]{2}:){5}[0-9a-f]{2}" i.mac != null;
 
   normalise = spec:
     let
       name = spec.name or (throw "node description without a name: ${toJSON spec}");
+      backend = spec.backend or defaults.backend;
+      caps = capabilities.${backend} or (fail name "unknown backend ${toJSON backend} (known: ${list backends})");
       unknown = filter (k: !(elem k known)) (attrNames spec);
-      n = defaults // spec // { backdoor = backdoorDefaults // (spec.backdoor or { }); };
+      # Firecracker and Cloud Hypervisor run on KVM only: their accel defaults to kvm.
+      n0 = defaults // { accel = if backend == "qemu" then defaults.accel else "kvm"; } // spec;
+      n = n0 // {
+        machineType = if n0.machineType == null then builtins.head caps.machineTypes else n0.machineType;
+        backdoor = backdoorDefaults backend // (if isAttrs n0.backdoor then n0.backdoor else { });
+      };
+      missing = filter (f: !(elem f caps.features)) (if isList n.requires then n.requires else [ ]);
       checks = [
-        (check name (unknown == [ ]) "unknown option(s) ${concatStringsSep ", " unknown} (known: ${concatStringsSep ", " known})")
+        (check name (unknown == [ ]) "unknown option(s) ${list unknown} (known: ${list known})")
+        (check name (isAttrs caps) "")
         (check name (isInt n.memory) "memory must be an integer number of MiB, got ${typeOf n.memory} ${toJSON n.memory}")
-        (check name (isInt n.memory && n.memory >= 128 && n.memory <= 65536) "memory must be between 128 and 65536 MiB, got ${toJSON n.memory}")
+        (check name (n.memory >= 128 && n.memory <= 65536) "memory must be between 128 and 65536 MiB, got ${toJSON n.memory}")
         (check name (isInt n.cores && n.cores >= 1 && n.cores <= 64) "cores must be an integer from 1 to 64, got ${toJSON n.cores}")
         (check name (elem n.accel [ "kvm" "tcg" ]) "accel must be \"kvm\" or \"tcg\", got ${toJSON n.accel}")
-        (check name (elem n.backend [ "qemu" ]) "unknown backend ${toJSON n.backend} (known: qemu)")
+        (check name (backend == "qemu" || n.accel == "kvm")
+          "accel: backend ${backend} needs KVM, it has no TCG (use backend = \"qemu\" with machineType = \"microvm\" for the same shape without KVM)")
+        (check name (elem n.machineType caps.machineTypes) "machineType ${toJSON n.machineType} is not offered by backend ${backend} (it has: ${list caps.machineTypes})")
         (check name (spec ? kernel && isString spec.kernel) "kernel (path to the guest kernel) is required")
         (check name (spec ? image && isString spec.image) "image (path to the base disk image) is required")
         (check name (spec ? stateDir && isString spec.stateDir) "stateDir is required")
+        (check name (n.initrd == null || isString n.initrd) "initrd must be a path or null")
+        (check name (elem n.imageFormat [ "qcow2" "raw" ]) "imageFormat must be \"qcow2\" or \"raw\", got ${toJSON n.imageFormat}")
+        (check name (backend == "qemu" || n.imageFormat == "raw") "imageFormat: backend ${backend} boots raw images only (an ext4 file system image), got ${toJSON n.imageFormat}")
         (check name (n.cpu == null || isString n.cpu) "cpu must be a QEMU CPU model string or null")
-        (check name (isList n.kernelParams) "kernelParams must be a list of strings")
-        (check name (isList n.extraArgs) "extraArgs must be a list of strings")
-        (check name (isList n.extraSerialPorts && builtins.all (p: isString p && builtins.match "[a-z0-9.-]+" p != null) n.extraSerialPorts)
+        (check name (isList n.kernelParams && all isString n.kernelParams) "kernelParams must be a list of strings")
+        (check name (isList n.extraArgs && all isString n.extraArgs) "extraArgs must be a list of strings")
+        (check name (isList n.extraSerialPorts && all (p: isString p && builtins.match "[a-z0-9.-]+" p != null) n.extraSerialPorts)
           "extraSerialPorts must be a list of port names (lower-case letters, digits, dots, dashes)")
+        (check name (n.extraSerialPorts == [ ] || elem "virtio-serial" caps.transports) "extraSerialPorts: backend ${backend} has no virtio-serial ports")
         (check name (isBool n.allowReboot) "allowReboot must be a boolean")
-        (check name (elem n.backdoor.transport [ "virtio-serial" "vsock" ]) "backdoor.transport must be \"virtio-serial\" or \"vsock\", got ${toJSON n.backdoor.transport}")
+        (check name (n.tscKhz == null || (isInt n.tscKhz && n.tscKhz > 0)) "tscKhz must be a positive integer (kHz) or null")
+        (check name (n.bootTimeout == null || (isInt n.bootTimeout && n.bootTimeout > 0)) "bootTimeout must be a positive number of seconds or null")
+        (check name (isAttrs n0.backdoor) "backdoor must be an attribute set ({ transport = ...; })")
+        (check name (elem n.backdoor.transport [ "virtio-serial" "virtconsole" "vsock" ]) "backdoor.transport must be \"virtio-serial\", \"virtconsole\" or \"vsock\", got ${toJSON n.backdoor.transport}")
+        (check name (elem n.backdoor.transport caps.transports) "backdoor.transport: backend ${backend} lacks the ${n.backdoor.transport} transport (it has: ${list caps.transports})")
+        (check name (isPort n.backdoor.vsockPort) "backdoor.vsockPort must be a port number from 1, got ${toJSON n.backdoor.vsockPort}")
+        (check name (isInt n.backdoor.guestCid && n.backdoor.guestCid >= 3) "backdoor.guestCid must be an integer >= 3 (0-2 are reserved), got ${toJSON n.backdoor.guestCid}")
+        (check name (isList n.vlans && all (v: isInt v && v >= 1 && v <= 254) n.vlans) "vlans must be a list of integers from 1 to 254, got ${toJSON n.vlans}")
+        (check name (isList n.interfaces && all validInterface n.interfaces) "interfaces must be a list of { tap; mac = \"xx:xx:xx:xx:xx:xx\"; ... } (the network plan makes them)")
+        (check name (n.interfaces == [ ] || elem "networks" caps.features) "interfaces: backend ${backend} has no networking")
+        (check name (isList n.requires) "requires must be a list of feature names")
+        (check name (missing == [ ]) "requires ${list missing}, which backend ${backend} lacks (it has: ${list caps.features})")
       ];
     in
-      builtins.deepSeq checks (n // { kernelParams = baseKernelParams ++ n.kernelParams; });
+      builtins.deepSeq checks (n // {
+        kernelParams = baseKernelParams ++ n.kernelParams;
+        capabilities = caps;
+      });
 in {
-  inherit defaults normalise baseKernelParams;
+  inherit defaults normalise baseKernelParams capabilities;
 }

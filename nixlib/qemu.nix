@@ -15,7 +15,16 @@ let
 
   accelArgs = n:
     let cpu = if n.cpu != null then n.cpu else if n.accel == "kvm" then "host" else tcgCpu; in
-    [ "-machine" "${n.machineType},accel=${n.accel}" "-cpu" cpu ];
+    [ "-machine" (machineArg n) "-cpu" cpu ];
+
+  # microvm is the Firecracker shape: no firmware, no PCI, virtio-mmio devices found through
+  # ACPI.  The ISA serial port stays for the console (ttyS0, as on Firecracker).
+  isMicrovm = n: n.machineType == "microvm";
+  machineArg = n:
+    if isMicrovm n then "microvm,accel=${n.accel},isa-serial=on,rtc=on"
+    else "${n.machineType},accel=${n.accel}";
+  # The same virtio device on either bus: virtio-X-pci on q35/pc, virtio-X-device on microvm.
+  virtio = n: dev: if isMicrovm n then "virtio-${dev}-device" else "virtio-${dev}-pci";
 
   # Everything the runner connects to lives in the node's state directory.
   paths = n: {
@@ -24,6 +33,8 @@ let
     console = "${n.stateDir}/console.sock";
     consoleLog = "${n.stateDir}/console.log";
     disk = "${n.stateDir}/disk.qcow2";
+    vhostVsock = "${n.stateDir}/vhost-vsock.sock"; # QEMU ↔ vhost-device-vsock
+    vsock = "${n.stateDir}/vsock.sock"; # hybrid vsock: the runner connects here
   };
 
   socketChardev = id: path: extra:
@@ -38,29 +49,66 @@ let
     ++ [ "-device" "virtserialport,bus=vser0.0,chardev=${id},name=${name}" ]
   ) (builtins.length n.extraSerialPorts));
 
-  backdoorArgs = n: p:
-    if n.backdoor.transport == "virtio-serial" then
-      [ "-device" "virtio-serial-pci,id=vser0" ]
-      ++ socketChardev "backdoor" p.backdoor ""
+  hasSerialPorts = n: n.backdoor.transport == "virtio-serial" || n.extraSerialPorts != [ ];
+
+  serialArgs = n: p:
+    (if hasSerialPorts n then [ "-device" "${virtio n "serial"},id=vser0" ] else [ ])
+    ++ (if n.backdoor.transport == "virtio-serial" then
+      socketChardev "backdoor" p.backdoor ""
       ++ [ "-device" "virtserialport,bus=vser0.0,chardev=backdoor,name=${n.backdoor.portName}" ]
-      ++ extraPortArgs n
-    else throw "node '${n.name}': backdoor transport '${n.backdoor.transport}' is not supported by the qemu backend yet";
+    else [ ])
+    ++ extraPortArgs n;
+
+  # Hybrid vsock without /dev/vhost-vsock: vhost-device-vsock serves the device to QEMU over
+  # vhost-user (which needs guest RAM in shared memory) and the host side over a unix socket
+  # that speaks "CONNECT <port>" like Firecracker's.
+  vsockArgs = n: p:
+    if n.backdoor.transport != "vsock" then [ ] else
+    [ "-object" "memory-backend-memfd,id=mem0,size=${toString n.memory}M,share=on"
+      "-numa" "node,memdev=mem0" ]
+    # QEMU is the vhost-user client: the helper below listens on this socket.
+    ++ [ "-chardev" "socket,id=vsock0,path=${p.vhostVsock}" ]
+    ++ [ "-device" "${if isMicrovm n then "vhost-user-vsock-device" else "vhost-user-vsock-pci"},chardev=vsock0" ];
+
+  helpers = n: p:
+    if n.backdoor.transport != "vsock" then [ ] else [{
+      name = "vhost-device-vsock";
+      argv = [ n.vhostDeviceVsock "--guest-cid=${toString n.backdoor.guestCid}"
+        "--socket=${p.vhostVsock}" "--uds-path=${p.vsock}" ];
+      # QEMU connects to this socket, so the helper must be listening first.
+      waitFor = p.vhostVsock;
+    }];
+
+  # One NIC per interface of the network plan, on the TAP device the runner made for it.
+  nicArgs = n: builtins.concatLists (builtins.genList (i:
+    let nic = builtins.elemAt n.interfaces i; id = "net${toString i}"; in
+    [ "-netdev" "tap,id=${id},ifname=${nic.tap},script=no,downscript=no"
+      "-device" "${virtio n "net"},netdev=${id},mac=${nic.mac}" ]
+  ) (builtins.length n.interfaces));
+
+  # A TCG microvm guest has only the PIT to calibrate its TSC against, which fails on a busy
+  # host and stalls the boot; under TCG the guest TSC is the host's, so tell it the rate.
+  tscParams = n:
+    if isMicrovm n && n.accel == "tcg" && n.tscKhz != null then [ "tsc_early_khz=${toString n.tscKhz}" ] else [ ];
 
   kernelArgs = n:
     [ "-kernel" n.kernel ]
     ++ (if n.initrd != null then [ "-initrd" n.initrd ] else [ ])
-    ++ [ "-append" (concatStringsSep " " n.kernelParams) ];
+    ++ [ "-append" (concatStringsSep " " (n.kernelParams ++ tscParams n)) ];
 
   launch = spec:
     let
-      n = node.normalise spec;
+      n = node.normalise ({ backend = "qemu"; } // spec);
       p = paths n;
-    in {
+      vsock = n.backdoor.transport == "vsock";
+    in if n.backend != "qemu" then throw "node '${n.name}': qemu.launch called for backend ${n.backend}" else {
       name = n.name;
+      backend = "qemu";
       inherit (n) accel memory cores;
       prepare = [
         [ n.qemuImg "create" "-q" "-f" "qcow2" "-F" n.imageFormat "-b" n.image p.disk ]
       ];
+      helpers = helpers n p;
       argv =
         [ n.qemuBinary "-name" "${n.name},process=ntng-${n.name}" ]
         ++ accelArgs n
@@ -69,17 +117,22 @@ let
         ++ (if n.allowReboot then [ ] else [ "-no-reboot" ])
         ++ kernelArgs n
         ++ [ "-drive" "file=${p.disk},if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap"
-             "-device" "virtio-blk-pci,drive=disk0" ]
-        ++ [ "-device" "virtio-rng-pci" ]
+             "-device" "${virtio n "blk"},drive=disk0" ]
+        ++ [ "-device" (virtio n "rng") ]
         ++ socketChardev "qmp" p.qmp "" ++ [ "-mon" "chardev=qmp,mode=control" ]
         ++ socketChardev "console" p.console ",logfile=${p.consoleLog}" ++ [ "-serial" "chardev:console" ]
-        ++ backdoorArgs n p
-        ++ [ "-nic" "none" ]
+        ++ serialArgs n p
+        ++ vsockArgs n p
+        ++ (if n.interfaces == [ ] then [ "-nic" "none" ] else nicArgs n)
         ++ n.extraArgs;
-      sockets = { inherit (p) qmp backdoor console; }
+      sockets = { inherit (p) qmp console; }
+        // (if n.backdoor.transport == "virtio-serial" then { inherit (p) backdoor; } else { inherit (p) vsock; })
         // builtins.listToAttrs (map (name: { name = "port:${name}"; value = portSocket n name; }) n.extraSerialPorts);
       files = { inherit (p) consoleLog disk; };
-      backdoor = n.backdoor;
+      backdoor = n.backdoor // (if vsock then { uds = p.vsock; port = n.backdoor.vsockPort; } else { socket = p.backdoor; });
+      console = "socket";
+      interfaces = n.interfaces;
+      capabilities = n.capabilities;
       bootTimeout = n.bootTimeout;
     };
 

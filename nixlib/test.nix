@@ -1,37 +1,73 @@
-# Test spec: the nodes a test script declares + the runner's defaults → a launch plan per node.
-# builtins only.  `header` is what the script declared (NixOS-style `nodes.<name> = { … };`),
-# `defaults` what the runner knows (kernel, image, accelerator, state root).
+# Test spec: the nodes a test declares + the runner's defaults → the JSON the runner reads
+# (a launch plan per node, the network plan, the test's options).  builtins only.
+#
+# `header` is what the test declared (NixOS-style `nodes.<name> = { … };`, from a script's `#:`
+# lines or from mkTest), `defaults` what the runner knows (kernel, image, accelerator, state
+# root).  mkTest evaluates this at build time with stateRoot = "@stateRoot@"; the runner puts
+# its run directory in place of that marker (see python/ntng/testspec.py).
 { header, defaults }:
 let
-  inherit (builtins) attrNames mapAttrs match filter concatStringsSep isAttrs toJSON elem;
-  qemu = import ./qemu.nix;
+  inherit (builtins) attrNames mapAttrs match filter concatStringsSep isAttrs isInt isBool
+    isString toJSON elem genList length elemAt listToAttrs;
+  network = import ./network.nix;
+  builders = {
+    qemu = import ./qemu.nix;
+    firecracker = import ./firecracker.nix;
+    cloud-hypervisor = import ./cloud-hypervisor.nix;
+  };
 
-  knownTop = [ "nodes" "name" "globalTimeout" "skipLint" "skipTypeCheck" ];
+  knownTop = [ "nodes" "name" "globalTimeout" "skipLint" "skipTypeCheck" "backend" ];
   unknownTop = filter (k: !(elem k knownTop)) (attrNames header);
 
   nodes = header.nodes or { machine = { }; };
+  names = attrNames nodes;
 
   validName = n: match "[A-Za-z][A-Za-z0-9_-]{0,30}" n != null;
 
-  nodePlan = name: cfg:
+  checkedNodes = mapAttrs (name: cfg:
     if !(validName name) then
       throw "node name '${name}' is invalid: use a letter then letters, digits, - or _ (at most 31 characters)"
     else if !(isAttrs cfg) then
       throw "node '${name}': expected an attribute set of options, got ${toJSON cfg}"
-    else
-      qemu.launch (removeAttrs defaults [ "stateRoot" ] // cfg // {
-        inherit name;
+    else cfg) nodes;
+
+  net = network.plan checkedNodes;
+
+  # Each node gets its own vsock CID (3, 4, …): vsock addresses must not clash on one host.
+  cid = name: let go = i: if elemAt names i == name then i else go (i + 1); in 3 + go 0;
+
+  nodePlan = name: cfg:
+    let
+      backend = cfg.backend or header.backend or "qemu";
+      builder = builders.${backend} or (throw "node '${name}': unknown backend ${toJSON backend} (known: ${concatStringsSep ", " (attrNames builders)})");
+      # Firecracker and QEMU's microvm boot an ELF vmlinux, not a bzImage.
+      wantsElf = backend == "firecracker" || (cfg.machineType or null) == "microvm";
+      kernel = cfg.kernel or (if wantsElf then defaults.vmlinux or defaults.kernel else defaults.kernel);
+      spec = removeAttrs defaults [ "stateRoot" "vmlinux" ] // cfg // {
+        inherit name backend kernel;
         stateDir = "${defaults.stateRoot}/${name}";
         kernelParams = [ "systemd.hostname=${name}" ] ++ (cfg.kernelParams or [ ]);
-      });
+        interfaces = net.nodes.${name};
+        backdoor = let b = cfg.backdoor or { }; in if isAttrs b then { guestCid = cid name; } // b else b;
+      };
+    in builder.launch spec;
+
+  check = cond: msg: if cond then true else throw msg;
+  topChecks = [
+    (check (unknownTop == [ ]) "unknown test option(s) ${concatStringsSep ", " unknownTop} (known: ${concatStringsSep ", " knownTop})")
+    (check (isAttrs nodes && nodes != { }) "the test declares no nodes")
+    (check (isInt (header.globalTimeout or 3600) && (header.globalTimeout or 3600) > 0) "globalTimeout must be a positive number of seconds, got ${toJSON header.globalTimeout}")
+    (check (isBool (header.skipLint or false)) "skipLint must be a boolean")
+    (check (isBool (header.skipTypeCheck or false)) "skipTypeCheck must be a boolean")
+    (check (isString (header.name or "test")) "name must be a string")
+  ];
 in
-if unknownTop != [ ] then
-  throw "unknown test option(s) ${concatStringsSep ", " unknownTop} (known: ${concatStringsSep ", " knownTop})"
-else if nodes == { } then
-  throw "the test declares no nodes"
-else {
+builtins.deepSeq topChecks {
   name = header.name or "test";
   globalTimeout = header.globalTimeout or 3600;
-  nodeNames = attrNames nodes;
-  nodes = mapAttrs nodePlan nodes;
+  skipLint = header.skipLint or false;
+  skipTypeCheck = header.skipTypeCheck or false;
+  nodeNames = names;
+  nodes = mapAttrs nodePlan checkedNodes;
+  network = net;
 }

@@ -1,9 +1,13 @@
-"""The Debian guest image for running tests without Nix: debootstrap → configure → ext4 → qcow2.
+"""The Debian guest image for running tests without Nix: debootstrap → configure → ext4.
 
 Two cache levels under the user's cache dir, each keyed by a hash of its inputs:
   rootfs-<h>/  the debootstrapped tree (minutes; changes only with the package list or suite)
-  image-<h>/   base.qcow2 + vmlinuz + initrd.img (seconds; changes with the agent or config)
-A VM never writes to base.qcow2: each boots on a throwaway overlay (nixlib.qemu.launch).
+  image-<h>/   root.ext4 + vmlinuz + vmlinux + initrd.img (seconds; changes with the agent or
+               config)
+root.ext4 is a raw, sparse ext4 file system made by nixlib/scripts/mkext4.sh and vmlinux the
+ELF kernel made by nixlib/scripts/extract-vmlinux.sh: the same artefacts, from the same scripts,
+that the Nix derivations make for Firecracker-shaped VMs.  A VM never writes to root.ext4: each
+boots on a throwaway qcow2 overlay or a private copy (nixlib computes which).
 """
 
 from __future__ import annotations
@@ -26,23 +30,26 @@ PACKAGES = [
     "openssh-server", "openssh-client", "iproute2", "iputils-ping", "rsync", "procps",
     "netcat-openbsd", "linux-image-amd64", "initramfs-tools", "psmisc", "less",
 ]
-INITRD_MODULES = ["virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "virtio_rng", "ext4",
+# virtio_mmio: the Firecracker-shaped boot (QEMU -M microvm) has no PCI bus.
+INITRD_MODULES = ["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "virtio_rng", "ext4",
                   "crc32c_generic"]
 IMAGE_SIZE = "6G"  # sparse: only used blocks take space
-FORMAT_VERSION = "3"  # bump when the configure step changes in ways the hashes can't see
+FORMAT_VERSION = "4"  # bump when the configure step changes in ways the hashes can't see
 
 
 @dataclasses.dataclass(frozen=True)
 class GuestImage:
-    base: Path  # qcow2, never written to
-    kernel: Path
+    base: Path  # raw ext4, never written to
+    kernel: Path  # bzImage
+    vmlinux: Path  # the same kernel as an ELF file (Firecracker, QEMU microvm)
     initrd: Path
     directory: Path
 
     @classmethod
     def load(cls, directory: Path) -> GuestImage:
-        img = cls(directory / "base.qcow2", directory / "vmlinuz", directory / "initrd.img", directory)
-        for p in (img.base, img.kernel, img.initrd):
+        img = cls(directory / "root.ext4", directory / "vmlinuz", directory / "vmlinux",
+                  directory / "initrd.img", directory)
+        for p in (img.base, img.kernel, img.vmlinux, img.initrd):
             if not p.exists():
                 raise SetupError(f"guest image at {directory} is incomplete: {p.name} is missing; "
                                  "run `ntng image build`")
@@ -87,7 +94,8 @@ def _hash(*parts: bytes | str) -> str:
 
 def _config_files() -> list[Path]:
     files = [paths.backdoor_dir() / "ntng_agent.py", paths.protocol_source(),
-             paths.nixlib_dir() / "scripts" / "mkext4.sh", Path(__file__)]
+             paths.nixlib_dir() / "scripts" / "mkext4.sh",
+             paths.nixlib_dir() / "scripts" / "extract-vmlinux.sh", Path(__file__)]
     files += sorted((paths.backdoor_dir() / "debian").iterdir())
     return files
 
@@ -227,14 +235,13 @@ def build(force: bool = False) -> GuestImage:
         raise SetupError(f"no kernel or initrd in {tree}/boot: is linux-image-amd64 installed?")
     shutil.copy(kernels[-1], tmp / "vmlinuz")
     shutil.copy(initrds[-1], tmp / "initrd.img")
-    raw = tmp / "root.ext4"
-    _run([str(paths.nixlib_dir() / "scripts" / "mkext4.sh"), str(tree), str(raw), IMAGE_SIZE, "ntng"], log)
-    _run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(tmp / "base.qcow2")], log)
-    raw.unlink()
+    scripts = paths.nixlib_dir() / "scripts"
+    _run([str(scripts / "extract-vmlinux.sh"), str(tmp / "vmlinuz"), str(tmp / "vmlinux")], log)
+    _run([str(scripts / "mkext4.sh"), str(tree), str(tmp / "root.ext4"), IMAGE_SIZE, "ntng"], log)
     shutil.rmtree(tree)
     (tmp / "manifest.json").write_text(json.dumps(
         {"key": key, "rootfs": rootfs.name, "kernel": kernels[-1].name, "packages": PACKAGES}, indent=1))
-    (tmp / "base.qcow2").chmod(0o444)
+    (tmp / "root.ext4").chmod(0o444)
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
     for old in paths.cache_dir().glob("image-*"):

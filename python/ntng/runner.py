@@ -17,8 +17,8 @@ from pathlib import Path
 from types import FrameType
 
 from . import accel as accel_mod
+from . import hostclock, testspec
 from . import image as image_mod
-from . import testspec
 from .driver import Driver
 from .errors import EXIT_OK, NtngError, SetupError
 
@@ -54,8 +54,11 @@ def prepare(opts: RunOptions, state_root: Path) -> tuple[testspec.TestSpec, acce
     log(f"ntng: accelerator: {choice.accel} ({choice.reason})")
     defaults = {
         "kernel": str(img.kernel),
+        "vmlinux": str(img.vmlinux),
         "initrd": str(img.initrd),
         "image": str(img.base),
+        "imageFormat": "raw",
+        "tscKhz": hostclock.host_tsc_khz(),
         "accel": choice.accel,
         "stateRoot": str(state_root),
     }

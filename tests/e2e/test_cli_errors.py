@@ -58,8 +58,8 @@ def test_missing_image(tmp_path: Path) -> None:
 def test_missing_kernel_in_image(tmp_path: Path, guest_image: image.GuestImage) -> None:
     broken = tmp_path / "img"
     broken.mkdir()
-    (broken / "base.qcow2").symlink_to(guest_image.base)
-    (broken / "initrd.img").symlink_to(guest_image.initrd)
+    for part in (guest_image.base, guest_image.vmlinux, guest_image.initrd):
+        (broken / part.name).symlink_to(part)
     r = ntng_run(script(tmp_path, "start_all()\n"), "--image", str(broken))
     assert r.returncode == errors.EXIT_SETUP
     assert "vmlinuz is missing" in r.stderr

@@ -1,0 +1,103 @@
+# nixosModules.backdoor: the nixos-test-ng agent as an early systemd service, listening on a
+# virtio-serial port ("virtconsole") or an AF_VSOCK port, never on an IP network.
+# Mirrors backdoor/debian/ntng-backdoor.service and journald-console.conf of the Debian image.
+{ config, lib, pkgs, ... }:
+let
+  inherit (lib) mkOption types;
+  cfg = config.ntng.backdoor;
+  vsock = cfg.transport == "vsock";
+  # virtio_console serves named virtio-serial ports; vmw_vsock_virtio_transport needs vsock.
+  kernelModules = if vsock then [ "vsock" "vmw_vsock_virtio_transport" ] else [ "virtio_console" ];
+  listenArgs = if vsock then "--vsock-port ${toString cfg.port}" else "--port-name ${toString cfg.port}";
+in
+{
+  # `testing.backdoor` belongs to upstream NixOS' own test driver.
+  options.ntng.backdoor = {
+    enable = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Run the nixos-test-ng backdoor agent, which gives the test runner a root shell.";
+    };
+    transport = mkOption {
+      type = types.enum [ "virtconsole" "vsock" ];
+      default = "virtconsole";
+      description = "Channel to the host: a named virtio-serial port, or an AF_VSOCK port.";
+    };
+    port = mkOption {
+      type = types.either types.str types.port;
+      default = if vsock then 1234 else "org.ntng.backdoor";
+      defaultText = lib.literalExpression ''if transport == "vsock" then 1234 else "org.ntng.backdoor"'';
+      description = "virtio-serial port name (virtconsole) or vsock port number (vsock).";
+    };
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ../nixlib/pkgs/agent.nix { };
+      defaultText = lib.literalExpression "pkgs.callPackage nixlib/pkgs/agent.nix { }";
+      description = "The agent; must provide bin/ntng-backdoor.";
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    assertions = [
+      {
+        # The name goes into ExecStart unquoted and into /dev/virtio-ports/<name>.
+        assertion = vsock || (builtins.isString cfg.port && builtins.match "[A-Za-z0-9][A-Za-z0-9._-]*" cfg.port != null);
+        message = ''ntng.backdoor.port must be a virtio-serial port name like "org.ntng.backdoor" when transport is "virtconsole", got ${builtins.toJSON cfg.port}'';
+      }
+      {
+        assertion = !vsock || builtins.isInt cfg.port;
+        message = ''ntng.backdoor.port must be a port number like 1234 when transport is "vsock", got ${builtins.toJSON cfg.port}'';
+      }
+    ];
+
+    systemd.services.ntng-backdoor = {
+      description = "nixos-test-ng backdoor agent";
+      # As early as the root file system allows: wait_for_unit and friends are asked through it
+      # while the rest of the system is still booting.
+      wantedBy = [ "sysinit.target" ];
+      before = [ "sysinit.target" "shutdown.target" ];
+      conflicts = [ "shutdown.target" ];
+      unitConfig = {
+        DefaultDependencies = false;
+        # Restart=always must not give up after a few quick crashes, nor may isolating
+        # rescue/emergency.target stop the only way in.
+        StartLimitIntervalSec = 0;
+        IgnoreOnIsolate = true;
+      };
+      # Commands run by the agent see the system's PATH (and setuid wrappers); the packages are
+      # the fallback for the early boot and for modprobe.
+      path = [ "/run/wrappers" "/run/current-system/sw" pkgs.coreutils pkgs.util-linux pkgs.systemd pkgs.kmod ];
+      environment = { HOME = "/root"; USER = "root"; };
+      # A test that runs switch-to-configuration through the agent must keep its connection.
+      restartIfChanged = false;
+      serviceConfig = {
+        # Load the transport now rather than waiting for systemd-modules-load (part of sysinit).
+        ExecStartPre = "-${pkgs.kmod}/bin/modprobe -a ${lib.concatStringsSep " " kernelModules}";
+        ExecStart = "${cfg.package}/bin/ntng-backdoor ${listenArgs}";
+        Restart = "always";
+        RestartSec = 0;
+        # Commands are the agent's children: a restarted agent must not kill what a test started.
+        KillMode = "process";
+        OOMScoreAdjust = -1000;
+        # Boot under TCG is CPU-bound: the agent goes first so the host can talk to the guest early.
+        Nice = -20;
+        CPUWeight = 10000;
+        IOWeight = 10000;
+        StandardOutput = "journal+console";
+      };
+    };
+
+    boot.initrd.availableKernelModules = kernelModules;
+    boot.kernelModules = kernelModules;
+
+    # The runner streams the serial console for failure detection. ttyS0 only: every backend
+    # (QEMU q35/microvm, Firecracker, Cloud Hypervisor) has that UART, while hvc0 exists only with
+    # a virtconsole at port 0, and the last console= becomes /dev/console.
+    boot.kernelParams = [ "console=ttyS0,115200" ];
+    services.journald.extraConfig = ''
+      ForwardToConsole=yes
+      TTYPath=/dev/ttyS0
+      MaxLevelConsole=info
+    '';
+  };
+}

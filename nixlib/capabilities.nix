@@ -1,0 +1,24 @@
+# What each backend can do.  The node validation rejects a node that asks for something its
+# backend lacks, and the runner (and `ntng check`) use the same table, so a test that needs a
+# screenshot on Firecracker fails before anything boots, with the capability named.
+{
+  qemu = {
+    transports = [ "virtio-serial" "vsock" ];
+    features = [ "screenshot" "keys" "snapshot" "sharedDirs" "networks" "reboot" "console" ];
+    machineTypes = [ "q35" "pc" "microvm" ];
+  };
+  # Firecracker: virtio-mmio only (no virtio-serial, no display, no virtiofs); a guest reboot
+  # makes the VMM exit (reboot=k), so "reboot" is not offered.
+  firecracker = {
+    transports = [ "vsock" ];
+    features = [ "snapshot" "networks" "console" ];
+    machineTypes = [ "microvm" ];
+  };
+  # Cloud Hypervisor: one virtio-console (hvc0) instead of named virtio-serial ports, virtiofs
+  # through virtiofsd, no display.
+  cloud-hypervisor = {
+    transports = [ "virtconsole" "vsock" ];
+    features = [ "snapshot" "sharedDirs" "networks" "reboot" "console" ];
+    machineTypes = [ "pc" ];
+  };
+}

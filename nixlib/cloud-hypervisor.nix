@@ -1,0 +1,132 @@
+# Cloud Hypervisor launch plan for one node, builtins only.
+#
+# Input: a node description (see ./node.nix for the defaults and validation; `backend` may be
+# left out, `imageFormat` defaults to "raw" here).  Output: the plan record every backend
+# shares (see `launch` below).  Two equivalent routes to the same VM:
+#   - API (the default): `argv` starts the VMM with only its API socket; the runner then sends
+#     `api` in order: PUT vm.create with the whole VmConfig, then PUT vm.boot.
+#   - command line: `cliArgv` creates and boots the VM at once (it keeps --api-socket, so
+#     pause/resume/snapshot and the vm.info look-up below still work).
+# Request bodies follow ../../shared/specs/cloud-hypervisor.yaml (contract-tested).
+#
+# Consoles: the serial port (ttyS0, the kernel and journal console) is written to
+# files.consoleLog.  With the "virtconsole" transport the agent uses hvc0, the virtio-console.
+# The spec's ConsoleConfig has a `socket` field and ConsoleMode lists "Socket", but Cloud
+# Hypervisor accepts Socket for the serial port only: for the virtio-console, vm.create fails
+# with "No socket option support for console device" (vmm/src/console_devices.rs at the spec's
+# commit ae44c297), and --console's own syntax omits socket=.  The closest documented mode that
+# the host can both read and write is Pty: Cloud Hypervisor allocates a pseudo-terminal and
+# reports its path in GET /api/v1/vm.info as config.console.file (available right after
+# vm.create); `backdoor.pty` says where to find it.  With the "vsock" transport there is no
+# virtio-console at all, and the backdoor is hybrid vsock as with Firecracker: the host connects
+# to `backdoor.uds` and writes "CONNECT <port>\n".
+let
+  node = import ./node.nix;
+  inherit (builtins) concatStringsSep elemAt genList length toJSON;
+
+  backend = "cloud-hypervisor";
+  apiBase = "/api/v1"; # the spec's servers[0] URL path
+
+  # Everything the runner creates or connects to lives in the node's state directory.
+  paths = n: {
+    api = "${n.stateDir}/cloud-hypervisor.sock";
+    vsock = "${n.stateDir}/vsock.sock";
+    consoleLog = "${n.stateDir}/console.log";
+    disk = "${n.stateDir}/disk.raw";
+  };
+
+  fail = n: msg: throw "node '${n.name}': ${msg}";
+
+  # A node description meant for another backend is an error, not something to convert.
+  forBackend = spec:
+    if !(spec ? backend) || spec.backend == backend
+    then { imageFormat = "raw"; } // spec // { inherit backend; }
+    else throw "node '${spec.name or "?"}': backend ${toJSON spec.backend} is not ${backend} (cloudHypervisor.launch builds Cloud Hypervisor plans only; use ${spec.backend}.launch)";
+
+  checks = n: [
+    (n.cpu == null || fail n "cpu ${toJSON n.cpu}: a QEMU CPU model, backend ${backend} has none (leave cpu = null)")
+    # QEMU's -no-reboot has no Cloud Hypervisor counterpart: a guest reboot restarts the VM.
+    (n.allowReboot || fail n "allowReboot = false: backend ${backend} cannot exit on a guest reboot (it always reboots the VM); leave allowReboot = true")
+  ];
+
+  vsock = n: n.backdoor.transport == "vsock";
+
+  nets = n: genList (i:
+    let iface = elemAt n.interfaces i; in { tap = iface.tap; mac = iface.mac; id = "net${toString i}"; }
+  ) (length n.interfaces);
+
+  # VmConfig, the body of PUT vm.create.  `net` and `vsock` are left out when there are none.
+  vmConfig = n: p: {
+    cpus = { boot_vcpus = n.cores; max_vcpus = n.cores; };
+    memory = { size = n.memory * 1024 * 1024; }; # bytes
+    payload = {
+      kernel = n.kernel;
+      cmdline = concatStringsSep " " n.kernelParams;
+    } // (if n.initrd != null then { initramfs = n.initrd; } else { });
+    # image_type Raw: no format probing, and no "autodetected raw: sector 0 writes blocked".
+    disks = [{ path = p.disk; readonly = false; image_type = "Raw"; id = "rootfs"; }];
+    rng = { src = "/dev/urandom"; };
+    serial = { mode = "File"; file = p.consoleLog; };
+    console = if vsock n then { mode = "Off"; } else { mode = "Pty"; };
+  }
+  // (if n.interfaces != [ ] then { net = nets n; } else { })
+  // (if vsock n then { vsock = { cid = n.backdoor.guestCid; socket = p.vsock; }; } else { });
+
+  # The same VmConfig as command-line options.
+  cliArgs = n: p:
+    let c = vmConfig n p; in
+    [ "--kernel" n.kernel ]
+    ++ (if n.initrd != null then [ "--initramfs" n.initrd ] else [ ])
+    ++ [ "--cmdline" c.payload.cmdline
+         "--cpus" "boot=${toString n.cores},max=${toString n.cores}"
+         "--memory" "size=${toString n.memory}M"
+         "--disk" "path=${p.disk},readonly=off,image_type=raw,id=rootfs" ]
+    ++ builtins.concatMap (x: [ "--net" "tap=${x.tap},mac=${x.mac},id=${x.id}" ]) (nets n)
+    ++ [ "--rng" "src=${c.rng.src}"
+         "--serial" "file=${p.consoleLog}"
+         "--console" (if vsock n then "off" else "pty") ]
+    ++ (if vsock n then [ "--vsock" "cid=${toString n.backdoor.guestCid},socket=${p.vsock}" ] else [ ]);
+
+  launch = spec:
+    let
+      n = node.normalise (forBackend spec);
+      p = paths n;
+      apiSocket = [ "--api-socket" "path=${p.api}" ];
+    in
+    builtins.deepSeq (checks n) {
+      name = n.name;
+      inherit backend;
+      inherit (n) accel memory cores bootTimeout;
+      prepare = [
+        # Cloud Hypervisor replaces a leftover API socket itself, but binds the vsock one.
+        ([ "rm" "-f" p.api ] ++ (if vsock n then [ p.vsock ] else [ ]))
+        # A private writable disk: the base image stays untouched (sparse, CoW where possible).
+        [ "cp" "--sparse=always" "--reflink=auto" n.image p.disk ]
+      ];
+      argv = [ n.cloudHypervisorBinary ] ++ apiSocket ++ n.extraArgs;
+      cliArgv = [ n.cloudHypervisorBinary ] ++ apiSocket ++ cliArgs n p ++ n.extraArgs;
+      writeFiles = { };
+      api = [
+        { method = "PUT"; path = "${apiBase}/vm.create"; body = vmConfig n p; }
+        { method = "PUT"; path = "${apiBase}/vm.boot"; }
+      ];
+      sockets = { inherit (p) api; } // (if vsock n then { inherit (p) vsock; } else { });
+      files = { inherit (p) consoleLog disk; };
+      backdoor =
+        if vsock n then {
+          transport = "vsock";
+          uds = p.vsock;
+          port = n.backdoor.vsockPort;
+        } else {
+          transport = "virtconsole";
+          port = null; # hvc0 is the console's only port, it has no name
+          # Where the pseudo-terminal's path is, once vm.create has been sent.
+          pty = { method = "GET"; path = "${apiBase}/vm.info"; field = [ "config" "console" "file" ]; };
+        };
+      console = "file";
+      helpers = [ ]; # no side processes (QEMU needs vhost-device-vsock for vsock)
+      inherit (n) interfaces capabilities;
+    };
+in {
+  inherit launch paths;
+}

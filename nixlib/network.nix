@@ -1,0 +1,99 @@
+# Network plan, builtins only: which node sits on which vlan → bridges, TAP devices,
+# deterministic MACs, IPv4/IPv6 addresses and hosts entries.  The runner makes the bridges and
+# taps (inside its own network namespace) from this plan; guests get the addresses from it.
+#
+# Addresses follow the NixOS test driver, so scripts that hard-code them keep working:
+# node number i (1-based, nodes sorted by name) on vlan v is 192.168.v.i and 2001:db8:v::i.
+# MACs and tap names hash the node name and vlan instead, so adding a node never renames
+# another node's devices.
+let
+  inherit (builtins) attrNames listToAttrs concatMap filter length elemAt genList toString
+    hashString substring elem foldl' toJSON sort lessThan concatStringsSep;
+
+  hash = s: hashString "sha256" s;
+
+  # 52:54:00 is QEMU's prefix; three more bytes from the hash of "<node>/<vlan>".
+  mac = node: vlan:
+    let h = hash "ntng-mac/${node}/${toString vlan}"; b = i: substring (2 * i) 2 h; in
+    "52:54:00:${b 0}:${b 1}:${b 2}";
+
+  # Linux interface names have at most 15 bytes: a readable prefix of the node name, the vlan,
+  # and 4 hex digits of a hash that keep two nodes sharing a prefix apart.
+  tapName = node: vlan:
+    "${substring 0 6 node}-${toString vlan}-${substring 0 4 (hash "ntng-tap/${node}/${toString vlan}")}";
+
+  bridgeName = vlan: "ntng-br${toString vlan}";
+
+  indexOf = x: xs:
+    let go = i: if i >= length xs then throw "internal: ${x} not in list" else if elemAt xs i == x then i else go (i + 1);
+    in go 0;
+
+  duplicates = xs:
+    let sorted = sort lessThan xs;
+    in filter (x: x != null) (genList (i: if i > 0 && elemAt sorted i == elemAt sorted (i - 1) then elemAt sorted i else null) (length sorted));
+
+  # nodes: { <name> = { vlans = [ … ]; … }; }  →  the plan.
+  plan = nodes:
+    let
+      names = sort lessThan (attrNames nodes);
+      vlansOf = name:
+        let vs = nodes.${name}.vlans or [ ]; in
+        if !(builtins.isList vs) then throw "node '${name}': vlans must be a list of integers from 1 to 254, got ${toJSON vs}"
+        else map (v:
+          if !(builtins.isInt v) || v < 1 || v > 254
+          then throw "node '${name}': vlans: ${toJSON v} is out of range (vlans are integers from 1 to 254)"
+          else v) vs;
+      checkedVlans = name:
+        let vs = vlansOf name; d = duplicates vs; in
+        if d != [ ] then throw "node '${name}': vlans: vlan ${toString (builtins.head d)} is listed twice" else vs;
+      number = name: indexOf name names + 1;
+
+      interface = name: i: vlan: {
+        inherit vlan;
+        tap = tapName name vlan;
+        mac = mac name vlan;
+        bridge = bridgeName vlan;
+        # Guest-side name: interfaces are matched by MAC in the guest; ethN is the order the
+        # backends create the NICs in, for users who want a name.
+        guestName = "eth${toString i}";
+        ipv4 = "192.168.${toString vlan}.${toString (number name)}";
+        prefixLength4 = 24;
+        ipv6 = "2001:db8:${toString vlan}::${toString (number name)}";
+        prefixLength6 = 64;
+      };
+
+      interfacesOf = name: let vs = checkedVlans name; in genList (i: interface name i (elemAt vs i)) (length vs);
+      nodePlans = listToAttrs (map (name: { inherit name; value = interfacesOf name; }) names);
+      all = concatMap (name: nodePlans.${name}) names;
+
+      allVlans = sort lessThan (foldl' (acc: i: if elem i.vlan acc then acc else acc ++ [ i.vlan ]) [ ] all);
+      vlanPlan = v: {
+        bridge = bridgeName v;
+        subnet4 = "192.168.${toString v}.0/24";
+        subnet6 = "2001:db8:${toString v}::/64";
+        members = filter (name: elem v (vlansOf name)) names;
+      };
+
+      # Hosts entries: every node by name at its address on its first vlan (as NixOS does).
+      hosts = concatMap (name:
+        let is = nodePlans.${name}; in
+        if is == [ ] then [ ] else [
+          { address = (builtins.head is).ipv4; names = [ name ]; }
+          { address = (builtins.head is).ipv6; names = [ name ]; }
+        ]) names;
+
+      dupMacs = duplicates (map (i: i.mac) all);
+      dupTaps = duplicates (map (i: i.tap) all);
+    in
+      if length names > 254 then throw "network: at most 254 nodes can share the 192.168.<vlan>.0/24 plan, got ${toString (length names)}"
+      else if dupMacs != [ ] then throw "network: MAC ${builtins.head dupMacs} collides between two nodes; rename one of them"
+      else if dupTaps != [ ] then throw "network: tap name ${builtins.head dupTaps} collides between two nodes; rename one of them"
+      else {
+        vlans = listToAttrs (map (v: { name = toString v; value = vlanPlan v; }) allVlans);
+        nodes = nodePlans;
+        inherit hosts;
+        hostsFile = concatStringsSep "\n" (map (h: "${h.address} ${concatStringsSep " " h.names}") hosts) + "\n";
+      };
+in {
+  inherit plan mac tapName bridgeName;
+}

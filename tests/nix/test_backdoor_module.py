@@ -1,0 +1,247 @@
+"""modules/backdoor.nix and modules/test-node.nix, evaluated with nixpkgs' lib.evalModules.
+
+nixpkgs itself is not available, only its lib ($NIXPKGS_LIB): tests/nix/nixos-stand-ins.nix
+declares the NixOS options the modules set, tests/nix/eval-module.nix evaluates a module with a
+fake pkgs and returns the interesting part of the configuration as JSON.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+NIXPKGS_LIB = os.environ.get("NIXPKGS_LIB", "")
+
+pytestmark = [
+    pytest.mark.skipif(not NIXPKGS_LIB or not (Path(NIXPKGS_LIB) / "default.nix").is_file(),
+                       reason="NIXPKGS_LIB does not point to nixpkgs' lib (needed for evalModules)"),
+    pytest.mark.skipif(not shutil.which("nix-instantiate"), reason="nix-instantiate not found"),
+]
+
+
+class EvalError(Exception):
+    """nix-instantiate failed; the message is its stderr."""
+
+
+@functools.cache
+def _evaluate(entry: str, config_json: str) -> Any:
+    # --readonly-mode: source paths in the agent package are hashed, not copied to the store.
+    cmd = ["nix-instantiate", "--eval", "--strict", "--json", "--readonly-mode",
+           "--option", "build-users-group", "", str(HERE / "eval-module.nix"),
+           "--argstr", "libPath", NIXPKGS_LIB, "--argstr", "entry", entry,
+           "--argstr", "config", config_json]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise EvalError(r.stderr)
+    return json.loads(r.stdout)
+
+
+def evaluate(config: dict[str, Any] | None = None, entry: str = "test-node") -> Any:
+    """Evaluate modules/<entry>.nix plus the user module `config`."""
+    return _evaluate(entry, json.dumps(config or {}, sort_keys=True))
+
+
+def backdoor(**options: Any) -> dict[str, Any]:
+    return {"ntng": {"backdoor": options}}
+
+
+def unit(result: Any) -> dict[str, Any]:
+    services: dict[str, Any] = result["config"]["systemd"]["services"]
+    assert "ntng-backdoor" in services, sorted(services)
+    return services["ntng-backdoor"]
+
+
+def exec_start(result: Any) -> list[str]:
+    return shlex.split(unit(result)["serviceConfig"]["ExecStart"])
+
+
+def test_default_unit_starts_the_agent_early_on_the_virtconsole_port() -> None:
+    r = evaluate()
+    assert r["failedAssertions"] == []
+    u = unit(r)
+    argv = exec_start(r)
+    assert argv[0] == r["config"]["ntng"]["backdoor"]["package"] + "/bin/ntng-backdoor"
+    assert argv[1:] == ["--port-name", "org.ntng.backdoor"]
+    assert u["enable"] is True
+    assert u["wantedBy"] == ["sysinit.target"]
+    assert {"sysinit.target", "shutdown.target"} <= set(u["before"])
+    assert u["conflicts"] == ["shutdown.target"]
+    assert u["unitConfig"]["DefaultDependencies"] is False
+    sc = u["serviceConfig"]
+    assert (sc["Restart"], sc["RestartSec"], sc["KillMode"]) == ("always", 0, "process")
+    assert (sc["OOMScoreAdjust"], sc["Nice"]) == (-1000, -20)
+    assert u["restartIfChanged"] is False
+
+
+def test_commands_find_the_system_tools() -> None:
+    path = unit(evaluate())["path"]
+    assert path[:2] == ["/run/wrappers", "/run/current-system/sw"]
+    for pkg in ("coreutils", "util-linux", "systemd", "kmod"):
+        assert any(p.endswith("-" + pkg) for p in path), (pkg, path)
+
+
+def test_virtconsole_loads_virtio_console() -> None:
+    r = evaluate()
+    boot = r["config"]["boot"]
+    assert "virtio_console" in boot["kernelModules"]
+    assert "virtio_console" in boot["initrd"]["availableKernelModules"]
+    assert unit(r)["serviceConfig"]["ExecStartPre"].endswith("modprobe -a virtio_console")
+
+
+def test_vsock_transport() -> None:
+    r = evaluate(backdoor(transport="vsock"))
+    assert r["failedAssertions"] == []
+    assert r["config"]["ntng"]["backdoor"]["port"] == 1234
+    assert exec_start(r)[1:] == ["--vsock-port", "1234"]
+    boot = r["config"]["boot"]
+    for mods in (boot["kernelModules"], boot["initrd"]["availableKernelModules"]):
+        assert {"vsock", "vmw_vsock_virtio_transport"} <= set(mods)
+        assert "virtio_console" not in mods
+    assert "vmw_vsock_virtio_transport" in unit(r)["serviceConfig"]["ExecStartPre"]
+
+
+@pytest.mark.parametrize(("options", "args"), [
+    ({"port": "org.example.agent"}, ["--port-name", "org.example.agent"]),
+    ({"transport": "vsock", "port": 5000}, ["--vsock-port", "5000"]),
+])
+def test_custom_port(options: dict[str, Any], args: list[str]) -> None:
+    r = evaluate(backdoor(**options))
+    assert r["failedAssertions"] == []
+    assert exec_start(r)[1:] == args
+
+
+def test_disabled_backdoor_sets_nothing() -> None:
+    for r in (evaluate(backdoor(enable=False)), evaluate(entry="backdoor")):
+        assert r["config"]["ntng"]["backdoor"]["enable"] is False
+        assert "ntng-backdoor" not in r["config"]["systemd"]["services"]
+        assert r["config"]["boot"]["kernelParams"] == []
+        assert r["config"]["services"]["journald"]["extraConfig"] == ""
+        assert r["failedAssertions"] == []
+
+
+def test_backdoor_module_alone_when_enabled() -> None:
+    r = evaluate(backdoor(enable=True), entry="backdoor")
+    assert exec_start(r)[1:] == ["--port-name", "org.ntng.backdoor"]
+    # None of the test-node defaults come with it.
+    assert r["config"]["services"]["getty"]["autologinUser"] is None
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"transport": "vsock", "port": "org.ntng.backdoor"},
+     'ntng.backdoor.port must be a port number like 1234 when transport is "vsock", got "org.ntng.backdoor"'),
+    ({"port": 1234},
+     'ntng.backdoor.port must be a virtio-serial port name like "org.ntng.backdoor" when transport is "virtconsole", got 1234'),
+    ({"port": "bad name; rm -rf /"}, 'when transport is "virtconsole", got "bad name; rm -rf /"'),
+])
+def test_port_must_match_transport(options: dict[str, Any], message: str) -> None:
+    failed = evaluate(backdoor(**options))["failedAssertions"]
+    assert len(failed) == 1 and message in failed[0], failed
+
+
+@pytest.mark.parametrize(("options", "option"), [
+    ({"transport": "carrier-pigeon"}, "ntng.backdoor.transport"),
+    ({"transport": "vsock", "port": 70000}, "ntng.backdoor.port"),
+    ({"enable": "yes"}, "ntng.backdoor.enable"),
+])
+def test_bad_values_fail_evaluation_naming_the_option(options: dict[str, Any], option: str) -> None:
+    with pytest.raises(EvalError) as e:
+        evaluate(backdoor(**options))
+    assert f"`{option}'" in str(e.value)
+
+
+def test_unknown_backdoor_option_fails_evaluation() -> None:
+    with pytest.raises(EvalError, match="ntng.backdoor.portName"):
+        evaluate(backdoor(portName="x"))
+
+
+def test_stand_ins_reject_misspelt_options() -> None:
+    # The unit assertions above mean something only if a typo in a module cannot slip through.
+    typos: list[dict[str, Any]] = [{"systemd": {"service": {"x": {}}}},
+                                   {"systemd": {"services": {"x": {"wantedby": ["a"]}}}},
+                                   {"services": {"journald": {"extraconfig": ""}}}]
+    for typo in typos:
+        with pytest.raises(EvalError, match="does not exist"):
+            evaluate(typo)
+
+
+def test_console_and_journal_on_ttyS0() -> None:
+    config = evaluate()["config"]
+    assert "console=ttyS0,115200" in config["boot"]["kernelParams"]
+    assert not any(p.startswith("console=hvc") for p in config["boot"]["kernelParams"])
+    journald = config["services"]["journald"]["extraConfig"].splitlines()
+    assert {"ForwardToConsole=yes", "TTYPath=/dev/ttyS0", "MaxLevelConsole=info"} <= set(journald)
+    assert unit(evaluate())["serviceConfig"]["StandardOutput"] == "journal+console"
+
+
+def firewall_openings(result: Any) -> list[str]:
+    fw = result["config"]["networking"]["firewall"]
+    opened = [f"{k}={v}" for k, v in fw.items() if v]
+    opened += [o for o in result["setByModules"]
+               if o.startswith("networking.firewall") or o.endswith("openFirewall")]
+    return opened
+
+
+@pytest.mark.parametrize("options", [{}, {"transport": "vsock"}])
+def test_no_network_listener(options: dict[str, Any]) -> None:
+    r = evaluate(backdoor(**options))
+    assert firewall_openings(r) == []
+    assert not any(a in exec_start(r) for a in ("--unix", "--fd", "--listen", "--tcp"))
+
+
+def test_firewall_check_sees_an_opened_port() -> None:
+    # The check above can fail: a port opened by any module shows up.
+    r = evaluate({"networking": {"firewall": {"allowedTCPPorts": [22]}}})
+    assert firewall_openings(r) == ["allowedTCPPorts=[22]"]
+
+
+def test_test_node_defaults() -> None:
+    r = evaluate()
+    c = r["config"]
+    assert c["ntng"]["backdoor"]["enable"] is True
+    assert c["documentation"]["enable"] is False and c["documentation"]["nixos"]["enable"] is False
+    assert c["boot"]["loader"]["grub"]["enable"] is False
+    assert c["networking"]["useDHCP"] is False
+    assert c["services"]["getty"]["autologinUser"] == "root"
+    assert c["systemd"]["enableEmergencyMode"] is False
+    services = c["systemd"]["services"]
+    for name in ("systemd-networkd-wait-online", "autovt@", "getty@tty1"):
+        assert services[name]["enable"] is False, name
+    assert "serial-getty@ttyS0" not in services  # the serial console keeps its (autologin) getty
+    assert r["failedAssertions"] == []
+
+
+def test_test_node_defaults_yield_to_the_node() -> None:
+    c = evaluate({"networking": {"useDHCP": True}, "services": {"getty": {"autologinUser": None}},
+                  "documentation": {"enable": True}})["config"]
+    assert c["networking"]["useDHCP"] is True
+    assert c["services"]["getty"]["autologinUser"] is None
+    assert c["documentation"]["enable"] is True
+
+
+def test_agent_package() -> None:
+    agent = evaluate()["agent"]
+    assert agent["name"] == "ntng-backdoor"
+    assert agent["env"]["meta"]["mainProgram"] == "ntng-backdoor"
+    script = agent["script"]
+    # Both files in one directory: the agent falls back to `import protocol` from there.
+    assert "-ntng_agent.py $out/lib/ntng-backdoor/ntng_agent.py" in script
+    assert "-protocol.py $out/lib/ntng-backdoor/protocol.py" in script
+    assert "python3-with-construct/bin/python3 -u $out/lib/ntng-backdoor/ntng_agent.py" in script
+    assert 'ntng_agent.py "\\$@"' in script  # arguments reach the agent (escaped in the heredoc)
+    assert "$out/bin/ntng-backdoor" in script and "chmod +x $out/bin/ntng-backdoor" in script
+
+
+def test_agent_falls_back_to_a_sibling_protocol_module() -> None:
+    # The package layout relies on this import fallback in the agent.
+    source = (HERE.parents[1] / "backdoor" / "ntng_agent.py").read_text()
+    assert "from ntng import protocol as P\nexcept ImportError:" in source
+    assert "import protocol as P" in source
