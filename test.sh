@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: lint, type-check, unit + property + Nix eval + e2e tests (boots VMs).
+# The test command: lint, type-check, the flake's offline checks, then unit + property + Nix eval
+# + e2e tests (boots VMs).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${NTNG_VENV:-.venv}
@@ -7,4 +8,7 @@ export PATH="$PWD/$VENV/bin:$PATH"
 export NIXPKGS_LIB=${NIXPKGS_LIB:-$(cd .. && pwd)/shared/vendor/nixpkgs-lib/lib}
 ruff check python backdoor tests bench
 mypy
+# Debian's Nix: flakes are experimental, there is no nixbld group, and nothing may be fetched.
+nix --extra-experimental-features 'nix-command flakes' --option substituters '' \
+  --option build-users-group '' flake check --no-write-lock-file
 pytest -q -ra "$@"

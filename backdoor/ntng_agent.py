@@ -24,6 +24,7 @@ import sys
 import termios
 import threading
 import time
+import tty
 from collections.abc import Callable
 from typing import Any
 
@@ -555,6 +556,18 @@ def drain(fd: int) -> None:
             return
 
 
+def serve_device(path: str, started_ns: int) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+    if os.isatty(fd):
+        tty.setraw(fd)  # a virtconsole (hvc0): no echo, no line discipline, 8-bit clean
+    log(f"serving on {path}")
+    drain(fd)
+    while True:
+        serve(Connection(fd, fd), started_ns)
+        # The host disconnected: the next ANNOUNCE blocks until one connects again.
+        log("host disconnected")
+
+
 def run_on_port(name: str) -> None:
     started_ns = time.time_ns()
     subprocess.run(["modprobe", "-q", "virtio_console"], check=False)
@@ -564,37 +577,67 @@ def run_on_port(name: str) -> None:
             break
         except FileNotFoundError:
             time.sleep(0.05)
-    fd = os.open(path, os.O_RDWR)
-    log(f"serving on {path}")
-    drain(fd)
-    while True:
-        serve(Connection(fd, fd), started_ns)
-        # The host disconnected: the next ANNOUNCE blocks until one connects again.
-        log("host disconnected")
+    serve_device(path, started_ns)
 
 
-def run_on_socket(path: str) -> None:
-    """Listen on a unix socket (tests on the host, or a vsock-proxied setup)."""
+def run_on_device(path: str) -> None:
+    """A console device such as /dev/hvc0 (Cloud Hypervisor's virtio-console)."""
     started_ns = time.time_ns()
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(path)
+    subprocess.run(["modprobe", "-q", "virtio_console"], check=False)
+    while not os.path.exists(path):
+        time.sleep(0.05)
+    serve_device(path, started_ns)
+
+
+def accept_forever(srv: socket.socket, started_ns: int) -> None:
+    """One host connection at a time; the next one is accepted when it goes away."""
     srv.listen(1)
     while True:
         c, _ = srv.accept()
         with c:
             serve(Connection(c.fileno(), c.fileno()), started_ns)
+        log("host disconnected")
+
+
+def run_on_socket(path: str) -> None:
+    """Listen on a unix socket (tests on the host, or a vsock-proxied setup)."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    accept_forever(srv, time.time_ns())
+
+
+def run_on_vsock(port: int) -> None:
+    """Listen on AF_VSOCK: the host reaches it through vhost-vsock or a hybrid vsock socket."""
+    started_ns = time.time_ns()
+    subprocess.run(["modprobe", "-q", "vmw_vsock_virtio_transport"], check=False)
+    while True:
+        try:
+            srv = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            srv.bind((socket.VMADDR_CID_ANY, port))
+            break
+        except OSError:  # the transport is still being probed
+            time.sleep(0.05)
+    log(f"serving on vsock port {port}")
+    accept_forever(srv, started_ns)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="nixos-test-ng backdoor agent")
-    ap.add_argument("--port-name", default=DEFAULT_PORT_NAME, help="virtio-serial port name")
-    ap.add_argument("--unix", help="listen on this unix socket instead of a virtio port")
-    ap.add_argument("--fd", type=int, help="serve one connection on this inherited fd")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--port-name", default=DEFAULT_PORT_NAME, help="virtio-serial port name")
+    where.add_argument("--device", help="serve on this console device (e.g. /dev/hvc0)")
+    where.add_argument("--vsock-port", type=int, help="listen on this AF_VSOCK port")
+    where.add_argument("--unix", help="listen on this unix socket instead of a virtio port")
+    where.add_argument("--fd", type=int, help="serve one connection on this inherited fd")
     args = ap.parse_args(argv)
     if args.fd is not None:
         serve(Connection(args.fd, args.fd), time.time_ns())
     elif args.unix:
         run_on_socket(args.unix)
+    elif args.vsock_port is not None:
+        run_on_vsock(args.vsock_port)
+    elif args.device:
+        run_on_device(args.device)
     else:
         run_on_port(args.port_name)
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import accel, image, paths
+from . import accel, check, image, paths
 from .errors import EXIT_OK, EXIT_SETUP, EXIT_USAGE, NtngError
 from .runner import RunOptions, run
 
@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
                    default=os.environ.get("NTNG_ACCEL", "auto"),
                    help="auto probes KVM with a real boot and falls back to TCG (default: auto)")
     r.add_argument("--image", help="guest image directory (default: the cached Debian image)")
+    r.add_argument("--spec-dir", type=Path,
+                   help="specs nixlib evaluated at build time (a mkTest driver's share/ntng) "
+                        "instead of the script's #: lines and the Debian image")
     r.add_argument("-o", "--output-directory", "--output_directory", dest="out", type=Path,
                    help="where copy_from_machine and logs go (default: ./ntng-out)")
     r.add_argument("--global-timeout", type=float, help="seconds for the whole test")
@@ -32,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--show-trace", action="store_true", help="full Nix traces on evaluation errors")
     r.add_argument("--serial-stdout", action="store_true", help="echo guest consoles")
     r.add_argument("-i", "--interactive", action="store_true", help="a REPL with the machines bound")
+
+    c = sub.add_parser("check", help="the quick check: parse, validate nodes, lint (no boot)")
+    c.add_argument("script", type=Path)
+    c.add_argument("--spec-dir", type=Path, help="a mkTest driver's evaluated specs")
+    c.add_argument("--no-type-check", action="store_true", help="skip the type check")
 
     im = sub.add_parser("image", help="guest image")
     im_sub = im.add_subparsers(dest="image_cmd", required=True)
@@ -49,7 +57,13 @@ def main(argv: list[str] | None = None) -> int:
                 global_timeout=args.global_timeout, boot_timeout=args.boot_timeout,
                 keep_state=args.keep_machine_state, show_trace=args.show_trace,
                 serial_stdout=args.serial_stdout, interactive=args.interactive,
+                spec_dir=args.spec_dir,
             ))
+        if args.cmd == "check":
+            for f in check.check(args.script, args.spec_dir):
+                print(f"{args.script}:{f.line}: warning: {f.message}", file=sys.stderr)
+            print(f"ntng check: {args.script}: ok", file=sys.stderr)
+            return EXIT_OK
         if args.cmd == "image":
             if args.image_cmd == "build":
                 image.build(force=args.force)

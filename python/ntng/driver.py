@@ -23,6 +23,13 @@ from .machine import Machine, RequestedAssertionFailed, retry
 from .polling import PollingCondition, polling_condition_factory
 from .testspec import TestSpec, compile_script
 
+# The names a test script sees besides its machines (the NixOS driver's, plus `driver`).
+DRIVER_GLOBALS = (
+    "start_all", "join_all", "subtest", "retry", "polling_condition", "serial_stdout_on",
+    "serial_stdout_off", "run_tests", "machines", "machines_qemu", "driver", "log", "Machine",
+    "BaseMachine", "RequestedAssertionFailed",
+)
+
 
 def pythonize_name(name: str) -> str:
     return re.sub(r"^[^A-Za-z_]|[^A-Za-z0-9_]", "_", name)
@@ -75,6 +82,7 @@ class Driver:
             "BaseMachine": Machine,
             "RequestedAssertionFailed": RequestedAssertionFailed,
         }
+        assert tuple(symbols) == DRIVER_GLOBALS  # the quick check lints against that list
         for m in self.machines:
             symbols[pythonize_name(m.name)] = m
         if len(self.machines) == 1:

@@ -37,6 +37,7 @@ class RunOptions:
     show_trace: bool = False
     serial_stdout: bool = False
     interactive: bool = False
+    spec_dir: Path | None = None  # a mkTest driver's evaluated specs (share/ntng)
 
 
 def log(msg: str) -> None:
@@ -47,6 +48,13 @@ def prepare(opts: RunOptions, state_root: Path) -> tuple[testspec.TestSpec, acce
     # A script that does not compile is the user's error: say so before touching any VM.
     script = testspec.read_script(opts.script)
     testspec.compile_script(opts.script, script)
+    if opts.spec_dir is not None:
+        # The probe boots one of the test's own kernels (not needed when TCG is asked for).
+        kernel = Path("/") if opts.accel == "tcg" else testspec.first_kernel(opts.spec_dir)
+        choice = accel_mod.choose(opts.accel, kernel)
+        log(f"ntng: accelerator: {choice.accel} ({choice.reason})")
+        path = testspec.spec_file(opts.spec_dir, choice.accel)
+        return testspec.load_prebuilt(opts.script, path, state_root), choice
     img = image_mod.find_image(opts.image_dir)
     if shutil.which("qemu-system-x86_64") is None:
         raise SetupError("qemu-system-x86_64 not found: apt-get install qemu-system-x86 (or run ./setup.sh)")

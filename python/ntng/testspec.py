@@ -80,6 +80,67 @@ def load(path: Path, defaults: dict[str, Any], show_trace: bool = False) -> Test
     )
 
 
+STATE_ROOT_MARKER = "@stateRoot@"
+
+
+def _substitute(value: Any, marker: str, replacement: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(marker, replacement)
+    if isinstance(value, list):
+        return [_substitute(v, marker, replacement) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, marker, replacement) for k, v in value.items()}
+    return value
+
+
+def spec_file(spec_dir: Path, accel: str) -> Path:
+    """mkTest's driver holds one evaluated spec per accelerator it can run on."""
+    path = spec_dir / f"spec-{accel}.json"
+    if not path.exists():
+        have = sorted(p.stem.removeprefix("spec-") for p in spec_dir.glob("spec-*.json"))
+        if not have:
+            raise TestScriptError(f"{spec_dir}: no spec-<accel>.json here (is this a mkTest driver's share/ntng?)")
+        raise TestScriptError(
+            f"{spec_dir}: this test has no spec for {accel} (it has: {', '.join(have)}); "
+            "Firecracker and Cloud Hypervisor nodes need KVM")
+    return path
+
+
+def load_prebuilt(path: Path, spec_path: Path, state_root: Path) -> TestSpec:
+    """A spec nixlib evaluated at build time (mkTest): only the state directory is filled in."""
+    script = read_script(path)
+    try:
+        data = json.loads(spec_path.read_text())
+    except (OSError, ValueError) as e:
+        raise TestScriptError(f"{spec_path}: not a readable test spec: {e}") from None
+    data = _substitute(data, STATE_ROOT_MARKER, str(state_root))
+    try:
+        return TestSpec(
+            script_path=path,
+            script=script,
+            name=data["name"],
+            global_timeout=float(data["globalTimeout"]),
+            node_names=list(data["nodeNames"]),
+            plans=dict(data["nodes"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise TestScriptError(f"{spec_path}: not a test spec (missing or bad {e})") from None
+
+
+def first_kernel(spec_dir: Path) -> Path:
+    """A kernel of the test, for the KVM boot probe."""
+    path = spec_file(spec_dir, "kvm")
+    try:
+        plans = json.loads(path.read_text())["nodes"].values()
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise TestScriptError(f"{path}: not a test spec ({e!r})") from None
+    for plan in plans:
+        argv = plan.get("argv", [])
+        if "-kernel" in argv:
+            return Path(argv[argv.index("-kernel") + 1])
+    raise TestScriptError(f"{spec_dir}: no QEMU node with a kernel to probe KVM with")
+
+
 def _header_error(path: Path, header: Path, stderr: str, show_trace: bool) -> NixEvalError:
     """Point at the script line: Nix names positions in the header file we wrote."""
     msg = nixeval.nix_message(stderr)

@@ -32,3 +32,9 @@ def ntng_run(script: Path, *args: str, env: dict[str, str] | None = None, timeou
         [sys.executable, "-m", "ntng.cli", "run", str(script), *args],
         capture_output=True, text=True, timeout=timeout, env=env, cwd=script.parent,
     )
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """`ntng <args>` as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "ntng.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)

@@ -1,0 +1,131 @@
+# lib.mkTest: a VM test of NixOS nodes, run by nixos-test-ng.  `pkgs` comes from the caller,
+# so the test uses the caller's nixpkgs (no version skew); everything else is nixlib.
+#
+#   checks.x86_64-linux.sync = nixos-test-ng.lib.mkTest {
+#     inherit pkgs; name = "sync";
+#     nodes.a = { ... }; nodes.b = { ... };        # NixOS modules
+#     testScript = "start_all() ...";              # NixOS test driver API
+#   };
+#
+# Result: the run derivation (requiredSystemFeatures nixos-test + kvm, output = the run's
+# artifacts), with .driver (bin/nixos-test-driver) and .driverInteractive (a REPL), .nodes (the
+# evaluated NixOS systems) and .spec (what nixlib computed, per accelerator).
+{ pkgs
+, name
+, nodes
+, testScript
+, globalTimeout ? 3600
+, backend ? "qemu"
+, skipLint ? false
+, skipTypeCheck ? false
+, defaults ? { } # a NixOS module added to every node
+, ntng ? pkgs.callPackage ./pkgs/ntng.nix { }
+, evalConfig ? import (pkgs.path + "/nixos/lib/eval-config.nix")
+}:
+let
+  inherit (pkgs) lib;
+  nixlib = import ./default.nix;
+  capabilities = import ./capabilities.nix;
+
+  # The agent's side of each nixlib transport (modules/backdoor.nix).
+  guestTransport = {
+    virtio-serial = { transport = "virtconsole"; port = "org.ntng.backdoor"; };
+    virtconsole = { transport = "virtconsole"; port = "/dev/hvc0"; };
+    vsock = { transport = "vsock"; port = 1234; };
+  };
+
+  # The plan needs every node's vlans and every node needs its part of the plan: both come
+  # from the same lazily evaluated systems (as NixOS' own test framework does with `nodes`).
+  plan = nixlib.network.plan (lib.mapAttrs (_: s: { vlans = s.config.virtualisation.vlans; }) systems);
+
+  nodeModule = nodeName: { config, lib, ... }: {
+    networking.hostName = lib.mkDefault nodeName;
+    ntng.vm.backend = lib.mkDefault backend;
+    ntng.network = { interfaces = plan.nodes.${nodeName}; inherit (plan) hostsFile; };
+    ntng.backdoor = guestTransport.${transportOf config};
+  };
+  transportOf = config: builtins.head capabilities.${config.ntng.vm.backend}.transports;
+
+  systems = lib.mapAttrs (nodeName: module: evalConfig {
+    inherit pkgs;
+    inherit (pkgs.stdenv.hostPlatform) system;
+    modules = [ module defaults ../modules/test-node.nix ../modules/vm.nix
+      ../modules/test-network.nix (nodeModule nodeName) ];
+  }) nodes;
+
+  # What nixlib's node description gets: the VM options plus the boot artefacts each backend
+  # needs (an ELF vmlinux for Firecracker and microvm, a bzImage otherwise; the ext4 root).
+  nodeRecord = nodeName: s:
+    let
+      c = s.config;
+      kernelPkg = c.system.build.kernel;
+      wantsElf = c.ntng.vm.backend == "firecracker" || c.ntng.vm.machineType == "microvm";
+      vmlinux = pkgs.callPackage ./pkgs/vmlinux.nix { kernel = kernelPkg; kernelFile = c.system.boot.loader.kernelFile; };
+      rootfs = pkgs.callPackage ./pkgs/rootfs.nix { toplevel = c.system.build.toplevel; size = c.ntng.vm.rootSize; };
+    in
+    c.ntng.vm.nodeOptions // {
+      kernel = if wantsElf then "${vmlinux}" else "${kernelPkg}/${c.system.boot.loader.kernelFile}";
+      initrd = "${c.system.build.initialRamdisk}/${c.system.boot.loader.initrdFile}";
+      image = "${rootfs}";
+      imageFormat = "raw";
+      kernelParams = c.boot.kernelParams ++ [ "init=${c.system.build.toplevel}/init" ];
+      backdoor.transport = transportOf c;
+    };
+
+  records = lib.mapAttrs nodeRecord systems;
+  backends = lib.unique (lib.mapAttrsToList (_: s: s.config.ntng.vm.backend) systems);
+  uses = b: builtins.elem b backends;
+
+  # Only the VMMs the test uses become dependencies of the driver.
+  binaries = lib.optionalAttrs (uses "qemu") {
+    qemuBinary = "${pkgs.qemu_kvm}/bin/qemu-system-x86_64";
+    qemuImg = "${pkgs.qemu_kvm}/bin/qemu-img";
+  } // lib.optionalAttrs (uses "firecracker") {
+    firecrackerBinary = lib.getExe pkgs.firecracker;
+  } // lib.optionalAttrs (uses "cloud-hypervisor") {
+    cloudHypervisorBinary = lib.getExe pkgs.cloud-hypervisor;
+  };
+
+  specFor = accel: import ./test.nix {
+    header = { inherit name globalTimeout skipLint skipTypeCheck backend; nodes = records; };
+    defaults = binaries // { inherit accel; stateRoot = "@stateRoot@"; };
+  };
+  # TCG is for QEMU only (interactive use on machines without KVM); the Nix build needs KVM.
+  spec = { kvm = specFor "kvm"; } // lib.optionalAttrs (backends == [ "qemu" ]) { tcg = specFor "tcg"; };
+  specFiles = lib.mapAttrs (accel: s: pkgs.writeText "ntng-spec-${name}-${accel}.json" (builtins.toJSON s)) spec;
+
+  script = if lib.isFunction testScript
+    then testScript { nodes = lib.mapAttrs (_: s: s.config) systems; }
+    else testScript;
+  scriptFile = pkgs.writeText "ntng-test-${name}.py" script;
+
+  checkArgs = lib.optional skipTypeCheck "--no-type-check";
+
+  mkDriver = { interactive }: pkgs.runCommand "ntng-driver-${name}${lib.optionalString interactive "-interactive"}" {
+    nativeBuildInputs = [ ntng ];
+    passthru = { inherit spec; nodes = systems; };
+  } ''
+    mkdir -p $out/bin $out/share/ntng
+    ${lib.concatStrings (lib.mapAttrsToList (accel: f: "cp ${f} $out/share/ntng/spec-${accel}.json\n") specFiles)}
+    cp ${scriptFile} $out/share/ntng/test-script.py
+    ${lib.optionalString (!skipLint) ''
+      # The quick check: parse, lint and type-check the script against the driver API, no boot.
+      ntng check ${lib.escapeShellArgs checkArgs} --spec-dir $out/share/ntng $out/share/ntng/test-script.py
+    ''}
+    cat > $out/bin/nixos-test-driver <<EOF
+    #!${pkgs.runtimeShell}
+    exec ${lib.getExe ntng} run --spec-dir $out/share/ntng ${lib.optionalString interactive "--interactive"} "\$@" $out/share/ntng/test-script.py
+    EOF
+    chmod +x $out/bin/nixos-test-driver
+  '';
+
+  driver = mkDriver { interactive = false; };
+  driverInteractive = mkDriver { interactive = true; };
+in
+pkgs.runCommand "ntng-test-${name}" {
+  requiredSystemFeatures = [ "nixos-test" "kvm" ];
+  passthru = { inherit driver driverInteractive spec; nodes = systems; };
+  meta.timeout = globalTimeout;
+} ''
+  ${driver}/bin/nixos-test-driver --accel kvm --output-directory $out
+''
