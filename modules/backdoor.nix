@@ -1,14 +1,20 @@
 # nixosModules.backdoor: the nixos-test-ng agent as an early systemd service, listening on a
-# virtio-serial port ("virtconsole") or an AF_VSOCK port, never on an IP network.
+# virtio-serial port or a console device such as /dev/hvc0 ("virtconsole"), or on an AF_VSOCK
+# port, never on an IP network.
 # Mirrors backdoor/debian/ntng-backdoor.service and journald-console.conf of the Debian image.
 { config, lib, pkgs, ... }:
 let
   inherit (lib) mkOption types;
   cfg = config.ntng.backdoor;
   vsock = cfg.transport == "vsock";
+  # A console device (Cloud Hypervisor's virtio-console is hvc0, it has no port names).
+  device = !vsock && builtins.isString cfg.port && builtins.match "/dev/hvc[0-9]+" cfg.port != null;
   # virtio_console serves named virtio-serial ports; vmw_vsock_virtio_transport needs vsock.
   kernelModules = if vsock then [ "vsock" "vmw_vsock_virtio_transport" ] else [ "virtio_console" ];
-  listenArgs = if vsock then "--vsock-port ${toString cfg.port}" else "--port-name ${toString cfg.port}";
+  listenArgs =
+    if vsock then "--vsock-port ${toString cfg.port}"
+    else if device then "--device ${cfg.port}"
+    else "--port-name ${toString cfg.port}";
 in
 {
   # `testing.backdoor` belongs to upstream NixOS' own test driver.
@@ -27,7 +33,7 @@ in
       type = types.either types.str types.port;
       default = if vsock then 1234 else "org.ntng.backdoor";
       defaultText = lib.literalExpression ''if transport == "vsock" then 1234 else "org.ntng.backdoor"'';
-      description = "virtio-serial port name (virtconsole) or vsock port number (vsock).";
+      description = "virtio-serial port name or console device /dev/hvcN (virtconsole), or vsock port number (vsock).";
     };
     package = mkOption {
       type = types.package;
@@ -41,14 +47,18 @@ in
     assertions = [
       {
         # The name goes into ExecStart unquoted and into /dev/virtio-ports/<name>.
-        assertion = vsock || (builtins.isString cfg.port && builtins.match "[A-Za-z0-9][A-Za-z0-9._-]*" cfg.port != null);
-        message = ''ntng.backdoor.port must be a virtio-serial port name like "org.ntng.backdoor" when transport is "virtconsole", got ${builtins.toJSON cfg.port}'';
+        assertion = vsock || device || (builtins.isString cfg.port && builtins.match "[A-Za-z0-9][A-Za-z0-9._-]*" cfg.port != null);
+        message = ''ntng.backdoor.port must be a virtio-serial port name like "org.ntng.backdoor" or a console device like "/dev/hvc0" when transport is "virtconsole", got ${builtins.toJSON cfg.port}'';
       }
       {
         assertion = !vsock || builtins.isInt cfg.port;
         message = ''ntng.backdoor.port must be a port number like 1234 when transport is "vsock", got ${builtins.toJSON cfg.port}'';
       }
     ];
+
+    # systemd-getty-generator starts a getty on hvc0 when it exists: it would read what the
+    # host sends the agent.  (A disabled unit is masked.)
+    systemd.services."serial-getty@${baseNameOf (toString cfg.port)}" = lib.mkIf device { enable = false; };
 
     systemd.services.ntng-backdoor = {
       description = "nixos-test-ng backdoor agent";

@@ -38,6 +38,10 @@ in
     # The whole system lives in the ext4 image on the first virtio disk (every backend has one).
     fileSystems."/" = { device = "/dev/vda"; fsType = "ext4"; };
     boot.initrd.availableKernelModules = [ "virtio_pci" "virtio_mmio" "virtio_blk" "ext4" ];
+    # virtio-mmio devices (Firecracker, microvm) have no modalias for udev to load the driver
+    # by, so stage 1 loads it outright; without it the root disk never appears.
+    boot.initrd.kernelModules = lib.optional
+      (config.ntng.vm.backend == "firecracker" || config.ntng.vm.machineType == "microvm") "virtio_mmio";
 
     ntng.vm.nodeOptions = {
       memory = config.virtualisation.memorySize;

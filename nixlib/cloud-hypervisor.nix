@@ -96,7 +96,7 @@ let
     builtins.deepSeq (checks n) {
       name = n.name;
       inherit backend;
-      inherit (n) accel memory cores bootTimeout;
+      inherit (n) accel memory cores bootTimeout kernel; # kernel: for the runner's KVM probe
       prepare = [
         # Cloud Hypervisor replaces a leftover API socket itself, but binds the vsock one.
         ([ "rm" "-f" p.api ] ++ (if vsock n then [ p.vsock ] else [ ]))

@@ -120,7 +120,7 @@ let
     builtins.deepSeq (checks n) {
       name = n.name;
       inherit backend;
-      inherit (n) accel memory cores bootTimeout;
+      inherit (n) accel memory cores bootTimeout kernel; # kernel: for the runner's KVM probe
       prepare = [
         # Firecracker refuses to start on a leftover API socket, and to bind a leftover vsock one.
         [ "rm" "-f" p.api p.vsock ]

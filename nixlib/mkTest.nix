@@ -49,8 +49,10 @@ let
   systems = lib.mapAttrs (nodeName: module: evalConfig {
     inherit pkgs;
     inherit (pkgs.stdenv.hostPlatform) system;
-    modules = [ module defaults ../modules/test-node.nix ../modules/vm.nix
-      ../modules/test-network.nix (nodeModule nodeName) ];
+    # Errors in the caller's modules name them, not this file (eval-config's default location).
+    modules = [ (lib.setDefaultModuleLocation "nodes.${nodeName} (test ${name})" module)
+      (lib.setDefaultModuleLocation "defaults (test ${name})" defaults)
+      ../modules/test-node.nix ../modules/vm.nix ../modules/test-network.nix (nodeModule nodeName) ];
   }) nodes;
 
   # What nixlib's node description gets: the VM options plus the boot artefacts each backend
@@ -95,7 +97,8 @@ let
   specFiles = lib.mapAttrs (accel: s: pkgs.writeText "ntng-spec-${name}-${accel}.json" (builtins.toJSON s)) spec;
 
   script = if lib.isFunction testScript
-    then testScript { nodes = lib.mapAttrs (_: s: s.config) systems; }
+    # nodes.<name> is the node's config; nodes.<name>.config is the old spelling, still used.
+    then testScript { nodes = lib.mapAttrs (_: s: s.config // { inherit (s) config; }) systems; }
     else testScript;
   scriptFile = pkgs.writeText "ntng-test-${name}.py" script;
 

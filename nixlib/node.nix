@@ -56,14 +56,18 @@ let
     let
       name = spec.name or (throw "node description without a name: ${toJSON spec}");
       backend = spec.backend or defaults.backend;
-      caps = capabilities.${backend} or (fail name "unknown backend ${toJSON backend} (known: ${list backends})");
+      caps = if isString backend && capabilities ? ${backend} then capabilities.${backend}
+        else fail name "unknown backend ${toJSON backend} (known: ${list backends})";
       unknown = filter (k: !(elem k known)) (attrNames spec);
       # Firecracker and Cloud Hypervisor run on KVM only: their accel defaults to kvm.
       n0 = defaults // { accel = if backend == "qemu" then defaults.accel else "kvm"; } // spec;
       n = n0 // {
+        inherit name; # a missing name is this message, not Nix's "attribute 'name' missing"
         machineType = if n0.machineType == null then builtins.head caps.machineTypes else n0.machineType;
         backdoor = backdoorDefaults backend // (if isAttrs n0.backdoor then n0.backdoor else { });
       };
+      executables = [ "qemuBinary" "qemuImg" "firecrackerBinary" "cloudHypervisorBinary" "vhostDeviceVsock" ];
+      notStrings = filter (k: !(isString n.${k})) executables;
       missing = filter (f: !(elem f caps.features)) (if isList n.requires then n.requires else [ ]);
       checks = [
         (check name (unknown == [ ]) "unknown option(s) ${list unknown} (known: ${list known})")
@@ -75,6 +79,7 @@ let
         (check name (backend == "qemu" || n.accel == "kvm")
           "accel: backend ${backend} needs KVM, it has no TCG (use backend = \"qemu\" with machineType = \"microvm\" for the same shape without KVM)")
         (check name (elem n.machineType caps.machineTypes) "machineType ${toJSON n.machineType} is not offered by backend ${backend} (it has: ${list caps.machineTypes})")
+        (check name (notStrings == [ ]) "${list notStrings}: expected the path or name of an executable (a string)")
         (check name (spec ? kernel && isString spec.kernel) "kernel (path to the guest kernel) is required")
         (check name (spec ? image && isString spec.image) "image (path to the base disk image) is required")
         (check name (spec ? stateDir && isString spec.stateDir) "stateDir is required")
@@ -93,12 +98,14 @@ let
         (check name (isAttrs n0.backdoor) "backdoor must be an attribute set ({ transport = ...; })")
         (check name (elem n.backdoor.transport [ "virtio-serial" "virtconsole" "vsock" ]) "backdoor.transport must be \"virtio-serial\", \"virtconsole\" or \"vsock\", got ${toJSON n.backdoor.transport}")
         (check name (elem n.backdoor.transport caps.transports) "backdoor.transport: backend ${backend} lacks the ${n.backdoor.transport} transport (it has: ${list caps.transports})")
+        (check name (isString n.backdoor.portName && builtins.match "[a-z0-9.-]+" n.backdoor.portName != null)
+          "backdoor.portName must be a port name (lower-case letters, digits, dots, dashes), got ${toJSON n.backdoor.portName}")
         (check name (isPort n.backdoor.vsockPort) "backdoor.vsockPort must be a port number from 1, got ${toJSON n.backdoor.vsockPort}")
         (check name (isInt n.backdoor.guestCid && n.backdoor.guestCid >= 3) "backdoor.guestCid must be an integer >= 3 (0-2 are reserved), got ${toJSON n.backdoor.guestCid}")
         (check name (isList n.vlans && all (v: isInt v && v >= 1 && v <= 254) n.vlans) "vlans must be a list of integers from 1 to 254, got ${toJSON n.vlans}")
         (check name (isList n.interfaces && all validInterface n.interfaces) "interfaces must be a list of { tap; mac = \"xx:xx:xx:xx:xx:xx\"; ... } (the network plan makes them)")
         (check name (n.interfaces == [ ] || elem "networks" caps.features) "interfaces: backend ${backend} has no networking")
-        (check name (isList n.requires) "requires must be a list of feature names")
+        (check name (isList n.requires && all isString n.requires) "requires must be a list of feature names")
         (check name (missing == [ ]) "requires ${list missing}, which backend ${backend} lacks (it has: ${list caps.features})")
       ];
     in

@@ -134,6 +134,7 @@ let
       interfaces = n.interfaces;
       capabilities = n.capabilities;
       bootTimeout = n.bootTimeout;
+      kernel = n.kernel; # for the runner's KVM probe
     };
 
   # A kernel-only boot that ends by itself: without a root fs the kernel panics, panic=-1

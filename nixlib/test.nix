@@ -8,7 +8,7 @@
 { header, defaults }:
 let
   inherit (builtins) attrNames mapAttrs match filter concatStringsSep isAttrs isInt isBool
-    isString toJSON elem genList length elemAt listToAttrs;
+    isList isString toJSON elem genList length elemAt listToAttrs;
   network = import ./network.nix;
   builders = {
     qemu = import ./qemu.nix;
@@ -39,14 +39,16 @@ let
   nodePlan = name: cfg:
     let
       backend = cfg.backend or header.backend or "qemu";
-      builder = builders.${backend} or (throw "node '${name}': unknown backend ${toJSON backend} (known: ${concatStringsSep ", " (attrNames builders)})");
+      builder = if isString backend && builders ? ${backend} then builders.${backend}
+        else throw "node '${name}': unknown backend ${toJSON backend} (known: ${concatStringsSep ", " (attrNames builders)})";
       # Firecracker and QEMU's microvm boot an ELF vmlinux, not a bzImage.
       wantsElf = backend == "firecracker" || (cfg.machineType or null) == "microvm";
       kernel = cfg.kernel or (if wantsElf then defaults.vmlinux or defaults.kernel else defaults.kernel);
       spec = removeAttrs defaults [ "stateRoot" "vmlinux" ] // cfg // {
         inherit name backend kernel;
         stateDir = "${defaults.stateRoot}/${name}";
-        kernelParams = [ "systemd.hostname=${name}" ] ++ (cfg.kernelParams or [ ]);
+        # Not a list: passed on as it is, for node.nix to reject with the node's name.
+        kernelParams = let k = cfg.kernelParams or [ ]; in if isList k then [ "systemd.hostname=${name}" ] ++ k else k;
         interfaces = net.nodes.${name};
         backdoor = let b = cfg.backdoor or { }; in if isAttrs b then { guestCid = cid name; } // b else b;
       };

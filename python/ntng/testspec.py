@@ -135,10 +135,9 @@ def first_kernel(spec_dir: Path) -> Path:
     except (OSError, ValueError, KeyError, AttributeError) as e:
         raise TestScriptError(f"{path}: not a test spec ({e!r})") from None
     for plan in plans:
-        argv = plan.get("argv", [])
-        if "-kernel" in argv:
-            return Path(argv[argv.index("-kernel") + 1])
-    raise TestScriptError(f"{spec_dir}: no QEMU node with a kernel to probe KVM with")
+        if isinstance(plan, dict) and isinstance(plan.get("kernel"), str):
+            return Path(plan["kernel"])
+    raise TestScriptError(f"{path}: no node with a kernel to probe KVM with")
 
 
 def _header_error(path: Path, header: Path, stderr: str, show_trace: bool) -> NixEvalError:

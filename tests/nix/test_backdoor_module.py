@@ -112,11 +112,26 @@ def test_vsock_transport() -> None:
 @pytest.mark.parametrize(("options", "args"), [
     ({"port": "org.example.agent"}, ["--port-name", "org.example.agent"]),
     ({"transport": "vsock", "port": 5000}, ["--vsock-port", "5000"]),
+    ({"port": "/dev/hvc0"}, ["--device", "/dev/hvc0"]),
+    ({"transport": "virtconsole", "port": "/dev/hvc1"}, ["--device", "/dev/hvc1"]),
 ])
 def test_custom_port(options: dict[str, Any], args: list[str]) -> None:
     r = evaluate(backdoor(**options))
     assert r["failedAssertions"] == []
     assert exec_start(r)[1:] == args
+
+
+def test_console_device_port() -> None:
+    # Cloud Hypervisor's virtio-console: the agent opens /dev/hvc0 itself, and no getty may
+    # (systemd-getty-generator starts one on hvc0 when it exists).
+    r = evaluate(backdoor(port="/dev/hvc0"))
+    services = r["config"]["systemd"]["services"]
+    assert services["serial-getty@hvc0"]["enable"] is False
+    assert not any(n.startswith("serial-getty@") for n in evaluate()["config"]["systemd"]["services"])
+    boot = r["config"]["boot"]
+    assert "virtio_console" in boot["kernelModules"] and "virtio_console" in boot["initrd"]["availableKernelModules"]
+    # The kernel and journal console stay on ttyS0: hvc0 is the agent's.
+    assert not any(p.startswith("console=hvc") for p in boot["kernelParams"])
 
 
 def test_disabled_backdoor_sets_nothing() -> None:
@@ -139,8 +154,12 @@ def test_backdoor_module_alone_when_enabled() -> None:
     ({"transport": "vsock", "port": "org.ntng.backdoor"},
      'ntng.backdoor.port must be a port number like 1234 when transport is "vsock", got "org.ntng.backdoor"'),
     ({"port": 1234},
-     'ntng.backdoor.port must be a virtio-serial port name like "org.ntng.backdoor" when transport is "virtconsole", got 1234'),
+     'ntng.backdoor.port must be a virtio-serial port name like "org.ntng.backdoor" or a console device like "/dev/hvc0" when transport is "virtconsole", got 1234'),
     ({"port": "bad name; rm -rf /"}, 'when transport is "virtconsole", got "bad name; rm -rf /"'),
+    # Console devices are hvcN only: no other device path (nor an option) reaches the agent.
+    ({"port": "/dev/sda"}, 'when transport is "virtconsole", got "/dev/sda"'),
+    ({"port": "/dev/hvc0 --unix /tmp/x"}, 'got "/dev/hvc0 --unix /tmp/x"'),
+    ({"transport": "vsock", "port": "/dev/hvc0"}, 'when transport is "vsock", got "/dev/hvc0"'),
 ])
 def test_port_must_match_transport(options: dict[str, Any], message: str) -> None:
     failed = evaluate(backdoor(**options))["failedAssertions"]
