@@ -91,7 +91,8 @@ let
   tscParams = n:
     if isMicrovm n && n.accel == "tcg" && n.tscKhz != null then [ "tsc_early_khz=${toString n.tscKhz}" ] else [ ];
 
-  kernelArgs = n:
+  # kernel = null: firmware boots the disk (a full image with its own boot loader).
+  kernelArgs = n: if n.kernel == null then [ "-boot" "order=c" ] else
     [ "-kernel" n.kernel ]
     ++ (if n.initrd != null then [ "-initrd" n.initrd ] else [ ])
     ++ [ "-append" (concatStringsSep " " (n.kernelParams ++ tscParams n)) ];
@@ -109,6 +110,8 @@ let
         [ n.qemuImg "create" "-q" "-f" "qcow2" "-F" n.imageFormat "-b" n.image p.disk ]
       ];
       helpers = helpers n p;
+      writeFiles = { }; # every backend's plan has the same keys (QEMU needs no config file
+      api = [ ]; # and no API calls: all of it is on the command line)
       argv =
         [ n.qemuBinary "-name" "${n.name},process=ntng-${n.name}" ]
         ++ accelArgs n

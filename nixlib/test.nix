@@ -48,10 +48,11 @@ let
         inherit name backend kernel;
         stateDir = "${defaults.stateRoot}/${name}";
         # Not a list: passed on as it is, for node.nix to reject with the node's name.
-        kernelParams = let k = cfg.kernelParams or [ ]; in if isList k then [ "systemd.hostname=${name}" ] ++ k else k;
+        kernelParams = let k = cfg.kernelParams or [ ]; in
+          if isList k && kernel != null then [ "systemd.hostname=${name}" ] ++ k else k;
         interfaces = net.nodes.${name};
         backdoor = let b = cfg.backdoor or { }; in if isAttrs b then { guestCid = cid name; } // b else b;
-      };
+      } // (if kernel == null then { initrd = cfg.initrd or null; } else { }); # disk boot: the runner's initrd is not for it
     in builder.launch spec;
 
   check = cond: msg: if cond then true else throw msg;

@@ -142,9 +142,13 @@ def first_kernel(spec_dir: Path) -> Path:
 
 def _header_error(path: Path, header: Path, stderr: str, show_trace: bool) -> NixEvalError:
     """Point at the script line: Nix names positions in the header file we wrote."""
-    msg = nixeval.nix_message(stderr)
-    m = re.search(re.escape(str(header)) + r":(\d+):(\d+)", stderr)
-    line = int(m.group(1)) if m else _declaring_line(header.read_text(), msg)
+    # The header file is ours and temporary: its positions are the script's lines.
+    msg = re.sub(re.escape(str(header)) + r":(\d+):\d+", lambda m: f"line {m.group(1)}",
+                 nixeval.nix_message(stderr))
+    # For a redefinition Nix names the first definition in the message and the second one
+    # (the line at fault) in the trace's last position.
+    positions = re.findall(re.escape(str(header)) + r":(\d+):(\d+)", stderr)
+    line = int(positions[-1][0]) if positions else _declaring_line(header.read_text(), msg)
     where = f"{path}:{line}" if line else str(path)
     err = NixEvalError(f"{where}: node declaration rejected: {msg.removeprefix('nixlib: ')}"
                        + (f"\n{stderr}" if show_trace else ""))

@@ -39,7 +39,7 @@ def nix_map(function: str, args: list[Any]) -> list[Any]:
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(args, f)
         f.flush()
-        expr = (f"{{ argsFile }}: let network = import {NETWORK}; f = {function}; in "
+        expr = (f"{{ argsFile }}: let network = import {json.dumps(str(NETWORK))}; f = {function}; in "
                 "map f (builtins.fromJSON (builtins.readFile argsFile))")
         cmd = [nixeval.nix_instantiate(), "--eval", "--strict", "--json", "--option", "build-users-group", "",
                "--expr", expr, "--argstr", "argsFile", f.name]

@@ -102,3 +102,21 @@ def test_python_builds_no_vm_command_line() -> None:
         if qemu_flags.search(line)
     ]
     assert offenders == []
+
+
+def test_disk_boot_without_a_kernel() -> None:
+    argv = launch(kernel=None, initrd=None)["argv"]
+    assert argv[argv.index("-boot") + 1] == "order=c"
+    assert "-kernel" not in argv and "-append" not in argv and "-initrd" not in argv
+    for over, message in (({"machineType": "microvm"}, "kernel = null (disk boot) needs firmware"),
+                          ({"initrd": "/i"}, "initrd and kernelParams have no effect with kernel = null")):
+        with pytest.raises(NixEvalError, match=re.escape(message)):
+            launch(kernel=None, **over)
+
+
+def test_disk_boot_in_a_test_spec_drops_the_runners_initrd() -> None:
+    spec = nixeval.call("testSpec", {
+        "header": {"nodes": {"a": {"kernel": None}, "b": {}}},
+        "defaults": {"kernel": "/k", "initrd": "/i", "image": "/img", "accel": "tcg", "stateRoot": "/r"}})
+    assert "-boot" in spec["nodes"]["a"]["argv"] and "-initrd" not in spec["nodes"]["a"]["argv"]
+    assert "systemd.hostname=b" in " ".join(spec["nodes"]["b"]["argv"])
