@@ -9,23 +9,16 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shlex
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+from nixpkgs_lib import NIXPKGS_LIB, requires_nixpkgs_lib
 
 HERE = Path(__file__).resolve().parent
-NIXPKGS_LIB = os.environ.get("NIXPKGS_LIB", "")
-
-pytestmark = [
-    pytest.mark.skipif(not NIXPKGS_LIB or not (Path(NIXPKGS_LIB) / "default.nix").is_file(),
-                       reason="NIXPKGS_LIB does not point to nixpkgs' lib (needed for evalModules)"),
-    pytest.mark.skipif(not shutil.which("nix-instantiate"), reason="nix-instantiate not found"),
-]
+pytestmark = requires_nixpkgs_lib
 
 
 class EvalError(Exception):
