@@ -68,10 +68,14 @@ let
 
       allVlans = sort lessThan (foldl' (acc: i: if elem i.vlan acc then acc else acc ++ [ i.vlan ]) [ ] all);
       vlanPlan = v: {
+        vlan = v;
         bridge = bridgeName v;
         subnet4 = "192.168.${toString v}.0/24";
         subnet6 = "2001:db8:${toString v}::/64";
         members = filter (name: elem v (vlansOf name)) names;
+        # The runner's own address on the bridge (forward_port connects from it); nodes use .1-.253.
+        hostAddress4 = "192.168.${toString v}.254";
+        hostAddress6 = "2001:db8:${toString v}::fffe";
       };
 
       # Hosts entries: every node by name at its address on its first vlan (as NixOS does).
@@ -85,7 +89,7 @@ let
       dupMacs = duplicates (map (i: i.mac) all);
       dupTaps = duplicates (map (i: i.tap) all);
     in
-      if length names > 254 then throw "network: at most 254 nodes can share the 192.168.<vlan>.0/24 plan, got ${toString (length names)}"
+      if length names > 253 then throw "network: at most 253 nodes can share the 192.168.<vlan>.0/24 plan (.254 is the runner's), got ${toString (length names)}"
       else if dupMacs != [ ] then throw "network: MAC ${builtins.head dupMacs} collides between two nodes; rename one of them"
       else if dupTaps != [ ] then throw "network: tap name ${builtins.head dupTaps} collides between two nodes; rename one of them"
       else {

@@ -109,6 +109,10 @@ let
         (check name (isList n.vlans && all (v: isInt v && v >= 1 && v <= 254) n.vlans) "vlans must be a list of integers from 1 to 254, got ${toJSON n.vlans}")
         (check name (isList n.interfaces && all validInterface n.interfaces) "interfaces must be a list of { tap; mac = \"xx:xx:xx:xx:xx:xx\"; ... } (the network plan makes them)")
         (check name (n.interfaces == [ ] || elem "networks" caps.features) "interfaces: backend ${backend} has no networking")
+        (check name (backend == "qemu" || all (i: i.vdeSocket or null == null) n.interfaces)
+          "interfaces: backend ${backend} needs TAP networking (CAP_NET_ADMIN); rootless VDE networking is QEMU-only")
+        (check name (!(isList n.kernelParams && all isString n.kernelParams) || builtins.stringLength (concatStringsSep " " n.kernelParams) <= 1900)
+          "kernelParams: the kernel command line would be ${toString (builtins.stringLength (concatStringsSep " " n.kernelParams))} bytes; Linux on x86 takes 2048 (with many nodes, ntng.hosts grows: use fewer nodes or a NixOS system)")
         (check name (isList n.requires && all isString n.requires) "requires must be a list of feature names")
         (check name (missing == [ ]) "requires ${list missing}, which backend ${backend} lacks (it has: ${list caps.features})")
       ];

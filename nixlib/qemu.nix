@@ -82,7 +82,8 @@ let
   # One NIC per interface of the network plan, on the TAP device the runner made for it.
   nicArgs = n: builtins.concatLists (builtins.genList (i:
     let nic = builtins.elemAt n.interfaces i; id = "net${toString i}"; in
-    [ "-netdev" "tap,id=${id},ifname=${nic.tap},script=no,downscript=no"
+    [ "-netdev" (if nic.vdeSocket or null != null then "vde,id=${id},sock=${nic.vdeSocket}"
+                 else "tap,id=${id},ifname=${nic.tap},script=no,downscript=no")
       "-device" "${virtio n "net"},netdev=${id},mac=${nic.mac}" ]
   ) (builtins.length n.interfaces));
 

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--show-trace", action="store_true", help="full Nix traces on evaluation errors")
     r.add_argument("--serial-stdout", action="store_true", help="echo guest consoles")
     r.add_argument("-i", "--interactive", action="store_true", help="a REPL with the machines bound")
+    r.add_argument("--network", choices=["auto", "tap", "vde"], default="auto",
+                   help="tap: bridges + TAP devices in a private namespace (root); vde: rootless switches")
 
     c = sub.add_parser("check", help="the quick check: parse, validate nodes, lint (no boot)")
     c.add_argument("script", type=Path)
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                 keep_state=args.keep_machine_state, show_trace=args.show_trace,
                 serial_stdout=args.serial_stdout, interactive=args.interactive,
                 spec_dir=args.spec_dir,
+                network=args.network,
             ))
         if args.cmd == "check":
             for f in check.check(args.script, args.spec_dir):
@@ -90,7 +93,7 @@ def doctor() -> int:
 
     for tool, pkg in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils"),
                       ("nix-instantiate", "nix-bin"), ("debootstrap", "debootstrap"),
-                      ("mkfs.ext4", "e2fsprogs")):
+                      ("mkfs.ext4", "e2fsprogs"), ("vde_switch", "vde2")):
         path = shutil.which(tool) or (f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None)
         line(path is not None, tool, path or f"missing: apt-get install {pkg}")
     if shutil.which("qemu-system-x86_64"):

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from . import network as network_mod
 from .errors import GlobalTimeout, NtngError, TestFailure, TestScriptError
 from .machine import Machine, RequestedAssertionFailed, retry
 from .polling import PollingCondition, polling_condition_factory
@@ -49,9 +50,16 @@ class Driver:
         self.global_timeout = global_timeout if global_timeout is not None else spec.global_timeout
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.polling_conditions: list[PollingCondition] = []
+        # Bridges and taps (or switches) exist before any machine starts; gone after the last.
+        self.network = network_mod.make(spec.network, self._log)
+        try:
+            self.network.start()
+        except BaseException:
+            self.network.release()
+            raise
         self.machines: list[Machine] = [
             Machine(name, spec.plans[name], out_dir, boot_timeout, self._log,
-                    callbacks=[self.check_polling_conditions])
+                    callbacks=[self.check_polling_conditions], network=self.network)
             for name in sorted(spec.node_names)
         ]
         self.timed_out = False
@@ -186,6 +194,10 @@ class Driver:
                 m.release()
             except Exception as e:
                 self.log(f"{m.name}: cleanup failed: {e}")
+        try:
+            self.network.release()
+        except Exception as e:
+            self.log(f"network: cleanup failed: {e}")
 
     def __enter__(self) -> Driver:
         return self

@@ -173,6 +173,13 @@ def configure(root: Path) -> None:
     link = wants / "ntng-backdoor.service"
     if not link.is_symlink():
         link.symlink_to("/etc/systemd/system/ntng-backdoor.service")
+    shutil.copy(deb / "ntng-net", agent_dir / "ntng-net")
+    (agent_dir / "ntng-net").chmod(0o755)
+    shutil.copy(deb / "ntng-net.service", units / "ntng-net.service")
+    si_wants = units / "sysinit.target.wants"
+    si_wants.mkdir(exist_ok=True)
+    if not (si_wants / "ntng-net.service").is_symlink():
+        (si_wants / "ntng-net.service").symlink_to("/etc/systemd/system/ntng-net.service")
     for drop_dir, src in (("systemd/journald.conf.d", "journald-console.conf"),
                           ("systemd/system/ssh.service.d", "ssh-hostkeys.conf"),
                           ("systemd/system/serial-getty@ttyS0.service.d", "serial-autologin.conf"),

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from . import netem
 from . import protocol as P
 from .backends.qemu import QemuBackend
 from .client import BackdoorClient, ExecResult, OutputCallback
@@ -27,6 +28,8 @@ from .errors import (
     TestFailure,
     WaitTimeout,
 )
+from .network import LinkCounters, Network
+from .portforward import PortForward
 
 
 class RequestedAssertionFailed(TestFailure):
@@ -56,8 +59,12 @@ class Machine:
         boot_timeout: float,
         log: Callable[[str], None] | None = None,
         callbacks: list[Callable[[], None]] | None = None,
+        network: Network | None = None,
     ) -> None:
         self.name = name
+        self.network = network if network is not None else Network({"nodes": {}, "vlans": {}}, log or print)
+        self.forwards: list[PortForward] = []
+        self.impairments: dict[tuple[int, str], netem.Impairment] = {}
         self.plan = plan
         self.out_dir = out_dir
         self.boot_timeout = boot_timeout
@@ -90,7 +97,7 @@ class Machine:
             if self.booted:
                 return
             self.log("starting vm")
-            self.backend = QemuBackend(self.name, self.plan)
+            self.backend = QemuBackend(self.name, self.plan, preexec=self.network.preexec())
             self.backend.console_callbacks.append(self._on_console)
             self.backend.start()
             self.booted = True
@@ -203,6 +210,9 @@ class Machine:
             time.sleep(0.2)
 
     def release(self) -> None:
+        for fwd in self.forwards:
+            fwd.close()
+        self.forwards = []
         if self.booted or self.backend.proc is not None:
             if self.backend.alive():
                 self.log(f"kill machine (pid {self.backend.pid})")
@@ -513,3 +523,72 @@ class Machine:
         """Extension: one guest file to a host path, sha256-verified."""
         return self.connect().get_file(source, target)
 
+
+    # -- network ------------------------------------------------------------------------------
+
+    def _vlans(self, vlan: int | None) -> list[dict[str, Any]]:
+        return self.network.interfaces(self.name) if vlan is None else [self.network.interface(self.name, vlan)]
+
+    def block(self) -> None:
+        """Unplug the machine's network cables (all NICs; the NixOS driver's eth1)."""
+        self._set_links(False)
+
+    def unblock(self) -> None:
+        self._set_links(True)
+
+    def _set_links(self, up: bool) -> None:
+        ifaces = self.network.interfaces(self.name)
+        if not ifaces:
+            raise RequestedAssertionFailed(f"{self.name}: has no network interfaces to "
+                                           f"{'unblock' if up else 'block'} (declare vlans)")
+        self.log(f"{'unblock' if up else 'block'}: links {'up' if up else 'down'} on vlan(s) "
+                 + ", ".join(str(i["vlan"]) for i in ifaces))
+        for n in range(len(ifaces)):
+            self.backend.set_link(f"net{n}", up)
+
+    def link_counters(self, vlan: int | None = None) -> LinkCounters:
+        """Extension: bytes and packets the guest sent (tx) and received (rx) on a link (default:
+        its first vlan), counted on the host's TAP device: the guest cannot fake them."""
+        return self.network.counters(self.name, vlan)
+
+    def impair(self, vlan: int | None = None, direction: str = "both", **params: Any) -> None:
+        """Extension: netem on this machine's link(s): delay (ms), jitter (ms), loss, corrupt,
+        duplicate, reorder (percent), rate (kbit/s).  direction: "in" (to the guest), "out"
+        (from it) or "both".  Calling it again replaces the link's impairment, even while
+        traffic flows; impair() with no parameters clears it."""
+        imp = netem.Impairment.from_mapping(params, where=f"{self.name}.impair")
+        netem.check_direction(direction)
+        self._apply_impairment(vlan, None if imp.is_noop else imp, direction)
+
+    def clear_impairment(self, vlan: int | None = None) -> None:
+        self._apply_impairment(vlan, None, "both")
+
+    def _apply_impairment(self, vlan: int | None, imp: netem.Impairment | None, direction: str) -> None:
+        ifaces = self._vlans(vlan)
+        if not ifaces:
+            raise RequestedAssertionFailed(f"{self.name}: has no network interfaces to impair (declare vlans)")
+        host = self.network.host_impairment()
+        for i in ifaces:
+            what = imp.describe() if imp else "none"
+            self.log(f"impairment on vlan {i['vlan']} ({direction}): {what}"
+                     + ("" if host else " [in the guest]"))
+            # Both directions are (re)set: "in" alone must clear an earlier "out".
+            for d in ("in", "out"):
+                this = imp if direction in (d, "both") else None
+                if host:
+                    self.network.impair(self.name, i["vlan"], this, d)
+                else:
+                    # Guest view: "in" (towards the guest) is the guest's ingress.
+                    self.succeed("\n".join(netem.guest_tc_commands(i["guestName"], this, d)))
+            if imp is None:
+                self.impairments.pop((i["vlan"], "both"), None)
+            else:
+                self.impairments[(i["vlan"], direction)] = imp
+
+    def forward_port(self, host_port: int = 8080, guest_port: int = 80) -> None:
+        """Forward TCP 127.0.0.1:host_port on the host to guest_port of this machine."""
+        what = f"{self.name}:{guest_port}"
+        self.network.check_forwarding(self.name)
+        self.forwards.append(PortForward(
+            host_port, lambda: self.network.connect(self.name, guest_port), what, self.log))
+        self.log(f"forwarding 127.0.0.1:{host_port} → {what}")

@@ -25,13 +25,17 @@ def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
         raise OSError(_ffi.errno, os.strerror(_ffi.errno))
 
 
-def preexec(parent_pid: int, sig: int = signal.SIGKILL) -> Callable[[], None]:
-    """A Popen preexec_fn: set the death signal, then close the race with an early parent exit."""
+def preexec(parent_pid: int, sig: int = signal.SIGKILL,
+            then: Callable[[], None] | None = None) -> Callable[[], None]:
+    """A Popen preexec_fn: set the death signal, then close the race with an early parent exit;
+    `then` runs last (e.g. entering the test's network namespace)."""
 
     def fn() -> None:
         set_pdeathsig(sig)
         if os.getppid() != parent_pid:
             os.kill(os.getpid(), sig)
+        if then is not None:
+            then()
 
     return fn
 
@@ -71,12 +75,12 @@ class _Spawner:
 _spawner: _Spawner | None = None
 
 
-def spawn(argv: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
-    """Popen(argv) as a child that is SIGKILLed when the runner process dies."""
+def spawn(argv: list[str], then: Callable[[], None] | None = None, **kwargs: object) -> subprocess.Popen[bytes]:
+    """Popen(argv) as a child that is SIGKILLed when the runner process dies (`then`: see preexec)."""
     global _spawner
     if _spawner is None:
         _spawner = _Spawner()
     pid = os.getpid()
     return _spawner.run(  # type: ignore[return-value]
-        lambda: subprocess.Popen(argv, preexec_fn=preexec(pid), **kwargs)  # type: ignore[call-overload]
+        lambda: subprocess.Popen(argv, preexec_fn=preexec(pid, then=then), **kwargs)  # type: ignore[call-overload]
     )

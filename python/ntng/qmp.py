@@ -85,14 +85,14 @@ class QMPClient:
             if q is not None:
                 q.put(msg)
 
-    def command(self, name: str, timeout: float = 30.0, **arguments: Any) -> Any:
+    def command(self, execute: str, timeout: float = 30.0, **arguments: Any) -> Any:
         if self._closed:
             raise QMPError(f"{self.name}: QMP connection is closed (VM gone?)")
         rid = next(self._ids)
         q: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         with self._lock:
             self._replies[rid] = q
-        msg: dict[str, Any] = {"execute": name, "id": rid}
+        msg: dict[str, Any] = {"execute": execute, "id": rid}
         if arguments:
             msg["arguments"] = arguments
         try:
@@ -102,10 +102,10 @@ class QMPClient:
         try:
             reply = q.get(timeout=timeout)
         except queue.Empty:
-            raise WaitTimeout(f"{self.name}: QMP {name} got no reply within {timeout}s") from None
+            raise WaitTimeout(f"{self.name}: QMP {execute} got no reply within {timeout}s") from None
         if "error" in reply:
             err = reply["error"]
-            raise QMPError(f"{self.name}: QMP {name} failed: {err.get('class')}: {err.get('desc')}")
+            raise QMPError(f"{self.name}: QMP {execute} failed: {err.get('class')}: {err.get('desc')}")
         return reply.get("return")
 
     def wait_event(self, names: set[str], timeout: float, since: int = 0) -> dict[str, Any]:

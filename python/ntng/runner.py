@@ -19,6 +19,7 @@ from types import FrameType
 from . import accel as accel_mod
 from . import hostclock, testspec
 from . import image as image_mod
+from . import network as network_mod
 from .driver import Driver
 from .errors import EXIT_OK, NtngError, SetupError
 
@@ -38,6 +39,7 @@ class RunOptions:
     serial_stdout: bool = False
     interactive: bool = False
     spec_dir: Path | None = None  # a mkTest driver's evaluated specs (share/ntng)
+    network: str = "auto"  # auto | tap | vde
 
 
 def log(msg: str) -> None:
@@ -69,6 +71,7 @@ def prepare(opts: RunOptions, state_root: Path) -> tuple[testspec.TestSpec, acce
         "tscKhz": hostclock.host_tsc_khz(),
         "accel": choice.accel,
         "stateRoot": str(state_root),
+        "networkMode": network_mod.choose_mode(opts.network, log),
     }
     spec = testspec.load(opts.script, defaults, opts.show_trace)
     return spec, choice

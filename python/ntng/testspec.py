@@ -31,6 +31,7 @@ class TestSpec:
     global_timeout: float
     node_names: list[str]
     plans: dict[str, dict[str, Any]]
+    network: dict[str, Any] = dataclasses.field(default_factory=lambda: {"nodes": {}, "vlans": {}, "mode": "tap"})
 
 
 def read_script(path: Path) -> str:
@@ -77,6 +78,7 @@ def load(path: Path, defaults: dict[str, Any], show_trace: bool = False) -> Test
         global_timeout=float(data["globalTimeout"]),
         node_names=data["nodeNames"],
         plans=data["nodes"],
+        network=data["network"],
     )
 
 
@@ -122,6 +124,7 @@ def load_prebuilt(path: Path, spec_path: Path, state_root: Path) -> TestSpec:
             global_timeout=float(data["globalTimeout"]),
             node_names=list(data["nodeNames"]),
             plans=dict(data["nodes"]),
+            network=dict(data["network"]),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise TestScriptError(f"{spec_path}: not a test spec (missing or bad {e})") from None

@@ -21,11 +21,34 @@ def qemu_pids(tag: str) -> list[int]:
 
 def start_runner(tmp_path: Path, tmpdir: Path) -> subprocess.Popen[str]:
     script = tmp_path / "slow.py"
-    script.write_text("machine.succeed('true')\nmachine.succeed('sleep 600')\n")
+    # On a vlan: the runner also owns a network namespace with a bridge and a tap.
+    script.write_text("#: nodes.machine = { vlans = [ 1 ]; };\n"
+                      "machine.succeed('true')\nmachine.succeed('sleep 600')\n")
     env = {**os.environ, "TMPDIR": str(tmpdir)}
     return subprocess.Popen([sys.executable, "-m", "ntng.cli", "run", str(script), "--accel", "tcg"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
+
+
+def netns_of(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/net")
+
+
+def netns_holders(ns: str) -> list[str]:
+    """Processes in network namespace `ns` or holding a descriptor on it."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if os.readlink(proc / "ns/net") == ns:
+                found.append(f"pid {proc.name}")
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) == ns:
+                    found.append(f"pid {proc.name} fd {fd.name}")
+        except OSError:
+            continue  # gone meanwhile
+    return found
 
 
 def wait_for_vm(tmpdir: Path, timeout: float = 300) -> list[int]:
@@ -48,12 +71,17 @@ def test_runner_death_takes_the_vm_along(tmp_path: Path, guest_image: object, ho
     try:
         pids = wait_for_vm(tmpdir)
         time.sleep(3)  # inside `sleep 600` now
+        ns = netns_of(pids[0])
+        assert ns != os.readlink("/proc/self/ns/net"), "QEMU runs in the host's network namespace"
         proc.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
         out, _ = proc.communicate(timeout=60)
         deadline = time.monotonic() + 20
         while qemu_pids(str(tmpdir)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert qemu_pids(str(tmpdir)) == [], f"QEMU {pids} outlived the runner"
+        # Nothing refers to the namespace any more (no process in it, no descriptor on it), so
+        # the kernel has freed it with its bridge and tap; nothing is left to reap.
+        assert netns_holders(ns) == [], f"{ns} outlived the runner"
         if how == "ctrl-c":
             assert proc.returncode == 130, out
             assert list(tmpdir.glob("ntng-run-*")) == [], "state dir left behind"

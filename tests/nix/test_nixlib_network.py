@@ -107,10 +107,13 @@ def check_plan(nodes: Nodes, p: Plan) -> None:
     assert sorted(p["vlans"], key=int) == [str(v) for v in all_vlans]
     for v in all_vlans:
         assert p["vlans"][str(v)] == {
+            "vlan": v,
             "bridge": f"ntng-br{v}",
             "subnet4": f"192.168.{v}.0/24",
             "subnet6": f"2001:db8:{v}::/64",
             "members": [n for n in names if v in vlans_of(nodes, n)],
+            "hostAddress4": f"192.168.{v}.254",
+            "hostAddress6": f"2001:db8:{v}::fffe",
         }
 
     # Hosts: every node with a vlan, at its address on its first vlan; nodes without none.
@@ -233,12 +236,13 @@ def test_long_names_sharing_a_prefix() -> None:
     assert all(t.startswith(stem) for t in taps)
 
 
-def test_254_nodes_fill_a_vlan() -> None:
-    nodes: Nodes = {f"n{i:03d}": {"vlans": [7]} for i in range(1, 255)}
+def test_253_nodes_fill_a_vlan_and_leave_254_to_the_runner() -> None:
+    nodes: Nodes = {f"n{i:03d}": {"vlans": [7]} for i in range(1, 254)}
     p = plan(nodes)
     check_plan(nodes, p)
-    assert p["nodes"]["n254"][0]["ipv4"] == "192.168.7.254"
-    assert len(p["hosts"]) == 2 * 254
+    assert p["nodes"]["n253"][0]["ipv4"] == "192.168.7.253"
+    assert p["vlans"]["7"]["hostAddress4"] == "192.168.7.254"
+    assert len(p["hosts"]) == 2 * 253
 
 
 @pytest.mark.parametrize("vlans", [[0], [255], ["1"], [-1], [1.5], [None], [1, 2, 1], 1, "1", {"a": 1}])

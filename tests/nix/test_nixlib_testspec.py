@@ -128,7 +128,33 @@ def test_spec_top_level(mixed: Spec) -> None:
     assert mixed["nodeNames"] == sorted(NODES)
     assert sorted(mixed["nodes"]) == sorted(NODES)
     # The test's network is the network plan of the nodes' vlans.
-    assert mixed["network"] == nixeval.call("network.plan", NODES)
+    plan = nixeval.call("network.plan", NODES)
+    net = mixed["network"]
+    assert net["mode"] == "tap"
+    assert net["hosts"] == plan["hosts"] and net["hostsFile"] == plan["hostsFile"]
+    assert {v: {k: x for k, x in p.items() if k != "vdeSocket"} for v, p in net["vlans"].items()} == plan["vlans"]
+    assert {n: [{k: x for k, x in i.items() if k != "vdeSocket"} for i in ifs] for n, ifs in net["nodes"].items()} == plan["nodes"]
+
+
+def test_guests_get_their_network_on_the_kernel_command_line(mixed: Spec) -> None:
+    # The Debian image's ntng-net reads these; every NIC and every node's hosts entry is there.
+    params = " ".join(mixed["nodes"]["server"]["argv"])
+    assert len(mixed["network"]["nodes"]["server"]) == 2
+    for i in mixed["network"]["nodes"]["server"]:
+        assert f"ntng.if={i['mac']},{i['guestName']},{i['ipv4']}/24,{i['ipv6']}/64" in params
+    hosts = ",".join(f"{h['names'][0]}={h['address']}" for h in mixed["network"]["hosts"])
+    assert f"ntng.hosts={hosts}" in params and "net.ifnames=0" in params
+
+
+def test_vde_mode_puts_nics_on_switch_sockets() -> None:
+    qemu_nodes = {k: v for k, v in NODES.items() if v.get("backend", "qemu") == "qemu"}
+    s = spec({**HEADER, "nodes": qemu_nodes}, networkMode="vde")
+    argv = " ".join(s["nodes"]["server"]["argv"])
+    assert s["network"]["mode"] == "vde" and "-netdev tap" not in argv
+    for i in s["network"]["nodes"]["server"]:
+        sock = f"{DEFAULTS['stateRoot']}/vde{i['vlan']}"
+        assert i["vdeSocket"] == sock and s["network"]["vlans"][str(i["vlan"])]["vdeSocket"] == sock
+        assert f"sock={sock}" in argv
 
 
 def test_nodes_get_distinct_cids_and_state_dirs(mixed: Spec) -> None:

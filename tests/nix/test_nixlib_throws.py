@@ -163,8 +163,8 @@ CASES: dict[Key, Call | Callable[[], Call]] = {
     ("network.nix", "node '…': vlans must be a list of integers from 1 to 254, got …"): (NET, {"a": {"vlans": 1}}),
     ("network.nix", "node '…': vlans: … is out of range (vlans are integers from 1 to 254)"): (NET, {"a": {"vlans": [255]}}),
     ("network.nix", "node '…': vlans: vlan … is listed twice"): (NET, {"a": {"vlans": [2, 1, 2]}}),
-    ("network.nix", "network: at most 254 nodes can share the 192.168.<vlan>.0/24 plan, got …"):
-        (NET, {f"n{i}": {} for i in range(255)}),
+    ("network.nix", "network: at most 253 nodes can share the 192.168.<vlan>.0/24 plan (.254 is the runner's), got …"):
+        (NET, {f"n{i}": {} for i in range(254)}),
     ("network.nix", "network: MAC … collides between two nodes; rename one of them"): mac_collision,
     ("network.nix", "network: tap name … collides between two nodes; rename one of them"): tap_collision,
 
@@ -240,6 +240,11 @@ CASES: dict[Key, Call | Callable[[], Call]] = {
     ("test.nix", "skipLint must be a boolean"): header(skipLint=1),
     ("test.nix", "skipTypeCheck must be a boolean"): header(skipTypeCheck="no"),
     ("test.nix", "name must be a string"): header(name=["t"]),
+    ("test.nix", 'networkMode must be "tap" or "vde", got …'): (TS, {"header": {"nodes": {"a": {}}}, "defaults": {**DEFAULTS, "networkMode": "slirp"}}),
+    ("node.nix", "interfaces: backend … needs TAP networking (CAP_NET_ADMIN); rootless VDE networking is QEMU-only"):
+        node(FC, interfaces=[{"tap": "t", "mac": "52:54:00:00:00:01", "vdeSocket": "/s/vde1"}]),
+    ("node.nix", "kernelParams: the kernel command line would be … bytes; Linux on x86 takes 2048 (with many nodes, ntng.hosts grows: use fewer nodes or a NixOS system)"):
+        (TS, {"header": {"nodes": {f"node{i:03}": {"vlans": [1]} for i in range(60)}}, "defaults": DEFAULTS}),
 }
 
 WRAPPER = "the `fail` helper: what it throws is the message of each fail/check site, listed in CASES"

@@ -29,9 +29,11 @@ class QemuBackend:
     name = "qemu"
     capabilities = CAPABILITIES
 
-    def __init__(self, machine_name: str, plan: dict[str, Any]) -> None:
+    def __init__(self, machine_name: str, plan: dict[str, Any],
+                 preexec: Callable[[], None] | None = None) -> None:
         self.machine_name = machine_name
         self.plan = plan
+        self.preexec = preexec  # runs in the child before exec: enters the test's network namespace
         self.proc: subprocess.Popen[bytes] | None = None
         self.qmp: QMPClient | None = None
         self.console_lines: collections.deque[str] = collections.deque(maxlen=2000)
@@ -60,7 +62,7 @@ class QemuBackend:
         try:
             with open(self.stderr_path, "wb") as err:
                 self.proc = pdeathsig.spawn(
-                    argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True
+                    argv, then=self.preexec, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True
                 )
         except FileNotFoundError:
             raise SetupError(
@@ -151,6 +153,9 @@ class QemuBackend:
 
     def screendump(self, path: Path) -> None:
         self._qmp().command("screendump", filename=str(path))
+
+    def set_link(self, netdev: str, up: bool) -> None:
+        self._qmp().command("set_link", name=netdev, up=up)
 
     def pause(self) -> None:
         self._qmp().command("stop")

@@ -1,0 +1,273 @@
+"""The test's network, made from nixlib's network plan (nixlib/network.nix).
+
+Two modes, chosen before nixlib computes the VM command lines (the NICs differ):
+  tap  bridges and TAP devices made with pyroute2 inside the runner's own network namespace
+       (python/ntng/netns.py); QEMU runs inside it.  Link counters, impairment with tc on the
+       taps, forward_port.  Needs CAP_NET_ADMIN (and CAP_SYS_ADMIN for the namespace).
+  vde  rootless: one vde_switch per vlan, as the NixOS driver does.  No counters, no
+       forward_port; they raise CapabilityMissing saying so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import netem, pdeathsig
+from .errors import SetupError, TestScriptError
+from .netns import CAP_NET_ADMIN, CAP_SYS_ADMIN, NetNamespace, has_capability
+
+Log = Callable[[str], None]
+
+
+class CapabilityMissing(TestScriptError):
+    """The test asked for something this run's network mode cannot do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkCounters:
+    """Bytes and packets on one link, from the guest's point of view (tx = sent by the guest)."""
+
+    rx_bytes: int
+    rx_packets: int
+    tx_bytes: int
+    tx_packets: int
+
+    def __sub__(self, other: LinkCounters) -> LinkCounters:
+        return LinkCounters(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other),
+                                                   strict=True)))
+
+    @property
+    def total_bytes(self) -> int:
+        return self.rx_bytes + self.tx_bytes
+
+
+def choose_mode(requested: str, log: Log) -> str:
+    """"tap" when the runner may make devices and namespaces, else "vde" (said loudly)."""
+    if requested not in ("auto", "tap", "vde"):
+        raise SetupError(f"--network must be auto, tap or vde, got {requested!r}")
+    missing = [name for cap, name in ((CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"))
+               if not has_capability(cap)]
+    if not os.path.exists("/dev/net/tun"):
+        missing.append("/dev/net/tun")
+    if requested == "tap" and missing:
+        raise SetupError(f"--network tap needs {', '.join(missing)}; run as root or use --network vde")
+    if requested == "auto" and missing:
+        log(f"ntng: WARNING: no {', '.join(missing)}: rootless VDE networking "
+            "(no link counters, no forward_port; impairment runs inside the guests)")
+        return "vde"
+    return "tap" if requested == "auto" else requested
+
+
+class Network:
+    """What machines and test scripts ask of the network, whatever the mode."""
+
+    mode = "none"
+
+    def __init__(self, plan: dict[str, Any], log: Log) -> None:
+        self.plan = plan
+        self.log = log
+
+    def interfaces(self, node: str) -> list[dict[str, Any]]:
+        return list(self.plan["nodes"].get(node, []))
+
+    def interface(self, node: str, vlan: int | None) -> dict[str, Any]:
+        ifaces = self.interfaces(node)
+        if node not in self.plan["nodes"]:
+            raise TestScriptError(f"no node called {node!r} (nodes: {', '.join(sorted(self.plan['nodes']))})")
+        if not ifaces:
+            raise TestScriptError(f"{node}: has no network interfaces (declare vlans = [ … ] for it)")
+        if vlan is None:
+            return ifaces[0]
+        for i in ifaces:
+            if i["vlan"] == vlan:
+                return i
+        raise TestScriptError(f"{node}: is not on vlan {vlan} (its vlans: {', '.join(str(i['vlan']) for i in ifaces)})")
+
+    def start(self) -> None:
+        pass
+
+    def preexec(self) -> Callable[[], None] | None:
+        """Run in a VMM's child process before exec (tap mode: enter the namespace)."""
+        return None
+
+    def counters(self, node: str, vlan: int | None = None) -> LinkCounters:
+        raise CapabilityMissing(f"{node}: link counters need TAP networking (CAP_NET_ADMIN); "
+                                f"this run uses {self.mode} networking")
+
+    def host_impairment(self) -> bool:
+        """Whether impairment is applied on the host side (else machines apply it in the guest)."""
+        return False
+
+    def impair(self, node: str, vlan: int | None, imp: netem.Impairment | None, direction: str) -> None:
+        raise CapabilityMissing(f"{node}: host-side impairment needs TAP networking and sch_netem")
+
+    def set_link(self, node: str, vlan: int | None, up: bool) -> None:
+        raise CapabilityMissing(f"{node}: link up/down needs TAP networking (CAP_NET_ADMIN)")
+
+    def check_forwarding(self, node: str) -> None:
+        """Raise now, not at the first connection, if forward_port cannot reach `node`."""
+        self.connect(node, 0)
+
+    def connect(self, node: str, port: int, timeout: float = 10.0) -> socket.socket:
+        raise CapabilityMissing(f"{node}: forward_port needs TAP networking (CAP_NET_ADMIN); "
+                                f"this run uses {self.mode} networking")
+
+    def release(self) -> None:
+        pass
+
+
+class TapNetwork(Network):
+    mode = "tap"
+
+    def __init__(self, plan: dict[str, Any], log: Log) -> None:
+        super().__init__(plan, log)
+        self.ns: NetNamespace | None = None
+        self.ipr: Any = None
+        self._host_netem: bool | None = None
+
+    def start(self) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        self.ns = NetNamespace()
+        self.ipr = IPRoute(netns=self.ns.fd)
+        ipr = self.ipr
+        step = "bring up lo"
+        try:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            for vlan in self.plan["vlans"].values():
+                br = vlan["bridge"]
+                step = f"create bridge {br}"
+                # No STP and no forwarding delay: a link is usable the moment a guest's NIC is.
+                ipr.link("add", ifname=br, kind="bridge", br_stp_state=0, br_forward_delay=0)
+                idx = ipr.link_lookup(ifname=br)[0]
+                step = f"address bridge {br}"
+                ipr.addr("add", index=idx, address=vlan["hostAddress4"], prefixlen=24)
+                ipr.addr("add", index=idx, address=vlan["hostAddress6"], prefixlen=64,
+                         flags=0x02)  # IFA_F_NODAD: usable at once
+                ipr.link("set", index=idx, state="up")
+            for node, ifaces in self.plan["nodes"].items():
+                for i in ifaces:
+                    step = f"create tap {i['tap']} for {node}"
+                    ipr.link("add", ifname=i["tap"], kind="tuntap", mode="tap")
+                    idx = ipr.link_lookup(ifname=i["tap"])[0]
+                    master = ipr.link_lookup(ifname=i["bridge"])[0]
+                    ipr.link("set", index=idx, master=master, state="up")
+        except NetlinkError as e:
+            raise SetupError(f"network: cannot {step}: {e}") from None
+        self.log(f"ntng: network: {len(self.plan['vlans'])} bridge(s), "
+                 f"{sum(len(v) for v in self.plan['nodes'].values())} tap(s) in namespace net:[{self.ns.inode}]")
+
+    def preexec(self) -> Callable[[], None] | None:
+        ns = self.ns
+        return ns.enter if ns is not None else None
+
+    def _index(self, tap: str) -> int:
+        found = self.ipr.link_lookup(ifname=tap)
+        if not found:
+            raise SetupError(f"network: tap {tap} is gone")
+        return int(found[0])
+
+    def counters(self, node: str, vlan: int | None = None) -> LinkCounters:
+        tap = self.interface(node, vlan)["tap"]
+        link = self.ipr.get_links(self._index(tap))[0]
+        s = link.get_attr("IFLA_STATS64")
+        # The tap's rx is what the guest sent.
+        return LinkCounters(rx_bytes=s["tx_bytes"], rx_packets=s["tx_packets"],
+                            tx_bytes=s["rx_bytes"], tx_packets=s["rx_packets"])
+
+    def host_impairment(self) -> bool:
+        if self._host_netem is None:
+            self._host_netem = netem.host_netem_supported(self.ipr)
+            if not self._host_netem:
+                self.log("ntng: the host kernel has no sch_netem: impairment is applied inside the guests with tc")
+        return self._host_netem
+
+    def impair(self, node: str, vlan: int | None, imp: netem.Impairment | None, direction: str) -> None:
+        i = self.interface(node, vlan)
+        netem.apply_host(self.ipr, i["tap"], imp, direction, ifb_name=f"ifb{i['tap']}"[:15])
+
+    def set_link(self, node: str, vlan: int | None, up: bool) -> None:
+        tap = self.interface(node, vlan)["tap"]
+        self.ipr.link("set", index=self._index(tap), state="up" if up else "down")
+
+    def check_forwarding(self, node: str) -> None:
+        self.interface(node, None)
+
+    def connect(self, node: str, port: int, timeout: float = 10.0) -> socket.socket:
+        if self.ns is None:
+            raise SetupError("network: not started")
+        addr = self.interface(node, None)["ipv4"]
+        sock = self.ns.socket()
+        sock.settimeout(timeout)
+        try:
+            sock.connect((addr, port))
+        except OSError as e:
+            sock.close()
+            raise ConnectionError(f"{node}: cannot connect to {addr}:{port}: {e}") from None
+        sock.settimeout(None)
+        return sock
+
+    def release(self) -> None:
+        # The namespace and every bridge and tap in it go away with the last reference; the
+        # VMMs holding taps were killed before this.
+        if self.ipr is not None:
+            self.ipr.close()
+            self.ipr = None
+        if self.ns is not None:
+            self.ns.close()
+            self.ns = None
+
+
+class VdeNetwork(Network):
+    mode = "vde"
+
+    def __init__(self, plan: dict[str, Any], log: Log) -> None:
+        super().__init__(plan, log)
+        self.switches: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        exe = shutil.which("vde_switch")
+        if exe is None:
+            raise SetupError("rootless networking needs vde_switch: apt-get install vde2 (or run ./setup.sh)")
+        for vlan in self.plan["vlans"].values():
+            sock = Path(vlan["vdeSocket"])
+            # stdin stays open: vde_switch reads commands from it and quits at EOF.
+            proc = pdeathsig.spawn([exe, "--sock", str(sock), "--dirmode", "0700"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, start_new_session=True)
+            self.switches.append(proc)
+            deadline = time.monotonic() + 10
+            while not (sock / "ctl").exists():
+                if proc.poll() is not None:
+                    err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+                    raise SetupError(f"network: vde_switch for vlan {vlan['vlan']} exited: {err or '(no output)'}")
+                if time.monotonic() > deadline:
+                    raise SetupError(f"network: vde_switch for vlan {vlan['vlan']} made no {sock}/ctl in 10s")
+                time.sleep(0.02)
+        self.log(f"ntng: network: rootless, {len(self.switches)} vde_switch(es)")
+
+    def release(self) -> None:
+        for proc in self.switches:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            for f in (proc.stdin, proc.stderr):
+                if f is not None:
+                    f.close()
+        self.switches = []
+
+
+def make(plan: dict[str, Any], log: Log) -> Network:
+    """The network for a test spec's plan (a test without vlans gets a Network that has none)."""
+    if not plan.get("vlans"):
+        return Network(plan, log)
+    return VdeNetwork(plan, log) if plan.get("mode") == "vde" else TapNetwork(plan, log)
