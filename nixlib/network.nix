@@ -48,8 +48,32 @@ let
         if d != [ ] then throw "node '${name}': vlans: vlan ${toString (builtins.head d)} is listed twice" else vs;
       number = name: indexOf name names + 1;
 
+      # impairments = [ { vlan = 1; delay = 50; loss = 5; direction = "both"; } … ]: netem on
+      # the node's link from the start.  The values are checked by the runner (python/ntng/
+      # netem.py, one definition for these and run-time impair() calls); the links here.
+      impairmentsOf = name:
+        let
+          is = nodes.${name}.impairments or [ ];
+          vs = vlansOf name;
+          ok = i: builtins.isAttrs i && i ? vlan;
+        in
+        if !(builtins.isList is) || !(builtins.all ok is) then
+          throw "node '${name}': impairments must be a list of { vlan = <n>; delay = …; loss = …; … }, got ${toJSON is}"
+        else
+          let
+            bad = filter (i: !(elem i.vlan vs)) is;
+            dup = duplicates (map (i: toString i.vlan) is);
+          in
+          if bad != [ ] then throw "node '${name}': impairments: vlan ${toJSON (builtins.head bad).vlan} is not one of the node's vlans (${concatStringsSep ", " (map toString vs)})"
+          else if dup != [ ] then throw "node '${name}': impairments: vlan ${builtins.head dup} is impaired twice"
+          else is;
+      impairmentOn = name: vlan:
+        let found = filter (i: i.vlan == vlan) (impairmentsOf name); in
+        if found == [ ] then null else removeAttrs (builtins.head found) [ "vlan" ];
+
       interface = name: i: vlan: {
         inherit vlan;
+        impairment = impairmentOn name vlan;
         tap = tapName name vlan;
         mac = mac name vlan;
         bridge = bridgeName vlan;

@@ -27,6 +27,7 @@ let
     extraSerialPorts = [ ]; # names of additional virtio-serial ports, each on its own socket
     backdoor = { };
     vlans = [ ]; # the test's network plan turns these into `interfaces`
+    impairments = [ ]; # the network plan checks these and puts them on the interfaces
     interfaces = [ ];
     requires = [ ]; # features the test needs from the backend (see capabilities.nix)
   };

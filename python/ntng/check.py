@@ -10,7 +10,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from . import testspec
+from . import network, testspec
 from .driver import DRIVER_GLOBALS, pythonize_name
 from .errors import TestScriptError
 
@@ -69,12 +69,15 @@ def lint(path: Path, script: str, node_names: list[str]) -> list[Finding]:
 def node_names_of(path: Path, script: str, spec_dir: Path | None) -> list[str]:
     if spec_dir is not None:
         data = json.loads(testspec.spec_file(spec_dir, "kvm").read_text())
+        network.declared_impairments(data["network"], str(path))
         return list(data["nodeNames"])
     # Validate the `#:` node declarations through nixlib; no file needs to exist for that.
     defaults = {"kernel": "/check/kernel", "vmlinux": "/check/vmlinux", "initrd": "/check/initrd",
                 "image": "/check/root.ext4", "imageFormat": "raw", "accel": "tcg",
                 "stateRoot": "/check/state"}
-    return testspec.load(path, defaults).node_names
+    spec = testspec.load(path, defaults)
+    network.declared_impairments(spec.network, str(path))  # values: the runner's rules
+    return spec.node_names
 
 
 def check(path: Path, spec_dir: Path | None = None) -> list[Finding]:

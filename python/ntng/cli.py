@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import accel, check, image, paths
+from . import accel, check, image, network, paths
 from .errors import EXIT_OK, EXIT_SETUP, EXIT_USAGE, NtngError
 from .runner import RunOptions, run
 
@@ -113,12 +113,34 @@ def doctor() -> int:
         line(works, "KVM", why + ("" if works else " → TCG will be used (about 10x slower)"))
     else:
         print("[??] KVM: /dev/kvm exists; the boot probe needs the guest image")
-    line(os.path.exists("/dev/net/tun"), "TAP networking", "/dev/net/tun" if os.path.exists("/dev/net/tun") else "no /dev/net/tun")
+    mode = network.choose_mode("auto", lambda _msg: None)
+    print(f"[{'ok' if mode == 'tap' else '--'}] networks: "
+          + ("bridges + TAP devices in a private namespace" if mode == "tap"
+             else "no CAP_NET_ADMIN or /dev/net/tun: rootless VDE switches (no counters, no forward_port)"))
+    if mode == "tap":
+        on_host = netem_on_host()
+        print(f"[{'ok' if on_host else '--'}] impairment: "
+              + ("sch_netem on the host's taps" if on_host
+                 else "the host kernel has no sch_netem → applied with tc inside the guests"))
     vsock = os.path.exists("/dev/vhost-vsock")
     print(f"[{'ok' if vsock else '--'}] AF_VSOCK host side: {'/dev/vhost-vsock' if vsock else 'no /dev/vhost-vsock (virtio-serial backdoor is used)'}")
     print(f"     cache: {paths.cache_dir()}")
     print("ntng doctor: " + ("everything needed for a run is here" if ok else "some parts are missing (see !!)"))
     return EXIT_OK if img is not None else EXIT_SETUP
+
+
+def netem_on_host() -> bool:
+    from pyroute2 import IPRoute
+
+    from .netem import host_netem_supported
+    from .netns import NetNamespace
+
+    ns = NetNamespace()  # probe where it cannot disturb the host's devices
+    try:
+        with IPRoute(netns=ns.fd) as ipr:
+            return host_netem_supported(ipr)
+    finally:
+        ns.close()
 
 
 if __name__ == "__main__":

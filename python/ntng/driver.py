@@ -50,6 +50,8 @@ class Driver:
         self.global_timeout = global_timeout if global_timeout is not None else spec.global_timeout
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.polling_conditions: list[PollingCondition] = []
+        # Declared impairments are checked before anything is made.
+        declared = network_mod.declared_impairments(spec.network, str(spec.script_path))
         # Bridges and taps (or switches) exist before any machine starts; gone after the last.
         self.network = network_mod.make(spec.network, self._log)
         try:
@@ -62,6 +64,8 @@ class Driver:
                     callbacks=[self.check_polling_conditions], network=self.network)
             for name in sorted(spec.node_names)
         ]
+        for m in self.machines:
+            m.declared_impairments = {vlan: d for (node, vlan), d in declared.items() if node == m.name}
         self.timed_out = False
         self._timer: threading.Timer | None = None
         self._fallback: threading.Timer | None = None

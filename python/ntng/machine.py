@@ -65,6 +65,8 @@ class Machine:
         self.network = network if network is not None else Network({"nodes": {}, "vlans": {}}, log or print)
         self.forwards: list[PortForward] = []
         self.impairments: dict[tuple[int, str], netem.Impairment] = {}
+        # vlan → (impairment, direction) from the test's node declarations, applied at each boot
+        self.declared_impairments: dict[int, tuple[netem.Impairment, str]] = {}
         self.plan = plan
         self.out_dir = out_dir
         self.boot_timeout = boot_timeout
@@ -138,6 +140,8 @@ class Machine:
         self._note_boot(ack.boot_id)
         self.log(f"connected to agent {ack.agent_version} (boot {ack.boot_id[:8]}, "
                  f"{time.monotonic() - t0:.1f}s)")
+        for vlan, (imp, direction) in self.declared_impairments.items():
+            self._apply_impairment(vlan, imp, direction)
         return self.client
 
     def _note_boot(self, boot_id: str) -> None:

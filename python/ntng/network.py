@@ -266,6 +266,26 @@ class VdeNetwork(Network):
         self.switches = []
 
 
+def declared_impairments(plan: dict[str, Any], where: str) -> dict[tuple[str, int], tuple[netem.Impairment, str]]:
+    """The impairments a test declares on its nodes' links (nodes.<n>.impairments), checked:
+    a bad value is the script's error before any VM starts."""
+    out = {}
+    for node, ifaces in plan["nodes"].items():
+        for i in ifaces:
+            decl = i.get("impairment")
+            if decl is None:
+                continue
+            ctx = f"{where}: nodes.{node}.impairments (vlan {i['vlan']})"
+            params = {k: v for k, v in decl.items() if k != "direction"}
+            direction = decl.get("direction", "both")
+            try:
+                netem.check_direction(direction)
+            except netem.ImpairmentError as e:
+                raise netem.ImpairmentError(f"{ctx}: {e}") from None
+            out[(node, i["vlan"])] = (netem.Impairment.from_mapping(params, where=ctx), direction)
+    return out
+
+
 def make(plan: dict[str, Any], log: Log) -> Network:
     """The network for a test spec's plan (a test without vlans gets a Network that has none)."""
     if not plan.get("vlans"):

@@ -24,7 +24,8 @@ from ntng.network import CapabilityMissing
 
 pytestmark = pytest.mark.e2e
 
-HEADER = "#: nodes.a = { vlans = [ 1 ]; };\n#: nodes.b = { vlans = [ 1 2 ]; };\n"
+HEADER = ("#: nodes.a = { vlans = [ 1 ]; };\n"
+          "#: nodes.b = { vlans = [ 1 2 ]; impairments = [ { vlan = 2; delay = 40; direction = \"out\"; } ]; };\n")
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,12 @@ def test_nodes_reach_each_other_by_name_on_planned_addresses(net: Driver) -> Non
     b.succeed("ping -c 1 -W 5 a")
     # a is not on vlan 2: nothing there answers for it.
     b.fail("ping -c 1 -W 2 -I eth1 192.168.2.1")
+
+
+def test_declared_impairment_is_in_place_from_the_start(net: Driver) -> None:
+    _, b = machines(net)
+    assert "netem" in b.succeed("tc qdisc show dev eth1") and "delay 40ms" in b.succeed("tc qdisc show dev eth1")
+    assert "netem" not in b.succeed("tc qdisc show dev eth0")
 
 
 def test_counters_count_what_crossed_the_link(net: Driver) -> None:

@@ -166,6 +166,12 @@ CASES: dict[Key, Call | Callable[[], Call]] = {
     ("network.nix", "network: at most 253 nodes can share the 192.168.<vlan>.0/24 plan (.254 is the runner's), got …"):
         (NET, {f"n{i}": {} for i in range(254)}),
     ("network.nix", "network: MAC … collides between two nodes; rename one of them"): mac_collision,
+    ("network.nix", "node '…': impairments must be a list of { vlan = <n>; delay = …; loss = …; … }, got …"):
+        (NET, {"a": {"vlans": [1], "impairments": {"vlan": 1}}}),
+    ("network.nix", "node '…': impairments: vlan … is impaired twice"):
+        (NET, {"a": {"vlans": [1], "impairments": [{"vlan": 1, "loss": 1}, {"vlan": 1, "delay": 5}]}}),
+    ("network.nix", "node '…': impairments: vlan … is not one of the node's vlans (…)"):
+        (NET, {"a": {"vlans": [1, 3], "impairments": [{"vlan": 2, "loss": 1}]}}),
     ("network.nix", "network: tap name … collides between two nodes; rename one of them"): tap_collision,
 
     ("node.nix", "node description without a name: …"): node(Q, name=DROP),

@@ -54,3 +54,12 @@ def test_cli_exit_codes(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "ntng.cli", "check", str(script(tmp_path, "strat_all()\n"))],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "undefined name 'strat_all'" in bad.stderr
+
+
+@pytest.mark.parametrize("example", sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.py")),
+                         ids=lambda p: p.name)
+def test_examples_pass_the_quick_check(example: Path) -> None:
+    from ntng import check as check_mod
+
+    errors = [f for f in check_mod.check(example) if f.error]
+    assert errors == []

@@ -166,3 +166,28 @@ def test_port_forward_busy_port_says_which() -> None:
             PortForward(busy.getsockname()[1], lambda: busy, "x", lambda _m: None)
     finally:
         busy.close()
+
+
+def test_declared_impairments_are_checked_before_anything_starts(tmp_path: Path) -> None:
+    from ntng import check, testspec
+
+    script = tmp_path / "t.py"
+    script.write_text('#: nodes.a = { vlans = [ 1 2 ]; impairments = [ { vlan = 2; delay = 50; loss = 5; direction = "in"; } ]; };\n'
+                      '#: nodes.b = { vlans = [ 1 ]; };\nstart_all()\n')
+    spec = testspec.load(script, {"kernel": "/k", "image": "/i", "stateRoot": str(tmp_path)})
+    got = network.declared_impairments(spec.network, str(script))
+    assert list(got) == [("a", 2)]
+    imp, direction = got[("a", 2)]
+    assert (imp.delay_ms, imp.loss, direction) == (50, 5, "in")
+    # Out of range: `ntng check` (and the runner, before any VM) names script, node and vlan.
+    script.write_text('#: nodes.a = { vlans = [ 1 ]; impairments = [ { vlan = 1; loss = 150; } ]; };\nstart_all()\n')
+    with pytest.raises(errors.TestScriptError,
+                       match=r"t.py: nodes.a.impairments \(vlan 1\): loss must be a percentage from 0 to 100, got 150"):
+        check.check(script)
+    script.write_text('#: nodes.a = { vlans = [ 1 ]; impairments = [ { vlan = 1; direction = "up"; } ]; };\nstart_all()\n')
+    with pytest.raises(errors.TestScriptError, match=r"nodes.a.impairments \(vlan 1\): .*direction"):
+        check.check(script)
+    # A link the node does not have: nixlib says so with the script line.
+    script.write_text('#: nodes.a = { vlans = [ 1 ]; impairments = [ { vlan = 4; loss = 1; } ]; };\nstart_all()\n')
+    with pytest.raises(errors.NixEvalError, match=r"t.py:1: .*node 'a': impairments: vlan 4 is not one of the node's vlans \(1\)"):
+        check.check(script)
