@@ -115,6 +115,18 @@ def test_impairment_changes_and_clears_while_traffic_flows(net: Driver) -> None:
     assert both > base + 250, (base, both)
     assert base + 100 < inbound < both - 100, (base, inbound, both)
     assert after < base + 100, (base, after)
+    # Changed twice while a ping runs: its replies show all three regimes, none lost.
+    a.succeed("ping -i 0.2 -c 45 -W 5 b > /tmp/ping.log 2>&1 </dev/null &")
+    time.sleep(3)
+    a.impair(delay=200, direction="in")
+    time.sleep(3)
+    a.clear_impairment()
+    a.wait_until_succeeds("grep -q 'packets transmitted' /tmp/ping.log", timeout=60)
+    log = a.succeed("cat /tmp/ping.log")
+    rtts = [float(w.split("=")[1]) for w in log.split() if w.startswith("time=")]
+    assert "45 received" in log, log
+    slow = [r for r in rtts if r > base + 150]
+    assert slow and rtts.index(slow[0]) > 0 and rtts[-1] < base + 100, rtts
     # Corruption, duplication, reordering and a rate limit go through too; a rate limit shows.
     a.impair(rate=800, corrupt=0.1, duplicate=0.1, reorder=1, delay=1, direction="out")
     b.succeed("nc -lk -p 5001 >/dev/null 2>&1 </dev/null &")
