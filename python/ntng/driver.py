@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from . import network as network_mod
+from . import report
 from .errors import GlobalTimeout, NtngError, TestFailure, TestScriptError
 from .machine import Machine, RequestedAssertionFailed, retry
 from .polling import PollingCondition, polling_condition_factory
+from .report import EventLog
 from .testspec import TestSpec, compile_script
+from .watch import Detection, Rule, Watcher
 
 # The names a test script sees besides its machines (the NixOS driver's, plus `driver`).
 DRIVER_GLOBALS = (
@@ -50,6 +53,8 @@ class Driver:
         self.global_timeout = global_timeout if global_timeout is not None else spec.global_timeout
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.polling_conditions: list[PollingCondition] = []
+        self.events = EventLog(out_dir / "events.jsonl")
+        self.events.emit("test", None, result="started", name=spec.name, script=str(spec.script_path))
         # Declared impairments are checked before anything is made.
         declared = network_mod.declared_impairments(spec.network, str(spec.script_path))
         # Bridges and taps (or switches) exist before any machine starts; gone after the last.
@@ -61,11 +66,18 @@ class Driver:
             raise
         self.machines: list[Machine] = [
             Machine(name, spec.plans[name], out_dir, boot_timeout, self._log,
-                    callbacks=[self.check_polling_conditions], network=self.network)
+                    callbacks=[self.check_polling_conditions], network=self.network,
+                    events=self.events)
             for name in sorted(spec.node_names)
         ]
+        self.detections: list[Detection] = []
+        self._in_script = False
+        self._interrupted = False
+        self.watcher = Watcher(self._on_detection)
         for m in self.machines:
             m.declared_impairments = {vlan: d for (node, vlan), d in declared.items() if node == m.name}
+            m.watcher = self.watcher
+            m.callbacks.append(self.check_detections)
         self.timed_out = False
         self._timer: threading.Timer | None = None
         self._fallback: threading.Timer | None = None
@@ -136,9 +148,11 @@ class Driver:
             yield
         except BaseException as e:
             self.subtests.append((name, time.monotonic() - t0, e))
+            self.events.emit("subtest", None, time.monotonic() - t0, "fail", name=name, error=str(e))
             self.log(f'Test "{name}" failed with error: "{e}"')
             raise
         self.subtests.append((name, time.monotonic() - t0, None))
+        self.events.emit("subtest", None, time.monotonic() - t0, name=name)
 
     def serial_stdout_on(self) -> None:
         for m in self.machines:
@@ -147,6 +161,34 @@ class Driver:
     def serial_stdout_off(self) -> None:
         for m in self.machines:
             m.serial_stdout = False
+
+    # -- failure detection ---------------------------------------------------------------------
+
+    def watch(self, regex: str, severity: str = "fail", machine: str | None = None,
+              name: str | None = None) -> None:
+        """Extension: a console rule for every machine (or one): "fail" ends the test at once
+        with the matching lines, "warn" reports them."""
+        self.watcher.add(Rule.make(name or regex, regex, severity, machine))
+
+    def unwatch(self, name: str, machine: str | None = None) -> None:
+        self.watcher.remove(name, machine)
+
+    def _on_detection(self, d: Detection) -> None:
+        self.events.emit("detection", d.machine, result=d.rule.severity, rule=d.rule.name, line=d.line)
+        if d.rule.severity == "warn":
+            self.log(f"warning: {d.describe()}")
+            return
+        self.log(f"failure detected: {d.describe()}")
+        self.detections.append(d)
+        if self._in_script and not self._interrupted:
+            # Wake the script wherever it waits (as the global timeout does); run_tests turns
+            # the interrupt into this failure.
+            self._interrupted = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def check_detections(self) -> None:
+        if self.detections:
+            raise TestFailure(self.detections[0].describe())
 
     def check_polling_conditions(self) -> None:
         for cond in self.polling_conditions:
@@ -170,23 +212,50 @@ class Driver:
         self._timer.daemon = True
         self._timer.start()
         t0 = time.monotonic()
+        self._in_script = True
         try:
             exec(code, self.test_symbols())
+            self.check_detections()  # a detection in the script's last moments still fails it
         except KeyboardInterrupt:
+            if self.detections:
+                raise TestFailure(self.detections[0].describe()) from None
             if self.timed_out:
                 raise GlobalTimeout(
                     f"{self.spec.script_path}: global timeout of {self.global_timeout:.0f}s reached"
                 ) from None
             raise
         except (NtngError, AssertionError, Exception) as e:
+            if self.detections and not isinstance(e, TestFailure):
+                raise TestFailure(self.detections[0].describe()) from None
             if self.timed_out:
                 raise GlobalTimeout(
                     f"{self.spec.script_path}: global timeout of {self.global_timeout:.0f}s reached"
                 ) from None
             raise script_error(self.spec.script_path, e) from None
         finally:
+            self._in_script = False
             self._timer.cancel()
         self.log(f"test script finished in {time.monotonic() - t0:.2f}s")
+
+    def write_reports(self, duration: float, outcome: BaseException | None) -> Path:
+        """junit.xml in out_dir: one case per subtest and one for the script; the event log's
+        last line.  Returns the JUnit file."""
+        cases = [report.Case(name, d, failure=None if e is None else f"{type(e).__name__}: {e}")
+                 for name, d, e in self.subtests]
+        script = report.Case("script", duration)
+        if outcome is not None:
+            message = str(outcome)
+            if isinstance(outcome, NtngError) and outcome.exit_code == TestFailure.exit_code:
+                script.failure = message
+            else:
+                script.error = message
+        cases.append(script)
+        path = self.out_dir / "junit.xml"
+        path.write_text(report.junit_xml(self.spec.name, cases, duration))
+        result = "ok" if outcome is None else ("fail" if script.failure else "error")
+        self.events.emit("test", None, duration, result, name=self.spec.name,
+                         error=None if outcome is None else str(outcome))
+        return path
 
     def release(self) -> None:
         if self._timer:
@@ -202,6 +271,7 @@ class Driver:
             self.network.release()
         except Exception as e:
             self.log(f"network: cleanup failed: {e}")
+        self.events.close()
 
     def __enter__(self) -> Driver:
         return self

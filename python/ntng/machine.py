@@ -30,24 +30,40 @@ from .errors import (
 )
 from .network import LinkCounters, Network
 from .portforward import PortForward
+from .report import EventLog
+from .watch import Rule, Watcher
 
 
 class RequestedAssertionFailed(TestFailure):
     """Same name as the NixOS driver's: a test assertion failed."""
 
 
-def retry(fn: Callable[[bool], Any], timeout_seconds: int | float = 900) -> None:
-    """Call fn(False) every second until it returns truthy; then one last fn(True)."""
+PROGRESS_EVERY = 10.0  # seconds between "still waiting" lines
+
+
+def retry(fn: Callable[[bool], Any], timeout_seconds: int | float = 900,
+          progress: Callable[[float], None] | None = None) -> None:
+    """Call fn(False) every second until it returns truthy; then one last fn(True).
+    progress(elapsed) is called about every PROGRESS_EVERY seconds of waiting."""
     start = time.monotonic()
+    next_progress = start + PROGRESS_EVERY
     while time.monotonic() - start < timeout_seconds:
         if fn(False):
             return
         time.sleep(1)
+        if progress is not None and time.monotonic() >= next_progress:
+            progress(time.monotonic() - start)
+            next_progress += PROGRESS_EVERY
     elapsed = time.monotonic() - start
     if not fn(True):
         raise RequestedAssertionFailed(
             f"action timed out after {elapsed:.2f} seconds (timeout={timeout_seconds})"
         )
+
+
+def _short(command: str | list[str], limit: int = 300) -> str:
+    text = command if isinstance(command, str) else shlex.join(command)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class Machine:
@@ -60,8 +76,11 @@ class Machine:
         log: Callable[[str], None] | None = None,
         callbacks: list[Callable[[], None]] | None = None,
         network: Network | None = None,
+        events: EventLog | None = None,
     ) -> None:
         self.name = name
+        self.events = events if events is not None else EventLog(None)
+        self.watcher: Watcher | None = None  # the driver's failure detection, fed by the console
         self.network = network if network is not None else Network({"nodes": {}, "vlans": {}}, log or print)
         self.forwards: list[PortForward] = []
         self.impairments: dict[tuple[int, str], netem.Impairment] = {}
@@ -105,7 +124,21 @@ class Machine:
             self.booted = True
             self.log(f"QEMU running (pid {self.backend.pid})")
 
+    def watch(self, regex: str, severity: str = "fail", name: str | None = None) -> None:
+        """Extension: fail the test (or warn) as soon as this machine's console matches `regex`."""
+        if self.watcher is None:
+            raise RequestedAssertionFailed(f"{self.name}: no failure detection in this driver")
+        self.watcher.add(Rule.make(name or regex, regex, severity, self.name))
+
+    def unwatch(self, name: str) -> None:
+        """Extension: stop a rule (e.g. "failed unit" where a test breaks units on purpose) for
+        this machine."""
+        if self.watcher is not None:
+            self.watcher.remove(name, machine=self.name)
+
     def _on_console(self, line: str) -> None:
+        if self.watcher is not None:
+            self.watcher.feed(self.name, line)
         if self.serial_stdout:
             print(f"{self.name} # {line}", file=sys.stderr, flush=True)
 
@@ -121,6 +154,7 @@ class Machine:
             if self.client is None:
                 sock = self.backend.connect_backdoor(timeout=self.boot_timeout)
                 self.client = BackdoorClient(sock, self.name, on_restart=self._on_agent_restart)
+            next_progress = t0 + PROGRESS_EVERY
             while True:
                 if not self.backend.alive():
                     raise ConnectionLost("QEMU exited")
@@ -130,7 +164,12 @@ class Machine:
                 except WaitTimeout:
                     if time.monotonic() >= deadline:
                         raise
+                if time.monotonic() >= next_progress:
+                    next_progress += PROGRESS_EVERY
+                    self.log(f"still waiting for {what} ({time.monotonic() - t0:.0f}s of "
+                             f"{self.boot_timeout:.0f}s)")
         except (WaitTimeout, ConnectionLost, BackdoorError) as e:
+            self.events.emit("boot", self.name, time.monotonic() - t0, "error", error=str(e))
             raise BootError(
                 f"{self.name}: {e}; waited {time.monotonic() - t0:.0f}s for {what} "
                 f"(boot timeout {self.boot_timeout:.0f}s). "
@@ -138,6 +177,7 @@ class Machine:
                 f"last console lines:\n{self.backend.console_tail()}"
             ) from None
         self._note_boot(ack.boot_id)
+        self.events.emit("boot", self.name, time.monotonic() - t0, boot_id=ack.boot_id)
         self.log(f"connected to agent {ack.agent_version} (boot {ack.boot_id[:8]}, "
                  f"{time.monotonic() - t0:.1f}s)")
         for vlan, (imp, direction) in self.declared_impairments.items():
@@ -169,10 +209,21 @@ class Machine:
 
     def _stopped(self) -> None:
         self.backend.release()
+        self._save_console()
         if self.client is not None:
             self.client.close()
         self.client = None
         self.booted = False
+
+    def _save_console(self) -> None:
+        """Artifact: every boot's console (kernel, journal, agent) in out_dir/<machine>/console.log."""
+        if not self.backend.console_log:
+            return
+        d = self.out_dir / self.name
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / "console.log", "a") as f:
+            f.write("\n".join(self.backend.console_log) + "\n")
+        self.backend.console_log = []
 
     def shutdown(self) -> None:
         """Clean poweroff from inside the guest, then wait for QEMU to exit."""
@@ -262,7 +313,17 @@ class Machine:
         )
         wait = (timeout + 60) if timeout else 7 * 24 * 3600.0
         client = self.connect()
-        return client.execute(req, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr, wait=wait)
+        t0 = time.monotonic()
+        try:
+            res = client.execute(req, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr, wait=wait)
+        except BaseException as e:
+            self.events.emit("exec", self.name, time.monotonic() - t0, "error",
+                             command=_short(command), error=str(e))
+            raise
+        self.events.emit("exec", self.name, time.monotonic() - t0,
+                         "ok" if res.status == 0 else ("timeout" if res.timed_out else "nonzero"),
+                         command=_short(command), status=res.status)
+        return res
 
     def execute(
         self,
@@ -333,8 +394,23 @@ class Machine:
             status, output = self.execute(command, timeout=command_timeout)
             return (status == 0) == want_success
 
-        retry(check, timeout)
+        self._wait(f"`{command}` to {'succeed' if want_success else 'fail'}", check, timeout)
         return output
+
+    def _wait(self, what: str, check: Callable[[bool], Any], timeout: float) -> None:
+        """retry() with a progress line while it waits and an event when it is done."""
+        t0 = time.monotonic()
+
+        def progress(elapsed: float) -> None:
+            self.log(f"still waiting for {what} ({elapsed:.0f}s of {timeout:.0f}s)")
+
+        try:
+            retry(check, timeout, progress)
+        except BaseException as e:
+            self.events.emit("wait", self.name, time.monotonic() - t0, "timeout"
+                             if "timed out" in str(e) else "fail", what=what, error=str(e))
+            raise
+        self.events.emit("wait", self.name, time.monotonic() - t0, what=what)
 
     def wait_until_succeeds(self, command: str, timeout: int = 900) -> str:
         self.log(f"waiting for success: {command}")
@@ -411,7 +487,7 @@ class Machine:
             return state == "active"
 
         self.log(f"waiting for unit {unit}" + (f" with user {user}" if user else ""))
-        retry(check_active, timeout)
+        self._wait(f"unit {unit}" + (f" of user {user}" if user else ""), check_active, timeout)
 
     def require_unit_state(self, unit: str, require_state: str = "active") -> None:
         state = self.get_unit_info(unit)["ActiveState"]

@@ -116,13 +116,18 @@ def run(opts: RunOptions) -> int:
         if opts.interactive:
             return _interactive(driver)
         driver.run_tests()
+        _reports(driver, time.monotonic() - t0, None)
         log(f"ntng: PASS {spec.name} ({time.monotonic() - t0:.1f}s, {choice.accel})")
         return EXIT_OK
     except NtngError as e:
         kind = {1: "FAIL", 2: "ERROR (test script)", 3: "ERROR (setup)", 4: "TIMEOUT"}.get(e.exit_code, "ERROR")
+        if driver is not None:
+            _reports(driver, time.monotonic() - t0, e)
         log(f"ntng: {kind}: {e}")
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if driver is not None:
+            _reports(driver, time.monotonic() - t0, e)
         log("ntng: interrupted; cleaning up")
         return 130
     finally:
@@ -133,6 +138,14 @@ def run(opts: RunOptions) -> int:
             log(f"ntng: machine state kept in {state_root}")
         else:
             shutil.rmtree(state_root, ignore_errors=True)
+
+
+def _reports(driver: Driver, duration: float, outcome: BaseException | None) -> None:
+    try:
+        junit = driver.write_reports(duration, outcome)
+        log(f"ntng: reports: {junit}, {driver.events.path}; consoles in {driver.out_dir}/<machine>/")
+    except OSError as e:
+        log(f"ntng: could not write the reports: {e}")
 
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:

@@ -1,0 +1,59 @@
+"""What a run leaves for CI and for people: junit.xml, events.jsonl, each machine's console,
+and progress lines while it waits."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from helpers import run_cli
+from ntng import errors
+
+pytestmark = pytest.mark.e2e
+
+SCRIPT = """\
+machine.wait_for_unit("multi-user.target")
+with subtest("commands pass"):
+    machine.succeed("echo hi")
+    machine.execute("exit 3")
+with subtest("a wait that times out"):
+    machine.wait_until_succeeds("test -e /tmp/never", timeout=13)
+"""
+
+
+def test_a_failing_run_leaves_junit_events_and_consoles(tmp_path: Path, guest_image: object) -> None:
+    script = tmp_path / "reported.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "out"
+    r = run_cli("run", str(script), "-o", str(out), cwd=tmp_path)
+    assert r.returncode == errors.EXIT_TEST_FAILED, r.stderr[-3000:]
+    # Progress while waiting: what, on which machine, how long.
+    assert "machine: still waiting for `test -e /tmp/never` to succeed (10s of 13s)" in r.stderr
+
+    suite = ET.parse(out / "junit.xml").getroot().find("testsuite")
+    assert suite is not None and suite.get("name") == "reported"
+    cases = {c.get("name"): c for c in suite.findall("testcase")}
+    assert list(cases) == ["commands pass", "a wait that times out", "script"]
+    assert cases["commands pass"].find("failure") is None
+    failure = cases["a wait that times out"].find("failure")
+    assert failure is not None and "action timed out" in (failure.text or "")
+    assert cases["script"].find("failure") is not None and suite.get("failures") == "2"
+
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    actions = [(e["action"], e["result"]) for e in events]
+    assert actions[0] == ("test", "started") and actions[-1] == ("test", "fail")
+    boot = next(e for e in events if e["action"] == "boot")
+    assert boot["machine"] == "machine" and boot["duration"] > 0 and boot["boot_id"]
+    execs = {e["command"]: e for e in events if e["action"] == "exec"}
+    assert execs["echo hi"]["result"] == "ok" and execs["exit 3"]["status"] == 3
+    waits = [e for e in events if e["action"] == "wait"]
+    assert waits[0]["what"] == "unit multi-user.target" and waits[0]["result"] == "ok"
+    assert waits[-1]["result"] == "timeout" and 12 < waits[-1]["duration"] < 60
+    assert [(e["name"], e["result"]) for e in events if e["action"] == "subtest"] == [
+        ("commands pass", "ok"), ("a wait that times out", "fail")]
+
+    console = (out / "machine" / "console.log").read_text(errors="replace")
+    assert "ntng-agent: serving on" in console and "login:" in console
