@@ -1,5 +1,6 @@
 """`ntng check`: the quick check, no boot.  Parses the script, validates its nodes through nixlib,
-and lints it against the driver's globals (undefined names, unused imports), in seconds.
+lints it against the driver's globals (undefined names, unused imports) and type-checks it with
+mypy against the driver's own annotations (python/ntng/typecheck.py), in seconds.
 mkTest runs it in the driver build unless skipLint."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from . import network, testspec
+from . import network, testspec, typecheck
 from .driver import DRIVER_GLOBALS, pythonize_name
 from .errors import TestScriptError
 
@@ -80,10 +81,19 @@ def node_names_of(path: Path, script: str, spec_dir: Path | None) -> list[str]:
     return spec.node_names
 
 
-def check(path: Path, spec_dir: Path | None = None) -> list[Finding]:
+def check(path: Path, spec_dir: Path | None = None, type_check: bool = True) -> list[Finding]:
     script = testspec.read_script(path)
     testspec.compile_script(path, script)
-    findings = lint(path, script, node_names_of(path, script, spec_dir))
+    names = node_names_of(path, script, spec_dir)
+    findings = lint(path, script, names)
+    errors = [f for f in findings if f.error]
+    if type_check and not errors:  # undefined names would only be reported twice
+        typed = typecheck.type_check(path, script, names)
+        if typed is None:
+            findings.append(Finding(1, "type check skipped: mypy is not installed (pip install mypy)", False))
+        else:
+            findings += [Finding(line, f"type: {msg}", True) for line, msg in typed]
+        findings.sort(key=lambda f: f.line)
     errors = [f for f in findings if f.error]
     if errors:
         raise TestScriptError("\n".join(f"{path}:{f.line}: {f.message}" for f in errors))

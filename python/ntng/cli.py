@@ -29,12 +29,14 @@ def main(argv: list[str] | None = None) -> int:
                         "instead of the script's #: lines and the Debian image")
     r.add_argument("-o", "--output-directory", "--output_directory", dest="out", type=Path,
                    help="where copy_from_machine and logs go (default: ./ntng-out)")
-    r.add_argument("--global-timeout", type=float, help="seconds for the whole test")
+    r.add_argument("-g", "--global-timeout", type=float, help="seconds for the whole test")
     r.add_argument("--boot-timeout", type=float, help="seconds to wait for a guest's hello")
-    r.add_argument("-K", "--keep-machine-state", action="store_true")
+    r.add_argument("-K", "--keep-machine-state", "--keep-vm-state", action="store_true",
+                   help="keep the machines' disks after the run; the next -K run boots from them")
+    r.add_argument("--junit-xml", type=Path, help="also write the JUnit report here (always: OUT/junit.xml)")
     r.add_argument("--show-trace", action="store_true", help="full Nix traces on evaluation errors")
     r.add_argument("--serial-stdout", action="store_true", help="echo guest consoles")
-    r.add_argument("-i", "--interactive", action="store_true", help="a REPL with the machines bound")
+    r.add_argument("-i", "-I", "--interactive", action="store_true", help="a REPL with the machines bound")
     r.add_argument("--network", choices=["auto", "tap", "vde"], default="auto",
                    help="tap: bridges + TAP devices in a private namespace (root); vde: rootless switches")
 
@@ -61,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
                 serial_stdout=args.serial_stdout, interactive=args.interactive,
                 spec_dir=args.spec_dir,
                 network=args.network,
+                junit_xml=args.junit_xml,
             ))
         if args.cmd == "check":
-            for f in check.check(args.script, args.spec_dir):
+            for f in check.check(args.script, args.spec_dir, type_check=not args.no_type_check):
                 print(f"{args.script}:{f.line}: warning: {f.message}", file=sys.stderr)
             print(f"ntng check: {args.script}: ok", file=sys.stderr)
             return EXIT_OK

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import sys
 import threading
 import time
@@ -28,6 +29,7 @@ from .errors import (
     TestFailure,
     WaitTimeout,
 )
+from .keys import key_for
 from .network import LinkCounters, Network
 from .portforward import PortForward
 from .report import EventLog
@@ -53,7 +55,7 @@ def retry(fn: Callable[[bool], Any], timeout_seconds: int | float = 900,
         time.sleep(1)
         if progress is not None and time.monotonic() >= next_progress:
             progress(time.monotonic() - start)
-            next_progress += PROGRESS_EVERY
+            next_progress = time.monotonic() + PROGRESS_EVERY
     elapsed = time.monotonic() - start
     if not fn(True):
         raise RequestedAssertionFailed(
@@ -77,10 +79,13 @@ class Machine:
         callbacks: list[Callable[[], None]] | None = None,
         network: Network | None = None,
         events: EventLog | None = None,
+        keep_state: bool = False,
     ) -> None:
         self.name = name
         self.events = events if events is not None else EventLog(None)
         self.watcher: Watcher | None = None  # the driver's failure detection, fed by the console
+        self.keep_state = keep_state
+        self._disk_made = False
         self.network = network if network is not None else Network({"nodes": {}, "vlans": {}}, log or print)
         self.forwards: list[PortForward] = []
         self.impairments: dict[tuple[int, str], netem.Impairment] = {}
@@ -118,7 +123,11 @@ class Machine:
             if self.booted:
                 return
             self.log("starting vm")
-            self.backend = QemuBackend(self.name, self.plan, preexec=self.network.preexec())
+            # The disk survives crash()/shutdown() and start() within a run, as a real one
+            # would; with -K it also survives the run.
+            self.backend = QemuBackend(self.name, self.plan, preexec=self.network.preexec(),
+                                       keep_disk=self.keep_state or self._disk_made)
+            self._disk_made = True
             self.backend.console_callbacks.append(self._on_console)
             self.backend.start()
             self.booted = True
@@ -165,7 +174,7 @@ class Machine:
                     if time.monotonic() >= deadline:
                         raise
                 if time.monotonic() >= next_progress:
-                    next_progress += PROGRESS_EVERY
+                    next_progress = time.monotonic() + PROGRESS_EVERY
                     self.log(f"still waiting for {what} ({time.monotonic() - t0:.0f}s of "
                              f"{self.boot_timeout:.0f}s)")
         except (WaitTimeout, ConnectionLost, BackdoorError) as e:
@@ -537,17 +546,123 @@ class Machine:
     # -- keys, console, screen ----------------------------------------------------------------
 
     def send_key(self, key: str, delay: float | None = 0.01, log: bool | None = True) -> None:
+        key = key_for(key)
         if log:
             self.log(f"sending key {key!r}")
         self.backend.send_key(key)
         if delay:
             time.sleep(delay)
 
+    def send_chars(self, chars: str, delay: float | None = 0.01) -> None:
+        self.log(f"sending keys {chars!r}")
+        for char in chars:
+            self.send_key(char, delay, log=False)
+
     def send_console(self, chars: str) -> None:
         self.backend.send_console(chars)
 
+    def get_tty_text(self, tty: str) -> str:
+        """The text on virtual terminal `tty`, folded to its width (as the NixOS driver reads it)."""
+        _status, output = self.execute(
+            f"fold -w$(stty -F /dev/tty{tty} size | awk '{{print $2}}') /dev/vcs{tty}")
+        return output
+
+    def wait_until_tty_matches(self, tty: str, regexp: str, timeout: int = 900) -> None:
+        matcher = re.compile(regexp)
+
+        def tty_matches(last: bool) -> bool:
+            text = self.get_tty_text(tty)
+            if last:
+                self.log(f"Last chance to match /{regexp}/ on TTY{tty}, which currently contains: {text}")
+            return len(matcher.findall(text)) > 0
+
+        self._wait(f"/{regexp}/ on TTY{tty}", tty_matches, timeout)
+
+    def dump_tty_contents(self, tty: str) -> None:
+        self.execute(f"fold -w 80 /dev/vcs{tty} | systemd-cat")
+
+    def console_interact(self) -> None:
+        """Interactive: your terminal on the serial console (lines you type go to it, its
+        output is printed) until end of input (Ctrl-D)."""
+        def show(line: str) -> None:
+            print(f"{self.name} # {line}", flush=True)
+
+        self.start()
+        self.backend.console_callbacks.append(show)
+        try:
+            while True:
+                try:
+                    line = input()
+                except EOFError:
+                    break
+                self.send_console(line + "\n")
+        finally:
+            self.backend.console_callbacks.remove(show)
+
+    def shell_interact(self, address: str | None = None) -> None:
+        """Interactive: a root shell prompt over the backdoor, one command a line, until
+        end of input (Ctrl-D).  `address` (the NixOS driver's socat target) is not needed."""
+        self.connect()
+        while True:
+            try:
+                command = input(f"{self.name}$ ")
+            except EOFError:
+                print()
+                break
+            if command.strip():
+                result = self.run(command, strict=False, timeout=None)
+                sys.stdout.write((result.stdout + result.stderr).decode(errors="replace"))
+
+    def switch_root(self) -> None:
+        raise RequestedAssertionFailed(
+            f"{self.name}: switch_root needs an agent inside the initrd (the NixOS driver's "
+            "testing.initrdBackdoor); here the agent starts after the switch to the root fs")
+
+    def _no_display(self, what: str) -> RequestedAssertionFailed:
+        return RequestedAssertionFailed(
+            f"{self.name}: {what} needs a display; this machine has none (QEMU runs it with "
+            "-display none and no VGA device, and the Debian image has no X server)")
+
     def screenshot(self, filename: str) -> None:
-        raise NotImplementedError("screenshot needs a display; the Debian test image has none")
+        raise self._no_display("screenshot")
+
+    def get_screen_text_variants(self) -> list[str]:
+        if shutil.which("tesseract") is None:
+            raise RequestedAssertionFailed(
+                "get_screen_text needs OCR: apt-get install tesseract-ocr (and a machine with a display)")
+        raise self._no_display("get_screen_text")
+
+    def get_screen_text(self) -> str:
+        return self.get_screen_text_variants()[0]
+
+    def wait_for_text(self, regex: str, timeout: int = 900) -> None:
+        self.get_screen_text_variants()
+
+    def wait_for_x(self, timeout: int = 900) -> None:
+        """As NixOS: graphical.target reached and the X socket there."""
+        def x_ready(_last: bool) -> bool:
+            status, _ = self.execute(
+                'journalctl -b SYSLOG_IDENTIFIER=systemd | grep "Reached target Current graphical"'
+                " && [ -e /tmp/.X11-unix/X0 ]")
+            return status == 0
+
+        self._wait("the X server", x_ready, timeout)
+
+    def get_window_names(self) -> list[str]:
+        tree = self.succeed("xwininfo -root -tree")
+        return re.findall(r'0x[0-9a-f]+ "([^"]*)"', tree)
+
+    def wait_for_window(self, regexp: str, timeout: int = 900) -> None:
+        pattern = re.compile(regexp)
+
+        def window_is_visible(last: bool) -> bool:
+            names = self.get_window_names()
+            if last:
+                self.log(f"Last chance to match {regexp} on the window list, which currently contains: "
+                         + ", ".join(names))
+            return any(pattern.search(n) for n in names)
+
+        self._wait(f"a window matching /{regexp}/", window_is_visible, timeout)
 
     # -- files --------------------------------------------------------------------------------
 

@@ -17,11 +17,11 @@ from pathlib import Path
 from types import FrameType
 
 from . import accel as accel_mod
-from . import hostclock, testspec
+from . import hostclock, paths, testspec
 from . import image as image_mod
 from . import network as network_mod
 from .driver import Driver
-from .errors import EXIT_OK, NtngError, SetupError
+from .errors import EXIT_OK, EXIT_SETUP, NtngError, SetupError
 
 DEFAULT_BOOT_TIMEOUT = 60.0  # seconds under KVM; scaled for TCG
 
@@ -40,6 +40,7 @@ class RunOptions:
     interactive: bool = False
     spec_dir: Path | None = None  # a mkTest driver's evaluated specs (share/ntng)
     network: str = "auto"  # auto | tap | vde
+    junit_xml: Path | None = None  # a copy of OUT/junit.xml (the NixOS driver's --junit-xml)
 
 
 def log(msg: str) -> None:
@@ -77,6 +78,17 @@ def prepare(opts: RunOptions, state_root: Path) -> tuple[testspec.TestSpec, acce
     return spec, choice
 
 
+def kept_state_dir(script: Path) -> Path:
+    """Where -K keeps a test's disks between runs (per script path, like the NixOS driver's
+    state dir): the next -K run boots from them."""
+    import hashlib
+
+    key = hashlib.sha256(str(script.resolve()).encode()).hexdigest()[:12]
+    d = paths.cache_dir() / "state" / f"{script.stem}-{key}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
 def reap_stale_state() -> list[Path]:
     """Remove state dirs of runners that died without cleaning up (kill -9).  Their VMs are
     already gone (PDEATHSIG); what is left are sockets and disk overlays."""
@@ -100,7 +112,19 @@ def reap_stale_state() -> list[Path]:
 def run(opts: RunOptions) -> int:
     for d in reap_stale_state():
         log(f"ntng: removed {d} left by a runner that died")
-    state_root = Path(tempfile.mkdtemp(prefix="ntng-run-"))
+    if opts.keep_state:
+        state_root = kept_state_dir(opts.script)
+        if (state_root / "runner.pid").exists():
+            try:
+                os.kill(int((state_root / "runner.pid").read_text()), 0)
+                log(f"ntng: ERROR (setup): another run keeps its machines in {state_root}")
+                return EXIT_SETUP
+            except (ProcessLookupError, ValueError):
+                pass
+        reused = any(state_root.glob("*/disk.qcow2"))
+        log(f"ntng: machine state in {state_root}" + (" (reused from the last -K run)" if reused else ""))
+    else:
+        state_root = Path(tempfile.mkdtemp(prefix="ntng-run-"))
     (state_root / "runner.pid").write_text(str(os.getpid()))
     out_dir = opts.out_dir or Path.cwd() / "ntng-out"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,24 +134,24 @@ def run(opts: RunOptions) -> int:
     try:
         spec, choice = prepare(opts, state_root)
         boot_timeout = opts.boot_timeout or DEFAULT_BOOT_TIMEOUT * choice.timeout_scale
-        driver = Driver(spec, out_dir, boot_timeout, opts.global_timeout, log)
+        driver = Driver(spec, out_dir, boot_timeout, opts.global_timeout, log, keep_state=opts.keep_state)
         if opts.serial_stdout:
             driver.serial_stdout_on()
         if opts.interactive:
             return _interactive(driver)
         driver.run_tests()
-        _reports(driver, time.monotonic() - t0, None)
+        _reports(driver, time.monotonic() - t0, None, opts.junit_xml)
         log(f"ntng: PASS {spec.name} ({time.monotonic() - t0:.1f}s, {choice.accel})")
         return EXIT_OK
     except NtngError as e:
         kind = {1: "FAIL", 2: "ERROR (test script)", 3: "ERROR (setup)", 4: "TIMEOUT"}.get(e.exit_code, "ERROR")
         if driver is not None:
-            _reports(driver, time.monotonic() - t0, e)
+            _reports(driver, time.monotonic() - t0, e, opts.junit_xml)
         log(f"ntng: {kind}: {e}")
         return e.exit_code
     except KeyboardInterrupt as e:
         if driver is not None:
-            _reports(driver, time.monotonic() - t0, e)
+            _reports(driver, time.monotonic() - t0, e, opts.junit_xml)
         log("ntng: interrupted; cleaning up")
         return 130
     finally:
@@ -135,14 +159,17 @@ def run(opts: RunOptions) -> int:
             driver.release()
         signal.signal(signal.SIGTERM, previous)
         if opts.keep_state:
-            log(f"ntng: machine state kept in {state_root}")
+            (state_root / "runner.pid").unlink(missing_ok=True)
+            log(f"ntng: machine state kept in {state_root}; the next run with -K boots from it")
         else:
             shutil.rmtree(state_root, ignore_errors=True)
 
 
-def _reports(driver: Driver, duration: float, outcome: BaseException | None) -> None:
+def _reports(driver: Driver, duration: float, outcome: BaseException | None, copy_to: Path | None) -> None:
     try:
         junit = driver.write_reports(duration, outcome)
+        if copy_to is not None:
+            shutil.copyfile(junit, copy_to)
         log(f"ntng: reports: {junit}, {driver.events.path}; consoles in {driver.out_dir}/<machine>/")
     except OSError as e:
         log(f"ntng: could not write the reports: {e}")

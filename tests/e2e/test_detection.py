@@ -27,7 +27,8 @@ def test_failed_unit_and_kernel_panic_fail_at_once(tmp_path: Path, guest_image: 
     # with that rule lifted, a kernel panic while a command is running.
     rc, err, took = run_script(tmp_path, """\
 machine.wait_for_unit("multi-user.target")
-machine.succeed("systemd-run --unit=ntng-doomed.service -p Type=oneshot sh -c 'sleep 3; false' >/dev/null")
+machine.wait_for_console_text("ROOT LOGIN", timeout=120)  # the serial autologin must not cut it off
+machine.succeed("systemd-run --no-block --unit=ntng-doomed.service -p Type=oneshot sh -c 'sleep 3; false'")
 machine.succeed("sleep 600")
 """)
     assert rc == errors.EXIT_TEST_FAILED, err[-3000:]

@@ -23,9 +23,10 @@ def test_file_sync_scenario_passes(tmp_path: Path, guest_image: object) -> None:
                        cwd=tmp_path, env={**os.environ, "NTNG_SYNC_BIG": "sparse"})
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
-    for name in ("every node has its own host key", "a wrong key is refused",
-                 "thousands of small files and a 1 GiB file", "a second sync moves only a few MiB",
-                 "through a jump host", "5% loss and 50 ms delay", "a changed host key on b is refused"):
+    for name in ("every node has its own host key", "a logs in to b and c with its key",
+                 "a wrong key is refused", "thousands of small files and a 1 GiB file",
+                 "after changing 1 MiB of the big file", "through a jump host",
+                 "with 5% loss and 50 ms delay", "a changed host key on b is refused"):
         assert f"subtest: {name}" in out
     assert "ntng: PASS file_sync" in out
     print(next(line for line in out.splitlines() if line.startswith("delta sync:")))

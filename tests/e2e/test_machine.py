@@ -187,8 +187,28 @@ def test_reboot_is_detected_through_the_boot_id(vm: Machine) -> None:
 
 def test_crash_then_start_again(vm: Machine) -> None:
     old = vm.boot_id
+    vm.succeed("echo survived > /root/on-disk && sync")
     vm.crash()
     assert not vm.backend.alive() and not vm.booted
     vm.start()
     assert vm.succeed("echo up") == "up\n"
     assert vm.boot_id != old
+    # A power loss does not wipe the disk: the next boot sees what was synced.
+    assert vm.succeed("cat /root/on-disk") == "survived\n"
+
+
+def test_keys_reach_a_tty_and_its_text_is_read(vm: Machine) -> None:
+    # A shell reading from tty1 (the foreground terminal); keys come in through the emulated
+    # keyboard, the terminal echoes them, /dev/vcs1 shows them.
+    vm.succeed("setsid sh -c 'exec </dev/tty1 >/dev/tty1 2>&1; read line; echo \"got:$line\" > /tmp/typed'"
+               " </dev/null >/dev/null 2>&1 &")
+    time.sleep(1)
+    vm.send_chars("Hello, World! 42\n")
+    vm.wait_for_file("/tmp/typed", timeout=60)
+    assert vm.succeed("cat /tmp/typed").strip() == "got:Hello, World! 42"
+    vm.wait_until_tty_matches("1", r"Hello, World! 42", timeout=60)
+    assert "Hello, World! 42" in vm.get_tty_text("1")
+    with pytest.raises(RequestedAssertionFailed, match="needs a display"):
+        vm.screenshot("screen")
+    with pytest.raises(ValueError, match="no key for character"):
+        vm.send_chars("\x01")

@@ -93,6 +93,12 @@ def test_forward_port_reaches_a_guest_service(net: Driver) -> None:
     assert body == b"hello-from-b\n"
 
 
+def test_the_same_command_on_both_machines_at_once(net: Driver) -> None:
+    results = net.parallel("sleep 2; hostname")
+    assert {name: r.output.strip() for name, r in results.items()} == {"a": "a", "b": "b"}
+    assert all(r.status == 0 and r.duration >= 2 for r in results.values())
+
+
 def test_block_and_unblock(net: Driver) -> None:
     a, _ = machines(net)
     a.block()

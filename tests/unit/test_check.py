@@ -63,3 +63,50 @@ def test_examples_pass_the_quick_check(example: Path) -> None:
 
     errors = [f for f in check_mod.check(example) if f.error]
     assert errors == []
+
+
+TYPO_SCRIPT = """\
+#: nodes.server = { vlans = [ 1 ]; };
+#: nodes.client = { vlans = [ 1 ]; };
+start_all()
+out: int = client.succeed("echo hi")
+client.succed("true")
+with subtest("ports"):
+    server.wait_for_open_port("22")
+status, text = server.execute("true")
+assert status == 0 and text.strip() == ""
+"""
+
+
+def test_type_check_finds_wrong_calls_with_their_lines(tmp_path: Path) -> None:
+    script = tmp_path / "typo.py"
+    script.write_text(TYPO_SCRIPT)
+    with pytest.raises(ScriptError) as e:
+        check.check(script)
+    msg = str(e.value)
+    assert f'{script}:4: type: Incompatible types in assignment (expression has type "str", variable has type "int")' in msg
+    assert f'{script}:5: type: "Machine" has no attribute "succed"; maybe "succeed"?' in msg
+    assert f'{script}:7: type: Argument 1 to "wait_for_open_port" of "Machine" has incompatible type "str"; expected "int"' in msg
+    assert ":8:" not in msg and ":9:" not in msg  # (status, stdout) is typed right
+    # Skipped on request (mkTest's skipTypeCheck): then the script passes.
+    assert [f for f in check.check(script, type_check=False) if f.error] == []
+
+
+def test_type_check_knows_every_driver_global(tmp_path: Path) -> None:
+    script = tmp_path / "globals.py"
+    script.write_text("""\
+start_all(); join_all(); serial_stdout_on(); serial_stdout_off()
+for m in machines + machines_qemu:
+    assert isinstance(m, Machine) and isinstance(m, BaseMachine)
+machine.succeed("true")
+driver.log("x"); log.log("y")
+retry(lambda last: True, timeout_seconds=5)
+@polling_condition
+def ok() -> bool:
+    return True
+try:
+    machine.fail("true")
+except RequestedAssertionFailed:
+    pass
+""")
+    assert [f for f in check.check(script) if f.error] == []

@@ -30,10 +30,11 @@ class QemuBackend:
     capabilities = CAPABILITIES
 
     def __init__(self, machine_name: str, plan: dict[str, Any],
-                 preexec: Callable[[], None] | None = None) -> None:
+                 preexec: Callable[[], None] | None = None, keep_disk: bool = False) -> None:
         self.machine_name = machine_name
         self.plan = plan
         self.preexec = preexec  # runs in the child before exec: enters the test's network namespace
+        self.keep_disk = keep_disk
         self.proc: subprocess.Popen[bytes] | None = None
         self.qmp: QMPClient | None = None
         self.console_lines: collections.deque[str] = collections.deque(maxlen=2000)
@@ -49,8 +50,12 @@ class QemuBackend:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for sock in self.plan["sockets"].values():
             Path(sock).unlink(missing_ok=True)
-        Path(self.plan["files"]["disk"]).unlink(missing_ok=True)
-        for cmd in self.plan["prepare"]:
+        disk = Path(self.plan["files"]["disk"])
+        # A kept disk (-K) is booted as it is; the prepare steps would make a fresh overlay.
+        keep = self.keep_disk and disk.exists()
+        if not keep:
+            disk.unlink(missing_ok=True)
+        for cmd in [] if keep else self.plan["prepare"]:
             try:
                 r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
             except FileNotFoundError:

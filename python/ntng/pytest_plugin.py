@@ -1,0 +1,74 @@
+"""pytest plugin: VM tests as pytest tests.
+
+A test module declares its nodes with the same `#:` lines as a test script; the fixtures boot
+them once per module (on first use, as the NixOS driver does) and clean up after the module:
+
+    #: nodes.server = { vlans = [ 1 ]; };
+    #: nodes.client = { vlans = [ 1 ]; };
+
+    def test_ssh(ntng):
+        ntng.start_all()
+        ntng.server.wait_for_unit("ssh.service")
+        ntng.client.succeed("ping -c 1 server")
+
+Fixtures: `ntng` (the script's globals: machines by name, start_all, subtest, driver, …),
+`ntng_driver`, `ntng_machines` (name → Machine).  Options: --ntng-accel, --ntng-network.
+Registered through the `pytest11` entry point, so installing nixos-test-ng is enough.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from . import runner
+from .driver import Driver
+from .errors import NtngError
+from .machine import Machine
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("ntng", "nixos-test-ng VM tests")
+    group.addoption("--ntng-accel", default="auto", choices=["auto", "kvm", "tcg"],
+                    help="accelerator for the VMs (default: probe KVM, else TCG)")
+    group.addoption("--ntng-network", default="auto", choices=["auto", "tap", "vde"],
+                    help="network mode for nodes with vlans")
+
+
+@pytest.fixture(scope="module")
+def ntng_driver(request: pytest.FixtureRequest) -> Iterator[Driver]:
+    module_file = Path(str(request.module.__file__))
+    state = Path(tempfile.mkdtemp(prefix="ntng-run-"))
+    (state / "runner.pid").write_text(str(os.getpid()))  # a dead run's dir is reaped later
+    out = Path(request.config.rootpath) / "ntng-out" / module_file.stem
+    out.mkdir(parents=True, exist_ok=True)
+    opts = runner.RunOptions(script=module_file, accel=request.config.getoption("--ntng-accel"),
+                             network=request.config.getoption("--ntng-network"))
+    driver: Driver | None = None
+    try:
+        try:
+            spec, choice = runner.prepare(opts, state)
+            driver = Driver(spec, out, runner.DEFAULT_BOOT_TIMEOUT * choice.timeout_scale, log=runner.log)
+        except NtngError as e:
+            pytest.fail(f"ntng: cannot set up the nodes of {module_file.name}: {e}", pytrace=False)
+        yield driver
+    finally:
+        if driver is not None:
+            driver.release()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ntng_machines(ntng_driver: Driver) -> dict[str, Machine]:
+    return {m.name: m for m in ntng_driver.machines}
+
+
+@pytest.fixture(scope="module")
+def ntng(ntng_driver: Driver) -> types.SimpleNamespace:
+    return types.SimpleNamespace(**ntng_driver.test_symbols())
