@@ -16,7 +16,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import network as network_mod
 from . import report
@@ -27,6 +27,8 @@ from .polling import PollingCondition, polling_condition_factory
 from .report import EventLog
 from .testspec import TestSpec, compile_script
 from .watch import Detection, Rule, Watcher
+
+T = TypeVar("T")
 
 # The names a test script sees besides its machines (the NixOS driver's, plus `driver`).
 DRIVER_GLOBALS = (
@@ -121,44 +123,15 @@ class Driver:
         self.log("start all VMs")
         for m in self.machines:
             m.start()
-        errors: list[BaseException] = []
-
-        def connect(m: Machine) -> None:
-            try:
-                m.connect()
-            except BaseException as e:
-                errors.append(e)
-
-        threads = [threading.Thread(target=connect, args=(m,), daemon=True) for m in self.machines]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        _on_each(self.machines, Machine.connect)
 
     def parallel(self, command: str | list[str], *machines: Machine, timeout: float | None = 900
                  ) -> dict[str, ExecResult]:
         """Extension: the same command on several machines (default: all) at once; each
         machine's result (status, stdout, stderr, duration) by name."""
         chosen = list(machines) or self.machines
-        results: dict[str, ExecResult] = {}
-        errors: list[BaseException] = []
-
-        def one(m: Machine) -> None:
-            try:
-                results[m.name] = m.run(command, timeout=timeout)
-            except BaseException as e:
-                errors.append(e)
-
-        threads = [threading.Thread(target=one, args=(m,), daemon=True) for m in chosen]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return {m.name: results[m.name] for m in chosen}
+        results = _on_each(chosen, lambda m: m.run(command, timeout=timeout))
+        return {m.name: r for m, r in zip(chosen, results, strict=True)}
 
     def create_machine(self, start_command: str, *, name: str | None = None,
                        keep_vm_state: bool = False) -> Machine:
@@ -312,6 +285,28 @@ class Driver:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _on_each(machines: list[Machine], fn: Callable[[Machine], T]) -> list[T]:
+    """fn(m) for every machine on its own thread, all at once; results in order, or the first
+    error raised."""
+    results: dict[int, T] = {}
+    errors: list[BaseException] = []
+
+    def one(i: int, m: Machine) -> None:
+        try:
+            results[i] = fn(m)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i, m), daemon=True) for i, m in enumerate(machines)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return [results[i] for i in range(len(machines))]
 
 
 def script_error(path: Path, e: BaseException) -> NtngError:

@@ -88,7 +88,6 @@ class Machine:
         self._disk_made = False
         self.network = network if network is not None else Network({"nodes": {}, "vlans": {}}, log or print)
         self.forwards: list[PortForward] = []
-        self.impairments: dict[tuple[int, str], netem.Impairment] = {}
         # vlan → (impairment, direction) from the test's node declarations, applied at each boot
         self.declared_impairments: dict[int, tuple[netem.Impairment, str]] = {}
         self.plan = plan
@@ -775,10 +774,6 @@ class Machine:
                 else:
                     # Guest view: "in" (towards the guest) is the guest's ingress.
                     self.succeed("\n".join(netem.guest_tc_commands(i["guestName"], this, d)))
-            if imp is None:
-                self.impairments.pop((i["vlan"], "both"), None)
-            else:
-                self.impairments[(i["vlan"], direction)] = imp
 
     def forward_port(self, host_port: int = 8080, guest_port: int = 80) -> None:
         """Forward TCP 127.0.0.1:host_port on the host to guest_port of this machine."""
