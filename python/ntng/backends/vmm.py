@@ -1,0 +1,129 @@
+"""What every backend does with its VMM process: prepare the state directory from the plan,
+spawn the VMM so that it dies with the runner, watch it, kill it.
+
+The plan (nixlib's launch output) names the files and sockets; nothing here invents paths.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .. import pdeathsig
+from ..errors import SetupError
+from ..network import CapabilityMissing
+from .console import ConsoleLines
+
+
+class VmmProcess(ConsoleLines):
+    name = "vmm"  # the backend's name, as in plan["backend"]
+    capabilities: frozenset[str] = frozenset()
+
+    def __init__(self, machine_name: str, plan: dict[str, Any],
+                 preexec: Callable[[], None] | None = None, keep_disk: bool = False) -> None:
+        self.machine_name = machine_name
+        self.plan = plan
+        self.preexec = preexec  # runs in the child before exec: enters the test's network namespace
+        self.keep_disk = keep_disk
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.state_dir = Path(plan["files"]["disk"]).parent
+        self.stderr_path = self.state_dir / f"{self.name}.stderr"
+        self._init_console()
+
+    # -- starting -----------------------------------------------------------------------------
+
+    def _prepare(self, missing_hint: str, skip_disk_steps: bool = False, keep: bool | None = None) -> None:
+        """Fresh state directory: leftover sockets gone, the plan's prepare steps run.  A kept
+        disk (-K, or `keep`: one restored from a snapshot) is booted as it is, so the steps that
+        would make a fresh one are skipped (`skip_disk_steps`: only those naming the disk; else
+        all of them)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for sock in self.plan["sockets"].values():
+            Path(sock).unlink(missing_ok=True)
+        disk = Path(self.plan["files"]["disk"])
+        if keep is None:
+            keep = self.keep_disk and disk.exists()
+        if not keep:
+            disk.unlink(missing_ok=True)
+        for cmd in self.plan["prepare"]:
+            if keep and (not skip_disk_steps or str(disk) in cmd):
+                continue
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            except FileNotFoundError:
+                raise SetupError(f"{self.machine_name}: {cmd[0]} not found ({missing_hint})") from None
+            if r.returncode != 0:
+                raise SetupError(f"{self.machine_name}: `{' '.join(cmd)}` failed: {r.stderr.strip()}")
+
+    def _check_binary(self, argv0: str, hint: str) -> None:
+        """Fail before anything is prepared when the VMM is not installed."""
+        found = os.access(argv0, os.X_OK) if "/" in argv0 else shutil.which(argv0) is not None
+        if not found:
+            where = argv0 if "/" in argv0 else f"{argv0!r} (PATH={os.environ.get('PATH', '')})"
+            raise SetupError(f"{self.machine_name}: {argv0} not found on PATH: looked for {where}; {hint}")
+
+    def _spawn(self, argv: list[str], missing: str, **popen: Any) -> None:
+        """Start the VMM as a child that dies with the runner; stderr goes to stderr_path
+        unless `popen` says otherwise."""
+        try:
+            with open(self.stderr_path, "wb") as err:
+                popen.setdefault("stdout", err)
+                popen.setdefault("stderr", err)
+                popen.setdefault("stdin", subprocess.DEVNULL)
+                self.proc = pdeathsig.spawn(argv, then=self.preexec, start_new_session=True, **popen)
+        except FileNotFoundError:
+            raise SetupError(f"{self.machine_name}: {argv[0]} not found: {missing}") from None
+
+    # -- watching and stopping ----------------------------------------------------------------
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def stderr_tail(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace").strip()[-600:] or "(no output)"
+        except OSError:
+            return "(no output)"
+
+    def wait_exit(self, timeout: float | None) -> int | None:
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # exited (and was reaped elsewhere) in the meantime
+            self.proc.wait()
+
+    def _copy_disk(self, source: Path, target: Path) -> None:
+        """A disk image copied as the plan's prepare step does it (sparse, CoW where possible)."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(source), str(target)],
+                           capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise SetupError(f"{self.machine_name}: copying {source} to {target} failed: {r.stderr.strip()}")
+
+    def _remove_sockets(self) -> None:
+        """The VMM is gone: its sockets are dead ends (a killed VMM cannot remove them)."""
+        for sock in self.plan["sockets"].values():
+            Path(sock).unlink(missing_ok=True)
+
+    def _lacks(self, capability: str, what: str) -> CapabilityMissing:
+        return CapabilityMissing(
+            f"{self.machine_name}: {what} needs the {capability!r} capability, which backend "
+            f"{self.name} lacks (it has: {', '.join(sorted(self.capabilities))})")
