@@ -17,9 +17,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from . import netem
+from . import backends, netem
 from . import protocol as P
-from .backends.qemu import QemuBackend
 from .client import BackdoorClient, ExecResult, OutputCallback
 from .errors import (
     AgentRestarted,
@@ -95,7 +94,7 @@ class Machine:
         self.boot_timeout = boot_timeout
         self.callbacks = callbacks or []
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        self.backend = QemuBackend(name, plan)
+        self.backend = backends.make(name, plan)
         self.client: BackdoorClient | None = None
         self.booted = False
         self.boot_id: str | None = None
@@ -124,7 +123,7 @@ class Machine:
             self.log("starting vm")
             # The disk survives crash()/shutdown() and start() within a run, as a real one
             # would; with -K it also survives the run.
-            self.backend = QemuBackend(self.name, self.plan, preexec=self.network.preexec(),
+            self.backend = backends.make(self.name, self.plan, preexec=self.network.preexec(),
                                        keep_disk=self.keep_state or self._disk_made)
             self._disk_made = True
             self.backend.console_callbacks.append(self._on_console)

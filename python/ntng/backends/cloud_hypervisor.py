@@ -1,0 +1,193 @@
+"""Cloud Hypervisor backend: runs nixlib's Cloud Hypervisor plan (nixlib/cloud-hypervisor.nix)
+and drives the VMM through its REST API (/api/v1/...) on a unix socket.
+
+Either route the plan offers: "api" (run `argv`, then send `api`: vm.create, vm.boot) or "cli"
+(`cliArgv` creates and boots at once).  The serial console is a file the VMM writes
+(files.consoleLog), followed here; the backdoor is the virtio-console's pty (its path from
+vm.info, as the plan says) or hybrid vsock.  Request bodies are the plan's or follow
+../../shared/specs/cloud-hypervisor.yaml (the unit tests' fake Cloud Hypervisor enforces it).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import SetupError
+from ..unixhttp import ApiError, UnixHttpClient
+from . import hybrid_vsock, ptyrelay
+from .console import follow_file
+from .vmm import VmmProcess
+
+# capabilities.nix's features for cloud-hypervisor, and what the runner can do at run time.
+CAPABILITIES = frozenset({"snapshot", "sharedDirs", "networks", "reboot", "console", "powerdown", "pause"})
+INSTALL_HINT = ('install it (https://github.com/cloud-hypervisor/cloud-hypervisor/releases) '
+                'or use backend = "qemu"')
+ROUTES = ("api", "cli")
+API = "/api/v1"
+DISK = "disk.raw"  # in a snapshot directory, beside Cloud Hypervisor's own files
+
+
+class CloudHypervisorBackend(VmmProcess):
+    name = "cloud-hypervisor"
+    capabilities = CAPABILITIES
+
+    def __init__(self, machine_name: str, plan: dict[str, Any],
+                 preexec: Callable[[], None] | None = None, keep_disk: bool = False,
+                 route: str = "api") -> None:
+        super().__init__(machine_name, plan, preexec, keep_disk)
+        if route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+        self.route = route
+        self.who = f"{machine_name}: cloud-hypervisor"
+        self.api = UnixHttpClient(plan["sockets"]["api"], self.who)
+        self.paused = False
+        self.pty: str | None = None  # the virtio-console's pseudo-terminal (virtconsole backdoor)
+        self._stop_console = threading.Event()
+        self._console_thread: threading.Thread | None = None
+
+    # -- starting -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.route == "api":
+            self._launch(self.plan["argv"], self.plan["api"])
+        else:
+            self._launch(self.plan["cliArgv"], [])
+        self.paused = False
+
+    def snapshot_load(self, directory: Path, resume: bool = True) -> None:
+        """Start from a snapshot_create() directory instead of booting: a fresh VMM, PUT
+        vm.restore, on a copy of the snapshot's disk (Cloud Hypervisor restores the devices at
+        the paths they had, so this is the machine the snapshot was taken of)."""
+        self._check_binary(self.plan["argv"][0], INSTALL_HINT)
+        self._copy_disk(directory / DISK, Path(self.plan["files"]["disk"]))
+        restore = {"method": "PUT", "path": f"{API}/vm.restore",
+                   "body": {"source_url": f"file://{directory}", "resume": resume}}
+        self._launch(self.plan["argv"], [restore], keep=True)
+        self.paused = not resume
+
+    def _launch(self, argv: list[str], calls: list[dict[str, Any]], keep: bool | None = None) -> None:
+        self._check_binary(argv[0], INSTALL_HINT)
+        self._prepare("coreutils", skip_disk_steps=True, keep=keep)
+        # The VMM writes the serial console anew: an old file must not pass for this boot's.
+        Path(self.plan["files"]["consoleLog"]).unlink(missing_ok=True)
+        self._spawn(argv, INSTALL_HINT)
+        self._start_console()
+        try:
+            self.api.wait_listening(30, self.alive)
+            self.api.request("GET", f"{API}/vmm.ping")
+            for call in calls:
+                self.api.request(call["method"], call["path"], call.get("body"))
+            if self.plan["backdoor"]["transport"] == "virtconsole":
+                self.pty = self._lookup(self.plan["backdoor"]["pty"])
+        except SetupError as e:
+            if not self.alive():
+                raise SetupError(f"{e}\ncloud-hypervisor exited: {self.stderr_tail()}") from None
+            raise
+
+    def _lookup(self, where: dict[str, Any], timeout: float = 10.0) -> str:
+        """A string field of an API answer (the pty's path in vm.info).  With the command-line
+        route the VM is created by the VMM itself, a moment after the API is up: 404 is retried."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                value: Any = self.api.request(where["method"], where["path"])
+                break
+            except ApiError as e:
+                if e.status != 404 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        for key in where["field"]:
+            if not isinstance(value, dict) or key not in value:
+                raise SetupError(f"{self.who}: {where['method']} {where['path']} has no "
+                                 f"{'.'.join(where['field'])} (the virtio-console's pty)")
+            value = value[key]
+        if not isinstance(value, str):
+            raise SetupError(f"{self.who}: {'.'.join(where['field'])} is {value!r}, not a pty path")
+        return value
+
+    # -- console: the file the VMM writes -------------------------------------------------------
+
+    def _start_console(self) -> None:
+        self._stop_console = threading.Event()
+        read = follow_file(Path(self.plan["files"]["consoleLog"]), self._stop_console)
+        self._console_thread = threading.Thread(
+            target=self._pump_console, args=(read,), name=f"console-{self.machine_name}", daemon=True)
+        self._console_thread.start()
+
+    def send_console(self, chars: str) -> None:
+        raise self._lacks("console input", "send_console (the serial console is a file, output only)")
+
+    # -- the running VM -----------------------------------------------------------------------
+
+    def connect_backdoor(self, timeout: float) -> socket.socket:
+        bd = self.plan["backdoor"]
+        if bd["transport"] == "vsock":
+            return hybrid_vsock.connect(bd["uds"], bd["port"], timeout, self.alive, self.who)
+        if self.pty is None:
+            raise SetupError(f"{self.who}: the VM is not running (no virtio-console pty)")
+        return ptyrelay.open_pty(self.pty)
+
+    def pause(self) -> None:
+        self.api.request("PUT", f"{API}/vm.pause")
+        self.paused = True
+
+    def resume(self) -> None:
+        self.api.request("PUT", f"{API}/vm.resume")
+        self.paused = False
+
+    def powerdown(self) -> None:
+        """ACPI power button: the guest shuts down, then the VMM exits."""
+        self.api.request("PUT", f"{API}/vm.power-button")
+
+    def send_key(self, key: str) -> None:
+        """No keyboard; ctrl-alt-delete (what Machine.reboot sends) is the API's reboot."""
+        if key != "ctrl-alt-delete":
+            raise self._lacks("keys", f"send_key({key!r})")
+        self.api.request("PUT", f"{API}/vm.reboot")
+
+    def snapshot_create(self, directory: Path) -> None:
+        """Snapshot into `directory` (Cloud Hypervisor needs the VM paused: a running one is
+        paused for it and resumed after), with a copy of the disk as it is then."""
+        directory.mkdir(parents=True, exist_ok=True)
+        was_running = not self.paused
+        if was_running:
+            self.pause()
+        try:
+            self.api.request("PUT", f"{API}/vm.snapshot", {"destination_url": f"file://{directory}"},
+                             timeout=600)
+            self._copy_disk(Path(self.plan["files"]["disk"]), directory / DISK)
+        finally:
+            if was_running:
+                self.resume()
+
+    def quit(self) -> None:
+        """Like pulling the plug: the VMM shuts down at once (killed if it does not)."""
+        if self.alive():
+            try:
+                self.api.request("PUT", f"{API}/vmm.shutdown", timeout=5)
+            except SetupError:
+                pass
+        if self.wait_exit(10) is None:
+            self.kill()
+
+    def release(self) -> None:
+        """Stop the VM and clean up (process, sockets, console); safe to call twice."""
+        self.kill()
+        self._stop_console.set()
+        if self._console_thread is not None:
+            self._console_thread.join(2)
+        self.pty = None
+        self._remove_sockets()
+
+    # -- what Cloud Hypervisor has not got ------------------------------------------------------
+
+    def screendump(self, path: Path) -> None:
+        raise self._lacks("screenshot", "a screenshot")
+
+    def set_link(self, netdev: str, up: bool) -> None:
+        raise self._lacks("link", f"setting {netdev} {'up' if up else 'down'}")

@@ -1,0 +1,195 @@
+"""Firecracker backend: runs nixlib's Firecracker plan (nixlib/firecracker.nix) and drives the
+VMM through its REST API on a unix socket.
+
+Either route the plan offers: "config" (write `writeFiles`, run `argv`: Firecracker boots from
+the config file) or "api" (run `apiRoute.argv`, then send `apiRoute.api` in order).  The serial
+console is the VMM's stdout (copied to files.consoleLog) and its stdin; the backdoor is hybrid
+vsock; logger and metrics write into the state directory.  Request bodies are the plan's or
+follow ../../shared/specs/firecracker.yaml (the unit tests' fake Firecracker enforces it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from ..errors import SetupError
+from ..unixhttp import UnixHttpClient
+from . import hybrid_vsock
+from .vmm import VmmProcess
+
+# capabilities.nix's features for firecracker, and what the runner can do at run time.
+CAPABILITIES = frozenset({"snapshot", "networks", "console", "powerdown", "pause"})
+INSTALL_HINT = 'install it or use backend = "qemu" with machineType = "microvm"'
+ROUTES = ("config", "api")
+
+# A snapshot directory: Firecracker's two files and the disk as it was (the memory refers to it).
+VMSTATE, MEMORY, DISK = "vmstate", "memory", "disk.raw"
+
+
+class FirecrackerBackend(VmmProcess):
+    name = "firecracker"
+    capabilities = CAPABILITIES
+
+    def __init__(self, machine_name: str, plan: dict[str, Any],
+                 preexec: Callable[[], None] | None = None, keep_disk: bool = False,
+                 route: str = "config") -> None:
+        super().__init__(machine_name, plan, preexec, keep_disk)
+        if route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+        self.route = route
+        self.api = UnixHttpClient(plan["sockets"]["api"], f"{machine_name}: firecracker")
+        self.paused = False
+        self._console_thread: threading.Thread | None = None
+        self._console_copy: IO[bytes] | None = None
+
+    # -- starting -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.route == "config":
+            self._launch(self.plan["argv"], self.plan["writeFiles"], self.plan["api"])
+        else:
+            self._launch(self.plan["apiRoute"]["argv"], {}, self.plan["apiRoute"]["api"])
+
+    def snapshot_load(self, directory: Path, resume: bool = True) -> None:
+        """Start from a snapshot_create() directory instead of booting: a fresh Firecracker
+        (logger and metrics are the only resources allowed before PUT /snapshot/load) on a copy
+        of the snapshot's disk.  The vsock socket and TAP devices are this plan's (overrides),
+        so a clone in another state directory works."""
+        self._check_binary(self.plan["apiRoute"]["argv"][0], INSTALL_HINT)
+        self._copy_disk(directory / DISK, Path(self.plan["files"]["disk"]))
+        calls = self.plan["apiRoute"]["api"]
+        body: dict[str, Any] = {
+            "snapshot_path": str(directory / VMSTATE),
+            "mem_backend": {"backend_type": "File", "backend_path": str(directory / MEMORY)},
+            "resume_vm": resume,
+            "vsock_override": {"uds_path": self.plan["backdoor"]["uds"]},
+        }
+        nics = [c["body"] for c in calls if c["path"].startswith("/network-interfaces/")]
+        if nics:
+            body["network_overrides"] = [{"iface_id": n["iface_id"], "host_dev_name": n["host_dev_name"]}
+                                         for n in nics]
+        early = [c for c in calls if c["path"] in ("/logger", "/metrics")]
+        load = {"method": "PUT", "path": "/snapshot/load", "body": body}
+        self._launch(self.plan["apiRoute"]["argv"], {}, [*early, load], keep=True)
+        self.paused = not resume
+
+    def _launch(self, argv: list[str], write_files: dict[str, Any], calls: list[dict[str, Any]],
+                keep: bool | None = None) -> None:
+        self._check_binary(argv[0], INSTALL_HINT)
+        self._prepare("coreutils", skip_disk_steps=True, keep=keep)
+        for path, content in write_files.items():
+            Path(path).write_text(json.dumps(content, indent=2) + "\n")
+        self._spawn(argv, INSTALL_HINT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._start_console()
+        try:
+            self.api.wait_listening(30, self.alive)
+            for call in calls:
+                self.api.request(call["method"], call["path"], call.get("body"))
+            state = self.api.request("GET", "/")["state"]
+        except SetupError as e:
+            if not self.alive():
+                raise SetupError(f"{e}\n{self._exit_report()}") from None
+            raise
+        self.paused = state == "Paused"
+
+    def _exit_report(self) -> str:
+        log = Path(self.plan["files"]["log"])
+        try:
+            log_tail = log.read_text(errors="replace").strip()[-600:] or "(empty)"
+        except OSError:
+            log_tail = "(none)"
+        return f"firecracker exited: {self.stderr_tail()}\nits log {log}: {log_tail}"
+
+    # -- console: the VMM's stdout and stdin ---------------------------------------------------
+
+    def _start_console(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        copy = self._console_copy = open(self.plan["files"]["consoleLog"], "wb", buffering=0)
+        self._console_thread = threading.Thread(
+            target=self._pump_console, args=(lambda: os.read(fd, 65536), copy.write),
+            name=f"console-{self.machine_name}", daemon=True)
+        self._console_thread.start()
+
+    def send_console(self, chars: str) -> None:
+        if self.proc is None or self.proc.stdin is None or not self.alive():
+            raise SetupError(f"{self.machine_name}: the VM is not running")
+        self.proc.stdin.write(chars.encode())
+        self.proc.stdin.flush()
+
+    # -- the running VM -----------------------------------------------------------------------
+
+    def connect_backdoor(self, timeout: float) -> socket.socket:
+        bd = self.plan["backdoor"]
+        return hybrid_vsock.connect(bd["uds"], bd["port"], timeout, self.alive, f"{self.machine_name}: firecracker")
+
+    def pause(self) -> None:
+        self.api.request("PATCH", "/vm", {"state": "Paused"})
+        self.paused = True
+
+    def resume(self) -> None:
+        self.api.request("PATCH", "/vm", {"state": "Resumed"})
+        self.paused = False
+
+    def powerdown(self) -> None:
+        """Ctrl-Alt-Del: the guest reboots, which (reboot=k) makes Firecracker exit."""
+        self.api.request("PUT", "/actions", {"action_type": "SendCtrlAltDel"})
+
+    def snapshot_create(self, directory: Path) -> None:
+        """Full snapshot into `directory` (Firecracker needs the VM paused: a running one is
+        paused for it and resumed after), with a copy of the disk as it is then."""
+        directory.mkdir(parents=True, exist_ok=True)
+        was_running = not self.paused
+        if was_running:
+            self.pause()
+        try:
+            self.api.request("PUT", "/snapshot/create", {
+                "snapshot_type": "Full",
+                "snapshot_path": str(directory / VMSTATE),
+                "mem_file_path": str(directory / MEMORY),
+            }, timeout=600)
+            self._copy_disk(Path(self.plan["files"]["disk"]), directory / DISK)
+        finally:
+            if was_running:
+                self.resume()
+
+    def quit(self) -> None:
+        """Like pulling the plug (Firecracker has no API call for it)."""
+        self.kill()
+
+    def release(self) -> None:
+        """Stop the VM and clean up (process, sockets, console); safe to call twice."""
+        if self.alive():
+            try:  # the metrics file is written every 60 s: get the last numbers in
+                self.api.request("PUT", "/actions", {"action_type": "FlushMetrics"}, timeout=1)
+            except SetupError:
+                pass
+        self.kill()
+        if self.proc is not None and self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        if self._console_thread is not None:
+            self._console_thread.join(2)
+        if self._console_copy is not None:
+            self._console_copy.close()
+        self._remove_sockets()
+
+    # -- what Firecracker has not got ----------------------------------------------------------
+
+    def send_key(self, key: str) -> None:
+        raise self._lacks("keys", f"send_key({key!r})")
+
+    def screendump(self, path: Path) -> None:
+        raise self._lacks("screenshot", "a screenshot")
+
+    def set_link(self, netdev: str, up: bool) -> None:
+        raise self._lacks("link", f"setting {netdev} {'up' if up else 'down'}")
