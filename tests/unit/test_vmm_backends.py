@@ -270,6 +270,34 @@ def test_snapshot_create_then_load(env: Env, backend: str, route: str, transport
     assert sockets_in(env.root / "state") == []
 
 
+def test_firecracker_snapshot_overrides_nics_and_belongs_to_its_machine(env: Env) -> None:
+    nic = {"tap": "ntt0", "mac": "52:54:00:12:34:56"}
+    snap = env.root / "snap"
+    b = backends.make("m", env.plan("firecracker", interfaces=[nic]))
+    b.start()
+    try:
+        b.snapshot_create(snap)
+    finally:
+        b.release()
+    env.clear_journal()
+    restored = backends.make("m", env.plan("firecracker", interfaces=[nic]))
+    restored.snapshot_load(snap)
+    restored.release()
+    [load] = [e for e in env.journal() if e["path"] == "/snapshot/load"]
+    assert load["status"] == 204
+    assert load["body"]["network_overrides"] == [{"iface_id": "eth0", "host_dev_name": "ntt0"}]
+
+    other = backends.make("n", env.plan("firecracker", "n"))
+    with pytest.raises(SetupError, match="the snapshot in .* is of machine 'm', whose disk was .*/m/disk.raw"):
+        other.snapshot_load(snap)
+    assert other.proc is None
+    with pytest.raises(SetupError, match="is not a snapshot"):
+        other.snapshot_load(env.root)
+    ch = backends.make("m", env.plan("cloud-hypervisor"))
+    with pytest.raises(SetupError, match="is a firecracker snapshot, this machine runs cloud-hypervisor"):
+        ch.snapshot_load(snap)
+
+
 def test_snapshot_load_needs_a_fresh_firecracker(env: Env) -> None:
     """The fake keeps Firecracker's rule: no /snapshot/load once boot resources are configured."""
     b = make(env, "firecracker", "api", "vsock")

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import SetupError
 from ..unixhttp import ApiError, UnixHttpClient
-from . import hybrid_vsock, ptyrelay
+from . import hybrid_vsock, ptyrelay, snapshot
 from .console import follow_file
 from .vmm import VmmProcess
 
@@ -29,7 +29,6 @@ INSTALL_HINT = ('install it (https://github.com/cloud-hypervisor/cloud-hyperviso
                 'or use backend = "qemu"')
 ROUTES = ("api", "cli")
 API = "/api/v1"
-DISK = "disk.raw"  # in a snapshot directory, beside Cloud Hypervisor's own files
 
 
 class CloudHypervisorBackend(VmmProcess):
@@ -62,9 +61,9 @@ class CloudHypervisorBackend(VmmProcess):
     def snapshot_load(self, directory: Path, resume: bool = True) -> None:
         """Start from a snapshot_create() directory instead of booting: a fresh VMM, PUT
         vm.restore, on a copy of the snapshot's disk (Cloud Hypervisor restores the devices at
-        the paths they had, so this is the machine the snapshot was taken of)."""
+        the paths they had, so this must be the machine the snapshot was taken of)."""
         self._check_binary(self.plan["argv"][0], INSTALL_HINT)
-        self._copy_disk(directory / DISK, Path(self.plan["files"]["disk"]))
+        snapshot.restore_disk(self, directory)
         restore = {"method": "PUT", "path": f"{API}/vm.restore",
                    "body": {"source_url": f"file://{directory}", "resume": resume}}
         self._launch(self.plan["argv"], [restore], keep=True)
@@ -160,7 +159,7 @@ class CloudHypervisorBackend(VmmProcess):
         try:
             self.api.request("PUT", f"{API}/vm.snapshot", {"destination_url": f"file://{directory}"},
                              timeout=600)
-            self._copy_disk(Path(self.plan["files"]["disk"]), directory / DISK)
+            snapshot.save_disk(self, directory)
         finally:
             if was_running:
                 self.resume()
@@ -174,6 +173,10 @@ class CloudHypervisorBackend(VmmProcess):
                 pass
         if self.wait_exit(10) is None:
             self.kill()
+
+    def kill(self) -> None:
+        super().kill()
+        self._remove_sockets()
 
     def release(self) -> None:
         """Stop the VM and clean up (process, sockets, console); safe to call twice."""

@@ -21,7 +21,7 @@ from typing import IO, Any
 
 from ..errors import SetupError
 from ..unixhttp import UnixHttpClient
-from . import hybrid_vsock
+from . import hybrid_vsock, snapshot
 from .vmm import VmmProcess
 
 # capabilities.nix's features for firecracker, and what the runner can do at run time.
@@ -29,8 +29,8 @@ CAPABILITIES = frozenset({"snapshot", "networks", "console", "powerdown", "pause
 INSTALL_HINT = 'install it or use backend = "qemu" with machineType = "microvm"'
 ROUTES = ("config", "api")
 
-# A snapshot directory: Firecracker's two files and the disk as it was (the memory refers to it).
-VMSTATE, MEMORY, DISK = "vmstate", "memory", "disk.raw"
+# Firecracker's two files in a snapshot directory (beside the disk: see snapshot.py).
+VMSTATE, MEMORY = "vmstate", "memory"
 
 
 class FirecrackerBackend(VmmProcess):
@@ -60,10 +60,10 @@ class FirecrackerBackend(VmmProcess):
     def snapshot_load(self, directory: Path, resume: bool = True) -> None:
         """Start from a snapshot_create() directory instead of booting: a fresh Firecracker
         (logger and metrics are the only resources allowed before PUT /snapshot/load) on a copy
-        of the snapshot's disk.  The vsock socket and TAP devices are this plan's (overrides),
-        so a clone in another state directory works."""
+        of the snapshot's disk.  The vsock socket and TAP devices are this plan's (overrides);
+        drives keep their paths, so this must be the machine the snapshot was taken of."""
         self._check_binary(self.plan["apiRoute"]["argv"][0], INSTALL_HINT)
-        self._copy_disk(directory / DISK, Path(self.plan["files"]["disk"]))
+        snapshot.restore_disk(self, directory)
         calls = self.plan["apiRoute"]["api"]
         body: dict[str, Any] = {
             "snapshot_path": str(directory / VMSTATE),
@@ -121,8 +121,11 @@ class FirecrackerBackend(VmmProcess):
     def send_console(self, chars: str) -> None:
         if self.proc is None or self.proc.stdin is None or not self.alive():
             raise SetupError(f"{self.machine_name}: the VM is not running")
-        self.proc.stdin.write(chars.encode())
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(chars.encode())
+            self.proc.stdin.flush()
+        except OSError as e:  # it exited in the meantime
+            raise SetupError(f"{self.machine_name}: the serial console is gone ({e})") from None
 
     # -- the running VM -----------------------------------------------------------------------
 
@@ -155,7 +158,7 @@ class FirecrackerBackend(VmmProcess):
                 "snapshot_path": str(directory / VMSTATE),
                 "mem_file_path": str(directory / MEMORY),
             }, timeout=600)
-            self._copy_disk(Path(self.plan["files"]["disk"]), directory / DISK)
+            snapshot.save_disk(self, directory)
         finally:
             if was_running:
                 self.resume()
@@ -163,6 +166,10 @@ class FirecrackerBackend(VmmProcess):
     def quit(self) -> None:
         """Like pulling the plug (Firecracker has no API call for it)."""
         self.kill()
+
+    def kill(self) -> None:
+        super().kill()
+        self._remove_sockets()
 
     def release(self) -> None:
         """Stop the VM and clean up (process, sockets, console); safe to call twice."""

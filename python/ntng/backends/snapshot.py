@@ -1,0 +1,47 @@
+"""A snapshot directory: the VMM's own files, the disk as it was when they were written (the
+saved memory refers to its contents), and a note of whose disk that was.
+
+Firecracker and Cloud Hypervisor restore drives at the paths they had, so a snapshot loads into
+the machine (the state directory) it was taken of: the note turns a mismatch into a clear error
+instead of a guest running on another machine's disk.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import SetupError
+
+if TYPE_CHECKING:
+    from .vmm import VmmProcess
+
+DISK = "disk.raw"
+NOTE = "ntng-snapshot.json"
+
+
+def save_disk(backend: VmmProcess, directory: Path) -> None:
+    """After the VMM wrote its files (the VM still paused): the disk and the note."""
+    disk = Path(backend.plan["files"]["disk"])
+    backend._copy_disk(disk, directory / DISK)
+    note = {"backend": backend.name, "machine": backend.machine_name, "disk": str(disk)}
+    (directory / NOTE).write_text(json.dumps(note, indent=2) + "\n")
+
+
+def restore_disk(backend: VmmProcess, directory: Path) -> None:
+    """Before the VMM loads the snapshot: check it is this machine's, put its disk in place."""
+    try:
+        note = json.loads((directory / NOTE).read_text())
+    except (OSError, ValueError) as e:
+        raise SetupError(f"{backend.machine_name}: {directory} is not a snapshot (its {NOTE}: {e})") from None
+    disk = backend.plan["files"]["disk"]
+    if note.get("backend") != backend.name:
+        raise SetupError(f"{backend.machine_name}: {directory} is a {note.get('backend')} snapshot, "
+                         f"this machine runs {backend.name}")
+    if note.get("disk") != disk:
+        raise SetupError(
+            f"{backend.machine_name}: the snapshot in {directory} is of machine {note.get('machine')!r}, "
+            f"whose disk was {note.get('disk')}; {backend.name} restores drives at the paths they "
+            f"had, so load it into a machine with that disk path (this one's is {disk})")
+    backend._copy_disk(directory / DISK, Path(disk))
