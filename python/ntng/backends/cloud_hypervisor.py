@@ -84,7 +84,7 @@ class CloudHypervisorBackend(VmmProcess):
             if self.plan["backdoor"]["transport"] == "virtconsole":
                 self.pty = self._lookup(self.plan["backdoor"]["pty"])
         except SetupError as e:
-            if not self.alive():
+            if self.wait_exit(1) is not None:  # it died (or is dying): say why
                 raise SetupError(f"{e}\ncloud-hypervisor exited: {self.stderr_tail()}") from None
             raise
 

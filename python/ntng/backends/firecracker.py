@@ -94,7 +94,7 @@ class FirecrackerBackend(VmmProcess):
                 self.api.request(call["method"], call["path"], call.get("body"))
             state = self.api.request("GET", "/")["state"]
         except SetupError as e:
-            if not self.alive():
+            if self.wait_exit(1) is not None:  # it died (or is dying): say why
                 raise SetupError(f"{e}\n{self._exit_report()}") from None
             raise
         self.paused = state == "Paused"
