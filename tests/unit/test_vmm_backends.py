@@ -578,6 +578,28 @@ def test_hybrid_vsock_times_out_clearly(env: Env) -> None:
     assert time.monotonic() - t0 < 5
 
 
+def test_follow_file_waits_restarts_after_truncation_and_ends_on_stop(env: Env) -> None:
+    from ntng.backends.console import ConsoleLines, follow_file
+
+    path = env.root / "serial.log"
+    stop = threading.Event()
+    lines = ConsoleLines()
+    lines._init_console()
+    seen: list[str] = []
+    lines.console_callbacks.append(seen.append)
+    pump = threading.Thread(target=lines._pump_console, args=(follow_file(path, stop),))
+    pump.start()
+    time.sleep(0.1)  # the file does not exist yet
+    path.write_text("boot 1\r\nlonger line 1\n")
+    time.sleep(0.2)
+    path.write_text("boot 2\nno newline")  # truncated by a new writer
+    time.sleep(0.2)
+    stop.set()
+    pump.join(5)
+    assert not pump.is_alive()
+    assert seen == lines.console_log == ["boot 1", "longer line 1", "boot 2", "no newline"]
+
+
 def test_api_client_times_out_naming_the_request(env: Env) -> None:
     path = str(env.root / "api.sock")
     srv = serve_once(path, None)

@@ -129,7 +129,7 @@ class CloudHypervisorBackend(VmmProcess):
             return hybrid_vsock.connect(bd["uds"], bd["port"], timeout, self.alive, self.who)
         if self.pty is None:
             raise SetupError(f"{self.who}: the VM is not running (no virtio-console pty)")
-        return ptyrelay.open_pty(self.pty)
+        return ptyrelay.open_pty(self.pty, self.who)
 
     def pause(self) -> None:
         self.api.request("PUT", f"{API}/vm.pause")

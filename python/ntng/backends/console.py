@@ -60,9 +60,10 @@ class ConsoleLines:
 
 
 def follow_file(path: Path, stop: threading.Event, poll: float = 0.05) -> Read:
-    """A Read over a file another process writes (like `tail -F`): waits for it to appear,
-    starts again from the top if it is truncated, and ends once `stop` is set and all that
-    was written has been read."""
+    """A Read over a file another process writes: waits for it to appear, starts again from
+    the top when it shrinks (a new writer truncated it), and ends once `stop` is set and all
+    that was written has been read.  Backends unlink the file before each VMM start, so one
+    follower sees one writer."""
     state: dict[str, int] = {"pos": 0}
 
     def read() -> bytes:

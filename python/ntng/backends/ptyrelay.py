@@ -10,11 +10,16 @@ import termios
 import threading
 import tty
 
+from ..errors import SetupError
 
-def open_pty(path: str) -> socket.socket:
+
+def open_pty(path: str, who: str) -> socket.socket:
     """The host end of the pty at `path`, raw (no echo, no line editing, 8-bit clean), behind a
     socket.  Closing the socket closes the pty; the VMM closing the pty closes the socket."""
-    fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+    except OSError as e:
+        raise SetupError(f"{who}: cannot open the virtio-console's pty {path}: {e.strerror}") from None
     try:
         # TCSANOW: keep what the guest already sent (its agent's announcement).
         tty.setraw(fd, termios.TCSANOW)
