@@ -607,3 +607,27 @@ def test_api_client_times_out_naming_the_request(env: Env) -> None:
     with pytest.raises(SetupError, match=r"^m: firecracker: GET /version: no answer within 0.5s"):
         client.request("GET", "/version")
     srv.close()
+
+
+def test_fakes_take_the_plans_extra_args_and_refuse_unknown_options(env: Env) -> None:
+    for backend, route, extra in (("firecracker", "config", ["--boot-timer"]), ("cloud-hypervisor", "cli", ["-v"])):
+        b = backends.make("m", env.plan(backend, extraArgs=extra), route=route)
+        b.start()
+        b.release()
+        b = backends.make("m", env.plan(backend, extraArgs=["--no-such-option"]), route=route)
+        with pytest.raises(SetupError, match="exited") as e:
+            b.start()
+        b.release()
+        assert "--no-such-option" in str(e.value)
+
+
+def test_fake_firecracker_checks_its_config_file(env: Env) -> None:
+    plan = env.plan("firecracker")
+    path, config = next(iter(plan["writeFiles"].items()))
+    Path(path).parent.mkdir(parents=True)
+    Path(path).write_text(json.dumps({**config, "machine-config": {**config["machine-config"], "vcpus": 2}}))
+    r = subprocess.run(["firecracker", "--api-sock", str(env.root / "fc.sock"), "--config-file", path],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert "Configuration for VMM from one single json failed: " in r.stderr
+    assert "Additional properties are not allowed ('vcpus'" in r.stderr
