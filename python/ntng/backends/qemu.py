@@ -11,11 +11,12 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import pdeathsig
+from .. import pdeathsig, vsock
 from ..client import connect_unix
 from ..errors import SetupError
 from ..qmp import QMPClient
@@ -23,6 +24,7 @@ from ..qmp import QMPClient
 CAPABILITIES = frozenset({"console", "screenshot", "keys", "reboot", "powerdown", "pause"})
 
 ConsoleCallback = Callable[[str], None]
+HELPER_START_TIMEOUT = 10.0
 
 
 class QemuBackend:
@@ -43,6 +45,7 @@ class QemuBackend:
         self._console_sock: socket.socket | None = None
         self._console_thread: threading.Thread | None = None
         self.state_dir = Path(plan["files"]["disk"]).parent
+        self.helpers: list[subprocess.Popen[bytes]] = []
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -62,6 +65,7 @@ class QemuBackend:
                 raise SetupError(f"{self.machine_name}: {cmd[0]} not found (apt-get install qemu-utils)") from None
             if r.returncode != 0:
                 raise SetupError(f"{self.machine_name}: `{' '.join(cmd)}` failed: {r.stderr.strip()}")
+        self._start_helpers()
         argv = self.plan["argv"]
         self.stderr_path = self.state_dir / "qemu.stderr"
         try:
@@ -88,7 +92,43 @@ class QemuBackend:
         )
         self._console_thread.start()
 
+    def _start_helpers(self) -> None:
+        """Processes QEMU connects to (vhost-device-vsock): started first, listening before QEMU
+        runs, dying with the runner like QEMU."""
+        for helper in self.plan["helpers"]:
+            name, argv, ready = helper["name"], helper["argv"], Path(helper["waitFor"])
+            ready.unlink(missing_ok=True)
+            log = self.state_dir / f"{name}.log"
+            try:
+                with open(log, "wb") as out:
+                    proc = pdeathsig.spawn(argv, then=self.preexec, stdin=subprocess.DEVNULL, stdout=out,
+                                           stderr=out, start_new_session=True)
+            except FileNotFoundError:
+                raise SetupError(
+                    f"{self.machine_name}: {argv[0]} not found; the vsock backdoor on QEMU needs it "
+                    "(Debian package vhost-device-vsock, from sid on bookworm: ./setup.sh installs it), "
+                    'or use backdoor.transport = "virtio-serial"'
+                ) from None
+            self.helpers.append(proc)
+            deadline = time.monotonic() + HELPER_START_TIMEOUT
+            while not ready.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = log.read_text(errors="replace").strip()[-600:] or "(no output)"
+                    state = f"exited with {proc.returncode}" if proc.poll() is not None else \
+                        f"did not create {ready} within {HELPER_START_TIMEOUT:.0f}s"
+                    raise SetupError(f"{self.machine_name}: helper {name} {state}: {tail}")
+                time.sleep(0.01)
+
+    @property
+    def reconnects(self) -> bool:
+        """Whether the backdoor connection ends with the guest's agent (vsock): then the next
+        command opens a new one.  A virtio-serial port's socket outlives guest reboots."""
+        return self.plan["backdoor"]["transport"] == "vsock"
+
     def connect_backdoor(self, timeout: float) -> socket.socket:
+        backdoor = self.plan["backdoor"]
+        if backdoor["transport"] == "vsock":
+            return vsock.connect_hybrid(backdoor["uds"], backdoor["port"], timeout=timeout, alive=self.alive)
         return connect_unix(self.plan["sockets"]["backdoor"], timeout=timeout, alive=self.alive)
 
     def alive(self) -> bool:
@@ -125,12 +165,14 @@ class QemuBackend:
             self.kill()
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass  # exited (and was reaped elsewhere) in the meantime
-            self.proc.wait()
+        for proc in ([self.proc] if self.proc is not None else []) + self.helpers:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass  # exited (and was reaped elsewhere) in the meantime
+                proc.wait()
+        self.helpers = []
 
     def release(self) -> None:
         """Stop the VM and close everything; safe to call twice."""
