@@ -621,6 +621,31 @@ def run_on_vsock(port: int) -> None:
     accept_forever(srv, started_ns)
 
 
+def from_cmdline(cmdline: str) -> tuple[str, str]:
+    """(transport, where) from the kernel's `ntng.backdoor=<transport>:<where>` (nixlib sets
+    it); a virtio-serial port by default."""
+    for word in cmdline.split():
+        if word.startswith("ntng.backdoor="):
+            transport, _, where = word.partition("=")[2].partition(":")
+            if transport in ("virtio-serial", "vsock", "virtconsole") and where and (
+                transport != "vsock" or where.isdigit()
+            ):
+                return transport, where
+            log(f"ignoring malformed {word!r}")
+    return "virtio-serial", DEFAULT_PORT_NAME
+
+
+def run_from_cmdline() -> None:
+    with open("/proc/cmdline") as f:
+        transport, where = from_cmdline(f.read())
+    if transport == "vsock":
+        run_on_vsock(int(where))
+    elif transport == "virtconsole":
+        run_on_device(f"/dev/{where}")
+    else:
+        run_on_port(where)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="nixos-test-ng backdoor agent")
     where = ap.add_mutually_exclusive_group()
@@ -629,8 +654,12 @@ def main(argv: list[str] | None = None) -> None:
     where.add_argument("--vsock-port", type=int, help="listen on this AF_VSOCK port")
     where.add_argument("--unix", help="listen on this unix socket instead of a virtio port")
     where.add_argument("--fd", type=int, help="serve one connection on this inherited fd")
+    where.add_argument("--from-cmdline", action="store_true",
+                       help="serve where the kernel command line's ntng.backdoor= says")
     args = ap.parse_args(argv)
-    if args.fd is not None:
+    if args.from_cmdline:
+        run_from_cmdline()
+    elif args.fd is not None:
         serve(Connection(args.fd, args.fd), time.time_ns())
     elif args.unix:
         run_on_socket(args.unix)

@@ -42,6 +42,13 @@ let
   baseKernelParams = [ "root=/dev/vda" "rw" "console=ttyS0,115200" "panic=-1" "quiet"
     "systemd.show_status=auto" "net.ifnames=0" ];
 
+  # Tells a Debian guest's agent where to serve (NixOS guests get it from modules/backdoor.nix).
+  backdoorParam = b: "ntng.backdoor=" + {
+    virtio-serial = "virtio-serial:${b.portName}";
+    vsock = "vsock:${toString b.vsockPort}";
+    virtconsole = "virtconsole:hvc0";
+  }.${b.transport};
+
   known = attrNames defaults ++ [ "name" "kernel" "image" "stateDir" ];
   backends = attrNames capabilities;
 
@@ -119,7 +126,7 @@ let
       ];
     in
       builtins.deepSeq checks (n // {
-        kernelParams = baseKernelParams ++ n.kernelParams;
+        kernelParams = baseKernelParams ++ [ (backdoorParam n.backdoor) ] ++ n.kernelParams;
         capabilities = caps;
       });
 in {

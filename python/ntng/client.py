@@ -95,6 +95,11 @@ class BackdoorClient:
         self.sock.close()
         self._fail_all(ConnectionLost(f"{self.name}: connection closed"))
 
+    @property
+    def closed(self) -> bool:
+        """The connection is gone (the VM, or on vsock the guest's agent, closed it)."""
+        return self._closed is not None
+
     def _send(self, data: bytes) -> None:
         with self._write_lock:
             try:

@@ -34,6 +34,7 @@ PACKAGES = [
 INITRD_MODULES = ["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "virtio_rng", "ext4",
                   "crc32c_generic"]
 IMAGE_SIZE = "6G"  # sparse: only used blocks take space
+KEEP_IMAGES = 3  # newest used first
 FORMAT_VERSION = "4"  # bump when the configure step changes in ways the hashes can't see
 
 
@@ -117,6 +118,11 @@ def find_image(explicit: str | None = None) -> GuestImage:
         raise SetupError(f"no guest image at {directory}: run `ntng image build` first"
                          + ("" if explicit else " (the image is keyed by the agent's source: a "
                             "changed agent needs a rebuild, which reuses the cached rootfs)"))
+    if not explicit:
+        try:
+            os.utime(directory)  # "recently used": the build keeps the newest few
+        except OSError:
+            pass  # a read-only cache is fine
     return GuestImage.load(directory)
 
 
@@ -251,8 +257,12 @@ def build(force: bool = False) -> GuestImage:
     (tmp / "root.ext4").chmod(0o444)
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
-    for old in paths.cache_dir().glob("image-*"):
-        if old != out and old.is_dir() and not old.name.endswith(".tmp"):
-            shutil.rmtree(old, ignore_errors=True)  # keep one image: they are 1 GB each
+    # They are ~1 GB each: keep the few newest (switching between branches or checkouts with
+    # different agents should not rebuild every time), drop the rest.
+    images = [p for p in paths.cache_dir().glob("image-*") if p.is_dir() and not p.name.endswith(".tmp")]
+    images.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in images[KEEP_IMAGES:]:
+        if old != out:
+            shutil.rmtree(old, ignore_errors=True)
     print(f"ntng: guest image ready: {out}", file=sys.stderr)
     return GuestImage.load(out)

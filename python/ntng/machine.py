@@ -151,6 +151,8 @@ class Machine:
 
     def connect(self) -> BackdoorClient:
         """Start if needed and wait until the agent has said hello (bounded by the boot timeout)."""
+        if self.client is not None and self.client.closed and self.backend.reconnects:
+            self.client = None  # a vsock connection ends with the agent: open a new one
         if self.client is not None and self.client.agent is not None:
             return self.client
         self.start()
@@ -158,11 +160,11 @@ class Machine:
         deadline = t0 + self.boot_timeout
         what = "the backdoor agent's hello"
         try:
-            if self.client is None:
-                sock = self.backend.connect_backdoor(timeout=self.boot_timeout)
-                self.client = BackdoorClient(sock, self.name, on_restart=self._on_agent_restart)
             next_progress = t0 + PROGRESS_EVERY
             while True:
+                if self.client is None:
+                    sock = self.backend.connect_backdoor(timeout=max(0.1, deadline - time.monotonic()))
+                    self.client = BackdoorClient(sock, self.name, on_restart=self._on_agent_restart)
                 if not self.backend.alive():
                     raise ConnectionLost("QEMU exited")
                 try:
@@ -171,6 +173,12 @@ class Machine:
                 except WaitTimeout:
                     if time.monotonic() >= deadline:
                         raise
+                except ConnectionLost:
+                    # vsock: the agent we reached went away (a reboot, a restart): reach the next
+                    if not self.backend.reconnects or time.monotonic() >= deadline:
+                        raise
+                    self.client = None
+                    time.sleep(0.1)
                 if time.monotonic() >= next_progress:
                     next_progress = time.monotonic() + PROGRESS_EVERY
                     self.log(f"still waiting for {what} ({time.monotonic() - t0:.0f}s of "
@@ -260,12 +268,17 @@ class Machine:
         deadline = time.monotonic() + self.boot_timeout
         while True:
             try:
+                if self.backend.reconnects:  # the old boot's connection closes; connect anew
+                    client = self.connect()
                 ack = client.wait_ready(max(0.1, deadline - time.monotonic()))
                 if ack.boot_id != old_boot:
                     self._note_boot(ack.boot_id)
                     return
             except WaitTimeout:
                 pass
+            except ConnectionLost:
+                if not self.backend.reconnects:
+                    raise
             if time.monotonic() >= deadline:
                 raise BootError(f"{self.name}: no new boot within {self.boot_timeout:.0f}s after "
                                 f"ctrl-alt-delete\nlast console lines:\n{self.backend.console_tail()}")

@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shlex
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from decimal import Decimal
@@ -220,8 +221,14 @@ def _active(imp: Impairment | None) -> Impairment | None:
 # Guest engine: tc commands
 
 
+# netem keeps its corrupt, reorder and rate settings when a change leaves their attributes out
+# (tc and pyroute2 omit them when zero), so a replace must state them even when off.
+_STICKY_PERCENT_FIELDS = ("corrupt", "reorder")
+
+
 def netem_args(imp: Impairment) -> list[str]:
-    """The netem options for `imp`, in tc(8) syntax, as separate words."""
+    """The netem options for `imp`, in tc(8) syntax, as separate words.  Settings netem would
+    otherwise keep from the qdisc being replaced are written out as zero."""
     args = ["limit", str(imp.limit)]
     if imp.delay_ms:
         args += ["delay", f"{_num(imp.delay_ms)}ms"]
@@ -229,11 +236,25 @@ def netem_args(imp: Impairment) -> list[str]:
             args.append(f"{_num(imp.jitter_ms)}ms")
     for name in _PERCENT_FIELDS:
         value = getattr(imp, name)
-        if value:
+        if value or name in _STICKY_PERCENT_FIELDS:
             args += [name, f"{_num(value)}%"]
-    if imp.rate_kbit is not None:
-        args += ["rate", f"{imp.rate_kbit}kbit"]
+    args += ["rate", f"{imp.rate_kbit}kbit" if imp.rate_kbit is not None else "0bit"]
     return args
+
+
+# Deleting a netem qdisc drops the packets it still delays, so clearing first stops new packets
+# from being delayed, waits (bounded) until the queue is empty, and only then deletes.
+DRAIN_TIMEOUT_S = 30
+_DRAIN_POLL_S = 0.05
+
+
+def _guest_drain(dev: str) -> str:
+    """Shell: wait until the qdiscs of `dev` hold no packets (or DRAIN_TIMEOUT_S passed)."""
+    polls = int(DRAIN_TIMEOUT_S / _DRAIN_POLL_S)
+    return (
+        f"n=0; while [ $n -lt {polls} ] && tc -s qdisc show dev {dev} 2>/dev/null "
+        f"| grep -q 'backlog [1-9]'; do sleep {_DRAIN_POLL_S}; n=$((n+1)); done"
+    )
 
 
 def guest_ifb_name(ifname: str) -> str:
@@ -267,13 +288,20 @@ def guest_tc_commands(ifname: str, imp: Impairment | None, direction: str) -> li
     cmds: list[str] = []
     if direction in ("out", "both"):
         if active is None:
-            cmds.append(f"tc qdisc del dev {dev} root 2>/dev/null || true")
+            # an undelayed netem still holds what the old one delayed; delete it once that left
+            cmds.append(
+                f"if tc qdisc show dev {dev} root | grep -q '^qdisc netem '; then "
+                f"tc qdisc change dev {dev} root netem {' '.join(netem_args(Impairment(limit=MAX_LIMIT)))}; "
+                f"{_guest_drain(dev)}; tc qdisc del dev {dev} root; fi"
+            )
         else:
             cmds.append(f"tc qdisc replace dev {dev} root netem {' '.join(netem_args(active))}")
     if direction in ("in", "both"):
         if active is None:
             cmds += [
+                # no more redirects first; then the IFB's queue drains before the IFB goes
                 f"tc qdisc del dev {dev} ingress 2>/dev/null || true",
+                _guest_drain(ifb),
                 f"ip link del {ifb} 2>/dev/null || true",
             ]
         else:
@@ -393,6 +421,7 @@ def host_netem_options(imp: Impairment) -> dict[str, Any]:
         "prob_reorder": imp.reorder,
         "prob_corrupt": imp.corrupt,
     }
+    params["rate"] = 0  # stated even when off: netem keeps an omitted rate (see netem_args)
     if imp.rate_kbit is not None:
         if imp.rate_kbit > MAX_HOST_RATE_KBIT:
             raise SetupError(
@@ -403,6 +432,13 @@ def host_netem_options(imp: Impairment) -> dict[str, Any]:
     opts: dict[str, Any] = sched_netem.get_parameters(params)
     for key in ("delay", "jitter"):  # time2tick() returns floats; the fields are u32
         opts[key] = int(opts[key])
+    present = {name for name, _ in opts["attrs"]}
+    for name, fields in (  # pyroute2 leaves zero probabilities out; netem would keep the old ones
+        ("TCA_NETEM_REORDER", {"prob_reorder": 0, "corr_reorder": 0}),
+        ("TCA_NETEM_CORRUPT", {"prob_corrupt": 0, "corr_corrupt": 0}),
+    ):
+        if name not in present:
+            opts["attrs"].append([name, fields])
     return opts
 
 
@@ -468,9 +504,31 @@ def _root_qdisc_kind(ipr: IPRoute, tap: str, index: int) -> str | None:
     return None
 
 
+def backlog_packets(ipr: IPRoute, tap: str, index: int) -> int:
+    """How many packets the qdiscs of device `index` hold right now."""
+    with _netlink(tap, "reading qdisc statistics"):
+        qdiscs = list(ipr.get_qdiscs(index))
+    total = 0
+    for q in qdiscs:
+        stats = q.get_attr("TCA_STATS")
+        if q["index"] == index and stats is not None:
+            total += int(stats["qlen"])
+    return total
+
+
+def wait_drained(ipr: IPRoute, tap: str, index: int, timeout: float = DRAIN_TIMEOUT_S) -> None:
+    """Wait (bounded) until device `index`'s qdiscs are empty, so deleting them drops nothing."""
+    deadline = time.monotonic() + timeout
+    while backlog_packets(ipr, tap, index) and time.monotonic() < deadline:
+        time.sleep(_DRAIN_POLL_S)
+
+
 def _clear_root_netem(ipr: IPRoute, tap: str, index: int) -> None:
-    """Remove our root netem, leaving any other root qdisc alone."""
+    """Remove our root netem, leaving any other root qdisc alone.  An undelayed netem takes its
+    place until the packets the old one still delays have left (deleting would drop them)."""
     if _root_qdisc_kind(ipr, tap, index) == "netem":
+        _replace_netem(ipr, tap, tap, index, host_netem_options(Impairment(limit=MAX_LIMIT)))
+        wait_drained(ipr, tap, index)
         _ignore_gone(tap, "deleting the root netem qdisc", ipr.tc, "del", index=index, parent=TC_H_ROOT)
 
 
@@ -561,6 +619,7 @@ def remove_redirect(ipr: IPRoute, tap: str, ifb_name: str) -> None:
         _ignore_gone(tap, "deleting the ingress qdisc", ipr.tc, "del", "ingress", tap_index)
     ifb_index = _index(ipr, tap, ifb_name)
     if ifb_index is not None and _link_kind(ipr, tap, ifb_index) == "ifb":
+        wait_drained(ipr, tap, ifb_index)  # nothing new arrives; let what is delayed leave
         _ignore_gone(tap, f"deleting ifb device {ifb_name}", ipr.link, "del", index=ifb_index)
 
 

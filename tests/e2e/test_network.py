@@ -110,10 +110,13 @@ def test_block_and_unblock(net: Driver) -> None:
 def test_impairment_changes_and_clears_while_traffic_flows(net: Driver) -> None:
     a, b = machines(net)
     base = rtt_ms(a, "b")
-    a.impair(delay=150)  # both directions of a's link: +300 ms round trip
+    a.impair(delay=150, rate=100_000, corrupt=0.001)  # both directions: +300 ms round trip
     both = rtt_ms(a, "b")
     a.impair(delay=150, direction="in")  # only towards a now
     inbound = rtt_ms(a, "b")
+    # netem keeps settings a change leaves out: the rate and corruption must be gone now
+    qdiscs = a.succeed("tc qdisc show dev eth0; tc qdisc show dev ifb-eth0")
+    assert "delay 150ms" in qdiscs and "rate" not in qdiscs and "corrupt" not in qdiscs, qdiscs
     a.impair(loss=100)
     a.fail("ping -c 2 -W 1 b")
     a.clear_impairment()

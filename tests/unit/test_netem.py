@@ -36,6 +36,7 @@ from ntng.netem import (
     Impairment,
     ImpairmentError,
     apply_host,
+    backlog_packets,
     check_direction,
     guest_ifb_name,
     guest_tc_commands,
@@ -44,6 +45,7 @@ from ntng.netem import (
     netem_args,
     redirect_ingress,
     remove_redirect,
+    wait_drained,
 )
 
 PERCENT_FIELDS = ("loss", "corrupt", "duplicate", "reorder")
@@ -271,8 +273,19 @@ IN = [
     "tc filter replace dev eth1 parent ffff: protocol all prio 1 handle 800::800 "
     "u32 match u32 0 0 action mirred egress redirect dev ifb-eth1",
 ]
-CLEAR_OUT = ["tc qdisc del dev eth1 root 2>/dev/null || true"]
-CLEAR_IN = ["tc qdisc del dev eth1 ingress 2>/dev/null || true", "ip link del ifb-eth1 2>/dev/null || true"]
+DRAIN = (
+    "n=0; while [ $n -lt 600 ] && tc -s qdisc show dev {} 2>/dev/null "
+    "| grep -q 'backlog [1-9]'; do sleep 0.05; n=$((n+1)); done"
+)
+CLEAR_OUT = [
+    "if tc qdisc show dev eth1 root | grep -q '^qdisc netem '; then tc qdisc change dev eth1 root netem "
+    f"limit 1000000 corrupt 0% reorder 0% rate 0bit; {DRAIN.format('eth1')}; tc qdisc del dev eth1 root; fi"
+]
+CLEAR_IN = [
+    "tc qdisc del dev eth1 ingress 2>/dev/null || true",
+    DRAIN.format("ifb-eth1"),
+    "ip link del ifb-eth1 2>/dev/null || true",
+]
 
 
 def test_guest_commands_exact() -> None:
@@ -280,10 +293,10 @@ def test_guest_commands_exact() -> None:
     assert guest_tc_commands("eth1", FULL, "in") == IN
     assert guest_tc_commands("eth1", FULL, "both") == OUT + IN
     assert guest_tc_commands("eth1", Impairment(delay_ms=20), "out") == [
-        "tc qdisc replace dev eth1 root netem limit 10000 delay 20ms"
+        "tc qdisc replace dev eth1 root netem limit 10000 delay 20ms corrupt 0% reorder 0% rate 0bit"
     ]
     assert guest_tc_commands("eth1", Impairment(loss=0.5, limit=100), "out") == [
-        "tc qdisc replace dev eth1 root netem limit 100 loss 0.5%"
+        "tc qdisc replace dev eth1 root netem limit 100 loss 0.5% corrupt 0% reorder 0% rate 0bit"
     ]
 
 
@@ -322,9 +335,11 @@ _PCT = re.compile(r"(\d+(?:\.\d+)?)%")
 def parse_netem(args: list[str]) -> dict[str, float]:
     """A strict reader of the netem grammar we emit (a subset of tc-netem(8))."""
     out: dict[str, float] = {}
+    seen: set[str] = set()
     words = iter(args)
     for word in words:
-        assert word not in out, f"{word} given twice"
+        assert word not in seen, f"{word} given twice"
+        seen.add(word)
         if word == "limit":
             value = next(words)
             assert value.isdigit()
@@ -340,11 +355,14 @@ def parse_netem(args: list[str]) -> dict[str, float]:
         elif word in PERCENT_FIELDS:
             m = _PCT.fullmatch(next(words))
             assert m, args
-            out[word] = float(m.group(1))
+            if float(m.group(1)):  # written out as 0% when off, so a change resets it
+                out[word] = float(m.group(1))
         elif word == "rate":
-            m = re.fullmatch(r"(\d+)kbit", next(words))
-            assert m, args
-            out["rate_kbit"] = int(m.group(1))
+            value = next(words)
+            m = re.fullmatch(r"(\d+)kbit", value)
+            assert m or value == "0bit", args
+            if m:
+                out["rate_kbit"] = int(m.group(1))
         else:
             raise AssertionError(f"unexpected netem word {word!r} in {args}")
     return out
@@ -356,6 +374,7 @@ def test_every_netem_option_is_well_formed(imp: Impairment) -> None:
     parsed = parse_netem(args)
     want = {k: v for k, v in dataclasses.asdict(imp).items() if v and v is not None}
     assert parsed == want  # plain decimals (no exponent) that read back exactly
+    assert {"corrupt", "reorder", "rate"} <= set(args)  # netem keeps these unless restated
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,7 +513,10 @@ def test_host_netem_options_encode_as_the_kernel_expects() -> None:
     assert opts.get_attr("TCA_NETEM_CORRUPT")["prob_corrupt"] == percent2u32(1)
     assert opts.get_attr("TCA_NETEM_RATE")["rate"] == 125_000  # bytes/s
     bare = host_netem_options(Impairment(loss=1))
-    assert bare["attrs"] == [] and bare["delay"] == 0
+    assert bare["delay"] == 0
+    # zero but present: netem keeps whatever an omitted attribute had before the change
+    assert sorted(name for name, _ in bare["attrs"]) == ["TCA_NETEM_CORRUPT", "TCA_NETEM_RATE", "TCA_NETEM_REORDER"]
+    assert all(not any(fields.values()) for _, fields in bare["attrs"])
 
 
 def test_host_rate_beyond_u32_is_a_setup_error() -> None:
@@ -585,6 +607,30 @@ def test_redirect_ingress_replaces_a_stale_target(ipr: Any) -> None:
 def test_redirect_refuses_a_non_ifb_device(ipr: Any) -> None:
     with pytest.raises(SetupError, match=f"^tap {TAP}: {PEER} exists but is not an ifb device$"):
         redirect_ingress(ipr, TAP, PEER)
+
+
+@needs_root
+def test_queued_packets_are_counted_and_drained_before_a_delete(ipr: Any, netns: str) -> None:
+    # No netem here, so a slow tbf plays "a qdisc still holding packets" for the drain logic.
+    r = in_netns(netns, f"ip addr add 10.9.0.1/24 dev {TAP} && ip addr add 10.9.0.2/24 dev {PEER} && "
+                        f"ip neigh add 10.9.0.99 lladdr 02:00:00:00:00:99 dev {TAP} && "
+                        f"tc qdisc replace dev {TAP} root tbf rate 8kbit burst 1600 limit 100000")
+    assert r.returncode == 0, r.stderr
+    tap = index(ipr, TAP)
+    assert backlog_packets(ipr, TAP, tap) == 0
+    # 6 datagrams of ~540 bytes against a 1000 B/s bucket: the tail waits in the queue
+    send = "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); " \
+           "[s.sendto(bytes(512), ('10.9.0.99', 9)) for _ in range(6)]"
+    r = in_netns(netns, f"{sys.executable} -c \"{send}\"")
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 5
+    while backlog_packets(ipr, TAP, tap) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert backlog_packets(ipr, TAP, tap) > 0
+    start = time.monotonic()
+    wait_drained(ipr, TAP, tap, timeout=20)
+    assert backlog_packets(ipr, TAP, tap) == 0 and time.monotonic() - start > 0.1
+    wait_drained(ipr, TAP, tap, timeout=20)  # an empty queue returns at once
 
 
 @needs_root

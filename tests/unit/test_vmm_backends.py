@@ -23,8 +23,7 @@ from typing import Any
 
 import pytest
 
-from ntng import backends, nixeval
-from ntng.backends import hybrid_vsock
+from ntng import backends, nixeval, vsock
 from ntng.client import BackdoorClient
 from ntng.errors import BackdoorError, SetupError, WaitTimeout
 from ntng.machine import Machine
@@ -565,17 +564,19 @@ def serve_once(path: str, answer: bytes | None) -> socket.socket:
 def test_hybrid_vsock_rejects_an_unexpected_answer(env: Env) -> None:
     path = str(env.root / "v.sock")
     srv = serve_once(path, b"NOPE\n")
-    with pytest.raises(BackdoorError, match=r"answered CONNECT 1234 with b'NOPE\\n', expected"):
-        hybrid_vsock.connect(path, 1234, 5, lambda: True, "m: firecracker")
+    with pytest.raises(BackdoorError, match=r"CONNECT 1234 was answered b'NOPE\\n', expected 'OK <port>'"):
+        vsock.connect_hybrid(path, 1234, 5, lambda: True)
     srv.close()
 
 
 def test_hybrid_vsock_times_out_clearly(env: Env) -> None:
     path = str(env.root / "v.sock")
+    srv = serve_once(path, b"")  # accepts, reads CONNECT, never answers: nobody listens in the guest
     t0 = time.monotonic()
-    with pytest.raises(WaitTimeout, match="vsock port 7 through .* did not answer within 1s"):
-        hybrid_vsock.connect(path, 7, 1, lambda: True, "m: firecracker")
+    with pytest.raises(WaitTimeout, match=r"waiting for a guest listener on vsock port 7 \(hybrid socket .*v.sock\)"):
+        vsock.connect_hybrid(path, 7, 1, lambda: True)
     assert time.monotonic() - t0 < 5
+    srv.close()
 
 
 def test_follow_file_waits_restarts_after_truncation_and_ends_on_stop(env: Env) -> None:

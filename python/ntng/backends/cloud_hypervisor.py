@@ -17,9 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import vsock
 from ..errors import SetupError
 from ..unixhttp import ApiError, UnixHttpClient
-from . import hybrid_vsock, ptyrelay, snapshot
+from . import ptyrelay, snapshot
 from .console import follow_file
 from .vmm import VmmProcess
 
@@ -123,10 +124,15 @@ class CloudHypervisorBackend(VmmProcess):
 
     # -- the running VM -----------------------------------------------------------------------
 
+    @property
+    def reconnects(self) -> bool:
+        """A vsock connection ends with the guest's agent; the virtio-console's pty outlives it."""
+        return bool(self.plan["backdoor"]["transport"] == "vsock")
+
     def connect_backdoor(self, timeout: float) -> socket.socket:
         bd = self.plan["backdoor"]
         if bd["transport"] == "vsock":
-            return hybrid_vsock.connect(bd["uds"], bd["port"], timeout, self.alive, self.who)
+            return vsock.connect_hybrid(bd["uds"], bd["port"], timeout=timeout, alive=self.alive)
         if self.pty is None:
             raise SetupError(f"{self.who}: the VM is not running (no virtio-console pty)")
         return ptyrelay.open_pty(self.pty, self.who)

@@ -19,9 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from .. import vsock
 from ..errors import SetupError
 from ..unixhttp import UnixHttpClient
-from . import hybrid_vsock, snapshot
+from . import snapshot
 from .vmm import VmmProcess
 
 # capabilities.nix's features for firecracker, and what the runner can do at run time.
@@ -129,9 +130,12 @@ class FirecrackerBackend(VmmProcess):
 
     # -- the running VM -----------------------------------------------------------------------
 
+    # A vsock connection ends with the guest's agent (reboot, restart): the next one is new.
+    reconnects = True
+
     def connect_backdoor(self, timeout: float) -> socket.socket:
         bd = self.plan["backdoor"]
-        return hybrid_vsock.connect(bd["uds"], bd["port"], timeout, self.alive, f"{self.machine_name}: firecracker")
+        return vsock.connect_hybrid(bd["uds"], bd["port"], timeout=timeout, alive=self.alive)
 
     def pause(self) -> None:
         self.api.request("PATCH", "/vm", {"state": "Paused"})

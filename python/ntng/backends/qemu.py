@@ -6,17 +6,22 @@ This module builds no command line: `plan` is nixlib.qemu.launch's output, execu
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import pdeathsig, vsock
 from ..client import connect_unix
 from ..errors import SetupError
 from ..qmp import QMPClient
-from .vmm import VmmProcess
+from .vmm import VmmProcess, kill_group
 
 CAPABILITIES = frozenset({"console", "screenshot", "keys", "reboot", "powerdown", "pause"})
+
+HELPER_START_TIMEOUT = 10.0
 
 
 class QemuBackend(VmmProcess):
@@ -29,11 +34,13 @@ class QemuBackend(VmmProcess):
         self.qmp: QMPClient | None = None
         self._console_sock: socket.socket | None = None
         self._console_thread: threading.Thread | None = None
+        self.helpers: list[subprocess.Popen[bytes]] = []
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
         self._prepare("apt-get install qemu-utils")
+        self._start_helpers()
         self._spawn(self.plan["argv"], "apt-get install qemu-system-x86 (or run ./setup.sh)")
         try:
             qsock = connect_unix(self.plan["sockets"]["qmp"], timeout=30, alive=self.alive)
@@ -50,7 +57,43 @@ class QemuBackend(VmmProcess):
         )
         self._console_thread.start()
 
+    def _start_helpers(self) -> None:
+        """Processes QEMU connects to (vhost-device-vsock): started first, listening before QEMU
+        runs, dying with the runner like QEMU."""
+        for helper in self.plan["helpers"]:
+            name, argv, ready = helper["name"], helper["argv"], Path(helper["waitFor"])
+            ready.unlink(missing_ok=True)
+            log = self.state_dir / f"{name}.log"
+            try:
+                with open(log, "wb") as out:
+                    proc = pdeathsig.spawn(argv, then=self.preexec, stdin=subprocess.DEVNULL, stdout=out,
+                                           stderr=out, start_new_session=True)
+            except FileNotFoundError:
+                raise SetupError(
+                    f"{self.machine_name}: {argv[0]} not found; the vsock backdoor on QEMU needs it "
+                    "(Debian package vhost-device-vsock, from sid on bookworm: ./setup.sh installs it), "
+                    'or use backdoor.transport = "virtio-serial"'
+                ) from None
+            self.helpers.append(proc)
+            deadline = time.monotonic() + HELPER_START_TIMEOUT
+            while not ready.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = log.read_text(errors="replace").strip()[-600:] or "(no output)"
+                    state = f"exited with {proc.returncode}" if proc.poll() is not None else \
+                        f"did not create {ready} within {HELPER_START_TIMEOUT:.0f}s"
+                    raise SetupError(f"{self.machine_name}: helper {name} {state}: {tail}")
+                time.sleep(0.01)
+
+    @property
+    def reconnects(self) -> bool:
+        """Whether the backdoor connection ends with the guest's agent (vsock): then the next
+        command opens a new one.  A virtio-serial port's socket outlives guest reboots."""
+        return self.plan["backdoor"]["transport"] == "vsock"
+
     def connect_backdoor(self, timeout: float) -> socket.socket:
+        backdoor = self.plan["backdoor"]
+        if backdoor["transport"] == "vsock":
+            return vsock.connect_hybrid(backdoor["uds"], backdoor["port"], timeout=timeout, alive=self.alive)
         return connect_unix(self.plan["sockets"]["backdoor"], timeout=timeout, alive=self.alive)
 
     def powerdown(self) -> None:
@@ -64,6 +107,12 @@ class QemuBackend(VmmProcess):
             pass
         if self.wait_exit(10) is None:
             self.kill()
+
+    def kill(self) -> None:
+        super().kill()
+        for proc in self.helpers:
+            kill_group(proc)
+        self.helpers = []
 
     def release(self) -> None:
         """Stop the VM and close everything; safe to call twice."""

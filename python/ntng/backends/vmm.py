@@ -103,12 +103,8 @@ class VmmProcess(ConsoleLines):
             return None
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass  # exited (and was reaped elsewhere) in the meantime
-            self.proc.wait()
+        if self.proc is not None:
+            kill_group(self.proc)
 
     def _copy_disk(self, source: Path, target: Path) -> None:
         """A disk image copied as the plan's prepare step does it (sparse, CoW where possible)."""
@@ -127,3 +123,13 @@ class VmmProcess(ConsoleLines):
         return CapabilityMissing(
             f"{self.machine_name}: {what} needs the {capability!r} capability, which backend "
             f"{self.name} lacks (it has: {', '.join(sorted(self.capabilities))})")
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a child's whole session (it was started with start_new_session) and reap it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # exited (and was reaped elsewhere) in the meantime
+        proc.wait()
