@@ -632,3 +632,19 @@ def test_fake_firecracker_checks_its_config_file(env: Env) -> None:
     assert r.returncode != 0
     assert "Configuration for VMM from one single json failed: " in r.stderr
     assert "Additional properties are not allowed ('vcpus'" in r.stderr
+
+
+def test_cloud_hypervisor_ctrl_alt_delete_is_the_reboot_call(env: Env) -> None:
+    """Machine.reboot() sends ctrl-alt-delete; Cloud Hypervisor has no keyboard but vm.reboot."""
+    b = make(env, "cloud-hypervisor", "api", "virtconsole")
+    b.start()
+    try:
+        assert not b.reconnects  # the pty outlives the guest's agent
+        b.send_key("ctrl-alt-delete")
+        deadline = time.monotonic() + 10
+        while "reboot: Restarting system" not in b.console_log:
+            assert time.monotonic() < deadline, b.console_tail()
+            time.sleep(0.05)
+    finally:
+        b.release()
+    assert ("PUT", "/api/v1/vm.reboot") in env.requests("cloud-hypervisor")
