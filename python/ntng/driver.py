@@ -6,6 +6,7 @@ subtest, retry, polling_condition, …) and one global per node.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import re
@@ -14,12 +15,12 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import caps, report
 from . import network as network_mod
-from . import report
 from .client import ExecResult
 from .errors import GlobalTimeout, NtngError, TestFailure, TestScriptError
 from .machine import Machine, RequestedAssertionFailed, retry
@@ -220,8 +221,9 @@ class Driver:
         self._timer.start()
         t0 = time.monotonic()
         self._in_script = True
+        symbols = self.test_symbols()
         try:
-            exec(code, self.test_symbols())
+            exec(code, symbols)
             self.check_detections()  # a detection in the script's last moments still fails it
         except KeyboardInterrupt:
             if self.detections:
@@ -238,7 +240,7 @@ class Driver:
                 raise GlobalTimeout(
                     f"{self.spec.script_path}: global timeout of {self.global_timeout:.0f}s reached"
                 ) from None
-            raise script_error(self.spec.script_path, e) from None
+            raise script_error(self.spec.script_path, e, symbols) from None
         finally:
             self._in_script = False
             self._timer.cancel()
@@ -309,8 +311,9 @@ def _on_each(machines: list[Machine], fn: Callable[[Machine], T]) -> list[T]:
     return [results[i] for i in range(len(machines))]
 
 
-def script_error(path: Path, e: BaseException) -> NtngError:
-    """Turn an exception from the script into an error naming the script line."""
+def script_error(path: Path, e: BaseException, names: Iterable[str] = DRIVER_GLOBALS) -> NtngError:
+    """Turn an exception from the script into an error naming the script line; an unknown
+    name gets the closest of `names` (the script's globals) or of the builtins."""
     frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == str(path)]
     where = f"{path}:{frames[-1].lineno}" if frames else str(path)
     line = f" ({frames[-1].line.strip()})" if frames and frames[-1].line else ""
@@ -322,16 +325,8 @@ def script_error(path: Path, e: BaseException) -> NtngError:
     if isinstance(e, (NameError, AttributeError, TypeError, ImportError)) and not isinstance(
         e, RequestedAssertionFailed
     ):
-        hint = ""
-        if isinstance(e, AttributeError) and e.name and isinstance(e.obj, Machine):
-            hint = _closest(e.name, dir(Machine))
+        # A Machine's AttributeError already names the closest method (caps.unknown_attribute).
+        hint = caps.closest(e.name, [*names, *dir(builtins)]) if isinstance(e, NameError) and e.name else ""
         return TestScriptError(f"{where}{line}: {type(e).__name__}: {e}{hint}")
     return TestFailure(f"{where}{line}: {type(e).__name__}: {e}")
 
-
-def _closest(name: str, candidates: list[str]) -> str:
-    import difflib
-
-    public = [c for c in candidates if not c.startswith("_")]
-    match = difflib.get_close_matches(name, public, n=1)
-    return f" (did you mean {match[0]}?)" if match else ""

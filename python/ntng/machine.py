@@ -15,9 +15,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import backends, netem
+from . import backends, caps, netem
 from . import protocol as P
 from .client import BackdoorClient, ExecResult, OutputCallback
 from .errors import (
@@ -67,6 +67,7 @@ def _short(command: str | list[str], limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+@caps.guard_methods  # methods a backend may lack check its capabilities (caps.py)
 class Machine:
     def __init__(
         self,
@@ -106,6 +107,10 @@ class Machine:
 
     def __repr__(self) -> str:
         return f"<Machine '{self.name}'>"
+
+    if not TYPE_CHECKING:  # a __getattr__ mypy saw would make it accept any attribute
+        def __getattr__(self, name: str) -> Any:
+            raise caps.unknown_attribute(self, name)  # names the closest real method
 
     def log(self, msg: str) -> None:
         self._log(f"{self.name}: {msg}")

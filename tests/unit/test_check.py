@@ -31,7 +31,7 @@ def test_undefined_names_with_lines(tmp_path: Path) -> None:
     p = script(tmp_path, "#: nodes.server = {};\nserver.succeed('x')\nclient.succeed('y')\nprnt('z')\n")
     with pytest.raises(ScriptError) as e:
         check.check(p)
-    assert str(e.value) == f"{p}:3: undefined name 'client'\n{p}:4: undefined name 'prnt'"
+    assert str(e.value) == f"{p}:3: undefined name 'client'\n{p}:4: undefined name 'prnt' (did you mean print?)"
 
 
 def test_single_node_is_also_machine(tmp_path: Path) -> None:
@@ -53,7 +53,7 @@ def test_cli_exit_codes(tmp_path: Path) -> None:
     assert ok.returncode == 0 and "ok" in ok.stderr
     bad = subprocess.run([sys.executable, "-m", "ntng.cli", "check", str(script(tmp_path, "strat_all()\n"))],
                          capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "undefined name 'strat_all'" in bad.stderr
+    assert bad.returncode == 2 and "undefined name 'strat_all' (did you mean start_all?)" in bad.stderr
 
 
 @pytest.mark.parametrize("example", sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.py")),
@@ -85,11 +85,15 @@ def test_type_check_finds_wrong_calls_with_their_lines(tmp_path: Path) -> None:
         check.check(script)
     msg = str(e.value)
     assert f'{script}:4: type: Incompatible types in assignment (expression has type "str", variable has type "int")' in msg
-    assert f'{script}:5: type: "Machine" has no attribute "succed"; maybe "succeed"?' in msg
+    # The method check names it (mypy's own message for that line is dropped as a duplicate).
+    assert f"{script}:5: client.succed: no such Machine method (did you mean succeed?)" in msg
+    assert msg.count(":5:") == 1
     assert f'{script}:7: type: Argument 1 to "wait_for_open_port" of "Machine" has incompatible type "str"; expected "int"' in msg
     assert ":8:" not in msg and ":9:" not in msg  # (status, stdout) is typed right
-    # Skipped on request (mkTest's skipTypeCheck): then the script passes.
-    assert [f for f in check.check(script, type_check=False) if f.error] == []
+    # Skipped on request (mkTest's skipTypeCheck): then only the method check (a lint) is left.
+    with pytest.raises(ScriptError) as e:
+        check.check(script, type_check=False)
+    assert str(e.value) == f"{script}:5: client.succed: no such Machine method (did you mean succeed?)"
 
 
 def test_type_check_knows_every_driver_global(tmp_path: Path) -> None:
@@ -110,3 +114,124 @@ except RequestedAssertionFailed:
     pass
 """)
     assert [f for f in check.check(script) if f.error] == []
+
+
+# -- Machine methods: unknown ones, and ones the node's backend lacks (ntng.caps) ---------------
+
+BACKENDS = """\
+#: nodes.a = { };
+#: nodes.b = { backend = "firecracker"; accel = "kvm"; };
+#: nodes.c = { backend = "cloud-hypervisor"; accel = "kvm"; };
+"""
+FC_HAS = "(it has: snapshot, networks, console)"
+CH_HAS = "(it has: snapshot, sharedDirs, networks, reboot, console)"
+
+
+def check_errors(path: Path, **kw: bool) -> list[str]:
+    try:
+        check.check(path, type_check=kw.get("type_check", False))
+    except ScriptError as e:
+        return str(e).splitlines()
+    return []
+
+
+def test_method_a_backend_lacks_is_an_error_naming_node_backend_and_capability(tmp_path: Path) -> None:
+    p = script(tmp_path, BACKENDS + """\
+start_all()
+a.screenshot("a"); a.send_key("ret"); a.reboot()
+b.screenshot("b")
+c.send_chars("hi")
+c.reboot()
+f = b.wait_for_text
+b.succeed("true"); b.wait_for_console_text("x"); b.block()
+""")
+    assert check_errors(p) == [
+        f'{p}:6: b.screenshot(): backend firecracker lacks capability "screenshot" {FC_HAS}',
+        f'{p}:7: c.send_chars(): backend cloud-hypervisor lacks capability "keys" {CH_HAS}',
+        f'{p}:9: b.wait_for_text: backend firecracker lacks capability "screenshot" {FC_HAS}',
+    ]
+
+
+def test_lone_node_as_machine(tmp_path: Path) -> None:
+    p = script(tmp_path, '#: nodes.vm = { backend = "firecracker"; accel = "kvm"; };\nmachine.reboot()\nvm.send_key("a")\n')
+    assert check_errors(p) == [
+        f'{p}:2: machine.reboot(): backend firecracker lacks capability "reboot" {FC_HAS}',
+        f'{p}:3: vm.send_key(): backend firecracker lacks capability "keys" {FC_HAS}',
+    ]
+
+
+def test_unknown_method_names_the_closest(tmp_path: Path) -> None:
+    p = script(tmp_path, BACKENDS + """\
+a.wait_for_unti("sshd")
+print(a.name, b.plan, c.booted, a.backend, a.copy_from_vm, b.boot_ids)
+for m in machines:
+    m.scrrenshot("x")
+c.xyzzy()
+a._private_is_not_checked
+""")
+    assert check_errors(p) == [
+        f"{p}:4: a.wait_for_unti: no such Machine method (did you mean wait_for_unit?)",
+        f"{p}:7: m.scrrenshot: no such Machine method (did you mean screenshot?)",
+        f"{p}:8: c.xyzzy: no such Machine method",
+    ]
+
+
+def test_loops_over_machines_and_node_lists(tmp_path: Path) -> None:
+    p = script(tmp_path, BACKENDS + """\
+for m in machines:
+    m.reboot()
+[x.send_key("a") for x in (a, c) if x.send_chars("b") is None]
+machines[1].get_screen_text()
+machines_qemu[0].screenshot("ok")
+for m in [a, b]:
+    for n in [c]:
+        n.reboot()
+        m.send_console("x")
+""")
+    assert check_errors(p) == [
+        f'{p}:5: m.reboot() on node b: backend firecracker lacks capability "reboot" {FC_HAS}',
+        f'{p}:6: x.send_key() on node c: backend cloud-hypervisor lacks capability "keys" {CH_HAS}',
+        f'{p}:6: x.send_chars() on node c: backend cloud-hypervisor lacks capability "keys" {CH_HAS}',
+        f'{p}:7: machines[1].get_screen_text() on node b: backend firecracker lacks capability "screenshot" {FC_HAS}',
+    ]
+
+
+def test_names_the_script_rebinds_are_not_judged(tmp_path: Path) -> None:
+    p = script(tmp_path, BACKENDS + """\
+for m in machines:
+    m = a
+    m.screenshot("x")
+b = a
+b.screenshot("x")
+c.note = "set by the script"
+print(c.note)
+""")
+    assert check_errors(p) == []
+
+
+def test_methods_checked_against_a_prebuilt_spec(tmp_path: Path) -> None:
+    """mkTest's driver: the plans come from the spec nixlib wrote at build time."""
+    import json
+
+    from ntng import testspec
+
+    p = script(tmp_path, BACKENDS + "b.send_key('a')\n")
+    spec = testspec.load(p, {"kernel": "/k", "vmlinux": "/v", "image": "/i", "imageFormat": "raw",
+                             "accel": "kvm", "stateRoot": "/s"})
+    spec_dir = tmp_path / "share"
+    spec_dir.mkdir()
+    (spec_dir / "spec-kvm.json").write_text(json.dumps(
+        {"name": "t", "globalTimeout": 60, "nodeNames": spec.node_names, "nodes": spec.plans,
+         "network": spec.network}))
+    with pytest.raises(ScriptError) as e:
+        check.check(p, spec_dir, type_check=False)
+    assert str(e.value) == f'{p}:4: b.send_key(): backend firecracker lacks capability "keys" {FC_HAS}'
+
+
+def test_type_check_still_finds_attributes_on_machines_it_cannot_place(tmp_path: Path) -> None:
+    """Machine.__getattr__ is hidden from mypy: with it mypy would accept any attribute."""
+    p = script(tmp_path, "#: nodes.a = { };\ndriver.machines[0].succed('x')\na.succed('y')\n")
+    assert check_errors(p, type_check=True) == [
+        f'{p}:2: type: "Machine" has no attribute "succed"; maybe "succeed"?  [attr-defined]',
+        f"{p}:3: a.succed: no such Machine method (did you mean succeed?)",
+    ]

@@ -1,0 +1,141 @@
+"""Which Machine methods need which backend capability, and the errors when one is missing.
+
+The capability names are nixlib/capabilities.nix's `features`.  What each backend offers is not
+copied here: every node's launch plan carries its backend's entry of that file
+(`plan["capabilities"]`), so `ntng check`, the running Machine and nixlib's `requires` check
+all judge from the one Nix table.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import functools
+import inspect
+import textwrap
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from .errors import TestScriptError
+
+# Machine method → the capability it needs.  snapshot and sharedDirs have no Machine method
+# yet: a method that needs one gets its line here.
+METHOD_CAPABILITY: dict[str, str] = {
+    "screenshot": "screenshot",
+    "get_screen_text": "screenshot",
+    "get_screen_text_variants": "screenshot",
+    "wait_for_text": "screenshot",
+    "send_key": "keys",
+    "send_chars": "keys",
+    "reboot": "reboot",
+    "send_console": "console",
+    "wait_for_console_text": "console",
+    "get_console_log": "console",
+    "console_interact": "console",
+    "block": "networks",
+    "unblock": "networks",
+    "link_counters": "networks",
+    "impair": "networks",
+    "clear_impairment": "networks",
+    "forward_port": "networks",
+}
+
+
+class MissingCapability(TestScriptError):
+    """The script asked a machine for something its backend cannot do."""
+
+
+def backend_of(plan: dict[str, Any]) -> tuple[str, list[str]] | None:
+    """(backend, features) of a node's launch plan; None for a plan without them (hand-made)."""
+    caps = plan.get("capabilities")
+    if not isinstance(caps, dict) or not isinstance(caps.get("features"), list):
+        return None
+    return str(plan.get("backend", "?")), [str(f) for f in caps["features"]]
+
+
+def lacking(plan: dict[str, Any], method: str) -> str | None:
+    """The capability `method` needs that the plan's backend lacks, if any."""
+    need = METHOD_CAPABILITY.get(method)
+    have = backend_of(plan)
+    if need is None or have is None or need in have[1]:
+        return None
+    return need
+
+
+def lacks_message(what: str, plan: dict[str, Any], capability: str) -> str:
+    backend, features = backend_of(plan) or ("?", [])
+    return (f'{what}: backend {backend} lacks capability "{capability}" '
+            f"(it has: {', '.join(features) or 'none'})")
+
+
+def closest(name: str, candidates: Iterable[str]) -> str:
+    """" (did you mean X?)" for the public candidate closest to `name`, or ""."""
+    public = sorted({c for c in candidates if not c.startswith("_")})
+    match = difflib.get_close_matches(name, public, n=1, cutoff=0.7)  # 0.6 offers len for client
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+# -- run time -------------------------------------------------------------------------------------
+
+C = TypeVar("C", bound=type)
+_inside = threading.local()  # .machines: ids of the machines in a guarded call on this thread
+
+
+def guard_methods(cls: C) -> C:
+    """Class decorator: wrap each method of METHOD_CAPABILITY so that a call on a machine whose
+    backend lacks the capability raises MissingCapability before anything happens.  Only the
+    outermost call on a machine is checked: reboot() may press keys itself on a backend that
+    offers reboot but no keys."""
+    for method in METHOD_CAPABILITY:
+        fn = getattr(cls, method)  # AttributeError here: the table names a method that is gone
+        setattr(cls, method, _guarded(method, fn))
+    return cls
+
+
+def _guarded(method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        inside: set[int] = _inside.__dict__.setdefault("machines", set())
+        if id(self) in inside:
+            return fn(self, *args, **kwargs)
+        need = lacking(self.plan, method)
+        if need is not None:
+            raise MissingCapability(lacks_message(f"machine {self.name}: {method}()", self.plan, need))
+        inside.add(id(self))
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            inside.discard(id(self))
+
+    return wrapper
+
+
+def unknown_attribute(obj: object, name: str) -> AttributeError:
+    """For Machine.__getattr__ (reached only when normal lookup failed).  It reads nothing from
+    `obj`: during unpickling or copying the instance has no attributes yet."""
+    hint = "" if name.startswith("_") else closest(name, dir(type(obj)))
+    return AttributeError(f"'{type(obj).__name__}' object has no attribute '{name}'{hint}",
+                          name=name, obj=obj)
+
+
+# -- check time -----------------------------------------------------------------------------------
+
+@functools.cache
+def machine_attributes() -> frozenset[str] | None:
+    """Every attribute a Machine has: its class's and the `self.x = …` of its methods.  None when
+    the source cannot be read (then unknown methods are left to the type check)."""
+    from .machine import Machine
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(Machine)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    names = set(dir(Machine))
+    for node in ast.walk(tree):
+        targets = (node.targets if isinstance(node, ast.Assign)
+                   else [node.target] if isinstance(node, ast.AnnAssign | ast.AugAssign) else [])
+        for t in targets:
+            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                names.add(t.attr)
+    return frozenset(names)
