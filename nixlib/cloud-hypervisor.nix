@@ -124,6 +124,7 @@ let
           pty = { method = "GET"; path = "${apiBase}/vm.info"; field = [ "config" "console" "file" ]; };
         };
       console = "file";
+      restartOnReboot = false; # the VMM reboots the guest itself
       helpers = [ ]; # no side processes (QEMU needs vhost-device-vsock for vsock)
       inherit (n) interfaces capabilities;
     };

@@ -145,6 +145,7 @@ let
       };
       # The serial console (ttyS0) is the VMM's stdout; its stdin is the guest's serial input.
       console = "stdout";
+      restartOnReboot = false; # a guest reboot ends the microVM (reboot=k); "reboot" is no capability
       helpers = [ ]; # no side processes (QEMU needs vhost-device-vsock for vsock)
       inherit (n) interfaces capabilities;
     };

@@ -118,7 +118,7 @@ let
         ++ accelArgs n
         ++ [ "-m" (toString n.memory) "-smp" (toString n.cores) ]
         ++ [ "-nodefaults" "-no-user-config" "-display" "none" ]
-        ++ (if n.allowReboot then [ ] else [ "-no-reboot" ])
+        ++ (if n.allowReboot && !vsock then [ ] else [ "-no-reboot" ])
         ++ kernelArgs n
         ++ [ "-drive" "file=${p.disk},if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap"
              "-device" "${virtio n "blk"},drive=disk0" ]
@@ -135,6 +135,10 @@ let
       files = { inherit (p) consoleLog disk; };
       backdoor = n.backdoor // (if vsock then { uds = p.vsock; port = n.backdoor.vsockPort; } else { socket = p.backdoor; });
       console = "socket";
+      # A guest reboot resets the vhost-user vsock device, which vhost-device-vsock does not
+      # survive (the next boot hangs, measured): such a VM exits on a guest reboot instead and
+      # the runner starts it again on the same disk, as it would a Firecracker microVM.
+      restartOnReboot = vsock && n.allowReboot;
       interfaces = n.interfaces;
       capabilities = n.capabilities;
       bootTimeout = n.bootTimeout;

@@ -158,6 +158,8 @@ class Machine:
         """Start if needed and wait until the agent has said hello (bounded by the boot timeout)."""
         if self.client is not None and self.client.closed and self.backend.reconnects:
             self.client = None  # a vsock connection ends with the agent: open a new one
+        if self.booted and self._vmm_ended_by_reboot():
+            self._restart_vmm()
         if self.client is not None and self.client.agent is not None:
             return self.client
         self.start()
@@ -167,10 +169,19 @@ class Machine:
         try:
             next_progress = t0 + PROGRESS_EVERY
             while True:
+                if self._vmm_ended_by_reboot():
+                    self._restart_vmm()
                 if self.client is None:
-                    sock = self.backend.connect_backdoor(timeout=max(0.1, deadline - time.monotonic()))
+                    try:
+                        sock = self.backend.connect_backdoor(timeout=max(0.1, deadline - time.monotonic()))
+                    except ConnectionLost:
+                        if self._vmm_ended_by_reboot():
+                            continue
+                        raise
                     self.client = BackdoorClient(sock, self.name, on_restart=self._on_agent_restart)
                 if not self.backend.alive():
+                    if self._vmm_ended_by_reboot():
+                        continue
                     raise ConnectionLost("QEMU exited")
                 try:
                     ack = self.client.wait_ready(min(2.0, max(0.1, deadline - time.monotonic())), what)
@@ -264,11 +275,29 @@ class Machine:
         self.backend.quit()
         self._stopped()
 
+    def _vmm_ended_by_reboot(self) -> bool:
+        return self.backend.restarts_on_reboot and not self.backend.alive() and self.backend.exited_for_reboot()
+
+    def _restart_vmm(self) -> None:
+        """The guest rebooted a VM whose VMM exits on reboot (nixlib restartOnReboot): start it
+        again on the same disk, so the test sees a reboot."""
+        self.log("guest rebooted: starting the VM again on the same disk")
+        self._stopped()
+        self.start()
+
     def reboot(self) -> None:
         """Ctrl-Alt-Delete; the next command waits for the agent of the new boot."""
         client = self.connect()
         old_boot = self.boot_id
         self.send_key("ctrl-alt-delete")
+        if self.backend.restarts_on_reboot:
+            if self.backend.wait_exit(self.boot_timeout) is None:
+                raise BootError(f"{self.name}: the guest did not reboot within {self.boot_timeout:.0f}s after "
+                                f"ctrl-alt-delete\nlast console lines:\n{self.backend.console_tail()}")
+            self.connect()  # restarts the VM: it exited for the reboot
+            if self.boot_id == old_boot:
+                raise BootError(f"{self.name}: the same boot answered after the restart")
+            return
         # The agent of the new boot announces itself; wait until the boot id changes.
         deadline = time.monotonic() + self.boot_timeout
         while True:
@@ -340,7 +369,14 @@ class Machine:
         client = self.connect()
         t0 = time.monotonic()
         try:
-            res = client.execute(req, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr, wait=wait)
+            try:
+                res = client.execute(req, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr, wait=wait)
+            except ConnectionLost as lost:
+                if not self.backend.reconnects:
+                    raise
+                # vsock: the connection ends with the agent, as a serial port's session would
+                raise AgentRestarted(f"{self.name}: the agent went away while the request was running "
+                                     f"(a reboot or an agent restart): {lost}") from None
         except BaseException as e:
             self.events.emit("exec", self.name, time.monotonic() - t0, "error",
                              command=_short(command), error=str(e))
@@ -416,7 +452,11 @@ class Machine:
 
         def check(_last_try: bool) -> bool:
             nonlocal output
-            status, output = self.execute(command, timeout=command_timeout)
+            try:
+                status, output = self.execute(command, timeout=command_timeout)
+            except AgentRestarted as e:  # a reboot under way: the next try reaches the new boot
+                self.log(str(e))
+                return False
             return (status == 0) == want_success
 
         self._wait(f"`{command}` to {'succeed' if want_success else 'fail'}", check, timeout)

@@ -42,7 +42,8 @@ FC, CH = "firecracker.launch", "cloudHypervisor.launch"
 
 # The keys every backend's plan has (QEMU's too: nixlib/qemu.nix).
 COMMON_KEYS = {"name", "backend", "accel", "memory", "cores", "prepare", "helpers", "argv", "writeFiles",
-               "api", "sockets", "files", "backdoor", "console", "interfaces", "capabilities", "bootTimeout", "kernel"}
+               "api", "sockets", "files", "backdoor", "console", "interfaces", "capabilities", "bootTimeout", "kernel",
+               "restartOnReboot"}
 
 
 # --- the specifications (tests/fakevmm/vmmspec.py) ---------------------------------------------

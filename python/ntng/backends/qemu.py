@@ -96,6 +96,16 @@ class QemuBackend(VmmProcess):
             return vsock.connect_hybrid(backdoor["uds"], backdoor["port"], timeout=timeout, alive=self.alive)
         return connect_unix(self.plan["sockets"]["backdoor"], timeout=timeout, alive=self.alive)
 
+    def exited_for_reboot(self) -> bool:
+        """QEMU with -no-reboot says SHUTDOWN (reason guest-reset) before it exits on a reboot."""
+        if self.qmp is None or self.alive():
+            return False
+        try:
+            event = self.qmp.wait_event({"SHUTDOWN"}, timeout=2)
+        except Exception:  # no SHUTDOWN event: it died some other way
+            return False
+        return bool(event.get("data", {}).get("reason") == "guest-reset")
+
     def powerdown(self) -> None:
         self._qmp().command("system_powerdown")
 

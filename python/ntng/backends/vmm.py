@@ -35,6 +35,15 @@ class VmmProcess(ConsoleLines):
         self.stderr_path = self.state_dir / f"{self.name}.stderr"
         self._init_console()
 
+    @property
+    def restarts_on_reboot(self) -> bool:
+        """A guest reboot ends this VMM and the runner starts it again (nixlib's restartOnReboot)."""
+        return bool(self.plan.get("restartOnReboot", False))
+
+    def exited_for_reboot(self) -> bool:
+        """Whether the VMM is gone because the guest asked for a reboot."""
+        return False
+
     # -- starting -----------------------------------------------------------------------------
 
     def _prepare(self, missing_hint: str, skip_disk_steps: bool = False, keep: bool | None = None) -> None:
