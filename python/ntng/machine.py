@@ -232,6 +232,22 @@ class Machine:
             f.write("\n".join(self.backend.console_log) + "\n")
         self.backend.console_log = []
 
+    def save_journal(self, timeout: float = 30) -> Path | None:
+        """Artifact: this boot's journal in out_dir/<machine>/journal.log.  Best effort and
+        bounded; the agent is asked directly (no callbacks: a failed test must still get it)."""
+        if self.client is None or not self.is_up():
+            return None
+        req = P.Exec(argv=["journalctl", "-b", "--no-pager"], timeout_ms=int(timeout * 1000))
+        try:
+            res = self.client.execute(req, wait=timeout + 5)
+        except Exception as e:
+            self.log(f"journal not saved: {e}")
+            return None
+        path = self.out_dir / self.name / "journal.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(res.stdout)
+        return path
+
     def shutdown(self) -> None:
         """Clean poweroff from inside the guest, then wait for QEMU to exit."""
         if not self.booted:
