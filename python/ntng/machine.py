@@ -232,10 +232,10 @@ class Machine:
             f.write("\n".join(self.backend.console_log) + "\n")
         self.backend.console_log = []
 
-    def save_journal(self, timeout: float = 30) -> Path | None:
+    def save_journal(self, timeout: float = 20) -> Path | None:
         """Artifact: this boot's journal in out_dir/<machine>/journal.log.  Best effort and
         bounded; the agent is asked directly (no callbacks: a failed test must still get it)."""
-        if self.client is None or not self.is_up():
+        if self.client is None or not self.is_up() or not self.backend.alive():
             return None
         req = P.Exec(argv=["journalctl", "-b", "--no-pager"], timeout_ms=int(timeout * 1000))
         try:
