@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${NTNG_VENV:-.venv}
 need_apt=()
-for pkg in qemu-system-x86 qemu-utils debootstrap e2fsprogs nix-bin python3-venv vde2; do
+for pkg in qemu-system-x86 qemu-utils debootstrap e2fsprogs nix-bin python3-venv vde2 tesseract-ocr tesseract-ocr-eng; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

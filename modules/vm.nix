@@ -28,6 +28,11 @@ in
       default = null;
       description = "QEMU machine type (q35, microvm); null: the backend's default.";
     };
+    display = mkOption {
+      type = types.bool;
+      default = false;
+      description = "A VGA screen (QEMU q35/pc) for screenshot and OCR; the kernel console shows on it too.";
+    };
     rootSize = mkOption { type = types.str; default = "4G"; description = "Size of the (sparse) ext4 root image."; };
     extraArgs = mkOption { type = types.listOf types.str; default = [ ]; description = "Extra VMM arguments."; };
     # What nixlib's node description gets from this node (see nixlib/node.nix).
@@ -46,7 +51,7 @@ in
     ntng.vm.nodeOptions = {
       memory = config.virtualisation.memorySize;
       inherit (config.virtualisation) cores vlans;
-      inherit (config.ntng.vm) extraArgs;
+      inherit (config.ntng.vm) extraArgs display;
     } // lib.optionalAttrs (config.ntng.vm.backend != null) { inherit (config.ntng.vm) backend; }
       // lib.optionalAttrs (config.ntng.vm.machineType != null) { inherit (config.ntng.vm) machineType; };
   };

@@ -21,6 +21,7 @@ let
     initrd = null;
     kernelParams = [ ];
     allowReboot = true;
+    display = false; # a VGA screen (QEMU, not microvm): screenshot and OCR; kernel console on tty0 too
     tscKhz = null; # host TSC rate: lets a TCG microvm guest skip PIT calibration (python/ntng/hostclock.py)
     bootTimeout = null; # seconds; null: the runner's default for the accelerator
     extraArgs = [ ];
@@ -105,6 +106,11 @@ let
           "extraSerialPorts must be a list of port names (lower-case letters, digits, dots, dashes)")
         (check name (n.extraSerialPorts == [ ] || elem "virtio-serial" caps.transports) "extraSerialPorts: backend ${backend} has no virtio-serial ports")
         (check name (isBool n.allowReboot) "allowReboot must be a boolean")
+        (check name (isBool n.display) "display must be a boolean, got ${toJSON n.display}")
+        (check name (n.display != true || elem "screenshot" caps.features)
+          "display: backend ${backend} lacks the screenshot capability (it has: ${list caps.features}); use backend = \"qemu\"")
+        (check name (n.display != true || n.machineType != "microvm")
+          "display: machineType microvm has no PCI bus for a VGA device; use machineType = \"q35\" or \"pc\"")
         (check name (n.tscKhz == null || (isInt n.tscKhz && n.tscKhz > 0)) "tscKhz must be a positive integer (kHz) or null")
         (check name (n.bootTimeout == null || (isInt n.bootTimeout && n.bootTimeout > 0)) "bootTimeout must be a positive number of seconds or null")
         (check name (isAttrs n0.backdoor) "backdoor must be an attribute set ({ transport = ...; })")
@@ -126,7 +132,10 @@ let
       ];
     in
       builtins.deepSeq checks (n // {
-        kernelParams = baseKernelParams ++ [ (backdoorParam n.backdoor) ] ++ n.kernelParams;
+        # console=tty0 before ttyS0: the last one is /dev/console, which must stay the serial
+        # line (the journal is forwarded there for failure detection).
+        kernelParams = (if n.display then [ "console=tty0" ] else [ ]) ++ baseKernelParams
+          ++ [ (backdoorParam n.backdoor) ] ++ n.kernelParams;
         capabilities = caps;
       });
 in {

@@ -117,7 +117,9 @@ let
         [ n.qemuBinary "-name" "${n.name},process=ntng-${n.name}" ]
         ++ accelArgs n
         ++ [ "-m" (toString n.memory) "-smp" (toString n.cores) ]
+        # -display none stays with a VGA device: nothing is shown, QMP screendump still reads it.
         ++ [ "-nodefaults" "-no-user-config" "-display" "none" ]
+        ++ (if n.display then [ "-device" "VGA" ] else [ ])
         ++ (if n.allowReboot && !vsock then [ ] else [ "-no-reboot" ])
         ++ kernelArgs n
         ++ [ "-drive" "file=${p.disk},if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap"
@@ -142,6 +144,7 @@ let
       interfaces = n.interfaces;
       capabilities = n.capabilities;
       bootTimeout = n.bootTimeout;
+      display = n.display; # the runner's screenshot/OCR methods need one
       kernel = n.kernel; # for the runner's KVM probe
     };
 

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="specs nixlib evaluated at build time (a mkTest driver's share/ntng) "
                         "instead of the script's #: lines and the Debian image")
     r.add_argument("-o", "--output-directory", "--output_directory", dest="out", type=Path,
-                   help="where copy_from_machine and logs go (default: ./ntng-out)")
+                   help="each run makes a folder here (OUT/<time>-<test>, OUT/latest) for reports, logs, "
+                        "screenshots and copy_from_machine files (default: ./ntng-out)")
     r.add_argument("-g", "--global-timeout", type=float, help="seconds for the whole test")
     r.add_argument("--boot-timeout", type=float, help="seconds to wait for a guest's hello")
     r.add_argument("-K", "--keep-machine-state", "--keep-vm-state", action="store_true",

@@ -54,11 +54,14 @@ class Driver:
         keep_state: bool = False,
     ) -> None:
         self.spec = spec
-        self.out_dir = out_dir
+        # Everything of this run (reports, consoles, journals, screenshots, copied files) goes
+        # into a folder of its own under out_dir; machines' out_dir is that folder.
+        self.out_dir = report.new_run_dir(out_dir, spec.name)
+        self._artifacts_saved = False
         self.global_timeout = global_timeout if global_timeout is not None else spec.global_timeout
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.polling_conditions: list[PollingCondition] = []
-        self.events = EventLog(out_dir / "events.jsonl")
+        self.events = EventLog(self.out_dir / "events.jsonl")
         self.events.emit("test", None, result="started", name=spec.name, script=str(spec.script_path))
         # Declared impairments are checked before anything is made.
         declared = network_mod.declared_impairments(spec.network, str(spec.script_path))
@@ -70,7 +73,7 @@ class Driver:
             self.network.release()
             raise
         self.machines: list[Machine] = [
-            Machine(name, spec.plans[name], out_dir, boot_timeout, self._log,
+            Machine(name, spec.plans[name], self.out_dir, boot_timeout, self._log,
                     callbacks=[self.check_polling_conditions], network=self.network,
                     events=self.events, keep_state=keep_state)
             for name in sorted(spec.node_names)
@@ -266,11 +269,25 @@ class Driver:
                          error=None if outcome is None else str(outcome))
         return path
 
+    def save_artifacts(self) -> None:
+        """Each running machine's journal of this boot into the run's folder, once, in parallel
+        (best effort, bounded); consoles are saved as machines stop."""
+        if self._artifacts_saved:
+            return
+        self._artifacts_saved = True
+        up = [m for m in self.machines if m.is_up()]
+        if up:
+            _on_each(up, Machine.save_journal)
+
     def release(self) -> None:
         if self._timer:
             self._timer.cancel()
         if self._fallback:
             self._fallback.cancel()
+        try:
+            self.save_artifacts()
+        except Exception as e:
+            self.log(f"saving artifacts failed: {e}")
         for m in self.machines:
             try:
                 m.release()

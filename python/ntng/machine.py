@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import sys
 import threading
 import time
@@ -17,7 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import backends, caps, netem
+from . import backends, caps, netem, screen
 from . import protocol as P
 from .client import BackdoorClient, ExecResult, OutputCallback
 from .errors import (
@@ -255,6 +254,22 @@ class Machine:
         with open(d / "console.log", "a") as f:
             f.write("\n".join(self.backend.console_log) + "\n")
         self.backend.console_log = []
+
+    def save_journal(self, timeout: float = 20) -> Path | None:
+        """Artifact: this boot's journal in out_dir/<machine>/journal.log.  Best effort and
+        bounded; the agent is asked directly (no callbacks: a failed test must still get it)."""
+        if self.client is None or not self.is_up() or not self.backend.alive():
+            return None
+        req = P.Exec(argv=["journalctl", "-b", "--no-pager"], timeout_ms=int(timeout * 1000))
+        try:
+            res = self.client.execute(req, wait=timeout + 5)
+        except Exception as e:
+            self.log(f"journal not saved: {e}")
+            return None
+        path = self.out_dir / self.name / "journal.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(res.stdout)
+        return path
 
     def shutdown(self) -> None:
         """Clean poweroff from inside the guest, then wait for QEMU to exit."""
@@ -674,25 +689,44 @@ class Machine:
             f"{self.name}: switch_root needs an agent inside the initrd (the NixOS driver's "
             "testing.initrdBackdoor); here the agent starts after the switch to the root fs")
 
-    def _no_display(self, what: str) -> RequestedAssertionFailed:
-        return RequestedAssertionFailed(
-            f"{self.name}: {what} needs a display; this machine has none (QEMU runs it with "
-            "-display none and no VGA device, and the Debian image has no X server)")
+    def _require_display(self, what: str) -> None:
+        if not self.plan.get("display"):
+            raise RequestedAssertionFailed(
+                f"{self.name}: {what} needs a display; this machine has none. Declare it with one: "
+                f"`#: nodes.{self.name} = {{ display = true; }};` (mkTest: ntng.vm.display = true; "
+                "QEMU q35/pc only)")
 
     def screenshot(self, filename: str) -> None:
-        raise self._no_display("screenshot")
+        """As NixOS: a PNG of the screen; no extension gets .png, a bare name goes into out_dir."""
+        self._require_display("screenshot")
+        path = screen.screenshot_path(filename, self.out_dir)
+        self.log(f"making screenshot {path}")
+        t0 = time.monotonic()
+        screen.save_png(self.backend.screendump, path)
+        self.events.emit("screenshot", self.name, time.monotonic() - t0, path=str(path))
 
     def get_screen_text_variants(self) -> list[str]:
-        if shutil.which("tesseract") is None:
-            raise RequestedAssertionFailed(
-                "get_screen_text needs OCR: apt-get install tesseract-ocr (and a machine with a display)")
-        raise self._no_display("get_screen_text")
+        """OCR of the screen (tesseract): several readings, the best first."""
+        self._require_display("get_screen_text")
+        return screen.screen_text_variants(self.backend.screendump)
 
     def get_screen_text(self) -> str:
-        return self.get_screen_text_variants()[0]
+        self._require_display("get_screen_text")
+        return screen.screen_text_variants(self.backend.screendump, first_only=True)[0]
 
     def wait_for_text(self, regex: str, timeout: int = 900) -> None:
-        self.get_screen_text_variants()
+        """Wait until OCR of the screen matches `regex` (any of its readings)."""
+        self._require_display("wait_for_text")
+        screen.tesseract_path()  # a missing tool fails now, not after the timeout
+        self.log(f"waiting for {regex} to appear on screen")
+
+        def screen_matches(last: bool) -> bool:
+            variants = self.get_screen_text_variants()
+            if last:
+                self.log(f"Last OCR attempt failed. Text was: {variants}")
+            return any(re.search(regex, text) for text in variants)
+
+        self._wait(f"/{regex}/ on the screen", screen_matches, timeout)
 
     def wait_for_x(self, timeout: int = 900) -> None:
         """As NixOS: graphical.target reached and the X socket there."""

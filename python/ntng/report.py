@@ -1,4 +1,5 @@
-"""Run reports: a JSON event log (one event a line) and JUnit XML for CI systems.
+"""Run reports: a JSON event log (one event a line) and JUnit XML for CI systems, in a folder
+of their own per run (with the consoles, journals, screenshots and copied files).
 
 The event log is written as the test runs, so a killed run still leaves what happened up to
 that point; JUnit XML is written once at the end (one test case per subtest, plus one for the
@@ -9,12 +10,38 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, TextIO
+
+
+def new_run_dir(base: Path, name: str) -> Path:
+    """A fresh artifact folder for one run: base/<UTC time>-<test name>, and base/latest
+    pointing at it, so runs never overwrite each other and the newest is easy to find."""
+    stem = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + (re.sub(r"[^\w.-]", "_", name) or "test")
+    base.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        run = base / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            run.mkdir()
+            break
+        except FileExistsError:
+            continue  # two runs in the same second
+    else:
+        raise FileExistsError(f"{base}: too many runs named {stem}")
+    latest = base / "latest"
+    try:
+        tmp = base / f".latest.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(run.name)
+        tmp.replace(latest)  # atomic: a parallel run never sees it missing
+    except OSError:
+        pass  # a convenience only (e.g. a file system without symlinks)
+    return run
 
 
 class EventLog:

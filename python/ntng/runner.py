@@ -156,7 +156,8 @@ def run(opts: RunOptions) -> int:
         return 130
     finally:
         if driver is not None:
-            driver.release()
+            driver.release()  # saves the journals and consoles into the run's folder
+            log(f"ntng: artifacts (reports, consoles, journals, screenshots, copied files): {driver.out_dir}")
         signal.signal(signal.SIGTERM, previous)
         if opts.keep_state:
             (state_root / "runner.pid").unlink(missing_ok=True)
@@ -170,7 +171,7 @@ def _reports(driver: Driver, duration: float, outcome: BaseException | None, cop
         junit = driver.write_reports(duration, outcome)
         if copy_to is not None:
             shutil.copyfile(junit, copy_to)
-        log(f"ntng: reports: {junit}, {driver.events.path}; consoles in {driver.out_dir}/<machine>/")
+        log(f"ntng: reports: {junit}, {driver.events.path}")
     except OSError as e:
         log(f"ntng: could not write the reports: {e}")
 

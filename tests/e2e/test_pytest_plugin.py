@@ -41,6 +41,6 @@ def test_plugin_runs_vm_tests_as_pytest_tests(tmp_path: Path, guest_image: objec
     assert r.returncode == 1, out[-3000:]
     assert "1 failed, 2 passed" in out, out[-3000:]
     assert "command `echo oops >&2; exit 7` failed (exit code 7)" in out
-    assert (tmp_path / "ntng-out" / "test_vm" / "events.jsonl").exists()
+    assert (tmp_path / "ntng-out" / "test_vm" / "latest" / "events.jsonl").exists()
     left = subprocess.run(["pgrep", "-f", "qemu-system.*process=ntng-web"], capture_output=True, text=True)
     assert left.stdout == "", "the module's VM outlived the test run"

@@ -1,5 +1,5 @@
-"""What a run leaves for CI and for people: junit.xml, events.jsonl, each machine's console,
-and progress lines while it waits."""
+"""What a run leaves for CI and for people, in a folder per run: junit.xml, events.jsonl, each
+machine's console and journal, and progress lines while it waits."""
 
 from __future__ import annotations
 
@@ -31,6 +31,12 @@ def test_a_failing_run_leaves_junit_events_and_consoles(tmp_path: Path, guest_im
     out = tmp_path / "out"
     r = run_cli("run", str(script), "-o", str(out), "--junit-xml", str(tmp_path / "ci.xml"), cwd=tmp_path)
     assert r.returncode == errors.EXIT_TEST_FAILED, r.stderr[-3000:]
+    # One folder per run under -o, named in the last line, and `latest` pointing at it.
+    m = re.search(r"ntng: artifacts \(.*\): (\S+)$", r.stderr.strip().splitlines()[-1])
+    assert m is not None, r.stderr[-1000:]
+    run_dir = Path(m.group(1))
+    assert run_dir.parent == out and (out / "latest").resolve() == run_dir.resolve()
+    out = run_dir
     # Progress while waiting: what, on which machine, how long.
     assert re.search(r"machine: still waiting for `test -e /tmp/never` to succeed \(1\ds of 20s\)", r.stderr)
 
@@ -59,3 +65,5 @@ def test_a_failing_run_leaves_junit_events_and_consoles(tmp_path: Path, guest_im
 
     console = (out / "machine" / "console.log").read_text(errors="replace")
     assert "ntng-agent: serving on" in console and "login:" in console
+    journal = (out / "machine" / "journal.log").read_text(errors="replace")  # fetched at the end
+    assert "Reached target" in journal and "multi-user.target" in journal

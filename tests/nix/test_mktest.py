@@ -85,7 +85,7 @@ SCENARIOS: dict[str, Any] = {
         "name": "mixed", "testScript": "start_all()",
         "nodes": {"micro": {"ntng": {"vm": {"machineType": "microvm"}}},
                   "ch": {"ntng": {"vm": {"backend": "cloud-hypervisor"}}},
-                  "plain": {}},
+                  "plain": {"ntng": {"vm": {"display": True}}}},
     },
     "function": {
         "name": "fn", "testScript": {"function": "show"},
@@ -270,6 +270,12 @@ def test_only_the_vmms_in_use_are_dependencies() -> None:
     assert p["firecracker"] in fc_spec and p["qemu_kvm"] not in fc_spec
     mixed_spec = json.dumps(result("mixed")["spec"])
     assert p["qemu_kvm"] in mixed_spec and p["cloud-hypervisor"] in mixed_spec and p["firecracker"] not in mixed_spec
+
+
+def test_a_node_with_a_display_gets_a_vga_device() -> None:
+    nodes = result("mixed")["spec"]["kvm"]["nodes"]
+    assert nodes["plain"]["display"] is True and "VGA" in nodes["plain"]["argv"]
+    assert nodes["micro"]["display"] is False and "VGA" not in nodes["micro"]["argv"]
 
 
 # --- 2. Firecracker -------------------------------------------------------------------------

@@ -41,6 +41,19 @@ def test_no_duplicate_devices_or_ids() -> None:
     assert len(flags) == len(set(flags)), flags
 
 
+def test_display_adds_vga_and_a_tty0_console() -> None:
+    plain = launch()
+    assert "VGA" not in plain["argv"] and plain["display"] is False
+    plan = launch(display=True)
+    argv = plan["argv"]
+    # Headless still (screendump reads the VGA device), with the kernel console on the screen
+    # too; ttyS0 stays last, so /dev/console is still the serial line.
+    assert argv[argv.index("-display") + 1] == "none" and argv[argv.index("VGA") - 1] == "-device"
+    params = argv[argv.index("-append") + 1].split()
+    assert params.index("console=tty0") < params.index("console=ttyS0,115200")
+    assert plan["display"] is True
+
+
 def test_plans_are_stable_across_evaluations() -> None:
     assert launch() == launch()
 

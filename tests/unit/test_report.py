@@ -8,10 +8,12 @@ import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ntng.report import Case, EventLog, junit_xml
+from ntng import report
+from ntng.report import Case, EventLog, junit_xml, new_run_dir
 
 
 def test_junit_counts_failures_and_errors() -> None:
@@ -68,3 +70,14 @@ def test_event_log_without_path_writes_nothing(tmp_path: Path) -> None:
     log.emit("exec", "m")
     log.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_each_run_gets_its_own_folder_and_latest_points_at_the_newest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(report.time, "strftime", lambda fmt, t: "20260101-120000")
+    first = new_run_dir(tmp_path / "out", "my test/1")
+    second = new_run_dir(tmp_path / "out", "my test/1")  # the same second: still a new folder
+    assert first != second and first.parent == second.parent == tmp_path / "out"
+    assert first.name.endswith("-my_test_1") and second.name == first.name + "-2"
+    assert (tmp_path / "out" / "latest").resolve() == second.resolve()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([first.name, second.name, "latest"])

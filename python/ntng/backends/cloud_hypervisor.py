@@ -195,7 +195,7 @@ class CloudHypervisorBackend(VmmProcess):
 
     # -- what Cloud Hypervisor has not got ------------------------------------------------------
 
-    def screendump(self, path: Path) -> None:
+    def screendump(self, path: Path, fmt: str = "ppm") -> None:
         raise self._lacks("screenshot", "a screenshot")
 
     def set_link(self, netdev: str, up: bool) -> None:

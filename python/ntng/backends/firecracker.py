@@ -199,7 +199,7 @@ class FirecrackerBackend(VmmProcess):
     def send_key(self, key: str) -> None:
         raise self._lacks("keys", f"send_key({key!r})")
 
-    def screendump(self, path: Path) -> None:
+    def screendump(self, path: Path, fmt: str = "ppm") -> None:
         raise self._lacks("screenshot", "a screenshot")
 
     def set_link(self, netdev: str, up: bool) -> None:

@@ -148,8 +148,10 @@ class QemuBackend(VmmProcess):
         keys = [{"type": "qcode", "data": k} for k in key.split("-")]
         self._qmp().command("send-key", keys=keys)
 
-    def screendump(self, path: Path) -> None:
-        self._qmp().command("screendump", filename=str(path))
+    def screendump(self, path: Path, fmt: str = "ppm") -> None:
+        """The display into a file; fmt "png" needs QEMU 7.1 (older ones reject the argument)."""
+        extra: dict[str, Any] = {} if fmt == "ppm" else {"format": fmt}
+        self._qmp().command("screendump", filename=str(path), **extra)
 
     def set_link(self, netdev: str, up: bool) -> None:
         self._qmp().command("set_link", name=netdev, up=up)

@@ -1,0 +1,93 @@
+"""A guest with a display (one boot): screenshots, OCR of text really on the screen, the error
+without tesseract, and the run's artifact folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers import make_driver
+from ntng import screen
+from ntng.driver import Driver
+from ntng.machine import Machine
+
+SCRIPT = "#: nodes.machine = { display = true; };\n"
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory: pytest.TempPathFactory, guest_image: object) -> Iterator[Driver]:
+    d = make_driver(tmp_path_factory.mktemp("display"), SCRIPT)
+    try:
+        # Booted to the end: nothing more is printed on the screen, the console has it all.
+        d.machines[0].wait_for_unit("multi-user.target")
+        yield d
+    finally:
+        d.release()
+
+
+@pytest.fixture(scope="module")
+def vm(driver: Driver) -> Machine:
+    return driver.machines[0]
+
+
+def test_kernel_console_on_the_screen_and_the_serial_line(vm: Machine) -> None:
+    consoles = vm.succeed("cat /proc/consoles")
+    assert re.search(r"^tty0 ", consoles, re.M) and re.search(r"^ttyS0 .*\(E?C", consoles, re.M), consoles
+
+
+def test_screenshot_is_a_png_of_the_screen(vm: Machine) -> None:
+    vm.screenshot("boot")  # NixOS: .png added, into the run's folder
+    data = (vm.out_dir / "boot.png").read_bytes()
+    # The size the guest itself shows: a framebuffer's, else VGA text mode (9x16 pixel cells).
+    fb = vm.execute("cat /sys/class/graphics/fb0/virtual_size")
+    if fb[0] == 0:
+        width, height = map(int, fb[1].strip().split(","))
+    else:
+        rows, cols = map(int, vm.succeed("stty -F /dev/tty1 size").split())
+        width, height = cols * 9, rows * 16
+    assert screen.png_size(data) == (width, height)
+    assert len(data) > 1000
+
+
+def test_ocr_reads_what_was_written_to_the_screen(vm: Machine) -> None:
+    # Digits without letter look-alikes (0/O, 1/l, 5/S, 9/g), apart from the word.
+    number = "".join(random.choice("234678") for _ in range(5))
+    pattern = rf"KESTREL\s*{number}"
+    vm.succeed(r"printf '\033[2J\033[H' > /dev/tty1")  # clear tty1 (the visible console)
+    assert not any(re.search(pattern, t) for t in vm.get_screen_text_variants())  # not there yet
+    vm.succeed(f"echo 'KESTREL {number}' > /dev/tty1")
+    t0 = time.monotonic()
+    vm.wait_for_text(pattern, timeout=120)
+    print(f"wait_for_text: {time.monotonic() - t0:.1f}s")
+    assert re.search(pattern, vm.get_screen_text()), vm.get_screen_text()
+
+
+def test_without_tesseract_the_error_names_the_package(vm: Machine, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = [d for d in os.environ["PATH"].split(os.pathsep) if not (Path(d) / "tesseract").exists()]
+    monkeypatch.setenv("PATH", os.pathsep.join(path))
+    with pytest.raises(screen.OcrUnavailable, match="apt-get install tesseract-ocr"):
+        vm.get_screen_text()
+    vm.screenshot("still-works")  # a screenshot needs no OCR
+
+
+def test_the_run_folder_holds_console_journal_screenshots_and_copies(driver: Driver, vm: Machine) -> None:
+    vm.succeed("echo kept > /root/artifact.txt")
+    vm.copy_from_machine("/root/artifact.txt", "copied")
+    run = driver.out_dir
+    driver.release()  # end of the run: the journal is fetched, the console saved
+    assert (run.parent / "latest").resolve() == run.resolve()
+    assert (run / "copied" / "artifact.txt").read_text() == "kept\n"
+    assert screen.png_size((run / "boot.png").read_bytes())[0] > 0 and (run / "still-works.png").exists()
+    assert "ntng-agent: serving on" in (run / "machine" / "console.log").read_text(errors="replace")
+    journal = (run / "machine" / "journal.log").read_text(errors="replace")
+    assert "Reached target" in journal and "ntng-agent" in journal
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    shots = [e for e in events if e["action"] == "screenshot"]
+    assert [Path(e["path"]).name for e in shots] == ["boot.png", "still-works.png"]
