@@ -38,6 +38,9 @@ let
     portName = "org.ntng.backdoor";
     vsockPort = 1234;
     guestCid = 3;
+    # vsock host side: false = hybrid (a unix socket, vhost-device-vsock on QEMU); true = the
+    # kernel's vhost-vsock (/dev/vhost-vsock), the host connects with AF_VSOCK to guestCid.
+    vhost = false;
   };
 
   baseKernelParams = [ "root=/dev/vda" "rw" "console=ttyS0,115200" "panic=-1" "quiet"
@@ -120,6 +123,9 @@ let
           "backdoor.portName must be a port name (lower-case letters, digits, dots, dashes), got ${toJSON n.backdoor.portName}")
         (check name (isPort n.backdoor.vsockPort) "backdoor.vsockPort must be a port number from 1, got ${toJSON n.backdoor.vsockPort}")
         (check name (isInt n.backdoor.guestCid && n.backdoor.guestCid >= 3) "backdoor.guestCid must be an integer >= 3 (0-2 are reserved), got ${toJSON n.backdoor.guestCid}")
+        (check name (isBool n.backdoor.vhost) "backdoor.vhost must be a boolean, got ${toJSON n.backdoor.vhost}")
+        (check name (!n.backdoor.vhost || (backend == "qemu" && n.backdoor.transport == "vsock"))
+          "backdoor.vhost = true needs backend qemu and transport \"vsock\" (got backend ${backend}, transport ${toJSON n.backdoor.transport}); Firecracker and Cloud Hypervisor always use hybrid vsock")
         (check name (isList n.vlans && all (v: isInt v && v >= 1 && v <= 254) n.vlans) "vlans must be a list of integers from 1 to 254, got ${toJSON n.vlans}")
         (check name (isList n.interfaces && all validInterface n.interfaces) "interfaces must be a list of { tap; mac = \"xx:xx:xx:xx:xx:xx\"; ... } (the network plan makes them)")
         (check name (n.interfaces == [ ] || elem "networks" caps.features) "interfaces: backend ${backend} has no networking")

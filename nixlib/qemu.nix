@@ -62,8 +62,12 @@ let
   # Hybrid vsock without /dev/vhost-vsock: vhost-device-vsock serves the device to QEMU over
   # vhost-user (which needs guest RAM in shared memory) and the host side over a unix socket
   # that speaks "CONNECT <port>" like Firecracker's.
+  hybridVsock = n: n.backdoor.transport == "vsock" && !n.backdoor.vhost;
   vsockArgs = n: p:
-    if n.backdoor.transport != "vsock" then [ ] else
+    if n.backdoor.transport != "vsock" then [ ]
+    else if n.backdoor.vhost then
+      [ "-device" "${if isMicrovm n then "vhost-vsock-device" else "vhost-vsock-pci"},guest-cid=${toString n.backdoor.guestCid}" ]
+    else
     [ "-object" "memory-backend-memfd,id=mem0,size=${toString n.memory}M,share=on"
       "-numa" "node,memdev=mem0" ]
     # QEMU is the vhost-user client: the helper below listens on this socket.
@@ -71,7 +75,7 @@ let
     ++ [ "-device" "${if isMicrovm n then "vhost-user-vsock-device" else "vhost-user-vsock-pci"},chardev=vsock0" ];
 
   helpers = n: p:
-    if n.backdoor.transport != "vsock" then [ ] else [{
+    if !(hybridVsock n) then [ ] else [{
       name = "vhost-device-vsock";
       argv = [ n.vhostDeviceVsock "--guest-cid=${toString n.backdoor.guestCid}"
         "--socket=${p.vhostVsock}" "--uds-path=${p.vsock}" ];
@@ -103,6 +107,7 @@ let
       n = node.normalise ({ backend = "qemu"; } // spec);
       p = paths n;
       vsock = n.backdoor.transport == "vsock";
+      hybrid = hybridVsock n;
     in if n.backend != "qemu" then throw "node '${n.name}': qemu.launch called for backend ${n.backend}" else {
       name = n.name;
       backend = "qemu";
@@ -120,7 +125,7 @@ let
         # -display none stays with a VGA device: nothing is shown, QMP screendump still reads it.
         ++ [ "-nodefaults" "-no-user-config" "-display" "none" ]
         ++ (if n.display then [ "-device" "VGA" ] else [ ])
-        ++ (if n.allowReboot && !vsock then [ ] else [ "-no-reboot" ])
+        ++ (if n.allowReboot && !hybrid then [ ] else [ "-no-reboot" ])
         ++ kernelArgs n
         ++ [ "-drive" "file=${p.disk},if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap"
              "-device" "${virtio n "blk"},drive=disk0" ]
@@ -132,15 +137,16 @@ let
         ++ (if n.interfaces == [ ] then [ "-nic" "none" ] else nicArgs n)
         ++ n.extraArgs;
       sockets = { inherit (p) qmp console; }
-        // (if n.backdoor.transport == "virtio-serial" then { inherit (p) backdoor; } else { inherit (p) vsock; })
+        // (if n.backdoor.transport == "virtio-serial" then { inherit (p) backdoor; } else if hybrid then { inherit (p) vsock; } else { })
         // builtins.listToAttrs (map (name: { name = "port:${name}"; value = portSocket n name; }) n.extraSerialPorts);
       files = { inherit (p) consoleLog disk; };
-      backdoor = n.backdoor // (if vsock then { uds = p.vsock; port = n.backdoor.vsockPort; } else { socket = p.backdoor; });
+      backdoor = n.backdoor // (if hybrid then { uds = p.vsock; port = n.backdoor.vsockPort; }
+        else if vsock then { cid = n.backdoor.guestCid; port = n.backdoor.vsockPort; } else { socket = p.backdoor; });
       console = "socket";
       # A guest reboot resets the vhost-user vsock device, which vhost-device-vsock does not
       # survive (the next boot hangs, measured): such a VM exits on a guest reboot instead and
       # the runner starts it again on the same disk, as it would a Firecracker microVM.
-      restartOnReboot = vsock && n.allowReboot;
+      restartOnReboot = hybrid && n.allowReboot;
       interfaces = n.interfaces;
       capabilities = n.capabilities;
       bootTimeout = n.bootTimeout;

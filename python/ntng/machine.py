@@ -31,7 +31,7 @@ from .keys import key_for
 from .network import LinkCounters, Network
 from .portforward import PortForward
 from .report import EventLog
-from .watch import Rule, Watcher
+from .watch import SHUTDOWN_MARKER, SHUTDOWN_QUIET, Rule, Watcher
 
 
 class RequestedAssertionFailed(TestFailure):
@@ -103,6 +103,7 @@ class Machine:
         self._start_lock = threading.Lock()
         self._restart_event = threading.Event()
         self.serial_stdout = False
+        self.going_down = False  # shutting down (or rebooting): see watch.SHUTDOWN_MARKER
 
     def __repr__(self) -> str:
         return f"<Machine '{self.name}'>"
@@ -149,7 +150,9 @@ class Machine:
 
     def _on_console(self, line: str) -> None:
         if self.watcher is not None:
-            self.watcher.feed(self.name, line)
+            if SHUTDOWN_MARKER.search(line):
+                self.going_down = True
+            self.watcher.feed(self.name, line, SHUTDOWN_QUIET if self.going_down else frozenset())
         if self.serial_stdout:
             print(f"{self.name} # {line}", file=sys.stderr, flush=True)
 
@@ -215,6 +218,7 @@ class Machine:
         return self.client
 
     def _note_boot(self, boot_id: str) -> None:
+        self.going_down = False  # a new boot's agent (or the same one, still up) answered
         if self.boot_id is not None and boot_id != self.boot_id:
             self.reboots_seen += 1
         if boot_id != self.boot_id:
@@ -276,6 +280,7 @@ class Machine:
         if not self.booted:
             return
         client = self.connect()
+        self.going_down = True
         try:
             client.execute(P.Exec(argv=["systemctl", "poweroff", "--no-block"]), wait=30)
         except BackdoorError:
@@ -304,6 +309,7 @@ class Machine:
         """Ctrl-Alt-Delete; the next command waits for the agent of the new boot."""
         client = self.connect()
         old_boot = self.boot_id
+        self.going_down = True
         self.send_key("ctrl-alt-delete")
         if self.backend.restarts_on_reboot:
             if self.backend.wait_exit(self.boot_timeout) is None:

@@ -48,6 +48,16 @@ DEFAULT_RULES = (
     Rule.make("failed unit", r"\[FAILED\] Failed to start|\S+\.(service|socket|mount): Failed with result"),
 )
 
+# While a guest shuts down (for a reboot too) systemd kills what is still starting, and those
+# units "fail" with result 'signal': not a failure of the test.  These console lines mark the
+# start of a shutdown; the machine is quiet for SHUTDOWN_QUIET until its next boot says hello.
+SHUTDOWN_MARKER = re.compile(
+    r"System is (rebooting|powering down|halting)|Received SIGINT|"
+    r"Reached target \S*(shutdown|reboot|poweroff|halt|umount|final)\.target|"
+    r"Stopped target \S+\.target|reboot: Restarting system|reboot: Power down"
+)
+SHUTDOWN_QUIET = frozenset({"failed unit"})
+
 
 @dataclasses.dataclass(frozen=True)
 class Detection:
@@ -95,14 +105,15 @@ class Watcher:
                     kept.append(r)
             self.rules = kept
 
-    def feed(self, machine: str, line: str) -> None:
+    def feed(self, machine: str, line: str, quiet: frozenset[str] = frozenset()) -> None:
+        """Match one console line; rules named in `quiet` are skipped for it."""
         with self._lock:
             recent = self._recent.setdefault(machine, collections.deque(maxlen=CONTEXT_LINES))
             context = tuple(recent)
             recent.append(line)
             rules = list(self.rules)
         for r in rules:
-            if not _applies(r, machine):
+            if r.name in quiet or not _applies(r, machine):
                 continue
             if r.pattern.search(line):
                 self.on_detection(Detection(r, machine, line, context))

@@ -10,7 +10,7 @@ import pytest
 
 from ntng import nixeval, pdeathsig
 from ntng.backends.qemu import QemuBackend
-from ntng.errors import NixEvalError
+from ntng.errors import NixEvalError, SetupError
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = {"name": "m", "kernel": "/k", "image": "/img.qcow2", "stateDir": "/tmp/ntng-test-state/m"}
@@ -52,6 +52,41 @@ def test_display_adds_vga_and_a_tty0_console() -> None:
     params = argv[argv.index("-append") + 1].split()
     assert params.index("console=tty0") < params.index("console=ttyS0,115200")
     assert plan["display"] is True
+
+
+def test_vsock_transports() -> None:
+    serial = launch()
+    assert "ntng.backdoor=virtio-serial:org.ntng.backdoor" in serial["argv"][serial["argv"].index("-append") + 1]
+    assert serial["helpers"] == [] and not serial["restartOnReboot"]
+    # Hybrid: vhost-device-vsock serves the device over vhost-user (guest RAM shared) and the
+    # host end on a unix socket; its reset breaks the device, so a reboot restarts the VM.
+    hybrid = launch(backdoor={"transport": "vsock", "guestCid": 7})
+    argv = hybrid["argv"]
+    assert "ntng.backdoor=vsock:1234" in argv[argv.index("-append") + 1]
+    assert any(a.startswith("memory-backend-memfd,") and "share=on" in a for a in argv)
+    assert any(a.startswith("vhost-user-vsock-pci,chardev=") for a in argv)
+    [helper] = hybrid["helpers"]
+    assert helper["name"] == "vhost-device-vsock" and "--guest-cid=7" in helper["argv"]
+    assert hybrid["backdoor"]["uds"] == hybrid["sockets"]["vsock"] and hybrid["backdoor"]["port"] == 1234
+    assert "-no-reboot" in argv and hybrid["restartOnReboot"] is True
+    assert launch(backdoor={"transport": "vsock"}, allowReboot=False)["restartOnReboot"] is False
+    # vhost-vsock: the kernel's device, AF_VSOCK on the host; no helper, no shared memory.
+    vhost = launch(backdoor={"transport": "vsock", "guestCid": 7, "vhost": True})
+    argv = vhost["argv"]
+    assert "vhost-vsock-pci,guest-cid=7" in argv and not any("memfd" in a for a in argv)
+    assert vhost["helpers"] == [] and "vsock" not in vhost["sockets"]
+    assert (vhost["backdoor"]["cid"], vhost["backdoor"]["port"]) == (7, 1234)
+    assert "-no-reboot" not in argv and vhost["restartOnReboot"] is False
+
+
+def test_vhost_vsock_needs_the_device(tmp_path: Path) -> None:
+    plan = launch(backdoor={"transport": "vsock", "vhost": True}, stateDir=str(tmp_path / "m"))
+    backend = QemuBackend("m", plan)
+    if Path("/dev/vhost-vsock").exists():
+        pytest.skip("this host has /dev/vhost-vsock")
+    with pytest.raises(SetupError, match=r"^m: backdoor.vhost = true needs /dev/vhost-vsock"):
+        backend.start()
+    assert backend.proc is None and backend.helpers == []
 
 
 def test_plans_are_stable_across_evaluations() -> None:

@@ -221,6 +221,10 @@ CASES: dict[Key, Call | Callable[[], Call]] = {
     ("node.nix", "backdoor.vsockPort must be a port number from 1, got …"): node(Q, backdoor={"vsockPort": 0}),
     ("node.nix", "backdoor.guestCid must be an integer >= 3 (0-2 are reserved), got …"):
         node(Q, backdoor={"guestCid": 2}),
+    ("node.nix", "backdoor.vhost must be a boolean, got …"): node(Q, backdoor={"transport": "vsock", "vhost": 1}),
+    ("node.nix", 'backdoor.vhost = true needs backend qemu and transport "vsock" (got backend …, transport …); '
+                 "Firecracker and Cloud Hypervisor always use hybrid vsock"):
+        node(Q, backdoor={"vhost": True}),
     ("node.nix", "vlans must be a list of integers from 1 to 254, got …"): node(Q, vlans=[0]),
     ("node.nix", 'interfaces must be a list of { tap; mac = "xx:xx:xx:xx:xx:xx"; ... } (the network plan makes them)'):
         node(Q, interfaces=[{"tap": "t0", "mac": "52:54:00:12:34"}]),

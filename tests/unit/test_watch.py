@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ntng.watch import DEFAULT_RULES, Detection, Rule, Watcher
+from ntng.watch import DEFAULT_RULES, SHUTDOWN_MARKER, SHUTDOWN_QUIET, Detection, Rule, Watcher
 
 BAD = {
     "kernel panic": "[   12.345678] Kernel panic - not syncing: sysrq triggered crash",
@@ -74,3 +74,35 @@ def test_bad_rules_say_what_is_wrong() -> None:
         Rule.make("x", "a", severity="fatal")
     with pytest.raises(ValueError, match=r"rule 'y': bad regular expression '\(': "):
         Rule.make("y", "(")
+
+
+# Seen on a real reboot under TCG: systemd kills a unit that was still starting.
+SHUTDOWN = [
+    "[   39.110691] systemd[1]: Reached target umount.target - Unmount All Filesystems.",
+    "[   39.354678] systemd[1]: systemd-tmpfiles-setup-dev.service: Failed with result 'signal'.",
+]
+
+
+@pytest.mark.parametrize("marker", [
+    "systemd-logind[212]: System is rebooting.", "systemd[1]: Received SIGINT.",
+    "[   39.110691] systemd[1]: Reached target umount.target - Unmount All Filesystems.",
+    "systemd[1]: Stopped target multi-user.target - Multi-User System.", "reboot: Restarting system",
+])
+def test_shutdown_markers(marker: str) -> None:
+    assert SHUTDOWN_MARKER.search(marker)
+
+
+def test_a_shutdown_quiets_failed_units_but_not_panics() -> None:
+    seen: list[str] = []
+    w = Watcher(lambda d: seen.append(d.rule.name))
+    for line in SHUTDOWN:
+        w.feed("m", line, SHUTDOWN_QUIET)
+    assert seen == []
+    w.feed("m", "Kernel panic - not syncing: Attempted to kill init!", SHUTDOWN_QUIET)
+    assert seen == ["kernel panic"]
+    w.feed("m", SHUTDOWN[1])  # not shutting down: the same line is a failure
+    assert seen == ["kernel panic", "failed unit"]
+    assert not any(SHUTDOWN_MARKER.search(line) for line in (
+        "systemd[1]: Started ssh.service - OpenBSD Secure Shell server.",
+        "systemd[1]: Reached target multi-user.target - Multi-User System.",
+    ))

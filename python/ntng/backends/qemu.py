@@ -5,6 +5,7 @@ This module builds no command line: `plan` is nixlib.qemu.launch's output, execu
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import threading
@@ -22,6 +23,7 @@ from .vmm import VmmProcess, kill_group
 CAPABILITIES = frozenset({"console", "screenshot", "keys", "reboot", "powerdown", "pause"})
 
 HELPER_START_TIMEOUT = 10.0
+VHOST_VSOCK = "/dev/vhost-vsock"
 
 
 class QemuBackend(VmmProcess):
@@ -39,6 +41,12 @@ class QemuBackend(VmmProcess):
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.plan["backdoor"].get("vhost") and not os.path.exists(VHOST_VSOCK):
+            raise SetupError(
+                f"{self.machine_name}: backdoor.vhost = true needs {VHOST_VSOCK} (modprobe vhost_vsock; "
+                "not available in nested or container setups), or leave backdoor.vhost = false for "
+                "hybrid vsock through vhost-device-vsock"
+            )
         self._prepare("apt-get install qemu-utils")
         self._start_helpers()
         self._spawn(self.plan["argv"], "apt-get install qemu-system-x86 (or run ./setup.sh)")
@@ -92,6 +100,8 @@ class QemuBackend(VmmProcess):
 
     def connect_backdoor(self, timeout: float) -> socket.socket:
         backdoor = self.plan["backdoor"]
+        if backdoor["transport"] == "vsock" and "cid" in backdoor:  # backdoor.vhost: AF_VSOCK
+            return vsock.connect_vsock(backdoor["cid"], backdoor["port"], timeout=timeout, alive=self.alive)
         if backdoor["transport"] == "vsock":
             return vsock.connect_hybrid(backdoor["uds"], backdoor["port"], timeout=timeout, alive=self.alive)
         return connect_unix(self.plan["sockets"]["backdoor"], timeout=timeout, alive=self.alive)

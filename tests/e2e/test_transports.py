@@ -1,0 +1,118 @@
+"""The same protocol checks over every backdoor transport QEMU offers here: a virtio-serial port
+and hybrid vsock (vhost-user-vsock-pci served by vhost-device-vsock, host side a unix socket
+speaking CONNECT/OK).  Each transport boots one Debian guest; the transport is the node's
+`backdoor.transport` from nixlib."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers import make_driver
+from ntng.driver import Driver
+from ntng.machine import Machine
+
+MB = 1024 * 1024
+TRANSPORTS = ["virtio-serial", "vsock"]
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def vm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+       guest_image: object) -> Iterator[Machine]:
+    transport = request.param
+    driver: Driver = make_driver(tmp_path_factory.mktemp(transport),
+                                 f'#: nodes.m = {{ backdoor.transport = "{transport}"; }};\n')
+    m = driver.machines[0]
+    try:
+        m.connect()
+        yield m
+    finally:
+        driver.release()
+    assert not m.backend.alive() and not m.backend.helpers, "QEMU and its helpers must be gone"
+
+
+def transport_of(vm: Machine) -> str:
+    return str(vm.plan["backdoor"]["transport"])
+
+
+def test_the_agent_serves_where_nixlib_said(vm: Machine) -> None:
+    cmdline = vm.succeed("cat /proc/cmdline")
+    if transport_of(vm) == "vsock":
+        assert "ntng.backdoor=vsock:1234" in cmdline
+        vm.fail("test -e /dev/virtio-ports/org.ntng.backdoor")  # no serial port in this VM
+        assert ":1234 " in vm.succeed("ss -lnH --vsock") + " "  # the agent listens there
+    else:
+        assert "ntng.backdoor=virtio-serial:org.ntng.backdoor" in cmdline
+        vm.succeed("test -e /dev/virtio-ports/org.ntng.backdoor")
+
+
+def test_exit_codes_stderr_and_stdin(vm: Machine) -> None:
+    r = vm.run("echo out; echo err >&2; exit 7")
+    assert (r.status, r.stdout, r.stderr) == (7, b"out\n", b"err\n")
+    data = os.urandom(5 * MB)
+    r = vm.run("sha256sum", stdin=data)
+    assert r.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+def test_large_stdout_arrives_complete(vm: Machine) -> None:
+    r = vm.run("head -c 30M /dev/urandom | tee /tmp/big | sha256sum >&2; cat /tmp/big")
+    assert len(r.stdout) == 30 * MB
+    assert hashlib.sha256(r.stdout).hexdigest() == r.stderr.split()[0].decode()
+
+
+def test_timeout_kills_the_command(vm: Machine) -> None:
+    t0 = time.monotonic()
+    r = vm.run("sleep 300 & sleep 300; echo never", timeout=2)
+    assert r.timed_out and b"never" not in r.stdout and time.monotonic() - t0 < 30
+    vm.wait_until_fails("pgrep -x sleep", timeout=30)  # the whole process group died
+
+
+def test_concurrent_requests_share_the_connection(vm: Machine) -> None:
+    results: dict[int, bytes] = {}
+
+    def one(i: int) -> None:
+        results[i] = vm.run(f"sleep 2; echo {i}").stdout
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == {i: f"{i}\n".encode() for i in range(4)}
+    assert time.monotonic() - t0 < 8, "four 2 s commands must run side by side"
+
+
+def test_files_both_ways_with_checksums(vm: Machine, tmp_path: Path) -> None:
+    src = tmp_path / "blob"
+    src.write_bytes(os.urandom(20 * MB))
+    vm.copy_from_host(str(src), "/tmp/blob")
+    assert vm.succeed("sha256sum /tmp/blob").split()[0] == hashlib.sha256(src.read_bytes()).hexdigest()
+    vm.copy_from_machine("/tmp/blob", "back")
+    assert (vm.out_dir / "back" / "blob").read_bytes() == src.read_bytes()
+
+
+def test_ping_round_trip(vm: Machine) -> None:
+    client = vm.connect()
+    rtts = [client.ping(b"x" * 64) for _ in range(20)]
+    assert all(0 < rtt < 1.0 for rtt in rtts)
+
+
+def test_reboot_keeps_the_disk_and_reaches_the_new_boot(vm: Machine) -> None:
+    vm.succeed("echo kept > /root/marker")
+    before = vm.boot_id
+    vm.reboot()
+    assert vm.boot_id != before
+    assert vm.succeed("cat /root/marker") == "kept\n"
+    if transport_of(vm) == "vsock":
+        # a guest-initiated reboot too: the VM exits, the runner starts it again, the wait goes on
+        boot = vm.boot_id
+        vm.execute("systemctl reboot", check_output=False)
+        vm.wait_until_succeeds(f"! grep -q {boot} /proc/sys/kernel/random/boot_id", timeout=300)
+        assert vm.boot_id != boot and len(vm.boot_ids) == 3
