@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--boot-timeout", type=float, help="seconds to wait for a guest's hello")
     r.add_argument("-K", "--keep-machine-state", "--keep-vm-state", action="store_true",
                    help="keep the machines' disks after the run; the next -K run boots from them")
-    r.add_argument("--junit-xml", type=Path, help="also write the JUnit report here (always: OUT/junit.xml)")
+    r.add_argument("--junit-xml", type=Path, help="also write the JUnit report here (it is always in the run folder, OUT/<time>-<test>/junit.xml)")
     r.add_argument("--show-trace", action="store_true", help="full Nix traces on evaluation errors")
     r.add_argument("--serial-stdout", action="store_true", help="echo guest consoles")
     r.add_argument("-i", "-I", "--interactive", action="store_true", help="a REPL with the machines bound")

@@ -54,7 +54,7 @@ DEFAULT_RULES = (
 SHUTDOWN_MARKER = re.compile(
     r"System is (rebooting|powering down|halting)|Received SIGINT|"
     r"Reached target \S*(shutdown|reboot|poweroff|halt|umount|final)\.target|"
-    r"Stopped target \S+\.target|reboot: Restarting system|reboot: Power down"
+    r"Stopped target (?!initrd)\S+\.target|reboot: Restarting system|reboot: Power down"
 )
 SHUTDOWN_QUIET = frozenset({"failed unit"})
 
