@@ -104,6 +104,7 @@ class Machine:
         self._restart_event = threading.Event()
         self.serial_stdout = False
         self.going_down = False  # shutting down (or rebooting): see watch.SHUTDOWN_MARKER
+        self._boot_setup_due = False  # a new boot awaits _boot_setup
 
     def __repr__(self) -> str:
         return f"<Machine '{self.name}'>"
@@ -163,6 +164,8 @@ class Machine:
         if self.booted and self._vmm_ended_by_reboot():
             self._restart_vmm()
         if self.client is not None and self.client.agent is not None:
+            if self._boot_setup_due:
+                self._boot_setup()
             return self.client
         self.start()
         t0 = time.monotonic()
@@ -213,11 +216,20 @@ class Machine:
         self.events.emit("boot", self.name, time.monotonic() - t0, boot_id=ack.boot_id)
         self.log(f"connected to agent {ack.agent_version} (boot {ack.boot_id[:8]}, "
                  f"{time.monotonic() - t0:.1f}s)")
-        for vlan, (imp, direction) in self.declared_impairments.items():
-            self._apply_impairment(vlan, imp, direction)
+        if self._boot_setup_due:
+            self._boot_setup()
         return self.client
 
+    def _boot_setup(self) -> None:
+        """What every new boot needs before the test's next command: the impairments declared
+        for this node (the guest engine's tc settings die with the boot)."""
+        self._boot_setup_due = False
+        for vlan, (imp, direction) in self.declared_impairments.items():
+            self._apply_impairment(vlan, imp, direction)
+
     def _note_boot(self, boot_id: str) -> None:
+        if boot_id != self.boot_id:
+            self._boot_setup_due = True
         self.going_down = False  # a new boot's agent (or the same one, still up) answered
         if self.boot_id is not None and boot_id != self.boot_id:
             self.reboots_seen += 1
@@ -228,6 +240,7 @@ class Machine:
     def _on_agent_restart(self, ack: P.HelloAck, previous: P.HelloAck) -> None:
         self._restart_event.set()
         if ack.boot_id != previous.boot_id:
+            self._boot_setup_due = True  # done by the next command (this is the reader thread)
             self.log(f"guest rebooted (boot id {previous.boot_id[:8]} → {ack.boot_id[:8]})")
         else:
             self.log("backdoor agent restarted (same boot)")

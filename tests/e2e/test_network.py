@@ -159,6 +159,12 @@ def test_bad_network_calls_say_what_is_wrong(net: Driver) -> None:
         a.impair(delay=5, direction="sideways")
 
 
+def test_declared_impairments_come_back_after_a_reboot(net: Driver) -> None:
+    _, b = machines(net)
+    b.reboot()  # the guest engine's tc settings die with the boot; the runner puts them back
+    assert "delay 40ms" in b.succeed("tc qdisc show dev eth1")
+
+
 def test_rootless_fallback_without_cap_net_admin(tmp_path: Path, guest_image: object) -> None:
     """As root but without CAP_NET_ADMIN the runner falls back to vde_switch: names and pings
     work, impairment runs in the guests, and counters and forward_port say what is missing."""
