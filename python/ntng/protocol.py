@@ -66,6 +66,10 @@ Header = Struct(
     "header_crc" / Int32ub,
 )
 _header = Header.compile()
+# The same 20 bytes as `Header` for the per-frame hot path: construct's parser costs ~15 µs a
+# header here and ~40x that in a TCG guest; struct ~0.3 µs.  Property tests keep them equal.
+HEADER_STRUCT = struct.Struct(">4sBBHIII")
+_HEAD_NO_CRC = struct.Struct(">4sBBHII")
 Trailer = Struct("crc32" / Int32ub)
 
 
@@ -139,12 +143,10 @@ class Frame:
 def encode_frame(
     ftype: int, request_id: int, payload: bytes = b"", flags: int = 0, version: int = VERSION
 ) -> bytes:
-    head = _header.build(
-        dict(
-            version=version, type=ftype, flags=flags, request_id=request_id,
-            length=len(payload), header_crc=0,
-        )
-    )[:-4]
+    try:
+        head = _HEAD_NO_CRC.pack(MAGIC, version, ftype, flags, request_id, len(payload))
+    except struct.error as e:  # a field out of range: say which, as construct would have
+        raise FrameError(f"cannot encode frame header (type {ftype}, request {request_id}): {e}") from None
     head += zlib.crc32(head).to_bytes(4, "big")
     crc = zlib.crc32(payload, zlib.crc32(head))
     return b"".join((head, payload, crc.to_bytes(4, "big")))
@@ -463,23 +465,22 @@ class Decoder:
                 self._skip(start, buf)
             if len(buf) < HEADER_SIZE:
                 return
-            raw_head = bytes(buf[:HEADER_SIZE])
-            head = _header.parse(raw_head)
-            if zlib.crc32(raw_head[:-4]) != head.header_crc:
+            _magic, version, ftype, flags, request_id, length, header_crc = HEADER_STRUCT.unpack_from(buf)
+            if zlib.crc32(buf[: HEADER_SIZE - 4]) != header_crc:
                 self._skip(1, buf)
                 continue  # the magic was noise: keep counting it as garbage
-            if head.version < MIN_VERSION or head.length > self.max_frame:
+            if version < MIN_VERSION or length > self.max_frame:
                 if self._pending_garbage:
                     yield self._flush_garbage("noise before frame")
                 why = (
-                    f"unsupported version {head.version}"
-                    if head.version < MIN_VERSION
-                    else f"length {head.length} exceeds limit {self.max_frame}"
+                    f"unsupported version {version}"
+                    if version < MIN_VERSION
+                    else f"length {length} exceeds limit {self.max_frame}"
                 )
                 self._skip(1, buf)
                 yield self._flush_garbage(f"bad header ({why})")
                 continue
-            total = HEADER_SIZE + head.length + TRAILER_SIZE
+            total = HEADER_SIZE + length + TRAILER_SIZE
             if len(buf) < total:
                 self._need = total
                 return
@@ -494,10 +495,10 @@ class Decoder:
             if not crc_ok:
                 # Skip only the magic: a real frame may start inside this fake one.
                 self._skip(1, buf)
-                yield self._flush_garbage("bad CRC", head.request_id)
+                yield self._flush_garbage("bad CRC", request_id)
                 continue
             del buf[:total]
-            yield Frame(head.type, head.request_id, payload, head.flags, head.version)
+            yield Frame(ftype, request_id, payload, flags, version)
 
     def _skip(self, n: int, buf: bytearray) -> None:
         if n > 0:

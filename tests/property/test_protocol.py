@@ -136,6 +136,21 @@ def test_message_fields_match_their_construct_declaration_one_to_one() -> None:
         assert P.MESSAGES[cls.TYPE] is cls
 
 
+@given(version=st.integers(0, 255), ftype=st.integers(0, 255), flags=U16, rid=U32, length=U32, crc=U32)
+def test_the_fast_header_codec_is_the_declared_one(version: int, ftype: int, flags: int, rid: int,
+                                                    length: int, crc: int) -> None:
+    fields = dict(version=version, type=ftype, flags=flags, request_id=rid, length=length, header_crc=crc)
+    declared = P.Header.build(fields)
+    assert P.HEADER_STRUCT.pack(P.MAGIC, version, ftype, flags, rid, length, crc) == declared
+    assert P.HEADER_STRUCT.unpack(declared) == (P.MAGIC, version, ftype, flags, rid, length, crc)
+    assert P.HEADER_STRUCT.size == P.HEADER_SIZE
+
+
+def test_unencodable_header_fields_are_protocol_errors() -> None:
+    with pytest.raises(P.FrameError, match="cannot encode frame header"):
+        P.encode_frame(P.FrameType.PING, 2**32)
+
+
 @pytest.mark.parametrize("cls", list(P.MESSAGES.values()), ids=lambda c: c.__name__)
 @settings(deadline=None)
 @given(data=st.data())
