@@ -25,7 +25,7 @@ from .console import follow_file
 from .vmm import VmmProcess
 
 # capabilities.nix's features for cloud-hypervisor, and what the runner can do at run time.
-CAPABILITIES = frozenset({"snapshot", "sharedDirs", "networks", "reboot", "console", "powerdown", "pause"})
+CAPABILITIES = frozenset({"snapshot", "networks", "reboot", "console", "powerdown", "pause"})
 INSTALL_HINT = ('install it (https://github.com/cloud-hypervisor/cloud-hypervisor/releases) '
                 'or use backend = "qemu"')
 ROUTES = ("api", "cli")

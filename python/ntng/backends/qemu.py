@@ -40,6 +40,7 @@ class QemuBackend(VmmProcess):
 
     def start(self) -> None:
         self._prepare("apt-get install qemu-utils")
+        self._make_share_folders()
         self._start_helpers()
         self._spawn(self.plan["argv"], "apt-get install qemu-system-x86 (or run ./setup.sh)")
         try:
@@ -57,9 +58,15 @@ class QemuBackend(VmmProcess):
         )
         self._console_thread.start()
 
+    def _make_share_folders(self) -> None:
+        """The artifacts share's host folder is new each run; QEMU's 9p server needs it to exist."""
+        for share in self.plan.get("shares", []):
+            if share.get("create"):
+                Path(share["source"]).mkdir(parents=True, exist_ok=True)
+
     def _start_helpers(self) -> None:
-        """Processes QEMU connects to (vhost-device-vsock): started first, listening before QEMU
-        runs, dying with the runner like QEMU."""
+        """Processes QEMU connects to (vhost-device-vsock, virtiofsd): started first, listening
+        before QEMU runs, dying with the runner like QEMU."""
         for helper in self.plan["helpers"]:
             name, argv, ready = helper["name"], helper["argv"], Path(helper["waitFor"])
             ready.unlink(missing_ok=True)
@@ -69,11 +76,9 @@ class QemuBackend(VmmProcess):
                     proc = pdeathsig.spawn(argv, then=self.preexec, stdin=subprocess.DEVNULL, stdout=out,
                                            stderr=out, start_new_session=True)
             except FileNotFoundError:
-                raise SetupError(
-                    f"{self.machine_name}: {argv[0]} not found; the vsock backdoor on QEMU needs it "
-                    "(Debian package vhost-device-vsock, from sid on bookworm: ./setup.sh installs it), "
-                    'or use backdoor.transport = "virtio-serial"'
-                ) from None
+                # nixlib says what needs the helper and how to get it.
+                raise SetupError(f"{self.machine_name}: {argv[0]} not found; "
+                                 f"{helper.get('missing', 'it is needed by this node')}") from None
             self.helpers.append(proc)
             deadline = time.monotonic() + HELPER_START_TIMEOUT
             while not ready.exists():
