@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import backends, caps, netem, screen
+from . import backends, caps, netem, screen, shares
 from . import protocol as P
 from .client import BackdoorClient, ExecResult, OutputCallback
 from .errors import (
@@ -756,13 +756,18 @@ class Machine:
 
     # -- files --------------------------------------------------------------------------------
 
-    def copy_from_host(self, source: str, target: str) -> None:
-        """Copy a host file or directory to `target` in the guest (through the protocol)."""
+    def copy_from_host(self, source: str, target: str, via: str = "protocol") -> None:
+        """Copy a host file or directory to `target` in the guest, through the protocol or
+        (via="share") through the node's writable shared directory."""
+        shares.check_via(via, "copy_from_host")
         src = Path(source)
         if not src.exists():
             raise RequestedAssertionFailed(f"copy_from_host: {source} does not exist on the host")
+        self.log(f"copy_from_host {source} -> {target}" + (" (via share)" if via == "share" else ""))
+        if via == "share":
+            shares.to_guest(self, shares.writable_share(self.plan, self.name), src, target)
+            return
         client = self.connect()
-        self.log(f"copy_from_host {source} -> {target}")
         if src.is_dir():
             for root, _dirs, files in os.walk(src):
                 rel = Path(root).relative_to(src)
@@ -778,10 +783,19 @@ class Machine:
         data = base64.b64encode(Path(source).read_bytes()).decode()
         self.succeed(f"mkdir -p $(dirname {target})", f"echo -n {data} | base64 -d > {target}")
 
-    def copy_from_machine(self, source: str, target_dir: str = "") -> None:
-        """Copy a guest file or directory into out_dir/target_dir/basename(source)."""
-        client = self.connect()
+    def copy_from_machine(self, source: str, target_dir: str = "", via: str = "protocol") -> None:
+        """Copy a guest file or directory into out_dir/target_dir/basename(source), through the
+        protocol or (via="share") through the node's writable shared directory."""
+        shares.check_via(via, "copy_from_machine")
         dest_root = self.out_dir / target_dir
+        if via == "share":
+            share = shares.writable_share(self.plan, self.name)
+            if self.execute(f"test -e {shlex.quote(source)}")[0] != 0:
+                raise RequestedAssertionFailed(f"copy_from_machine: {source} does not exist in {self.name}")
+            dest_root.mkdir(parents=True, exist_ok=True)
+            shares.from_guest(self, share, source, dest_root)
+            return
+        client = self.connect()
         dest_root.mkdir(parents=True, exist_ok=True)
         name = os.path.basename(source.rstrip("/"))
         status, listing = self.execute(
