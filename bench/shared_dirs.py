@@ -59,9 +59,9 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def timed(fn: Callable[[], None]) -> float:
+def timed(fn: Callable[..., None], *args: Any) -> float:
     t0 = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - t0
 
 
@@ -127,19 +127,19 @@ def main() -> None:
         m.copy_from_host(str(large), "/root/src/large")
         for method in methods:
             dst = f"/root/in-{method}"
-            t = timed(lambda: to_guest(m, method, small, f"{dst}/small"))
+            t = timed(to_guest, m, method, small, f"{dst}/small")
             assert m.succeed(f"ls {dst}/small | wc -l").strip() == str(args.small_files)
             row(f"host → guest, {args.small_files} x {args.small_kib} KiB", method, t, small_mb, args.small_files)
-            t = timed(lambda: to_guest(m, method, large, f"{dst}/large"))
+            t = timed(to_guest, m, method, large, f"{dst}/large")
             assert m.succeed(f"sha256sum < {dst}/large").split()[0] == large_sum
             row(f"host → guest, 1 x {args.large_mb} MB", method, t, large_mb, 1)
             m.succeed(f"rm -rf {dst}")
 
             out = m.out_dir / f"from-{method}"
-            t = timed(lambda: from_guest(m, method, "/root/src/small", out))
+            t = timed(from_guest, m, method, "/root/src/small", out)
             assert len(list((out / "small").iterdir())) == args.small_files
             row(f"guest → host, {args.small_files} x {args.small_kib} KiB", method, t, small_mb, args.small_files)
-            t = timed(lambda: from_guest(m, method, "/root/src/large", out))
+            t = timed(from_guest, m, method, "/root/src/large", out)
             assert sha256(out / "large") == large_sum
             row(f"guest → host, 1 x {args.large_mb} MB", method, t, large_mb, 1)
             shutil.rmtree(out)
