@@ -115,7 +115,7 @@ def main() -> None:
     rows: list[tuple[str, str, str, str]] = []
 
     def row(what: str, method: str, seconds: float, mb: float, files: int) -> None:
-        rows.append((what, method, f"{mb / seconds:.1f}", f"{files / seconds:.0f}"))
+        rows.append((what, method, f"{mb / seconds:.1f}", f"{files / seconds:.0f}" if files > 1 else "–"))
         print(f"{what:28} {method:9} {seconds:7.2f} s  {mb / seconds:7.1f} MB/s  {files / seconds:7.0f} files/s",
               file=sys.stderr, flush=True)
 
