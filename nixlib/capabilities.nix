@@ -16,12 +16,12 @@
     machineTypes = [ "microvm" ];
     shareTypes = [ ]; # no 9p, no virtiofs device
   };
-  # Cloud Hypervisor: one virtio-console (hvc0) instead of named virtio-serial ports, no
-  # display.  It has virtiofs (--fs, through virtiofsd), but its plan does not wire shares yet.
+  # Cloud Hypervisor: one virtio-console (hvc0) instead of named virtio-serial ports, virtiofs
+  # through virtiofsd (no 9p), no display.
   cloud-hypervisor = {
     transports = [ "virtconsole" "vsock" ];
-    features = [ "snapshot" "networks" "reboot" "console" ];
+    features = [ "snapshot" "sharedDirs" "networks" "reboot" "console" ];
     machineTypes = [ "pc" ];
-    shareTypes = [ ];
+    shareTypes = [ "virtiofs" ];
   };
 }

@@ -60,6 +60,7 @@ let
       ];
       shares = attrValues (mapAttrs (tag: s: checkShare name backend caps tag (if isAttrs s then s else fail name "sharedDirs.${tag} must be an attribute set { source; target; ... }")) declared);
       artifacts = if n.shareArtifacts then [ (shareDefaults // {
+        type = if elem "9p" caps.shareTypes then "9p" else "virtiofs";
         tag = artifactsTag; source = "${artifactsMarker}/${name}-shared"; target = "/tmp/shared";
         create = true; # the runner makes the host folder: it is new each run
       }) ] else [ ];
@@ -98,5 +99,5 @@ let
       + "or use type = \"9p\"";
   }) (filter (s: s.type == "virtiofs") shares);
 in {
-  inherit normalise kernelParams hasVirtiofs qemuArgs helpers artifactsMarker artifactsTag;
+  inherit normalise kernelParams hasVirtiofs qemuArgs helpers socket artifactsMarker artifactsTag;
 }

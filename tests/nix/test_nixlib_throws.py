@@ -274,6 +274,8 @@ CASES: dict[Key, Call | Callable[[], Call]] = {
         node(Q, sharedDirs={"a": {"source": "/a", "target": "/with,comma"}}),
     ("shares.nix", '….type must be "9p" or "virtiofs", got …'):
         node(Q, sharedDirs={"a": {"source": "/a", "target": "/b", "type": "nfs"}}),
+    ("shares.nix", "….type: backend … has no … shares (it has: …)"):
+        node(CH, sharedDirs={"a": {"source": "/a", "target": "/b"}}),  # 9p
     ("shares.nix", "….readOnly must be a boolean"):
         node(Q, sharedDirs={"a": {"source": "/a", "target": "/b", "readOnly": "yes"}}),
     ("shares.nix", '….securityModel must be "none", "mapped-xattr", "mapped-file" or "passthrough" (QEMU\'s 9p security_model), got …'):
@@ -289,9 +291,6 @@ EXEMPT: dict[Key, str] = {
     ("firecracker.nix", "node '…': …"): WRAPPER,
     ("cloud-hypervisor.nix", "node '…': …"): WRAPPER,
     ("shares.nix", "node '…': …"): WRAPPER,
-    ("shares.nix", "….type: backend … has no … shares (it has: …)"):
-        "every backend offers all share types or none (caught first); the check is for one that would "
-        "offer some, as Cloud Hypervisor will (virtiofs only)",
     ("node.nix", ""): "`check name (isAttrs caps) \"\"` only forces caps, which throws 'unknown backend' itself",
     ("node.nix", "interfaces: backend … has no networking"):
         "every backend in capabilities.nix offers networks; the check is for one that would not",

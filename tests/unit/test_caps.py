@@ -53,8 +53,8 @@ def test_table_names_real_methods_and_capabilities() -> None:
     ("b", lambda m: m.get_screen_text(), "screenshot", "snapshot, networks, console"),
     ("b", lambda m: m.send_key("ret"), "keys", "snapshot, networks, console"),
     ("b", lambda m: m.reboot(), "reboot", "snapshot, networks, console"),
-    ("c", lambda m: m.send_chars("hi"), "keys", "snapshot, networks, reboot, console"),
-    ("c", lambda m: m.wait_for_text("x"), "screenshot", "snapshot, networks, reboot, console"),
+    ("c", lambda m: m.send_chars("hi"), "keys", "snapshot, sharedDirs, networks, reboot, console"),
+    ("c", lambda m: m.wait_for_text("x"), "screenshot", "snapshot, sharedDirs, networks, reboot, console"),
 ])
 def test_missing_capability_raises_before_touching_the_vm(
         spec: testspec.TestSpec, tmp_path: Path, node: str, call: Any, capability: str, has: str) -> None:

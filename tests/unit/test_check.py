@@ -124,7 +124,7 @@ BACKENDS = """\
 #: nodes.c = { backend = "cloud-hypervisor"; accel = "kvm"; };
 """
 FC_HAS = "(it has: snapshot, networks, console)"
-CH_HAS = "(it has: snapshot, networks, reboot, console)"
+CH_HAS = "(it has: snapshot, sharedDirs, networks, reboot, console)"
 
 
 def check_errors(path: Path, **kw: bool) -> list[str]:

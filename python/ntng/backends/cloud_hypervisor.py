@@ -25,7 +25,7 @@ from .console import follow_file
 from .vmm import VmmProcess
 
 # capabilities.nix's features for cloud-hypervisor, and what the runner can do at run time.
-CAPABILITIES = frozenset({"snapshot", "networks", "reboot", "console", "powerdown", "pause"})
+CAPABILITIES = frozenset({"snapshot", "sharedDirs", "networks", "reboot", "console", "powerdown", "pause"})
 INSTALL_HINT = ('install it (https://github.com/cloud-hypervisor/cloud-hypervisor/releases) '
                 'or use backend = "qemu"')
 ROUTES = ("api", "cli")
@@ -75,6 +75,8 @@ class CloudHypervisorBackend(VmmProcess):
         self._prepare("coreutils", skip_disk_steps=True, keep=keep)
         # The VMM writes the serial console anew: an old file must not pass for this boot's.
         Path(self.plan["files"]["consoleLog"]).unlink(missing_ok=True)
+        self._make_share_folders()
+        self._start_helpers()  # virtiofsd for each share, listening before the VMM connects
         self._spawn(argv, INSTALL_HINT)
         self._start_console()
         try:
