@@ -34,11 +34,15 @@ let
     else [ "defaults" ]) ++ lib.optional s.readOnly "ro";
   };
 
+  # Cloud Hypervisor has virtiofs only (nixlib/capabilities.nix): the store and artifacts
+  # shares use it there, 9p (nothing to run beside the VMM) elsewhere.
+  builtinType = if config.ntng.vm.backend == "cloud-hypervisor" then "virtiofs" else "9p";
+
   # What nixlib's node description takes (nixlib/shares.nix).
   allShares = cfg.sharedDirectories // lib.optionalAttrs cfg.mountHostNixStore {
-    nix-store = { source = builtins.storeDir; target = "/nix/.ro-store"; securityModel = "none"; type = "9p"; readOnly = true; };
+    nix-store = { source = builtins.storeDir; target = "/nix/.ro-store"; securityModel = "none"; type = builtinType; readOnly = true; };
   };
-  uses = type: lib.any (s: s.type == type) (lib.attrValues allShares) || (type == "9p" && config.ntng.vm.shareArtifacts);
+  uses = type: lib.any (s: s.type == type) (lib.attrValues allShares) || (type == builtinType && config.ntng.vm.shareArtifacts);
 in
 {
   options.virtualisation = {
@@ -101,7 +105,7 @@ in
     fileSystems = { "/" = { device = "/dev/vda"; fsType = "ext4"; }; }
       // lib.mapAttrs' (tag: s: lib.nameValuePair s.target (mountOf tag s)) allShares
       // lib.optionalAttrs config.ntng.vm.shareArtifacts {
-        "/tmp/shared" = mountOf "shared" { type = "9p"; readOnly = false; };
+        "/tmp/shared" = mountOf "shared" { type = builtinType; readOnly = false; };
       };
     boot.initrd.availableKernelModules = [ "virtio_pci" "virtio_mmio" "virtio_blk" "ext4" ]
       ++ lib.optionals (uses "9p") [ "9p" "9pnet_virtio" ] ++ lib.optional (uses "virtiofs") "virtiofs";

@@ -95,6 +95,10 @@ SCENARIOS: dict[str, Any] = {
                                   "fast": {"source": "/srv/fast", "target": "/mnt/fast", "type": "virtiofs"}}},
             "ntng": {"vm": {"shareArtifacts": True}}}},
     },
+    "chShares": {
+        "name": "chShares", "backend": "cloud-hypervisor", "testScript": "start_all()",
+        "nodes": {"a": {"virtualisation": {"mountHostNixStore": True}, "ntng": {"vm": {"shareArtifacts": True}}}},
+    },
     "function": {
         "name": "fn", "testScript": {"function": "show"},
         "nodes": {"a": {"virtualisation": {"memorySize": 3000}}, "b": {}},
@@ -442,3 +446,12 @@ def test_shared_directories_reach_qemu_and_the_guest_mounts() -> None:
     assert any("path=@artifacts@/a-shared" in f for f in fsdevs)
     assert [h["name"] for h in plan["helpers"]] == ["virtiofsd-fast"]
     assert {s["tag"] for s in plan["shares"]} == {"data", "fast", "nix-store", "shared"}
+
+
+def test_cloud_hypervisor_shares_are_virtiofs() -> None:
+    r = result("chShares")
+    fs = r["nodes"]["a"]["fileSystems"]
+    assert fs["/nix/.ro-store"]["fsType"] == "virtiofs" and fs["/nix/.ro-store"]["options"] == ["defaults", "ro"]
+    assert fs["/tmp/shared"]["fsType"] == "virtiofs"
+    plan = r["spec"]["kvm"]["nodes"]["a"]
+    assert [h["name"] for h in plan["helpers"]] == ["virtiofsd-nix-store", "virtiofsd-shared"]
