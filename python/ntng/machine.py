@@ -212,7 +212,19 @@ class Machine:
                  f"{time.monotonic() - t0:.1f}s)")
         for vlan, (imp, direction) in self.declared_impairments.items():
             self._apply_impairment(vlan, imp, direction)
+        if self.plan.get("shares"):
+            self._wait_for_shares()
         return self.client
+
+    def _wait_for_shares(self) -> None:
+        """A Debian guest mounts its shares once /tmp is cleaned (ntng-shares runs after
+        systemd-tmpfiles-setup, which would empty /tmp/shared), so not before the agent starts:
+        starting the unit waits for that job.  A NixOS guest has no such unit (fileSystems)."""
+        r = self.run("systemctl start ntng-shares.service", strict=False, timeout=None)
+        if r.status != 0 and b"not found" not in r.stderr:
+            raise BootError(f"{self.name}: mounting the shared directories failed: "
+                            f"{r.stderr.decode(errors='replace').strip()}; "
+                            f"{self.execute('journalctl -b -u ntng-shares.service -o cat')[1].strip()}")
 
     def _note_boot(self, boot_id: str) -> None:
         if self.boot_id is not None and boot_id != self.boot_id:
