@@ -6,6 +6,7 @@
     transports = [ "virtio-serial" "vsock" ];
     features = [ "screenshot" "keys" "snapshot" "sharedDirs" "networks" "reboot" "console" ];
     machineTypes = [ "q35" "pc" "microvm" ];
+    shareTypes = [ "9p" "virtiofs" ]; # sharedDirs: QEMU's 9p server, virtiofsd over vhost-user
   };
   # Firecracker: virtio-mmio only (no virtio-serial, no display, no virtiofs); a guest reboot
   # makes the VMM exit (reboot=k), so "reboot" is not offered.
@@ -13,12 +14,14 @@
     transports = [ "vsock" ];
     features = [ "snapshot" "networks" "console" ];
     machineTypes = [ "microvm" ];
+    shareTypes = [ ]; # no 9p, no virtiofs device
   };
   # Cloud Hypervisor: one virtio-console (hvc0) instead of named virtio-serial ports, virtiofs
-  # through virtiofsd, no display.
+  # through virtiofsd (no 9p), no display.
   cloud-hypervisor = {
     transports = [ "virtconsole" "vsock" ];
     features = [ "snapshot" "sharedDirs" "networks" "reboot" "console" ];
     machineTypes = [ "pc" ];
+    shareTypes = [ "virtiofs" ];
   };
 }

@@ -22,6 +22,7 @@
 # to `backdoor.uds` and writes "CONNECT <port>\n".
 let
   node = import ./node.nix;
+  shares = import ./shares.nix;
   inherit (builtins) concatStringsSep elemAt genList length toJSON;
 
   backend = "cloud-hypervisor";
@@ -55,10 +56,15 @@ let
     let iface = elemAt n.interfaces i; in { tap = iface.tap; mac = iface.mac; id = "net${toString i}"; }
   ) (length n.interfaces);
 
-  # VmConfig, the body of PUT vm.create.  `net` and `vsock` are left out when there are none.
+  # virtiofs shares (the only kind here): virtiofsd reads guest RAM, which must be shared.
+  virtiofs = n: shares.hasVirtiofs n.sharedDirs;
+  fsConfigs = n: map (s: { inherit (s) tag; socket = shares.socket n.stateDir s; num_queues = 1; queue_size = 1024; }) n.sharedDirs;
+
+  # VmConfig, the body of PUT vm.create.  `net`, `vsock` and `fs` are left out when there are none.
   vmConfig = n: p: {
     cpus = { boot_vcpus = n.cores; max_vcpus = n.cores; };
-    memory = { size = n.memory * 1024 * 1024; }; # bytes
+    memory = { size = n.memory * 1024 * 1024; } # bytes
+      // (if virtiofs n then { shared = true; } else { });
     payload = {
       kernel = n.kernel;
       cmdline = concatStringsSep " " n.kernelParams;
@@ -70,7 +76,8 @@ let
     console = if vsock n then { mode = "Off"; } else { mode = "Pty"; };
   }
   // (if n.interfaces != [ ] then { net = nets n; } else { })
-  // (if vsock n then { vsock = { cid = n.backdoor.guestCid; socket = p.vsock; }; } else { });
+  // (if vsock n then { vsock = { cid = n.backdoor.guestCid; socket = p.vsock; }; } else { })
+  // (if n.sharedDirs != [ ] then { fs = fsConfigs n; } else { });
 
   # The same VmConfig as command-line options.
   cliArgs = n: p:
@@ -79,13 +86,14 @@ let
     ++ (if n.initrd != null then [ "--initramfs" n.initrd ] else [ ])
     ++ [ "--cmdline" c.payload.cmdline
          "--cpus" "boot=${toString n.cores},max=${toString n.cores}"
-         "--memory" "size=${toString n.memory}M"
+         "--memory" "size=${toString n.memory}M${if virtiofs n then ",shared=on" else ""}"
          "--disk" "path=${p.disk},readonly=off,image_type=raw,id=rootfs" ]
     ++ builtins.concatMap (x: [ "--net" "tap=${x.tap},mac=${x.mac},id=${x.id}" ]) (nets n)
     ++ [ "--rng" "src=${c.rng.src}"
          "--serial" "file=${p.consoleLog}"
          "--console" (if vsock n then "off" else "pty") ]
-    ++ (if vsock n then [ "--vsock" "cid=${toString n.backdoor.guestCid},socket=${p.vsock}" ] else [ ]);
+    ++ (if vsock n then [ "--vsock" "cid=${toString n.backdoor.guestCid},socket=${p.vsock}" ] else [ ])
+    ++ builtins.concatMap (f: [ "--fs" "tag=${f.tag},socket=${f.socket},num_queues=${toString f.num_queues},queue_size=${toString f.queue_size}" ]) (fsConfigs n);
 
   launch = spec:
     let
@@ -125,7 +133,9 @@ let
         };
       console = "file";
       restartOnReboot = false; # the VMM reboots the guest itself
-      helpers = [ ]; # no side processes (QEMU needs vhost-device-vsock for vsock)
+      # A virtiofsd per share, listening before the VMM starts (vsock needs none here).
+      helpers = shares.helpers { inherit (n) stateDir virtiofsd; } n.sharedDirs;
+      shares = n.sharedDirs;
       inherit (n) interfaces capabilities;
     };
 in {

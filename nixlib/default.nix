@@ -3,6 +3,7 @@
   node = import ./node.nix;
   capabilities = import ./capabilities.nix;
   network = import ./network.nix;
+  shares = import ./shares.nix;
   qemu = import ./qemu.nix;
   firecracker = import ./firecracker.nix;
   cloudHypervisor = import ./cloud-hypervisor.nix;

@@ -147,6 +147,7 @@ let
       console = "stdout";
       restartOnReboot = false; # a guest reboot ends the microVM (reboot=k); "reboot" is no capability
       helpers = [ ]; # no side processes (QEMU needs vhost-device-vsock for vsock)
+      shares = [ ]; # no shared directories on Firecracker
       inherit (n) interfaces capabilities;
     };
 in {

@@ -4,6 +4,7 @@ let
   inherit (builtins) isInt isString isBool isList isAttrs elem attrNames filter concatStringsSep
     toJSON typeOf all;
   capabilities = import ./capabilities.nix;
+  shares = import ./shares.nix;
 
   defaults = {
     memory = 1024; # MiB
@@ -17,6 +18,7 @@ let
     firecrackerBinary = "firecracker";
     cloudHypervisorBinary = "cloud-hypervisor";
     vhostDeviceVsock = "vhost-device-vsock"; # QEMU's hybrid vsock (Debian package vhost-device-vsock)
+    virtiofsd = "/usr/lib/qemu/virtiofsd"; # virtiofs shares (Debian package qemu-system-common)
     imageFormat = "qcow2"; # of `image`; Firecracker and Cloud Hypervisor need "raw"
     initrd = null;
     kernelParams = [ ];
@@ -31,6 +33,8 @@ let
     impairments = [ ]; # the network plan checks these and puts them on the interfaces
     interfaces = [ ];
     requires = [ ]; # features the test needs from the backend (see capabilities.nix)
+    sharedDirs = { }; # <tag> = { source; target; type ? "9p"; readOnly ? false; } (see shares.nix)
+    shareArtifacts = false; # a writable share at /tmp/shared, on the host in the run's artifacts
   };
 
   backdoorDefaults = backend: {
@@ -78,7 +82,7 @@ let
         machineType = if n0.machineType == null then builtins.head caps.machineTypes else n0.machineType;
         backdoor = backdoorDefaults backend // (if isAttrs n0.backdoor then n0.backdoor else { });
       };
-      executables = [ "qemuBinary" "qemuImg" "firecrackerBinary" "cloudHypervisorBinary" "vhostDeviceVsock" ];
+      executables = [ "qemuBinary" "qemuImg" "firecrackerBinary" "cloudHypervisorBinary" "vhostDeviceVsock" "virtiofsd" ];
       notStrings = filter (k: !(isString n.${k})) executables;
       missing = filter (f: !(elem f caps.features)) (if isList n.requires then n.requires else [ ]);
       checks = [
@@ -136,12 +140,14 @@ let
         (check name (isList n.requires && all isString n.requires) "requires must be a list of feature names")
         (check name (missing == [ ]) "requires ${list missing}, which backend ${backend} lacks (it has: ${list caps.features})")
       ];
+      sharedDirs = shares.normalise name backend caps n;
     in
       builtins.deepSeq checks (n // {
+        inherit sharedDirs;
         # console=tty0 before ttyS0: the last one is /dev/console, which must stay the serial
         # line (the journal is forwarded there for failure detection).
         kernelParams = (if n.display then [ "console=tty0" ] else [ ]) ++ baseKernelParams
-          ++ [ (backdoorParam n.backdoor) ] ++ n.kernelParams;
+          ++ [ (backdoorParam n.backdoor) ] ++ shares.kernelParams sharedDirs ++ n.kernelParams;
         capabilities = caps;
       });
 in {

@@ -6,6 +6,7 @@
 # executes these verbatim: there is one source of truth for how a VM is started.
 let
   node = import ./node.nix;
+  shares = import ./shares.nix;
   inherit (builtins) concatStringsSep toString;
 
   # Under TCG a plain x86-64-v2 model is about twice as fast as "max": glibc then picks
@@ -68,19 +69,30 @@ let
     else if n.backdoor.vhost then
       [ "-device" "${if isMicrovm n then "vhost-vsock-device" else "vhost-vsock-pci"},guest-cid=${toString n.backdoor.guestCid}" ]
     else
-    [ "-object" "memory-backend-memfd,id=mem0,size=${toString n.memory}M,share=on"
-      "-numa" "node,memdev=mem0" ]
     # QEMU is the vhost-user client: the helper below listens on this socket.
-    ++ [ "-chardev" "socket,id=vsock0,path=${p.vhostVsock}" ]
+    [ "-chardev" "socket,id=vsock0,path=${p.vhostVsock}" ]
     ++ [ "-device" "${if isMicrovm n then "vhost-user-vsock-device" else "vhost-user-vsock-pci"},chardev=vsock0" ];
 
-  helpers = n: p:
+  # vhost-user devices (hybrid vsock, virtiofs) read and write guest RAM from another
+  # process: it must be shared memory, once for all of them.
+  needsSharedMemory = n: hybridVsock n || shares.hasVirtiofs n.sharedDirs;
+  sharedMemoryArgs = n: if !(needsSharedMemory n) then [ ] else
+    [ "-object" "memory-backend-memfd,id=mem0,size=${toString n.memory}M,share=on"
+      "-numa" "node,memdev=mem0" ];
+
+  shareArgs = n: shares.qemuArgs { inherit (n) stateDir; dev = virtio n; microvm = isMicrovm n; } n.sharedDirs;
+
+  helpers = n: p: vsockHelpers n p ++ shares.helpers { inherit (n) stateDir virtiofsd; } n.sharedDirs;
+
+  vsockHelpers = n: p:
     if !(hybridVsock n) then [ ] else [{
       name = "vhost-device-vsock";
       argv = [ n.vhostDeviceVsock "--guest-cid=${toString n.backdoor.guestCid}"
         "--socket=${p.vhostVsock}" "--uds-path=${p.vsock}" ];
       # QEMU connects to this socket, so the helper must be listening first.
       waitFor = p.vhostVsock;
+      missing = "the vsock backdoor on QEMU needs it (Debian package vhost-device-vsock, from sid on "
+        + "bookworm: ./setup.sh installs it), or use backdoor.transport = \"virtio-serial\"";
     }];
 
   # One NIC per interface of the network plan, on the TAP device the runner made for it.
@@ -133,7 +145,9 @@ let
         ++ socketChardev "qmp" p.qmp "" ++ [ "-mon" "chardev=qmp,mode=control" ]
         ++ socketChardev "console" p.console ",logfile=${p.consoleLog}" ++ [ "-serial" "chardev:console" ]
         ++ serialArgs n p
+        ++ sharedMemoryArgs n
         ++ vsockArgs n p
+        ++ shareArgs n
         ++ (if n.interfaces == [ ] then [ "-nic" "none" ] else nicArgs n)
         ++ n.extraArgs;
       sockets = { inherit (p) qmp console; }
@@ -152,6 +166,7 @@ let
       bootTimeout = n.bootTimeout;
       display = n.display; # the runner's screenshot/OCR methods need one
       kernel = n.kernel; # for the runner's KVM probe
+      shares = n.sharedDirs; # for copy_from_host/copy_from_machine via = "share"
     };
 
   # A kernel-only boot that ends by itself: without a root fs the kernel panics, panic=-1

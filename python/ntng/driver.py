@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import caps, report
+from . import caps, report, testspec
 from . import network as network_mod
 from .client import ExecResult
 from .errors import GlobalTimeout, NtngError, TestFailure, TestScriptError
@@ -72,8 +72,11 @@ class Driver:
         except BaseException:
             self.network.release()
             raise
+        # Artifacts shares (nixlib's @artifacts@ marker) live in this run's folder.
+        plans = {name: testspec.substitute(plan, testspec.ARTIFACTS_MARKER, str(self.out_dir))
+                 for name, plan in spec.plans.items()}
         self.machines: list[Machine] = [
-            Machine(name, spec.plans[name], self.out_dir, boot_timeout, self._log,
+            Machine(name, plans[name], self.out_dir, boot_timeout, self._log,
                     callbacks=[self.check_polling_conditions], network=self.network,
                     events=self.events, keep_state=keep_state)
             for name in sorted(spec.node_names)

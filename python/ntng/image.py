@@ -179,13 +179,14 @@ def configure(root: Path) -> None:
     link = wants / "ntng-backdoor.service"
     if not link.is_symlink():
         link.symlink_to("/etc/systemd/system/ntng-backdoor.service")
-    shutil.copy(deb / "ntng-net", agent_dir / "ntng-net")
-    (agent_dir / "ntng-net").chmod(0o755)
-    shutil.copy(deb / "ntng-net.service", units / "ntng-net.service")
     si_wants = units / "sysinit.target.wants"
     si_wants.mkdir(exist_ok=True)
-    if not (si_wants / "ntng-net.service").is_symlink():
-        (si_wants / "ntng-net.service").symlink_to("/etc/systemd/system/ntng-net.service")
+    for early in ("ntng-net", "ntng-shares"):  # a script and its unit, before the agent
+        shutil.copy(deb / early, agent_dir / early)
+        (agent_dir / early).chmod(0o755)
+        shutil.copy(deb / f"{early}.service", units / f"{early}.service")
+        if not (si_wants / f"{early}.service").is_symlink():
+            (si_wants / f"{early}.service").symlink_to(f"/etc/systemd/system/{early}.service")
     for drop_dir, src in (("systemd/journald.conf.d", "journald-console.conf"),
                           ("systemd/system/ssh.service.d", "ssh-hostkeys.conf"),
                           ("systemd/system/serial-getty@ttyS0.service.d", "serial-autologin.conf"),

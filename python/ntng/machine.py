@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import backends, caps, netem, screen
+from . import backends, caps, netem, screen, shares
 from . import protocol as P
 from .client import BackdoorClient, ExecResult, OutputCallback
 from .errors import (
@@ -221,11 +221,24 @@ class Machine:
         return self.client
 
     def _boot_setup(self) -> None:
-        """What every new boot needs before the test's next command: the impairments declared
-        for this node (the guest engine's tc settings die with the boot)."""
+        """What every new boot needs before the test's next command: its shared directories
+        mounted and the impairments declared for this node (the guest engine's tc settings die
+        with the boot)."""
         self._boot_setup_due = False
+        if self.plan.get("shares"):
+            self._wait_for_shares()
         for vlan, (imp, direction) in self.declared_impairments.items():
             self._apply_impairment(vlan, imp, direction)
+
+    def _wait_for_shares(self) -> None:
+        """A Debian guest mounts its shares once /tmp is cleaned (ntng-shares runs after
+        systemd-tmpfiles-setup, which would empty /tmp/shared), so not before the agent starts:
+        starting the unit waits for that job.  A NixOS guest has no such unit (fileSystems)."""
+        r = self.run("systemctl start ntng-shares.service", strict=False, timeout=None)
+        if r.status != 0 and b"not found" not in r.stderr:
+            raise BootError(f"{self.name}: mounting the shared directories failed: "
+                            f"{r.stderr.decode(errors='replace').strip()}; "
+                            f"{self.execute('journalctl -b -u ntng-shares.service -o cat')[1].strip()}")
 
     def _note_boot(self, boot_id: str) -> None:
         if boot_id != self.boot_id:
@@ -775,13 +788,18 @@ class Machine:
 
     # -- files --------------------------------------------------------------------------------
 
-    def copy_from_host(self, source: str, target: str) -> None:
-        """Copy a host file or directory to `target` in the guest (through the protocol)."""
+    def copy_from_host(self, source: str, target: str, via: str = "protocol") -> None:
+        """Copy a host file or directory to `target` in the guest, through the protocol or
+        (via="share") through the node's writable shared directory."""
+        shares.check_via(via, "copy_from_host")
         src = Path(source)
         if not src.exists():
             raise RequestedAssertionFailed(f"copy_from_host: {source} does not exist on the host")
+        self.log(f"copy_from_host {source} -> {target}" + (" (via share)" if via == "share" else ""))
+        if via == "share":
+            shares.to_guest(self, shares.writable_share(self.plan, self.name), src, target)
+            return
         client = self.connect()
-        self.log(f"copy_from_host {source} -> {target}")
         if src.is_dir():
             for root, _dirs, files in os.walk(src):
                 rel = Path(root).relative_to(src)
@@ -797,10 +815,19 @@ class Machine:
         data = base64.b64encode(Path(source).read_bytes()).decode()
         self.succeed(f"mkdir -p $(dirname {target})", f"echo -n {data} | base64 -d > {target}")
 
-    def copy_from_machine(self, source: str, target_dir: str = "") -> None:
-        """Copy a guest file or directory into out_dir/target_dir/basename(source)."""
-        client = self.connect()
+    def copy_from_machine(self, source: str, target_dir: str = "", via: str = "protocol") -> None:
+        """Copy a guest file or directory into out_dir/target_dir/basename(source), through the
+        protocol or (via="share") through the node's writable shared directory."""
+        shares.check_via(via, "copy_from_machine")
         dest_root = self.out_dir / target_dir
+        if via == "share":
+            share = shares.writable_share(self.plan, self.name)
+            if self.execute(f"test -e {shlex.quote(source)}")[0] != 0:
+                raise RequestedAssertionFailed(f"copy_from_machine: {source} does not exist in {self.name}")
+            dest_root.mkdir(parents=True, exist_ok=True)
+            shares.from_guest(self, share, source, dest_root)
+            return
+        client = self.connect()
         dest_root.mkdir(parents=True, exist_ok=True)
         name = os.path.basename(source.rstrip("/"))
         status, listing = self.execute(

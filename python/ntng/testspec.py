@@ -83,15 +83,16 @@ def load(path: Path, defaults: dict[str, Any], show_trace: bool = False) -> Test
 
 
 STATE_ROOT_MARKER = "@stateRoot@"
+ARTIFACTS_MARKER = "@artifacts@"  # nixlib/shares.nix: the run's artifact folder
 
 
-def _substitute(value: Any, marker: str, replacement: str) -> Any:
+def substitute(value: Any, marker: str, replacement: str) -> Any:
     if isinstance(value, str):
         return value.replace(marker, replacement)
     if isinstance(value, list):
-        return [_substitute(v, marker, replacement) for v in value]
+        return [substitute(v, marker, replacement) for v in value]
     if isinstance(value, dict):
-        return {k: _substitute(v, marker, replacement) for k, v in value.items()}
+        return {k: substitute(v, marker, replacement) for k, v in value.items()}
     return value
 
 
@@ -115,7 +116,7 @@ def load_prebuilt(path: Path, spec_path: Path, state_root: Path) -> TestSpec:
         data = json.loads(spec_path.read_text())
     except (OSError, ValueError) as e:
         raise TestScriptError(f"{spec_path}: not a readable test spec: {e}") from None
-    data = _substitute(data, STATE_ROOT_MARKER, str(state_root))
+    data = substitute(data, STATE_ROOT_MARKER, str(state_root))
     try:
         return TestSpec(
             script_path=path,

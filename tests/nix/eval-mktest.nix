@@ -38,6 +38,7 @@ let
     kernelParams = c.boot.kernelParams;
     kernelModules = c.boot.kernelModules;
     initrdKernelModules = c.boot.initrd.kernelModules;
+    initrdAvailableKernelModules = c.boot.initrd.availableKernelModules;
     loader = c.system.boot.loader;
     build = lib.mapAttrs (_: pathOf) { inherit (c.system.build) kernel initialRamdisk toplevel; };
     # What mkTest should have made of this node: the same calls give the same fake paths.

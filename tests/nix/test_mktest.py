@@ -87,6 +87,18 @@ SCENARIOS: dict[str, Any] = {
                   "ch": {"ntng": {"vm": {"backend": "cloud-hypervisor"}}},
                   "plain": {"ntng": {"vm": {"display": True}}}},
     },
+    "shares": {
+        "name": "shares", "testScript": "start_all()",
+        "nodes": {"a": {"virtualisation": {
+            "mountHostNixStore": True, "msize": 262144,
+            "sharedDirectories": {"data": {"source": "/srv/data", "target": "/mnt/data", "readOnly": True},
+                                  "fast": {"source": "/srv/fast", "target": "/mnt/fast", "type": "virtiofs"}}},
+            "ntng": {"vm": {"shareArtifacts": True}}}},
+    },
+    "chShares": {
+        "name": "chShares", "backend": "cloud-hypervisor", "testScript": "start_all()",
+        "nodes": {"a": {"virtualisation": {"mountHostNixStore": True}, "ntng": {"vm": {"shareArtifacts": True}}}},
+    },
     "function": {
         "name": "fn", "testScript": {"function": "show"},
         "nodes": {"a": {"virtualisation": {"memorySize": 3000}}, "b": {}},
@@ -410,3 +422,36 @@ def test_invalid_test_fails_naming_the_option(test: dict[str, Any], messages: li
         _nix({"bad": {"name": "bad", "testScript": "", **test}}, "{ }")
     for m in messages:
         assert m in str(e.value), (m, str(e.value))
+
+
+# --- shared directories ---------------------------------------------------------------------
+
+def test_shared_directories_reach_qemu_and_the_guest_mounts() -> None:
+    r = result("shares")
+    node = r["nodes"]["a"]
+    fs = node["fileSystems"]
+    # The host store read-only where the NixOS driver puts it, mounted in stage 1.
+    assert fs["/nix/.ro-store"] == {
+        "device": "nix-store", "fsType": "9p", "neededForBoot": True,
+        "options": ["trans=virtio", "version=9p2000.L", "msize=262144",
+                    "x-systemd.requires=modprobe@9pnet_virtio.service", "cache=loose", "ro"]}
+    assert fs["/mnt/data"]["options"][-1] == "ro" and not fs["/mnt/data"]["neededForBoot"]
+    assert fs["/mnt/fast"] == {"device": "fast", "fsType": "virtiofs", "neededForBoot": False, "options": ["defaults"]}
+    assert fs["/tmp/shared"]["device"] == "shared"
+    assert {"9p", "9pnet_virtio", "virtiofs"} <= set(node["initrdAvailableKernelModules"])
+    assert "virtiofs" not in result("two")["nodes"]["a"]["initrdAvailableKernelModules"]
+    plan = r["spec"]["kvm"]["nodes"]["a"]
+    fsdevs = [plan["argv"][i + 1] for i, a in enumerate(plan["argv"]) if a == "-fsdev"]
+    assert any("path=/nix/store,security_model=none,readonly=on" in f for f in fsdevs)
+    assert any("path=@artifacts@/a-shared" in f for f in fsdevs)
+    assert [h["name"] for h in plan["helpers"]] == ["virtiofsd-fast"]
+    assert {s["tag"] for s in plan["shares"]} == {"data", "fast", "nix-store", "shared"}
+
+
+def test_cloud_hypervisor_shares_are_virtiofs() -> None:
+    r = result("chShares")
+    fs = r["nodes"]["a"]["fileSystems"]
+    assert fs["/nix/.ro-store"]["fsType"] == "virtiofs" and fs["/nix/.ro-store"]["options"] == ["defaults", "ro"]
+    assert fs["/tmp/shared"]["fsType"] == "virtiofs"
+    plan = r["spec"]["kvm"]["nodes"]["a"]
+    assert [h["name"] for h in plan["helpers"]] == ["virtiofsd-nix-store", "virtiofsd-shared"]

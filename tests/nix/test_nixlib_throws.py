@@ -260,6 +260,32 @@ CASES: dict[Key, Call | Callable[[], Call]] = {
         node(FC, interfaces=[{"tap": "t", "mac": "52:54:00:00:00:01", "vdeSocket": "/s/vde1"}]),
     ("node.nix", "kernelParams: the kernel command line would be … bytes; Linux on x86 takes 2048 (with many nodes, ntng.hosts grows: use fewer nodes or a NixOS system)"):
         (TS, {"header": {"nodes": {f"node{i:03}": {"vlans": [1]} for i in range(60)}}, "defaults": DEFAULTS}),
+    # shared directories (shares.nix)
+    ("shares.nix", "sharedDirs must be an attribute set { <tag> = { source; target; ... }; }"): node(Q, sharedDirs=["/a"]),
+    ("shares.nix", "shareArtifacts must be a boolean"): node(Q, shareArtifacts="yes"),
+    ("shares.nix", "sharedDirs.…: the tag is taken by shareArtifacts = true"):
+        node(Q, shareArtifacts=True, sharedDirs={"shared": {"source": "/a", "target": "/b"}}),
+    ("shares.nix", 'sharedDirs: backend … lacks the sharedDirs capability (no 9p, no virtiofs); use backend = "qemu"'):
+        node(FC, shareArtifacts=True),
+    ("shares.nix", "sharedDirs.… must be an attribute set { source; target; ... }"): node(Q, sharedDirs={"a": "/a"}),
+    ("shares.nix", "…: the tag must be a letter then letters, digits, - or _ (at most 31 characters)"):
+        node(Q, sharedDirs={"1bad": {"source": "/a", "target": "/b"}}),
+    ("shares.nix", "…: unknown option(s) … (known: …)"):
+        node(Q, sharedDirs={"a": {"source": "/a", "target": "/b", "mode": "ro"}}),
+    ("shares.nix", "….source must be an absolute host path without spaces or commas, got …"):
+        node(Q, sharedDirs={"a": {"source": "rel/dir", "target": "/b"}}),
+    ("shares.nix", "….target must be an absolute guest path (not /) without spaces or commas, got …"):
+        node(Q, sharedDirs={"a": {"source": "/a", "target": "/with,comma"}}),
+    ("shares.nix", '….type must be "9p" or "virtiofs", got …'):
+        node(Q, sharedDirs={"a": {"source": "/a", "target": "/b", "type": "nfs"}}),
+    ("shares.nix", "….type: backend … has no … shares (it has: …)"):
+        node(CH, sharedDirs={"a": {"source": "/a", "target": "/b"}}),  # 9p
+    ("shares.nix", "….readOnly must be a boolean"):
+        node(Q, sharedDirs={"a": {"source": "/a", "target": "/b", "readOnly": "yes"}}),
+    ("shares.nix", '….securityModel must be "none", "mapped-xattr", "mapped-file" or "passthrough" (QEMU\'s 9p security_model), got …'):
+        node(Q, sharedDirs={"a": {"source": "/a", "target": "/b", "securityModel": "open"}}),
+    ("shares.nix", "….securityModel applies to 9p shares only"):
+        node(Q, sharedDirs={"a": {"source": "/a", "target": "/b", "type": "virtiofs", "securityModel": "mapped-xattr"}}),
 }
 
 WRAPPER = "the `fail` helper: what it throws is the message of each fail/check site, listed in CASES"
@@ -268,13 +294,14 @@ EXEMPT: dict[Key, str] = {
     ("node.nix", "node '…': …"): WRAPPER,
     ("firecracker.nix", "node '…': …"): WRAPPER,
     ("cloud-hypervisor.nix", "node '…': …"): WRAPPER,
+    ("shares.nix", "node '…': …"): WRAPPER,
     ("node.nix", ""): "`check name (isAttrs caps) \"\"` only forces caps, which throws 'unknown backend' itself",
     ("node.nix", "interfaces: backend … has no networking"):
         "every backend in capabilities.nix offers networks; the check is for one that would not",
 }
 
 # Messages of `fail`/`check` sites in these files get the node's name put in front.
-NODE_PREFIXED = {"node.nix", "firecracker.nix", "cloud-hypervisor.nix"}
+NODE_PREFIXED = {"node.nix", "firecracker.nix", "cloud-hypervisor.nix", "shares.nix"}
 
 
 def test_scanner() -> None:

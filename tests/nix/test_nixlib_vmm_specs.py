@@ -43,7 +43,7 @@ FC, CH = "firecracker.launch", "cloudHypervisor.launch"
 # The keys every backend's plan has (QEMU's too: nixlib/qemu.nix).
 COMMON_KEYS = {"name", "backend", "accel", "memory", "cores", "prepare", "helpers", "argv", "writeFiles",
                "api", "sockets", "files", "backdoor", "console", "interfaces", "capabilities", "bootTimeout", "kernel",
-               "restartOnReboot"}
+               "restartOnReboot", "shares"}
 
 
 # --- the specifications (tests/fakevmm/vmmspec.py) ---------------------------------------------
@@ -110,6 +110,10 @@ def variants(backend: str) -> list[dict[str, Any]]:
             spec["initrd"] = initrd
         if i % 7 == 0:
             spec["extraArgs"] = ["--boot-timer"] if backend == "firecracker" else ["-v"]
+        if backend == "cloud-hypervisor" and i % 3 == 0:  # virtiofs shares (its only kind)
+            spec["sharedDirs"] = {f"s{k}": {"source": f"/srv/{k}", "target": f"/mnt/{k}", "type": "virtiofs",
+                                            "readOnly": k == 1} for k in range(i % 4)}
+            spec["shareArtifacts"] = i % 2 == 0
         out.append(spec)
     return out
 
@@ -143,7 +147,7 @@ def ch_create(plan: Plan) -> dict[str, Any]:
 
 
 # Kernel parameters the kernel takes more than once on purpose (every console= gets output).
-MULTI_VALUED_PARAMS = {"console"}
+MULTI_VALUED_PARAMS = {"console", "ntng.share"}  # one ntng.share= per shared directory
 
 
 def conflicting_params(cmdline: str) -> dict[str, set[str]]:
@@ -159,10 +163,12 @@ def common_checks(spec: dict[str, Any], plan: Plan, backend: str, extra_key: str
     assert plan["name"] == spec["name"] and plan["backend"] == backend and plan["accel"] == "kvm"
     assert (plan["memory"], plan["cores"]) == (spec["memory"], spec["cores"])
     assert plan["bootTimeout"] == spec.get("bootTimeout")
-    assert plan["interfaces"] == spec["interfaces"] and plan["helpers"] == []
+    assert plan["interfaces"] == spec["interfaces"]
+    assert all(h["name"].startswith("virtiofsd-") for h in plan["helpers"])  # only for shares
     assert spec["backdoor"]["transport"] in plan["capabilities"]["transports"]
     state = spec["stateDir"] + "/"
-    owned = [*plan["sockets"].values(), *plan["files"].values(), *plan["writeFiles"]]
+    owned = [*plan["sockets"].values(), *plan["files"].values(), *plan["writeFiles"],
+             *(h["waitFor"] for h in plan["helpers"])]
     assert all(p.startswith(state) for p in owned), owned
     assert len(owned) == len(set(owned)), owned
     assert ["cp", "--sparse=always", "--reflink=auto", spec["image"], plan["files"]["disk"]] in plan["prepare"]
@@ -316,7 +322,11 @@ def test_cloud_hypervisor_config_matches_node(ch_plans: list[tuple[dict[str, Any
         common_checks(spec, plan, "cloud-hypervisor", "cliArgv")
         body = ch_create(plan)
         assert body["cpus"] == {"boot_vcpus": spec["cores"], "max_vcpus": spec["cores"]}
-        assert body["memory"] == {"size": spec["memory"] * 2**20}
+        shares = [*spec.get("sharedDirs", {})] + (["shared"] if spec.get("shareArtifacts") else [])
+        assert body["memory"] == {"size": spec["memory"] * 2**20} | ({"shared": True} if shares else {})
+        assert [f["tag"] for f in body.get("fs", [])] == shares
+        assert [h["name"] for h in plan["helpers"]] == [f"virtiofsd-{t}" for t in shares]
+        assert [f["socket"] for f in body.get("fs", [])] == [h["waitFor"] for h in plan["helpers"]]
         assert body["payload"]["kernel"] == spec["kernel"]
         assert body["payload"].get("initramfs") == spec.get("initrd")
         assert [d["path"] for d in body["disks"]] == [plan["files"]["disk"]]
@@ -388,9 +398,13 @@ def cli_to_vmconfig(argv: list[str]) -> tuple[str, dict[str, Any]]:
                 boot, top = kv(value, "boot", "max")
                 cfg["cpus"] = {"boot_vcpus": int(boot), "max_vcpus": int(top)}
             case "--memory":
-                [size] = kv(value, "size")
+                [size, *shared] = kv(value, "size", "shared") if ",shared=" in value else kv(value, "size")
                 assert size.endswith("M"), size
-                cfg["memory"] = {"size": int(size[:-1]) * 2**20}
+                cfg["memory"] = {"size": int(size[:-1]) * 2**20} | ({"shared": True} if shared == ["on"] else {})
+            case "--fs":
+                tag, sock, queues, qsize = kv(value, "tag", "socket", "num_queues", "queue_size")
+                cfg.setdefault("fs", []).append({"tag": tag, "socket": sock, "num_queues": int(queues),
+                                                 "queue_size": int(qsize)})
             case "--disk":
                 path, readonly, image_type, ident = kv(value, "path", "readonly", "image_type", "id")
                 cfg.setdefault("disks", []).append({
@@ -421,7 +435,7 @@ def test_cloud_hypervisor_cli_is_the_api_config(ch_plans: list[tuple[dict[str, A
         assert api_socket == plan["sockets"]["api"]
         assert cfg == ch_create(plan), spec["name"]
         flags = [a for a in cli if a.startswith("--")]
-        assert unique([f for f in flags if f != "--net"]), flags
+        assert unique([f for f in flags if f not in ("--net", "--fs")]), flags  # repeatable (clap Append)
 
 
 def test_cloud_hypervisor_kernel_params(ch_plans: list[tuple[dict[str, Any], Plan]]) -> None:

@@ -648,3 +648,44 @@ def test_cloud_hypervisor_ctrl_alt_delete_is_the_reboot_call(env: Env) -> None:
     finally:
         b.release()
     assert ("PUT", "/api/v1/vm.reboot") in env.requests("cloud-hypervisor")
+
+
+# --- shared directories (virtiofs on Cloud Hypervisor) ------------------------------------------
+
+FAKE_VIRTIOFSD = """import socket, sys, time
+path = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--socket-path="))
+s = socket.socket(socket.AF_UNIX); s.bind(path); s.listen(1)
+time.sleep(600)
+"""
+
+
+def test_cloud_hypervisor_starts_a_virtiofsd_per_share_before_the_vmm(env: Env) -> None:
+    from ntng import testspec
+
+    fake = env.root / "bin" / "virtiofsd"
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} -c '{FAKE_VIRTIOFSD}' \"$@\"\n")
+    fake.chmod(0o755)
+    plan = env.plan("cloud-hypervisor", virtiofsd=str(fake), shareArtifacts=True,
+                    sharedDirs={"data": {"source": str(env.root), "target": "/mnt/data", "type": "virtiofs"}})
+    plan = testspec.substitute(plan, testspec.ARTIFACTS_MARKER, str(env.root / "run"))
+    b = backends.make("m", plan)
+    try:
+        b.start()
+        assert [h.poll() for h in b.helpers] == [None, None]
+        assert (env.root / "run" / "m-shared").is_dir()  # the artifacts share's host folder
+        create = next(e["body"] for e in env.journal("cloud-hypervisor") if e["path"].endswith("vm.create"))
+        assert [f["tag"] for f in create["fs"]] == ["data", "shared"] and create["memory"]["shared"] is True
+        helpers = list(b.helpers)
+    finally:
+        b.release()
+    assert all(h.poll() is not None for h in helpers) and b.helpers == []
+
+
+def test_missing_virtiofsd_is_named_before_the_vmm_starts(env: Env) -> None:
+    plan = env.plan("cloud-hypervisor", virtiofsd="/nonexistent/virtiofsd",
+                    sharedDirs={"data": {"source": str(env.root), "target": "/mnt/data", "type": "virtiofs"}})
+    b = backends.make("m", plan)
+    with pytest.raises(SetupError, match=r"^m: /nonexistent/virtiofsd not found; virtiofs share 'data' needs "
+                                         r"virtiofsd: apt-get install qemu-system-common"):
+        b.start()
+    assert b.proc is None

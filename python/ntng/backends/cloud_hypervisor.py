@@ -75,6 +75,8 @@ class CloudHypervisorBackend(VmmProcess):
         self._prepare("coreutils", skip_disk_steps=True, keep=keep)
         # The VMM writes the serial console anew: an old file must not pass for this boot's.
         Path(self.plan["files"]["consoleLog"]).unlink(missing_ok=True)
+        self._make_share_folders()
+        self._start_helpers()  # virtiofsd for each share, listening before the VMM connects
         self._spawn(argv, INSTALL_HINT)
         self._start_console()
         try:

@@ -7,22 +7,19 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import pdeathsig, vsock
+from .. import vsock
 from ..client import connect_unix
 from ..errors import SetupError
 from ..qmp import QMPClient
-from .vmm import VmmProcess, kill_group
+from .vmm import VmmProcess
 
 CAPABILITIES = frozenset({"console", "screenshot", "keys", "reboot", "powerdown", "pause"})
 
-HELPER_START_TIMEOUT = 10.0
 VHOST_VSOCK = "/dev/vhost-vsock"
 
 
@@ -36,7 +33,6 @@ class QemuBackend(VmmProcess):
         self.qmp: QMPClient | None = None
         self._console_sock: socket.socket | None = None
         self._console_thread: threading.Thread | None = None
-        self.helpers: list[subprocess.Popen[bytes]] = []
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -48,6 +44,7 @@ class QemuBackend(VmmProcess):
                 "hybrid vsock through vhost-device-vsock"
             )
         self._prepare("apt-get install qemu-utils")
+        self._make_share_folders()
         self._start_helpers()
         self._spawn(self.plan["argv"], "apt-get install qemu-system-x86 (or run ./setup.sh)")
         try:
@@ -64,33 +61,6 @@ class QemuBackend(VmmProcess):
             target=self._read_console, name=f"console-{self.machine_name}", daemon=True
         )
         self._console_thread.start()
-
-    def _start_helpers(self) -> None:
-        """Processes QEMU connects to (vhost-device-vsock): started first, listening before QEMU
-        runs, dying with the runner like QEMU."""
-        for helper in self.plan["helpers"]:
-            name, argv, ready = helper["name"], helper["argv"], Path(helper["waitFor"])
-            ready.unlink(missing_ok=True)
-            log = self.state_dir / f"{name}.log"
-            try:
-                with open(log, "wb") as out:
-                    proc = pdeathsig.spawn(argv, then=self.preexec, stdin=subprocess.DEVNULL, stdout=out,
-                                           stderr=out, start_new_session=True)
-            except FileNotFoundError:
-                raise SetupError(
-                    f"{self.machine_name}: {argv[0]} not found; the vsock backdoor on QEMU needs it "
-                    "(Debian package vhost-device-vsock, from sid on bookworm: ./setup.sh installs it), "
-                    'or use backdoor.transport = "virtio-serial"'
-                ) from None
-            self.helpers.append(proc)
-            deadline = time.monotonic() + HELPER_START_TIMEOUT
-            while not ready.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    tail = log.read_text(errors="replace").strip()[-600:] or "(no output)"
-                    state = f"exited with {proc.returncode}" if proc.poll() is not None else \
-                        f"did not create {ready} within {HELPER_START_TIMEOUT:.0f}s"
-                    raise SetupError(f"{self.machine_name}: helper {name} {state}: {tail}")
-                time.sleep(0.01)
 
     @property
     def reconnects(self) -> bool:
@@ -127,12 +97,6 @@ class QemuBackend(VmmProcess):
             pass
         if self.wait_exit(10) is None:
             self.kill()
-
-    def kill(self) -> None:
-        super().kill()
-        for proc in self.helpers:
-            kill_group(proc)
-        self.helpers = []
 
     def release(self) -> None:
         """Stop the VM and close everything; safe to call twice."""

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from .. import pdeathsig
 from ..errors import SetupError
 from ..network import CapabilityMissing
 from .console import ConsoleLines
+
+HELPER_START_TIMEOUT = 10.0
 
 
 class VmmProcess(ConsoleLines):
@@ -31,6 +34,7 @@ class VmmProcess(ConsoleLines):
         self.preexec = preexec  # runs in the child before exec: enters the test's network namespace
         self.keep_disk = keep_disk
         self.proc: subprocess.Popen[bytes] | None = None
+        self.helpers: list[subprocess.Popen[bytes]] = []  # side processes of the plan (virtiofsd, ...)
         self.state_dir = Path(plan["files"]["disk"]).parent
         self.stderr_path = self.state_dir / f"{self.name}.stderr"
         self._init_console()
@@ -88,6 +92,37 @@ class VmmProcess(ConsoleLines):
         except FileNotFoundError:
             raise SetupError(f"{self.machine_name}: {argv[0]} not found: {missing}") from None
 
+    def _make_share_folders(self) -> None:
+        """The artifacts share's host folder is new each run; QEMU's 9p server needs it to exist."""
+        for share in self.plan.get("shares", []):
+            if share.get("create"):
+                Path(share["source"]).mkdir(parents=True, exist_ok=True)
+
+    def _start_helpers(self) -> None:
+        """Processes QEMU connects to (vhost-device-vsock, virtiofsd): started first, listening
+        before QEMU runs, dying with the runner like QEMU."""
+        for helper in self.plan.get("helpers", []):
+            name, argv, ready = helper["name"], helper["argv"], Path(helper["waitFor"])
+            ready.unlink(missing_ok=True)
+            log = self.state_dir / f"{name}.log"
+            try:
+                with open(log, "wb") as out:
+                    proc = pdeathsig.spawn(argv, then=self.preexec, stdin=subprocess.DEVNULL, stdout=out,
+                                           stderr=out, start_new_session=True)
+            except FileNotFoundError:
+                # nixlib says what needs the helper and how to get it.
+                raise SetupError(f"{self.machine_name}: {argv[0]} not found; "
+                                 f"{helper.get('missing', 'it is needed by this node')}") from None
+            self.helpers.append(proc)
+            deadline = time.monotonic() + HELPER_START_TIMEOUT
+            while not ready.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = log.read_text(errors="replace").strip()[-600:] or "(no output)"
+                    state = f"exited with {proc.returncode}" if proc.poll() is not None else \
+                        f"did not create {ready} within {HELPER_START_TIMEOUT:.0f}s"
+                    raise SetupError(f"{self.machine_name}: helper {name} {state}: {tail}")
+                time.sleep(0.01)
+
     # -- watching and stopping ----------------------------------------------------------------
 
     def alive(self) -> bool:
@@ -114,6 +149,9 @@ class VmmProcess(ConsoleLines):
     def kill(self) -> None:
         if self.proc is not None:
             kill_group(self.proc)
+        for proc in self.helpers:
+            kill_group(proc)
+        self.helpers = []
 
     def _copy_disk(self, source: Path, target: Path) -> None:
         """A disk image copied as the plan's prepare step does it (sparse, CoW where possible)."""
