@@ -102,7 +102,9 @@ def restore(m: Machine, snap: Snapshot) -> None:
     if not isinstance(backend, QemuBackend):
         raise SnapshotError(f"{m.name}: restoring needs the qemu backend")
     m.log(f"restoring snapshot {snap.name!r} of {snap.origin}")
+    t0 = time.monotonic()
     backend.restore(snap.directory)
+    m.log(f"QEMU started and loaded the snapshot in {time.monotonic() - t0:.2f}s")
 
 
 def adopt_identity(m: Machine, started: float) -> None:
@@ -111,8 +113,10 @@ def adopt_identity(m: Machine, started: float) -> None:
     clone: dict[str, Any] = m.plan["clone"]
     nics = [(i["guestName"], i) for i in m.plan.get("interfaces", [])]
     hosts = [(i["ipv4"], m.name) for i in m.plan.get("interfaces", [])[:1]]
+    t0 = time.monotonic()
     script = identity_script(m.name, clone["id"], time.time(), nics, hosts)
     res = m.client.execute(P.Exec(argv=["sh", "-euc", script]), wait=60)
+    m.log(f"hello {t0 - started:.2f}s after the restore began; identity set in {time.monotonic() - t0:.2f}s")
     if res.status != 0:
         raise SnapshotError(f"{m.name}: giving the clone its identity failed (exit {res.status}): "
                             f"{res.stderr.decode(errors='replace').strip()}")

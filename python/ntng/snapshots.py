@@ -60,7 +60,7 @@ def check_snapshottable(machine: str, plan: dict[str, Any]) -> None:
     """Only QEMU nodes on the virtio-serial backdoor can be migrated to a file.
 
     vhost-user devices keep their state in the helper process (vhost-device-vsock), which QEMU
-    cannot save: QEMU 7.2 refuses to migrate vhost-user-vsock ("not migratable"), so a
+    cannot save: QEMU 7.2 refuses ("State blocked by non-migratable device …/vhost-user-vsock"), so a
     snapshotted node uses the virtio-serial backdoor."""
     backend = plan.get("backend", "qemu")
     if backend != "qemu":
