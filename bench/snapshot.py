@@ -8,7 +8,7 @@ One guest (1 vCPU, 1 GiB):
   rate      clones per minute: --clones clones started one after another, each up, then
             released (their QEMU killed, state removed), wall time
 
-Usage: .venv/bin/python bench/snapshot.py [--clones 4]
+Usage: .venv/bin/python bench/snapshot.py [--clones 4] [-v]
 Prints a markdown table.  Not a test: numbers vary with the machine and the accelerator.
 """
 
@@ -27,7 +27,7 @@ from ntng import runner  # noqa: E402
 from ntng.driver import Driver  # noqa: E402
 
 
-def measure(clones: int) -> dict[str, object]:
+def measure(clones: int, verbose: bool) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="ntng-bench-snap-") as tmp:
         script = Path(tmp) / "snap.py"
         script.write_text("#: nodes.a = { };\n")
@@ -35,7 +35,7 @@ def measure(clones: int) -> dict[str, object]:
         state.mkdir()
         spec, choice = runner.prepare(runner.RunOptions(script=script), state)
         with Driver(spec, Path(tmp) / "out", runner.DEFAULT_BOOT_TIMEOUT * choice.timeout_scale,
-                    log=lambda _msg: None) as d:
+                    log=lambda msg: print(msg, file=sys.stderr, flush=True) if verbose else None) as d:
             a = d.machines[0]
             t0 = time.monotonic()
             a.run(["true"])
@@ -57,8 +57,9 @@ def measure(clones: int) -> dict[str, object]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clones", type=int, default=4)
+    ap.add_argument("-v", "--verbose", action="store_true", help="the runner's log (phase timings) on stderr")
     args = ap.parse_args()
-    r = measure(args.clones)
+    r = measure(args.clones, args.verbose)
     restores = r["restores"]
     assert isinstance(restores, list)
     med = statistics.median(restores)

@@ -109,8 +109,8 @@ def test_identity_script() -> None:
     script = snapshots.identity_script("c1", "c1-1234", 1700000000.25, [("eth0", nic)], [("192.168.1.3", "c1")])
     lines = script.splitlines()
     assert lines[0] == "date -s @1700000000.250000 >/dev/null"  # first: the clock matters most
-    assert "hostname c1" in lines and "echo c1-1234 > /run/ntng/clone-id" in lines
-    assert "ip link set dev eth0 address 52:54:00:aa:bb:cc" in lines
-    assert "ip addr add 192.168.1.3/24 dev eth0" in lines
-    assert lines.index("ip link set dev eth0 down") < lines.index("ip link set dev eth0 address 52:54:00:aa:bb:cc")
+    assert "echo c1 > /proc/sys/kernel/hostname" in lines and "echo c1-1234 > /run/ntng/clone-id" in lines
+    batch = lines[lines.index("ip -batch - <<'EOF'") + 1:lines.index("EOF")]  # one process for all NICs
+    assert batch[:2] == ["link set dev eth0 down", "link set dev eth0 address 52:54:00:aa:bb:cc"]
+    assert "addr add 192.168.1.3/24 dev eth0" in batch and batch[-1] == "link set dev eth0 up"
     assert "echo '192.168.1.3 c1' >> /etc/hosts" in lines
