@@ -114,3 +114,27 @@ def test_identity_script() -> None:
     assert batch[:2] == ["link set dev eth0 down", "link set dev eth0 address 52:54:00:aa:bb:cc"]
     assert "addr add 192.168.1.3/24 dev eth0" in batch and batch[-1] == "link set dev eth0 up"
     assert "echo '192.168.1.3 c1' >> /etc/hosts" in lines
+
+
+def test_driver_refuses_bad_clone_requests_before_starting_anything(tmp_path: Path) -> None:
+    from ntng.driver import Driver
+    from ntng.testspec import TestSpec
+
+    data = spec({"a": {}, "v": {"backdoor": {"transport": "vsock"}}})
+    ts = TestSpec(tmp_path / "t.py", "", "t", 60, data["nodeNames"], data["nodes"], data["network"])
+    with Driver(ts, tmp_path / "out", 10, log=lambda _m: None) as d:
+        a, v = d.machines
+        with pytest.raises(SnapshotError, match="vhost-user-vsock"):
+            v.snapshot("s")
+        with pytest.raises(SnapshotError, match="snapshot name"):
+            a.snapshot("no spaces")
+        snap = snap_of(a.plan)
+        with pytest.raises(SnapshotError, match="machine called 'a' already"):
+            d.start_from_snapshot(snap, ["a"])
+        with pytest.raises(SnapshotError, match="machine called 'c1' already"):
+            d.start_from_snapshot(snap, ["c1", "c1"])
+        with pytest.raises(SnapshotError, match="must be a list"):
+            d.start_from_snapshot(snap, "c1")  # type: ignore[arg-type]
+        with pytest.raises(SnapshotError, match="is gone"):
+            d.start_from_snapshot(snap, ["c1"])
+        assert [m.name for m in d.machines] == ["a", "v"] and not any(m.booted for m in d.machines)
