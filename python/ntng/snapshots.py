@@ -130,7 +130,11 @@ def clone_plan(snap: Snapshot, clone: str, interfaces: list[dict[str, Any]] | No
         words = argv[i].split(" ")
         words = [f"systemd.hostname={clone}" if w.startswith("systemd.hostname=") else w for w in words]
         for old, new in zip(old_nics, new_nics, strict=True):
-            words = [w.replace(f"ntng.if={old['mac']},", f"ntng.if={new['mac']},") for w in words]
+            spec = (f"ntng.if={new['mac']},{new['guestName']},{new['ipv4']}/{new['prefixLength4']},"
+                    f"{new['ipv6']}/{new['prefixLength6']}")
+            words = [spec if w.startswith(f"ntng.if={old['mac']},") else w for w in words]
+        if new_nics:
+            words = [f"{w},{clone}={new_nics[0]['ipv4']}" if w.startswith("ntng.hosts=") else w for w in words]
         argv[i] = " ".join(words)
     plan["clone"] = {"snapshot": snap.name, "origin": snap.origin, "id": f"{clone}-{uuid.uuid4().hex[:12]}"}
     return plan

@@ -50,7 +50,8 @@ def test_clone_plan_moves_every_path_and_keeps_the_device_list(net_spec: Any) ->
     assert any(f"mac={ifaces[0]['mac']}" in a for a in plan["argv"])
     append = plan["argv"][plan["argv"].index("-append") + 1].split()
     assert "systemd.hostname=c1" in append and not any(w.startswith("systemd.hostname=b") for w in append)
-    assert any(w.startswith(f"ntng.if={ifaces[0]['mac']},") for w in append)
+    assert f"ntng.if={ifaces[0]['mac']},eth0,192.168.1.3/24,2001:db8:1::3/64" in append
+    assert next(w for w in append if w.startswith("ntng.hosts=")).endswith(",c1=192.168.1.3")
     assert plan["clone"]["origin"] == "b" and plan["clone"]["id"].startswith("c1-")
     assert origin["files"]["disk"] == f"{ROOT}/b/disk.qcow2"  # the origin's plan is untouched
     assert snapshots.incoming_argv(plan)[-2:] == ["-incoming", "defer"]
