@@ -41,6 +41,9 @@ def take(m: Machine, name: str) -> Snapshot:
         raise SnapshotError(f"{m.name}: a snapshot named {name!r} exists already in this run")
     shutil.rmtree(directory, ignore_errors=True)  # left by an earlier -K run
     m.connect()
+    # Made now, not in each clone: an exec in a freshly restored TCG guest is slow.
+    assert m.client is not None
+    m.client.execute(P.Exec(argv=["mkdir", "-p", "/run/ntng"]), wait=60)
     backend = m.backend
     assert isinstance(backend, QemuBackend)  # check_snapshottable: only QEMU plans get here
     m.log(f"snapshot {name!r}: pausing and saving the VM state")

@@ -157,8 +157,7 @@ def identity_script(hostname: str, clone_id: str, epoch: float,
     lines = [
         f"date -s @{epoch:.6f} >/dev/null",
         f"echo {hostname} > /proc/sys/kernel/hostname",
-        f"echo {hostname} > /etc/hostname",
-        "mkdir -p /run/ntng",
+        f"echo {hostname} > /etc/hostname",  # /run/ntng: made in the origin before the snapshot
         f"echo {clone_id} > /run/ntng/clone-id",
     ]
     batch = []
