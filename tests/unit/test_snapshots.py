@@ -139,3 +139,31 @@ def test_driver_refuses_bad_clone_requests_before_starting_anything(tmp_path: Pa
         with pytest.raises(SnapshotError, match="is gone"):
             d.start_from_snapshot(snap, ["c1"])
         assert [m.name for m in d.machines] == ["a", "v"] and not any(m.booted for m in d.machines)
+
+
+class FakeQMP:
+    """query-migrate answers in turn (the last one repeats)."""
+
+    name = "m"
+
+    def __init__(self, *answers: dict[str, Any]) -> None:
+        self.answers = list(answers)
+
+    def command(self, execute: str, **_args: Any) -> Any:
+        assert execute == "query-migrate"
+        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+
+def test_wait_migration() -> None:
+    from ntng.backends import qemu_migrate
+    from ntng.errors import SetupError
+
+    done = qemu_migrate.wait_migration(FakeQMP({"status": "setup"}, {"status": "active"},  # type: ignore[arg-type]
+                                               {"status": "completed", "total-time": 5}), "saving")
+    assert done["total-time"] == 5
+    with pytest.raises(SetupError, match="m: saving failed: Unable to write to command: Broken pipe"):
+        qemu_migrate.wait_migration(FakeQMP({"status": "active"},  # type: ignore[arg-type]
+                                            {"status": "failed", "error-desc": "Unable to write to command: Broken pipe"}),
+                                    "saving")
+    with pytest.raises(SetupError, match=r"restoring not completed within 0s \(status active\)"):
+        qemu_migrate.wait_migration(FakeQMP({"status": "active"}), "restoring", timeout=0.05)  # type: ignore[arg-type]

@@ -52,7 +52,11 @@ def save(backend: QemuBackend, directory: Path, resume: bool = True) -> int:
     qmp.command("stop")
     try:
         qmp.command("migrate", uri=f"exec:cat > {shlex.quote(str(memory))}")
-        wait_migration(qmp, f"saving the VM state to {memory}")
+        try:
+            wait_migration(qmp, f"saving the VM state to {memory}")
+        except SetupError:
+            qmp.command("migrate_cancel")  # a timed-out migration must not go on behind `cont`
+            raise
         disk = Path(backend.plan["files"]["disk"])
         backend._copy_disk(disk, directory / snapshots.DISK)
         os.chmod(directory / snapshots.DISK, 0o444)  # a base now: nothing may write to it
