@@ -39,6 +39,7 @@ METHOD_CAPABILITY: dict[str, str] = {
     "impair": "networks",
     "clear_impairment": "networks",
     "forward_port": "networks",
+    "snapshot": "snapshot",
 }
 
 

@@ -19,13 +19,14 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import caps, report, testspec
+from . import caps, clones, report, testspec
 from . import network as network_mod
 from .client import ExecResult
 from .errors import GlobalTimeout, NtngError, TestFailure, TestScriptError
 from .machine import Machine, RequestedAssertionFailed, retry
 from .polling import PollingCondition, polling_condition_factory
 from .report import EventLog
+from .snapshots import Snapshot
 from .testspec import TestSpec, compile_script
 from .watch import Detection, Rule, Watcher
 
@@ -35,7 +36,7 @@ T = TypeVar("T")
 DRIVER_GLOBALS = (
     "start_all", "join_all", "subtest", "retry", "polling_condition", "serial_stdout_on",
     "serial_stdout_off", "run_tests", "machines", "machines_qemu", "driver", "log", "Machine",
-    "BaseMachine", "RequestedAssertionFailed", "create_machine",
+    "BaseMachine", "RequestedAssertionFailed", "create_machine", "start_from_snapshot",
 )
 
 
@@ -117,6 +118,7 @@ class Driver:
             "BaseMachine": Machine,
             "RequestedAssertionFailed": RequestedAssertionFailed,
             "create_machine": self.create_machine,
+            "start_from_snapshot": self.start_from_snapshot,
         }
         assert tuple(symbols) == DRIVER_GLOBALS  # the quick check lints against that list
         for m in self.machines:
@@ -147,6 +149,11 @@ class Driver:
         raise TestScriptError(
             f"create_machine({start_command!r}): machines are declared as nodes "
             "(`#: nodes.<name> = { … };` or mkTest's nodes), not started from NixOS VM scripts")
+
+    def start_from_snapshot(self, snapshot: Snapshot, names: list[str]) -> list[Machine]:
+        """Extension: clones of `snapshot` (from machine.snapshot(name)), one per name, restored
+        in parallel and up; each a full Machine, in `machines` and cleaned up with the run."""
+        return clones.start_clones(self, snapshot, names)
 
     def join_all(self) -> None:
         for m in self.machines:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import backends, caps, netem, screen, shares
+from . import backends, caps, clones, netem, screen, shares
 from . import protocol as P
 from .client import BackdoorClient, ExecResult, OutputCallback
 from .errors import (
@@ -31,6 +31,7 @@ from .keys import key_for
 from .network import LinkCounters, Network
 from .portforward import PortForward
 from .report import EventLog
+from .snapshots import Snapshot
 from .watch import SHUTDOWN_MARKER, SHUTDOWN_QUIET, Rule, Watcher
 
 
@@ -105,6 +106,9 @@ class Machine:
         self.serial_stdout = False
         self.going_down = False  # shutting down (or rebooting): see watch.SHUTDOWN_MARKER
         self._boot_setup_due = False  # a new boot awaits _boot_setup
+        self.restore_from: Snapshot | None = None  # a clone: its first start restores this
+        self.restore_seconds: float | None = None  # a clone: restore → its first command possible
+        self._identity_due: float | None = None  # a clone's restore began then; identity pending
 
     def __repr__(self) -> str:
         return f"<Machine '{self.name}'>"
@@ -127,13 +131,18 @@ class Machine:
             if self.booted:
                 return
             self.log("starting vm")
+            restoring = self.restore_from is not None and not self._disk_made
             # The disk survives crash()/shutdown() and start() within a run, as a real one
             # would; with -K it also survives the run.
             self.backend = backends.make(self.name, self.plan, preexec=self.network.preexec(),
                                        keep_disk=self.keep_state or self._disk_made)
             self._disk_made = True
             self.backend.console_callbacks.append(self._on_console)
-            self.backend.start()
+            if restoring and self.restore_from is not None:
+                self._identity_due = time.monotonic()
+                clones.restore(self, self.restore_from)
+            else:
+                self.backend.start()
             self.booted = True
             self.log(f"QEMU running (pid {self.backend.pid})")
 
@@ -213,6 +222,9 @@ class Machine:
                 f"last console lines:\n{self.backend.console_tail()}"
             ) from None
         self._note_boot(ack.boot_id)
+        if self._identity_due is not None:  # a clone's first hello: give it its identity
+            started, self._identity_due = self._identity_due, None
+            clones.adopt_identity(self, started)
         self.events.emit("boot", self.name, time.monotonic() - t0, boot_id=ack.boot_id)
         self.log(f"connected to agent {ack.agent_version} (boot {ack.boot_id[:8]}, "
                  f"{time.monotonic() - t0:.1f}s)")
@@ -257,6 +269,18 @@ class Machine:
             self.log(f"guest rebooted (boot id {previous.boot_id[:8]} → {ack.boot_id[:8]})")
         else:
             self.log("backdoor agent restarted (same boot)")
+
+    @property
+    def clone_id(self) -> str | None:
+        """Extension: a clone's id (also in the guest's /run/ntng/clone-id); None otherwise."""
+        clone = self.plan.get("clone")
+        return str(clone["id"]) if clone else None
+
+    def snapshot(self, name: str) -> Snapshot:
+        """Extension: freeze this machine (booted to ready first) into snapshot `name` and let it
+        run on; `start_from_snapshot(snap, ["c1", "c2"])` starts clones of it.  QEMU with the
+        virtio-serial backdoor only (vhost-user vsock cannot migrate)."""
+        return clones.take(self, name)
 
     def wait_for_shutdown(self, timeout: float | None = None) -> None:
         if not self.booted:

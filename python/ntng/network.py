@@ -94,6 +94,19 @@ class Network:
     def start(self) -> None:
         pass
 
+    def add_clone(self, origin: str, clone: str) -> list[dict[str, Any]]:
+        """A clone of `origin` (snapshots): NICs on the same vlans, its own taps, MACs and
+        addresses, known to interface()/counters() like a declared node's."""
+        from .snapshots import clone_interfaces
+
+        ifaces = clone_interfaces(self.plan["nodes"], origin, clone)
+        self._add_links(ifaces)
+        self.plan["nodes"][clone] = ifaces
+        return ifaces
+
+    def _add_links(self, ifaces: list[dict[str, Any]]) -> None:
+        pass  # VDE: the clone's NICs plug into the vlans' switches themselves
+
     def preexec(self) -> Callable[[], None] | None:
         """Run in a VMM's child process before exec (tap mode: enter the namespace)."""
         return None
@@ -165,6 +178,17 @@ class TapNetwork(Network):
             raise SetupError(f"network: cannot {step}: {e}") from None
         self.log(f"ntng: network: {len(self.plan['vlans'])} bridge(s), "
                  f"{sum(len(v) for v in self.plan['nodes'].values())} tap(s) in namespace net:[{self.ns.inode}]")
+
+    def _add_links(self, ifaces: list[dict[str, Any]]) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        for i in ifaces:
+            try:
+                self.ipr.link("add", ifname=i["tap"], kind="tuntap", mode="tap")
+                self.ipr.link("set", index=self._index(i["tap"]),
+                              master=self._index(i["bridge"]), state="up")
+            except NetlinkError as e:
+                raise SetupError(f"network: cannot create tap {i['tap']}: {e}") from None
 
     def preexec(self) -> Callable[[], None] | None:
         ns = self.ns

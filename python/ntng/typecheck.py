@@ -33,6 +33,7 @@ _GLOBAL_TYPES = {
     "BaseMachine": "_Machine",
     "RequestedAssertionFailed": "_RequestedAssertionFailed",
     "create_machine": "driver.create_machine",
+    "start_from_snapshot": "driver.start_from_snapshot",
 }
 assert set(_GLOBAL_TYPES) == set(DRIVER_GLOBALS), "a driver global has no type for the check"
 

@@ -12,13 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import vsock
+from .. import snapshots, vsock
 from ..client import connect_unix
 from ..errors import SetupError
 from ..qmp import QMPClient
+from . import qemu_migrate
 from .vmm import VmmProcess
 
-CAPABILITIES = frozenset({"console", "screenshot", "keys", "reboot", "powerdown", "pause"})
+CAPABILITIES = frozenset({"console", "screenshot", "keys", "reboot", "powerdown", "pause", "snapshot"})
 
 VHOST_VSOCK = "/dev/vhost-vsock"
 
@@ -37,6 +38,18 @@ class QemuBackend(VmmProcess):
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._launch(self.plan["argv"])
+
+    def restore(self, directory: Path) -> None:
+        """Start from a snapshot instead of booting (the plan is a clone's: snapshots.clone_plan)."""
+        self._launch(snapshots.incoming_argv(self.plan))
+        qemu_migrate.restore(self, directory)
+
+    def snapshot_save(self, directory: Path, resume: bool = True) -> int:
+        """Freeze this VM into `directory` (qemu_migrate.save); the memory stream's size."""
+        return qemu_migrate.save(self, directory, resume)
+
+    def _launch(self, argv: list[str]) -> None:
         if self.plan["backdoor"].get("vhost") and not os.path.exists(VHOST_VSOCK):
             raise SetupError(
                 f"{self.machine_name}: backdoor.vhost = true needs {VHOST_VSOCK} (modprobe vhost_vsock; "
@@ -46,7 +59,7 @@ class QemuBackend(VmmProcess):
         self._prepare("apt-get install qemu-utils")
         self._make_share_folders()
         self._start_helpers()
-        self._spawn(self.plan["argv"], "apt-get install qemu-system-x86 (or run ./setup.sh)")
+        self._spawn(argv, "apt-get install qemu-system-x86 (or run ./setup.sh)")
         try:
             qsock = connect_unix(self.plan["sockets"]["qmp"], timeout=30, alive=self.alive)
             self.qmp = QMPClient(qsock, self.machine_name)

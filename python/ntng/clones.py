@@ -1,0 +1,128 @@
+"""Snapshot a running machine and start clones of it: the Machine/Driver side of snapshots.py.
+
+A clone is a full Machine (every method works) whose first start restores the snapshot instead
+of booting; right after its agent has said hello (a new session on the clone's own backdoor
+socket) it gets its identity: hostname, clone id, the host's time, and where networked its own
+MACs, addresses and hosts entries.  Later starts (after crash()) boot the clone's own disk.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import protocol as P
+from .backends.qemu import QemuBackend
+from .snapshots import (
+    Snapshot,
+    SnapshotError,
+    check_name,
+    check_snapshottable,
+    clone_plan,
+    identity_script,
+    state_dir,
+)
+
+if TYPE_CHECKING:
+    from .driver import Driver
+    from .machine import Machine
+
+_taken: set[Path] = set()  # snapshot directories made by this process (a name is used once)
+
+
+def take(m: Machine, name: str) -> Snapshot:
+    """Boot to ready if needed, pause, save memory and devices, freeze the disk, run on."""
+    check_name("snapshot name", name)
+    check_snapshottable(m.name, m.plan)
+    directory = state_dir(m.plan).parent / "snapshots" / name
+    if directory in _taken:
+        raise SnapshotError(f"{m.name}: a snapshot named {name!r} exists already in this run")
+    shutil.rmtree(directory, ignore_errors=True)  # left by an earlier -K run
+    m.connect()
+    # Made now, not in each clone: an exec in a freshly restored TCG guest is slow.
+    assert m.client is not None
+    m.client.execute(P.Exec(argv=["mkdir", "-p", "/run/ntng"]), wait=60)
+    backend = m.backend
+    assert isinstance(backend, QemuBackend)  # check_snapshottable: only QEMU plans get here
+    m.log(f"snapshot {name!r}: pausing and saving the VM state")
+    t0 = time.monotonic()
+    try:
+        size = backend.snapshot_save(directory)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    paused = time.monotonic() - t0
+    _taken.add(directory)
+    step_clock(m)  # the origin's clock stood still while it was paused
+    m.events.emit("snapshot", m.name, paused, name=name, memory_bytes=size)
+    m.log(f"snapshot {name!r} saved in {paused:.2f}s ({size / 1e6:.0f} MB of memory stream) to {directory}")
+    return Snapshot(name, m.name, directory, m.plan, paused, size)
+
+
+def step_clock(m: Machine) -> None:
+    assert m.client is not None
+    req = P.Exec(argv=["date", "-s", f"@{time.time():.6f}"])
+    m.client.execute(req, wait=60)
+
+
+def start_clones(driver: Driver, snap: Snapshot, names: list[str]) -> list[Machine]:
+    """Machines `names` restored from `snap`, in parallel, each up and with its identity."""
+    from .driver import _on_each
+    from .machine import Machine
+
+    if isinstance(names, str):
+        raise SnapshotError(f"start_from_snapshot: names must be a list of machine names, got {names!r}")
+    taken = {m.name for m in driver.machines}
+    for name in names:
+        check_name("clone name", name)
+        if name in taken:
+            raise SnapshotError(f"start_from_snapshot: there is a machine called {name!r} already")
+        taken.add(name)
+    if not snap.memory.exists():
+        raise SnapshotError(f"start_from_snapshot: snapshot {snap.name!r} is gone ({snap.directory})")
+    origin = next(m for m in driver.machines if m.name == snap.origin)
+    qemu_img = snap.plan["prepare"][0][0] if snap.plan.get("prepare") else "qemu-img"
+    clones = []
+    for name in names:
+        interfaces = driver.network.add_clone(snap.origin, name) if snap.plan.get("interfaces") else None
+        m = Machine(name, clone_plan(snap, name, interfaces, qemu_img), driver.out_dir, origin.boot_timeout,
+                    driver._log, callbacks=[driver.check_polling_conditions], network=driver.network,
+                    events=driver.events)
+        m.restore_from = snap
+        m.watcher = driver.watcher
+        m.callbacks.append(driver.check_detections)
+        driver.machines.append(m)
+        clones.append(m)
+    _on_each(clones, Machine.connect)
+    return clones
+
+
+def restore(m: Machine, snap: Snapshot) -> None:
+    """Machine.start() of a clone's first start."""
+    backend = m.backend
+    if not isinstance(backend, QemuBackend):
+        raise SnapshotError(f"{m.name}: restoring needs the qemu backend")
+    m.log(f"restoring snapshot {snap.name!r} of {snap.origin}")
+    t0 = time.monotonic()
+    backend.restore(snap.directory)
+    m.log(f"QEMU started and loaded the snapshot in {time.monotonic() - t0:.2f}s")
+
+
+def adopt_identity(m: Machine, started: float) -> None:
+    """Right after the clone's first hello: hostname, id, clock, network (one command)."""
+    assert m.client is not None
+    clone: dict[str, Any] = m.plan["clone"]
+    nics = [(i["guestName"], i) for i in m.plan.get("interfaces", [])]
+    hosts = [(i["ipv4"], m.name) for i in m.plan.get("interfaces", [])[:1]]
+    t0 = time.monotonic()
+    script = identity_script(m.name, clone["id"], time.time(), nics, hosts)
+    res = m.client.execute(P.Exec(argv=["sh", "-euc", script]), wait=60)
+    m.log(f"hello {t0 - started:.2f}s after the restore began; identity set in {time.monotonic() - t0:.2f}s")
+    if res.status != 0:
+        raise SnapshotError(f"{m.name}: giving the clone its identity failed (exit {res.status}): "
+                            f"{res.stderr.decode(errors='replace').strip()}")
+    m.restore_seconds = time.monotonic() - started
+    m.events.emit("restore", m.name, m.restore_seconds, snapshot=clone["snapshot"], clone_id=clone["id"])
+    m.log(f"clone {clone['id']} of {clone['origin']} ready {m.restore_seconds:.2f}s after the restore began")

@@ -1,0 +1,169 @@
+"""Snapshots and clones, the pure parts: a clone's plan from its origin's (real nixlib plans),
+its NICs, the identity script, and the errors for what cannot be snapshotted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ntng import nixeval, snapshots
+from ntng.snapshots import Snapshot, SnapshotError
+
+ROOT = "/tmp/ntng-test-state"
+
+
+def spec(nodes: dict[str, Any]) -> Any:
+    defaults = {"kernel": "/k", "image": "/img.raw", "imageFormat": "raw", "stateRoot": ROOT}
+    return nixeval.call("testSpec", {"header": {"nodes": nodes}, "defaults": defaults})
+
+
+@pytest.fixture(scope="module")
+def net_spec() -> Any:
+    return spec({"a": {"vlans": [1, 2]}, "b": {"vlans": [1]}})
+
+
+def snap_of(plan: dict[str, Any]) -> Snapshot:
+    return Snapshot("ready", plan["name"], Path(ROOT) / "snapshots" / "ready", plan)
+
+
+def test_clone_plan_moves_every_path_and_keeps_the_device_list(net_spec: Any) -> None:
+    origin = net_spec["nodes"]["b"]
+    ifaces = snapshots.clone_interfaces(net_spec["network"]["nodes"], "b", "c1")
+    plan = snapshots.clone_plan(snap_of(origin), "c1", ifaces)
+    text = repr(plan["argv"]) + repr(plan["sockets"]) + repr(plan["files"])
+    assert f"{ROOT}/b/" not in text and f"{ROOT}/c1/qmp.sock" in text
+    assert plan["files"]["disk"] == f"{ROOT}/c1/disk.qcow2"
+    # Same devices in the same order: QEMU loads device state only into the same shape.
+    devices = [a.split(",")[0] for a in plan["argv"] if a.startswith(("virtio", "virtserialport"))]
+    assert devices == [a.split(",")[0] for a in origin["argv"] if a.startswith(("virtio", "virtserialport"))]
+    assert len(plan["argv"]) == len(origin["argv"])
+    assert plan["argv"][plan["argv"].index("-name") + 1] == "c1,process=ntng-c1"
+    # The disk: an overlay on the frozen one.
+    assert plan["prepare"] == [["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                                f"{ROOT}/snapshots/ready/disk.qcow2", f"{ROOT}/c1/disk.qcow2"]]
+    # Its own tap and MAC; a later cold boot gets its own hostname and MAC too.
+    nic = origin["interfaces"][0]
+    assert not any(nic["tap"] in a or nic["mac"] in a for a in plan["argv"])
+    assert any(f"ifname={ifaces[0]['tap']}," in a for a in plan["argv"])
+    assert any(f"mac={ifaces[0]['mac']}" in a for a in plan["argv"])
+    append = plan["argv"][plan["argv"].index("-append") + 1].split()
+    assert "systemd.hostname=c1" in append and not any(w.startswith("systemd.hostname=b") for w in append)
+    assert f"ntng.if={ifaces[0]['mac']},eth0,192.168.1.3/24,2001:db8:1::3/64" in append
+    assert next(w for w in append if w.startswith("ntng.hosts=")).endswith(",c1=192.168.1.3")
+    assert plan["clone"]["origin"] == "b" and plan["clone"]["id"].startswith("c1-")
+    assert origin["files"]["disk"] == f"{ROOT}/b/disk.qcow2"  # the origin's plan is untouched
+    assert snapshots.incoming_argv(plan)[-2:] == ["-incoming", "defer"]
+
+
+def test_clone_ids_differ() -> None:
+    origin = spec({"a": {}})["nodes"]["a"]
+    ids = {snapshots.clone_plan(snap_of(origin), "c", None)["clone"]["id"] for _ in range(5)}
+    assert len(ids) == 5
+
+
+def test_clone_interfaces_take_the_next_free_address(net_spec: Any) -> None:
+    nodes = dict(net_spec["network"]["nodes"])
+    c1 = snapshots.clone_interfaces(nodes, "a", "c1")
+    assert [i["vlan"] for i in c1] == [1, 2]
+    assert [i["ipv4"] for i in c1] == ["192.168.1.3", "192.168.2.3"]  # a is .1, b is .2
+    assert c1[0]["ipv6"] == "2001:db8:1::3" and c1[0]["guestName"] == "eth0"
+    nodes["c1"] = c1
+    c2 = snapshots.clone_interfaces(nodes, "a", "c2")
+    assert c2[0]["ipv4"] == "192.168.1.4"
+    macs = [i["mac"] for ifs in nodes.values() for i in ifs] + [i["mac"] for i in c2]
+    taps = [i["tap"] for ifs in nodes.values() for i in ifs] + [i["tap"] for i in c2]
+    assert len(set(macs)) == len(macs) and len(set(taps)) == len(taps)
+    assert all(len(t) <= 15 for t in taps)
+
+
+def test_clone_needs_as_many_nics_as_its_origin(net_spec: Any) -> None:
+    with pytest.raises(SnapshotError, match="needs 1 network interface"):
+        snapshots.clone_plan(snap_of(net_spec["nodes"]["b"]), "c1", None)
+
+
+@pytest.mark.parametrize("name", ["", "1abc", "has space", "x" * 40, "a/b"])
+def test_bad_names(name: str) -> None:
+    origin = spec({"a": {}})["nodes"]["a"]
+    with pytest.raises(SnapshotError, match="clone name"):
+        snapshots.clone_plan(snap_of(origin), name, None)
+    with pytest.raises(SnapshotError, match="snapshot name"):
+        snapshots.check_name("snapshot name", name)
+
+
+def test_vsock_nodes_cannot_be_snapshotted() -> None:
+    plan = spec({"v": {"backdoor": {"transport": "vsock"}}})["nodes"]["v"]
+    with pytest.raises(SnapshotError, match=r"vhost-user-vsock.*virtio-serial"):
+        snapshots.check_snapshottable("v", plan)
+    snapshots.check_snapshottable("a", spec({"a": {}})["nodes"]["a"])  # the default transport: fine
+
+
+def test_other_backends_cannot_clone() -> None:
+    with pytest.raises(SnapshotError, match="backend qemu only"):
+        snapshots.check_snapshottable("f", {"backend": "firecracker", "backdoor": {"transport": "vsock"}})
+
+
+def test_identity_script() -> None:
+    nic = {"mac": "52:54:00:aa:bb:cc", "ipv4": "192.168.1.3", "prefixLength4": 24,
+           "ipv6": "2001:db8:1::3", "prefixLength6": 64}
+    script = snapshots.identity_script("c1", "c1-1234", 1700000000.25, [("eth0", nic)], [("192.168.1.3", "c1")])
+    lines = script.splitlines()
+    assert lines[0] == "date -s @1700000000.250000 >/dev/null"  # first: the clock matters most
+    assert "echo c1 > /proc/sys/kernel/hostname" in lines and "echo c1-1234 > /run/ntng/clone-id" in lines
+    batch = lines[lines.index("ip -batch - <<'EOF'") + 1:lines.index("EOF")]  # one process for all NICs
+    assert batch[:2] == ["link set dev eth0 down", "link set dev eth0 address 52:54:00:aa:bb:cc"]
+    assert "addr add 192.168.1.3/24 dev eth0" in batch and batch[-1] == "link set dev eth0 up"
+    assert "echo '192.168.1.3 c1' >> /etc/hosts" in lines
+
+
+def test_driver_refuses_bad_clone_requests_before_starting_anything(tmp_path: Path) -> None:
+    from ntng.driver import Driver
+    from ntng.testspec import TestSpec
+
+    data = spec({"a": {}, "v": {"backdoor": {"transport": "vsock"}}})
+    ts = TestSpec(tmp_path / "t.py", "", "t", 60, data["nodeNames"], data["nodes"], data["network"])
+    with Driver(ts, tmp_path / "out", 10, log=lambda _m: None) as d:
+        a, v = d.machines
+        with pytest.raises(SnapshotError, match="vhost-user-vsock"):
+            v.snapshot("s")
+        with pytest.raises(SnapshotError, match="snapshot name"):
+            a.snapshot("no spaces")
+        snap = snap_of(a.plan)
+        with pytest.raises(SnapshotError, match="machine called 'a' already"):
+            d.start_from_snapshot(snap, ["a"])
+        with pytest.raises(SnapshotError, match="machine called 'c1' already"):
+            d.start_from_snapshot(snap, ["c1", "c1"])
+        with pytest.raises(SnapshotError, match="must be a list"):
+            d.start_from_snapshot(snap, "c1")  # type: ignore[arg-type]
+        with pytest.raises(SnapshotError, match="is gone"):
+            d.start_from_snapshot(snap, ["c1"])
+        assert [m.name for m in d.machines] == ["a", "v"] and not any(m.booted for m in d.machines)
+
+
+class FakeQMP:
+    """query-migrate answers in turn (the last one repeats)."""
+
+    name = "m"
+
+    def __init__(self, *answers: dict[str, Any]) -> None:
+        self.answers = list(answers)
+
+    def command(self, execute: str, **_args: Any) -> Any:
+        assert execute == "query-migrate"
+        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+
+def test_wait_migration() -> None:
+    from ntng.backends import qemu_migrate
+    from ntng.errors import SetupError
+
+    done = qemu_migrate.wait_migration(FakeQMP({"status": "setup"}, {"status": "active"},  # type: ignore[arg-type]
+                                               {"status": "completed", "total-time": 5}), "saving")
+    assert done["total-time"] == 5
+    with pytest.raises(SetupError, match="m: saving failed: Unable to write to command: Broken pipe"):
+        qemu_migrate.wait_migration(FakeQMP({"status": "active"},  # type: ignore[arg-type]
+                                            {"status": "failed", "error-desc": "Unable to write to command: Broken pipe"}),
+                                    "saving")
+    with pytest.raises(SetupError, match=r"restoring not completed within 0s \(status active\)"):
+        qemu_migrate.wait_migration(FakeQMP({"status": "active"}), "restoring", timeout=0.05)  # type: ignore[arg-type]
