@@ -120,17 +120,7 @@ let
       p = paths n;
       vsock = n.backdoor.transport == "vsock";
       hybrid = hybridVsock n;
-    in if n.backend != "qemu" then throw "node '${n.name}': qemu.launch called for backend ${n.backend}" else {
-      name = n.name;
-      backend = "qemu";
-      inherit (n) accel memory cores;
-      prepare = [
-        [ n.qemuImg "create" "-q" "-f" "qcow2" "-F" n.imageFormat "-b" n.image p.disk ]
-      ];
-      helpers = helpers n p;
-      writeFiles = { }; # every backend's plan has the same keys (QEMU needs no config file
-      api = [ ]; # and no API calls: all of it is on the command line)
-      argv =
+      qemuArgv =
         [ n.qemuBinary "-name" "${n.name},process=ntng-${n.name}" ]
         ++ accelArgs n
         ++ [ "-m" (toString n.memory) "-smp" (toString n.cores) ]
@@ -150,6 +140,23 @@ let
         ++ shareArgs n
         ++ (if n.interfaces == [ ] then [ "-nic" "none" ] else nicArgs n)
         ++ n.extraArgs;
+    in if n.backend != "qemu" then throw "node '${n.name}': qemu.launch called for backend ${n.backend}" else {
+      name = n.name;
+      backend = "qemu";
+      inherit (n) accel memory cores;
+      prepare = [
+        (if n.restore == null then [ n.qemuImg "create" "-q" "-f" "qcow2" "-F" n.imageFormat "-b" n.image p.disk ]
+         else [ n.qemuImg "create" "-q" "-f" "qcow2" "-F" "qcow2" "-b" n.restore.disk p.disk ])
+      ];
+      # The input of this plan: a clone of this node is the same spec with its own name,
+      # state directory, NICs and `restore` (python/ntng/snapshots.py), evaluated here again.
+      launchSpec = spec;
+      helpers = helpers n p;
+      writeFiles = { }; # every backend's plan has the same keys (QEMU needs no config file
+      api = [ ]; # and no API calls: all of it is on the command line)
+      argv = qemuArgv;
+      # A clone's restore: the same machine, waiting for the saved state (migrate-incoming).
+      restoreArgv = if n.restore == null then null else qemuArgv ++ [ "-incoming" "defer" ];
       sockets = { inherit (p) qmp console; }
         // (if n.backdoor.transport == "virtio-serial" then { inherit (p) backdoor; } else if hybrid then { inherit (p) vsock; } else { })
         // builtins.listToAttrs (map (name: { name = "port:${name}"; value = portSocket n name; }) n.extraSerialPorts);

@@ -83,11 +83,10 @@ def start_clones(driver: Driver, snap: Snapshot, names: list[str]) -> list[Machi
     if not snap.memory.exists():
         raise SnapshotError(f"start_from_snapshot: snapshot {snap.name!r} is gone ({snap.directory})")
     origin = next(m for m in driver.machines if m.name == snap.origin)
-    qemu_img = snap.plan["prepare"][0][0] if snap.plan.get("prepare") else "qemu-img"
     clones = []
     for name in names:
         interfaces = driver.network.add_clone(snap.origin, name) if snap.plan.get("interfaces") else None
-        m = Machine(name, clone_plan(snap, name, interfaces, qemu_img), driver.out_dir, origin.boot_timeout,
+        m = Machine(name, clone_plan(snap, name, interfaces), driver.out_dir, origin.boot_timeout,
                     driver._log, callbacks=[driver.check_polling_conditions], network=driver.network,
                     events=driver.events)
         m.restore_from = snap

@@ -98,51 +98,45 @@ def _move(value: Any, old: str, new: str) -> Any:
     return value
 
 
-def clone_plan(snap: Snapshot, clone: str, interfaces: list[dict[str, Any]] | None = None,
-               qemu_img: str = "qemu-img") -> dict[str, Any]:
-    """The launch plan of clone `clone` of `snap`.  `interfaces`: the clone's NICs (same vlans
-    and order as the origin's, its own taps and MACs), or None for an unnetworked origin."""
+def clone_spec(snap: Snapshot, clone: str, interfaces: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """nixlib's launch spec of clone `clone` of `snap`: the origin's spec with the clone's name,
+    state directory, NICs (same vlans and order, its own taps and MACs; None for an unnetworked
+    origin) and `restore`; nixlib (qemu.launch) turns it into the plan, so the device list is
+    the origin's and Python builds no command line."""
     check_name("clone name", clone)
     origin = snap.plan
-    old_dir = str(state_dir(origin))
-    new_dir = str(Path(old_dir).parent / clone)
-    plan: dict[str, Any] = _move(copy.deepcopy(origin), old_dir, new_dir)
-    plan["name"] = clone
-    argv: list[str] = plan["argv"]
-    if "-name" in argv:
-        argv[argv.index("-name") + 1] = f"{clone},process=ntng-{clone}"
-    # The clone's disk: an overlay on the frozen one, made before QEMU starts.
-    disk = plan["files"]["disk"]
-    plan["prepare"] = [[qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(snap.disk), disk]]
+    if "launchSpec" not in origin:
+        raise SnapshotError(f"{clone}: the plan of {snap.origin} has no launchSpec (made by an older nixlib?)")
+    spec: dict[str, Any] = copy.deepcopy(origin["launchSpec"])
     old_nics = origin.get("interfaces", [])
     new_nics = interfaces or []
     if len(old_nics) != len(new_nics):
         raise SnapshotError(f"{clone}: the clone needs {len(old_nics)} network interface(s) like "
                             f"{snap.origin}, got {len(new_nics)}")
-    for old, new in zip(old_nics, new_nics, strict=True):
-        argv[:] = [a.replace(f"ifname={old['tap']},", f"ifname={new['tap']},")
-                   .replace(f"mac={old['mac']}", f"mac={new['mac']}") for a in argv]
-    plan["interfaces"] = new_nics
-    # A later cold boot of the clone (after crash()) comes up under its own name and MACs; the
-    # restore itself ignores -append (the kernel already runs).
-    if "-append" in argv:
-        i = argv.index("-append") + 1
-        words = argv[i].split(" ")
-        words = [f"systemd.hostname={clone}" if w.startswith("systemd.hostname=") else w for w in words]
+    spec.update(name=clone, stateDir=str(state_dir(origin).parent / clone), interfaces=new_nics,
+                restore={"disk": str(snap.disk)})
+    # A later cold boot of the clone (after crash()) comes up under its own name, MACs and
+    # addresses; the restore itself ignores the kernel command line (the kernel already runs).
+    params = spec.get("kernelParams")
+    if isinstance(params, list):
+        params = [f"systemd.hostname={clone}" if w.startswith("systemd.hostname=") else w for w in params]
         for old, new in zip(old_nics, new_nics, strict=True):
-            spec = (f"ntng.if={new['mac']},{new['guestName']},{new['ipv4']}/{new['prefixLength4']},"
-                    f"{new['ipv6']}/{new['prefixLength6']}")
-            words = [spec if w.startswith(f"ntng.if={old['mac']},") else w for w in words]
+            nic = (f"ntng.if={new['mac']},{new['guestName']},{new['ipv4']}/{new['prefixLength4']},"
+                   f"{new['ipv6']}/{new['prefixLength6']}")
+            params = [nic if w.startswith(f"ntng.if={old['mac']},") else w for w in params]
         if new_nics:
-            words = [f"{w},{clone}={new_nics[0]['ipv4']}" if w.startswith("ntng.hosts=") else w for w in words]
-        argv[i] = " ".join(words)
+            params = [f"{w},{clone}={new_nics[0]['ipv4']}" if w.startswith("ntng.hosts=") else w for w in params]
+        spec["kernelParams"] = params
+    return spec
+
+
+def clone_plan(snap: Snapshot, clone: str, interfaces: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The launch plan of clone `clone` of `snap`, from nixlib (see clone_spec)."""
+    from . import nixeval
+
+    plan: dict[str, Any] = nixeval.call("qemu.launch", clone_spec(snap, clone, interfaces))
     plan["clone"] = {"snapshot": snap.name, "origin": snap.origin, "id": f"{clone}-{uuid.uuid4().hex[:12]}"}
     return plan
-
-
-def incoming_argv(plan: dict[str, Any]) -> list[str]:
-    """The clone's argv for a restore: QEMU waits for migrate-incoming instead of booting."""
-    return [*plan["argv"], "-incoming", "defer"]
 
 
 def identity_script(hostname: str, clone_id: str, epoch: float,

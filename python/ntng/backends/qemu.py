@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import snapshots, vsock
+from .. import vsock
 from ..client import connect_unix
 from ..errors import SetupError
 from ..qmp import QMPClient
@@ -42,7 +42,11 @@ class QemuBackend(VmmProcess):
 
     def restore(self, directory: Path) -> None:
         """Start from a snapshot instead of booting (the plan is a clone's: snapshots.clone_plan)."""
-        self._launch(snapshots.incoming_argv(self.plan))
+        argv = self.plan.get("restoreArgv")
+        if not argv:
+            raise SetupError(f"{self.machine_name}: this plan is not a clone's (nixlib gives restoreArgv "
+                             "only with `restore`)")
+        self._launch(argv)
         qemu_migrate.restore(self, directory)
 
     def snapshot_save(self, directory: Path, resume: bool = True) -> int:
