@@ -246,7 +246,7 @@ CASES: dict[Key, Call | Callable[[], Call]] = {
     ("test.nix", "node '…': expected an attribute set of options, got …"): header(nodes={"a": "qemu"}),
     ("test.nix", "node '…': unknown backend … (known: …)"): header(backend="bochs"),
     ("test.nix", "unknown test option(s) … (known: …)"): header(machines={}),
-    ("test.nix", "the test declares no nodes"): header(nodes={}),
+    ("test.nix", "nodes must be an attribute set (node name = options), got …"): header(nodes=["a"]),
     ("test.nix", "globalTimeout must be a positive number of seconds, got …"): header(globalTimeout=-1),
     ("test.nix", "skipLint must be a boolean"): header(skipLint=1),
     ("test.nix", "skipTypeCheck must be a boolean"): header(skipTypeCheck="no"),
