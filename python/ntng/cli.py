@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--boot-timeout", type=float, help="passed to every ntng run")
 
     c = sub.add_parser("check", help="the quick check: parse, validate nodes, lint (no boot)")
-    c.add_argument("script", type=Path)
-    c.add_argument("--spec-dir", type=Path, help="a mkTest driver's evaluated specs")
+    c.add_argument("scripts", type=Path, nargs="+", metavar="SCRIPT",
+                   help="test scripts, or directories searched as `ntng test` does")
+    c.add_argument("--spec-dir", type=Path, help="a mkTest driver's evaluated specs (one script)")
     c.add_argument("--no-type-check", action="store_true", help="skip the type check")
 
     im = sub.add_parser("image", help="guest image")
@@ -89,10 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "test":
             return _suite(args)
         if args.cmd == "check":
-            for f in check.check(args.script, args.spec_dir, type_check=not args.no_type_check):
-                print(f"{args.script}:{f.line}: warning: {f.message}", file=sys.stderr)
-            print(f"ntng check: {args.script}: ok", file=sys.stderr)
-            return EXIT_OK
+            return _check(args)
         if args.cmd == "image":
             if args.image_cmd == "build":
                 image.build(force=args.force)
@@ -107,6 +105,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return EXIT_USAGE
+
+
+def _check(args: argparse.Namespace) -> int:
+    """The quick check of each script; all are checked, the worst exit code is returned."""
+    from .suite.discover import discover
+
+    if args.spec_dir is not None and len(args.scripts) != 1:
+        raise UsageError("--spec-dir belongs to one script: name exactly one")
+    scripts = args.scripts if len(args.scripts) == 1 and not args.scripts[0].is_dir() \
+        else [t.path for t in discover(args.scripts)]
+    worst = EXIT_OK
+    for script in scripts:
+        try:
+            for f in check.check(script, args.spec_dir, type_check=not args.no_type_check):
+                print(f"{script}:{f.line}: warning: {f.message}", file=sys.stderr)
+            print(f"ntng check: {script}: ok", file=sys.stderr)
+        except NtngError as e:
+            if len(scripts) == 1:
+                raise
+            print(f"ntng: error: {e}", file=sys.stderr)
+            worst = max(worst, e.exit_code)
+    if len(scripts) > 1:
+        print(f"ntng check: {len(scripts)} scripts, " + ("all ok" if worst == EXIT_OK else "some failed"),
+              file=sys.stderr)
+    return worst
 
 
 def _suite(args: argparse.Namespace) -> int:
