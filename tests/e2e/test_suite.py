@@ -135,6 +135,14 @@ def test_fail_fast_stops_the_others(tmp_path: Path) -> None:
     assert states(tmp_path / "out") == {"a_fail.py": "failed", "b_sleep.py": "interrupted"}
 
 
+def test_fail_fast_starts_nothing_when_a_test_does_not_load(tmp_path: Path) -> None:
+    write(tmp_path, {"a.py": PASS, "b.py": "#: nodes = { };\ndef (\n"})
+    r = ntng_test(tmp_path, ".", "-o", "out", "-x")
+    assert r.returncode == errors.EXIT_TEST_FAILED, r.stdout
+    assert "a test does not load; starting none" in r.stdout and "[a.py] started" not in r.stdout
+    assert states(tmp_path / "out") == {"b.py": "error"}
+
+
 def test_one_small_vm(tmp_path: Path, guest_image: object) -> None:
     r = ntng_test(ROOT, str(ROOT / "examples" / "suite" / "kernel.py"), "-o", str(tmp_path / "out"),
                   "--accel", os.environ.get("NTNG_ACCEL", "auto"), timeout=900)

@@ -122,9 +122,7 @@ class Suite:
     def _exit_code(self, results: list[Result]) -> int:
         if self.interrupts:
             return EXIT_INTERRUPTED
-        bad = [r for r in results if r.status != "passed" and r.status != "not run"]
-        if not bad and any(r.status == "not run" for r in results):
-            return EXIT_INTERRUPTED  # cannot happen without a stop; defensive
+        bad = [r for r in results if r.final and r.status != "passed"]
         if not bad:
             return EXIT_OK
         # Only broken setups (image, QEMU, KVM): CI may retry infrastructure trouble.
@@ -150,7 +148,9 @@ class Suite:
         needs = self._load(todo, state, log)
         waiting = [t for t in todo if t.id in needs]
         sched = budget_mod.Scheduler(budget)
-        stopping = False
+        stopping = self.opts.fail_fast and len(needs) < len(todo)
+        if stopping:
+            self.say("", "ntng test: --fail-fast: a test does not load; starting none")
         while (waiting and not stopping) or self.running:
             if self.interrupts and not stopping:
                 stopping = True
@@ -199,9 +199,10 @@ class Suite:
                 test = futures[fut]
                 try:
                     needs[test.id] = fut.result()
-                except NtngError as e:
-                    state.record(Result(test.id, "error", e.exit_code, message=f"does not load: {e}"))
-                    log.emit("test", result="error", test=test.id, exit_code=e.exit_code, message=str(e))
+                except (NtngError, OSError, subprocess.SubprocessError) as e:
+                    code = e.exit_code if isinstance(e, NtngError) else EXIT_SETUP  # e.g. Nix hung
+                    state.record(Result(test.id, "error", code, message=f"does not load: {e}"))
+                    log.emit("test", result="error", test=test.id, exit_code=code, message=str(e))
                     self.say(test.id, f"ERROR: does not load: {e}")
         return needs
 
