@@ -259,12 +259,16 @@ CASES: dict[Key, Call | Callable[[], Call]] = {
 }
 
 WRAPPER = "the `fail` helper: what it throws is the message of each fail/check site, listed in CASES"
+MKTEST = "mkTest needs a pkgs: tested in tests/nix/test_mktest.py (test_invalid_test_fails_naming_the_option)"
 EXEMPT: dict[Key, str] = {
     ("network.nix", "internal: … not in list"): "indexOf is only asked for names taken from the list it searches",
     ("node.nix", "node '…': …"): WRAPPER,
     ("firecracker.nix", "node '…': …"): WRAPPER,
     ("cloud-hypervisor.nix", "node '…': …"): WRAPPER,
     ("node.nix", ""): "`check name (isAttrs caps) \"\"` only forces caps, which throws 'unknown backend' itself",
+    ("mkTest.nix", 'mkTest …: accel must be "kvm" or "tcg", got …'): MKTEST,
+    ("mkTest.nix", 'mkTest …: accel = "tcg" needs QEMU nodes only (this test uses …); Firecracker and Cloud '
+                   'Hypervisor need KVM'): MKTEST,
     ("node.nix", "interfaces: backend … has no networking"):
         "every backend in capabilities.nix offers networks; the check is for one that would not",
 }
