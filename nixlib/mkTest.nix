@@ -99,7 +99,7 @@ let
     defaults = binaries // { inherit accel; stateRoot = "@stateRoot@"; };
   };
   # TCG is for QEMU only (interactive use on machines without KVM); the Nix build needs KVM.
-  spec = { kvm = specFor "kvm"; } // lib.optionalAttrs (backends == [ "qemu" ]) { tcg = specFor "tcg"; };
+  spec = { kvm = specFor "kvm"; } // lib.optionalAttrs (lib.all (b: b == "qemu") backends) { tcg = specFor "tcg"; };
   specFiles = lib.mapAttrs (accel: s: pkgs.writeText "ntng-spec-${name}-${accel}.json" (builtins.toJSON s)) spec;
 
   script = if lib.isFunction testScript

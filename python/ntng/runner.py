@@ -55,7 +55,8 @@ def prepare(opts: RunOptions, state_root: Path) -> tuple[testspec.TestSpec, acce
     script = testspec.read_script(opts.script)
     testspec.compile_script(opts.script, script)
     if opts.spec_dir is not None:
-        prebuilt = testspec.load_prebuilt(opts.script, testspec.spec_file(opts.spec_dir, "kvm"), state_root)
+        asked = testspec.spec_file(opts.spec_dir, opts.accel if opts.accel in ("kvm", "tcg") else "kvm")
+        prebuilt = testspec.load_prebuilt(opts.script, asked, state_root)
         if not prebuilt.node_names:
             return prebuilt, NO_VM
         # The probe boots one of the test's own kernels (not needed when TCG is asked for).

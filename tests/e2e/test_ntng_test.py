@@ -1,5 +1,5 @@
 """`ntng test` end to end, cheaply: node-less scripts (no VM: pass, fail, load errors, sleepers
-for Ctrl-C, --fail-fast and --resume) and one script with one small VM."""
+for Ctrl-C, --fail-fast and --resume) and one script with one small VM, stopped by Ctrl-C."""
 
 from __future__ import annotations
 
@@ -144,14 +144,30 @@ def test_fail_fast_starts_nothing_when_a_test_does_not_load(tmp_path: Path) -> N
     assert states(tmp_path / "out") == {"b.py": "error"}
 
 
-def test_one_small_vm(tmp_path: Path, guest_image: object) -> None:
-    r = ntng_test(ROOT, str(ROOT / "examples" / "suite" / "kernel.py"), "-o", str(tmp_path / "out"),
-                  "--accel", os.environ.get("NTNG_ACCEL", "auto"), timeout=900)
-    assert r.returncode == 0, r.stdout + r.stderr
+def test_one_small_vm_stopped_by_ctrl_c_leaves_no_vm(tmp_path: Path, guest_image: object) -> None:
+    """The one VM this file boots: Ctrl-C while it runs; its QEMU must be gone when the suite exits."""
+    proc = start_suite(ROOT, str(ROOT / "examples" / "suite" / "kernel.py"), "-o", str(tmp_path / "out"),
+                       "--accel", os.environ.get("NTNG_ACCEL", "auto"), sleep=0)
+    seen: list[str] = []
+    wait_for_line(proc, "machine: QEMU running (pid ", seen, timeout=600)
+    qemu = int(seen[-1].split("(pid ")[1].split(")")[0])
     need = budget.test_memory_mib([{"memory": 512}])
-    assert f"[examples/suite/kernel.py] started ({need} MiB" in r.stdout
-    assert "[examples/suite/kernel.py] machine: QEMU running" in r.stdout
-    assert (tmp_path / "out" / "tests" / "examples__suite__kernel" / "latest" / "machine").is_dir()
+    assert f"[examples/suite/kernel.py] started ({need} MiB" in "".join(seen)
+    os.kill(qemu, 0)  # it runs
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, "".join(seen) + rest
+    assert "[examples/suite/kernel.py] machine: kill machine" in rest
+    for _ in range(50):  # a moment for init to reap it, if the runner did not
+        try:
+            os.kill(qemu, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"QEMU {qemu} still runs after the suite exited")
+    assert states(tmp_path / "out") == {"examples/suite/kernel.py": "interrupted"}
+    assert (tmp_path / "out" / "tests" / "examples__suite__kernel" / "latest" / "events.jsonl").exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM])
