@@ -136,6 +136,12 @@ def test_a_test_bigger_than_the_budget_runs_alone() -> None:
     assert s.oversized(5000) and not s.oversized(1000)
 
 
+def test_longest_first_with_new_tests_before_all() -> None:
+    last = {"a.py": 10.0, "b.py": 100.0, "c.py": 50.0, "gone.py": 1.0}
+    assert budget.longest_first(["c.py", "a.py", "new2.py", "b.py", "new1.py"], last) == [
+        "new1.py", "new2.py", "b.py", "c.py", "a.py"]
+
+
 # -- resume state -------------------------------------------------------------------------------
 
 def test_state_records_results_and_resumes_only_unfinished(tmp_path: Path) -> None:
@@ -149,6 +155,8 @@ def test_state_records_results_and_resumes_only_unfinished(tmp_path: Path) -> No
     assert again.unfinished() == ["c.py", "d.py"]
     assert again.results["b.py"] == Result("b.py", "failed", 1, 2.0, "boom", "/out/b")
     assert not list(tmp_path.glob(".suite-state.json.*"))  # atomic writes leave no temporaries
+    assert SuiteState.last_durations(path) == {"a.py": 1.5, "b.py": 2.0}  # results only
+    assert SuiteState.last_durations(tmp_path / "none.json") == {}
 
 
 def test_resume_refuses_another_suite_and_missing_or_bad_files(tmp_path: Path) -> None:

@@ -55,6 +55,13 @@ def default_budget(jobs: int | None = None, memory_mib: int | None = None) -> Bu
                   memory_mib if memory_mib is not None else available_memory_mib())
 
 
+def longest_first(test_ids: list[str], last_durations: dict[str, float]) -> list[str]:
+    """The order to start tests in: by their duration in the suite's last run, longest first
+    (a long test started last would end the suite alone); tests without one (new) first of all,
+    in id order."""
+    return sorted(test_ids, key=lambda t: (-last_durations.get(t, float("inf")), t))
+
+
 class Scheduler:
     """Which waiting tests may start now.  First fit in the given order: a test that does not
     fit leaves its turn to a later, smaller one.  A test needing more than the whole budget

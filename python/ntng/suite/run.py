@@ -87,6 +87,7 @@ class Suite:
         by_id = {t.id: t for t in tests}
         opts.out_dir.mkdir(parents=True, exist_ok=True)
         state_path = opts.out_dir / FILE_NAME
+        last = SuiteState.last_durations(state_path)  # before a fresh run overwrites it
         if opts.resume:
             state = SuiteState.resume(state_path, list(by_id))
             done = len(state.test_ids) - len(state.unfinished())
@@ -103,7 +104,8 @@ class Suite:
         t0 = time.monotonic()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self._loop([by_id[t] for t in state.unfinished()], state, budget, log)
+            order = budget_mod.longest_first(state.unfinished(), last)
+            self._loop([by_id[t] for t in order], state, budget, log)
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)

@@ -54,6 +54,15 @@ class SuiteState:
         tmp.write_text(json.dumps(data, indent=1) + "\n")
         tmp.replace(self.path)  # atomic: a kill never leaves half a file
 
+    @staticmethod
+    def last_durations(path: Path) -> dict[str, float]:
+        """How long each test took in the state file's suite (any suite): for the start order."""
+        try:
+            results = json.loads(path.read_text())["results"]
+            return {k: float(v["duration"]) for k, v in results.items() if v.get("status") in FINAL}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+
     @classmethod
     def resume(cls, path: Path, test_ids: list[str]) -> SuiteState:
         """The saved state of this very test set, or a UsageError saying why not."""
