@@ -8,7 +8,7 @@
 #   };
 #
 # Result: the run derivation (requiredSystemFeatures nixos-test + kvm, output = the run's
-# artifacts), with .driver (bin/nixos-test-driver) and .driverInteractive (a REPL), .nodes (the
+# artifacts: reports, consoles, journals), with .driver (bin/nixos-test-driver) and .driverInteractive (a REPL), .nodes (the
 # evaluated NixOS systems) and .spec (what nixlib computed, per accelerator).
 { pkgs
 , name
@@ -19,6 +19,12 @@
 , skipLint ? false
 , skipTypeCheck ? false
 , defaults ? { } # a NixOS module added to every node
+  # The accelerator of the run derivation.  "tcg" (QEMU nodes only) builds on machines without
+  # KVM, e.g. CI runners without /dev/kvm, about 10x slower.
+, accel ? "kvm"
+  # What a builder must offer (its `system-features`, /etc/nix/machines): Nix and Hydra place
+  # the test only there, so a fleet of builders spreads a suite.  Add your own, e.g. "big-parallel".
+, requiredSystemFeatures ? [ "nixos-test" ] ++ (if accel == "kvm" then [ "kvm" ] else [ ])
 , ntng ? pkgs.callPackage ./pkgs/ntng.nix { }
 , evalConfig ? import (pkgs.path + "/nixos/lib/eval-config.nix")
 }:
@@ -93,7 +99,7 @@ let
     defaults = binaries // { inherit accel; stateRoot = "@stateRoot@"; };
   };
   # TCG is for QEMU only (interactive use on machines without KVM); the Nix build needs KVM.
-  spec = { kvm = specFor "kvm"; } // lib.optionalAttrs (backends == [ "qemu" ]) { tcg = specFor "tcg"; };
+  spec = { kvm = specFor "kvm"; } // lib.optionalAttrs (lib.all (b: b == "qemu") backends) { tcg = specFor "tcg"; };
   specFiles = lib.mapAttrs (accel: s: pkgs.writeText "ntng-spec-${name}-${accel}.json" (builtins.toJSON s)) spec;
 
   script = if lib.isFunction testScript
@@ -124,11 +130,15 @@ let
 
   driver = mkDriver { interactive = false; };
   driverInteractive = mkDriver { interactive = true; };
+  runAccel =
+    if !(builtins.elem accel [ "kvm" "tcg" ]) then throw "mkTest ${name}: accel must be \"kvm\" or \"tcg\", got ${builtins.toJSON accel}"
+    else if !(spec ? ${accel}) then throw "mkTest ${name}: accel = \"tcg\" needs QEMU nodes only (this test uses ${lib.concatStringsSep ", " backends}); Firecracker and Cloud Hypervisor need KVM"
+    else accel;
 in
 pkgs.runCommand "ntng-test-${name}" {
-  requiredSystemFeatures = [ "nixos-test" "kvm" ];
+  inherit requiredSystemFeatures;
   passthru = { inherit driver driverInteractive spec; nodes = systems; };
   meta.timeout = globalTimeout;
 } ''
-  ${driver}/bin/nixos-test-driver --accel kvm --output-directory $out
+  ${driver}/bin/nixos-test-driver --accel ${runAccel} --output-directory $out
 ''

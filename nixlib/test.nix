@@ -75,7 +75,8 @@ let
   check = cond: msg: if cond then true else throw msg;
   topChecks = [
     (check (unknownTop == [ ]) "unknown test option(s) ${concatStringsSep ", " unknownTop} (known: ${concatStringsSep ", " knownTop})")
-    (check (isAttrs nodes && nodes != { }) "the test declares no nodes")
+    # No nodes is allowed: a host-side test (no VM) still gets the driver, reports and suites.
+    (check (isAttrs nodes) "nodes must be an attribute set (node name = options), got ${toJSON nodes}")
     (check (isInt (header.globalTimeout or 3600) && (header.globalTimeout or 3600) > 0) "globalTimeout must be a positive number of seconds, got ${toJSON header.globalTimeout}")
     (check (isBool (header.skipLint or false)) "skipLint must be a boolean")
     (check (isBool (header.skipTypeCheck or false)) "skipTypeCheck must be a boolean")

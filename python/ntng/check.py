@@ -78,10 +78,7 @@ def node_plans_of(path: Path, spec_dir: Path | None) -> dict[str, dict[str, Any]
         network.declared_impairments(data["network"], str(path))
         return {name: data["nodes"][name] for name in data["nodeNames"]}
     # Validate the `#:` node declarations through nixlib; no file needs to exist for that.
-    defaults = {"kernel": "/check/kernel", "vmlinux": "/check/vmlinux", "initrd": "/check/initrd",
-                "image": "/check/root.ext4", "imageFormat": "raw", "accel": "tcg",
-                "stateRoot": "/check/state"}
-    spec = testspec.load(path, defaults)
+    spec = testspec.load_declared(path)
     network.declared_impairments(spec.network, str(path))  # values: the runner's rules
     return {name: spec.plans[name] for name in spec.node_names}
 

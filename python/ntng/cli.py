@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import accel, check, image, network, paths
-from .errors import EXIT_OK, EXIT_SETUP, EXIT_USAGE, NtngError
+from .errors import EXIT_OK, EXIT_SETUP, EXIT_USAGE, NtngError, UsageError
 from .runner import RunOptions, run
 
 
@@ -41,9 +41,30 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--network", choices=["auto", "tap", "vde"], default="auto",
                    help="tap: bridges + TAP devices in a private namespace (root); vde: rootless switches")
 
+    t = sub.add_parser("test", help="run a suite: test scripts in parallel, each in its own `ntng run`",
+                       description="PATHs are test scripts or directories; in a directory a test is a *.py file "
+                                   "with a `#:` header line (not conftest.py, test_*.py, *_test.py).")
+    t.add_argument("paths", type=Path, nargs="+", metavar="PATH")
+    t.add_argument("-j", "--jobs", type=int, help="tests at once at most (default: the usable cores)")
+    t.add_argument("--memory", type=int, metavar="MIB",
+                   help="memory budget for the tests' VMs (default: MemAvailable less 10%% of RAM)")
+    t.add_argument("-x", "--fail-fast", action="store_true", help="stop at the first test that does not pass")
+    t.add_argument("--shard", metavar="I/N", help="run shard I of N (1-based) of the sorted tests (CI matrices)")
+    t.add_argument("--resume", action="store_true",
+                   help="go on with an interrupted suite in the same -o directory: only tests without a result run")
+    t.add_argument("-o", "--output-directory", dest="out", type=Path, default=Path("ntng-out/suite"),
+                   help="suite reports (junit.xml, suite.jsonl, suite-state.json) and tests/<test>/ "
+                        "(default: ./ntng-out/suite)")
+    t.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="passed to every ntng run")
+    t.add_argument("--network", choices=["auto", "tap", "vde"], help="passed to every ntng run")
+    t.add_argument("--image", help="passed to every ntng run")
+    t.add_argument("-g", "--global-timeout", type=float, help="seconds per test (passed to every ntng run)")
+    t.add_argument("--boot-timeout", type=float, help="passed to every ntng run")
+
     c = sub.add_parser("check", help="the quick check: parse, validate nodes, lint (no boot)")
-    c.add_argument("script", type=Path)
-    c.add_argument("--spec-dir", type=Path, help="a mkTest driver's evaluated specs")
+    c.add_argument("scripts", type=Path, nargs="+", metavar="SCRIPT",
+                   help="test scripts, or directories searched as `ntng test` does")
+    c.add_argument("--spec-dir", type=Path, help="a mkTest driver's evaluated specs (one script)")
     c.add_argument("--no-type-check", action="store_true", help="skip the type check")
 
     im = sub.add_parser("image", help="guest image")
@@ -66,11 +87,10 @@ def main(argv: list[str] | None = None) -> int:
                 network=args.network,
                 junit_xml=args.junit_xml,
             ))
+        if args.cmd == "test":
+            return _suite(args)
         if args.cmd == "check":
-            for f in check.check(args.script, args.spec_dir, type_check=not args.no_type_check):
-                print(f"{args.script}:{f.line}: warning: {f.message}", file=sys.stderr)
-            print(f"ntng check: {args.script}: ok", file=sys.stderr)
-            return EXIT_OK
+            return _check(args)
         if args.cmd == "image":
             if args.image_cmd == "build":
                 image.build(force=args.force)
@@ -85,6 +105,48 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return EXIT_USAGE
+
+
+def _check(args: argparse.Namespace) -> int:
+    """The quick check of each script; all are checked, the worst exit code is returned."""
+    from .suite.discover import discover
+
+    if args.spec_dir is not None and len(args.scripts) != 1:
+        raise UsageError("--spec-dir belongs to one script: name exactly one")
+    scripts = args.scripts if len(args.scripts) == 1 and not args.scripts[0].is_dir() \
+        else [t.path for t in discover(args.scripts)]
+    worst = EXIT_OK
+    for script in scripts:
+        try:
+            for f in check.check(script, args.spec_dir, type_check=not args.no_type_check):
+                print(f"{script}:{f.line}: warning: {f.message}", file=sys.stderr)
+            print(f"ntng check: {script}: ok", file=sys.stderr)
+        except NtngError as e:
+            if len(scripts) == 1:
+                raise
+            print(f"ntng: error: {e}", file=sys.stderr)
+            worst = max(worst, e.exit_code)
+    if len(scripts) > 1:
+        print(f"ntng check: {len(scripts)} scripts, " + ("all ok" if worst == EXIT_OK else "some failed"),
+              file=sys.stderr)
+    return worst
+
+
+def _suite(args: argparse.Namespace) -> int:
+    from .suite.run import SuiteOptions, run_suite
+
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"-j {args.jobs}: at least one test must run at a time")
+    if args.memory is not None and args.memory < 1:
+        raise UsageError(f"--memory {args.memory}: a budget in MiB, at least 1")
+    run_args = []
+    for flag, value in (("--accel", args.accel), ("--network", args.network), ("--image", args.image),
+                        ("--global-timeout", args.global_timeout), ("--boot-timeout", args.boot_timeout)):
+        if value is not None:
+            run_args += [flag, str(value)]
+    return run_suite(SuiteOptions(paths=args.paths, out_dir=args.out, jobs=args.jobs, memory_mib=args.memory,
+                                  fail_fast=args.fail_fast, shard=args.shard, resume=args.resume,
+                                  run_args=run_args))
 
 
 def doctor() -> int:

@@ -43,6 +43,9 @@ class RunOptions:
     junit_xml: Path | None = None  # a copy of OUT/junit.xml (the NixOS driver's --junit-xml)
 
 
+NO_VM = accel_mod.AccelChoice("none", "the test declares no nodes")
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -52,12 +55,22 @@ def prepare(opts: RunOptions, state_root: Path) -> tuple[testspec.TestSpec, acce
     script = testspec.read_script(opts.script)
     testspec.compile_script(opts.script, script)
     if opts.spec_dir is not None:
+        asked = testspec.spec_file(opts.spec_dir, opts.accel if opts.accel in ("kvm", "tcg") else "kvm")
+        prebuilt = testspec.load_prebuilt(opts.script, asked, state_root)
+        if not prebuilt.node_names:
+            return prebuilt, NO_VM
         # The probe boots one of the test's own kernels (not needed when TCG is asked for).
         kernel = Path("/") if opts.accel == "tcg" else testspec.first_kernel(opts.spec_dir)
         choice = accel_mod.choose(opts.accel, kernel)
         log(f"ntng: accelerator: {choice.accel} ({choice.reason})")
         path = testspec.spec_file(opts.spec_dir, choice.accel)
         return testspec.load_prebuilt(opts.script, path, state_root), choice
+    # Validate the declared nodes first (a bad one fails without an image); a script with
+    # none needs neither image nor QEMU nor accelerator.
+    declared = testspec.load_declared(opts.script, opts.show_trace)
+    if not declared.node_names:
+        log("ntng: no nodes declared: nothing to boot")
+        return declared, NO_VM
     img = image_mod.find_image(opts.image_dir)
     if shutil.which("qemu-system-x86_64") is None:
         raise SetupError("qemu-system-x86_64 not found: apt-get install qemu-system-x86 (or run ./setup.sh)")

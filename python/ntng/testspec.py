@@ -6,7 +6,8 @@ Without Nix, a script declares its nodes in `#:` comment lines, NixOS-style Nix:
     #: nodes.client = { };
     #: globalTimeout = 600;
 
-No `#:` lines means one node called `machine`.  The lines are evaluated by nixlib (test.nix),
+No `#:` lines means one node called `machine`; `#: nodes = { };` means no VM at all (a
+host-side script: it still gets the driver's globals, reports and a place in a suite).  The lines are evaluated by nixlib (test.nix),
 which validates them and returns the launch plan of every node.
 """
 
@@ -80,6 +81,19 @@ def load(path: Path, defaults: dict[str, Any], show_trace: bool = False) -> Test
         plans=data["nodes"],
         network=data["network"],
     )
+
+
+# Stand-ins for what only a real run knows: nixlib validates and plans the nodes with them (no
+# file needs to exist), for the quick check, the suite's memory budget, and node-less scripts.
+PLACEHOLDER_DEFAULTS = {"kernel": "/check/kernel", "vmlinux": "/check/vmlinux", "initrd": "/check/initrd",
+                        "image": "/check/root.ext4", "imageFormat": "raw", "accel": "tcg",
+                        "stateRoot": "/check/state"}
+
+
+def load_declared(path: Path, show_trace: bool = False) -> TestSpec:
+    """The script's nodes as declared (validated, planned with placeholder paths): enough to
+    know names, memory and cores without an image, an accelerator or a VM."""
+    return load(path, PLACEHOLDER_DEFAULTS, show_trace)
 
 
 STATE_ROOT_MARKER = "@stateRoot@"

@@ -52,7 +52,8 @@ let
     throwsUnknownBackend = throws (nixlib.testSpec { header = { nodes.a = { backend = "bochs"; }; }; defaults = base // { accel = "tcg"; stateRoot = "/r"; }; });
     throwsMissingCapability = throws (nixlib.firecracker.launch (node "a" { backend = "firecracker"; backdoor.transport = "virtio-serial"; }));
     throwsFirecrackerOnTcg = throws (nixlib.firecracker.launch (node "a" { backend = "firecracker"; accel = "tcg"; }));
-    throwsNoNodes = throws (nixlib.testSpec { header = { nodes = { }; }; defaults = { stateRoot = "/r"; }; });
+    throwsNodesNotAnAttrset = throws (nixlib.testSpec { header = { nodes = [ "a" ]; }; defaults = { stateRoot = "/r"; }; });
+    noNodesIsNoVm = (nixlib.testSpec { header = { nodes = { }; }; defaults = { stateRoot = "/r"; }; }).nodeNames == [ ];
   };
 
   failures = filter (n: cases.${n} != true) (attrNames cases);

@@ -6,7 +6,7 @@
 #     [--arg functions '{ f = { nodes, ... }: "..."; }']
 # A <test> is mkTest's arguments as JSON: name, nodes (NixOS configurations as JSON), testScript
 # (a string, or {"function": "f"} for one of `functions`), and optionally backend, skipLint,
-# skipTypeCheck, globalTimeout, defaults.  The result maps each key to what the test
+# skipTypeCheck, globalTimeout, defaults, accel, requiredSystemFeatures.  The result maps each key to what the test
 # computed: the spec, the run and driver derivations, and per node the evaluated configuration.
 { libPath, tests, functions ? { } }:
 let
@@ -56,7 +56,7 @@ let
         inherit (t) name nodes;
         testScript = script;
       } // lib.optionalAttrs (t ? defaults) { inherit (t) defaults; }
-        // builtins.intersectAttrs { backend = 1; skipLint = 1; skipTypeCheck = 1; globalTimeout = 1; } t);
+        // builtins.intersectAttrs { backend = 1; skipLint = 1; skipTypeCheck = 1; globalTimeout = 1; accel = 1; requiredSystemFeatures = 1; } t);
     in {
       run = drvInfo run;
       driver = drvInfo run.driver;

@@ -76,6 +76,9 @@ SCENARIOS: dict[str, Any] = {
     "two": {"name": "two", "nodes": TWO_NODES, "testScript": TWO_SCRIPT, "globalTimeout": 1200},
     "noTypeCheck": {"name": "two", "nodes": TWO_NODES, "testScript": TWO_SCRIPT, "skipTypeCheck": True},
     "noLint": {"name": "two", "nodes": TWO_NODES, "testScript": TWO_SCRIPT, "skipLint": True},
+    "tcg": {"name": "two", "nodes": TWO_NODES, "testScript": TWO_SCRIPT, "accel": "tcg"},
+    "features": {"name": "two", "nodes": TWO_NODES, "testScript": TWO_SCRIPT,
+                 "requiredSystemFeatures": ["nixos-test", "kvm", "big-parallel"]},
     "firecracker": {
         "name": "fc", "backend": "firecracker", "testScript": "start_all()",
         "nodes": {"a": {"virtualisation": {"memorySize": 768}},
@@ -219,6 +222,13 @@ def test_run_derivation_runs_the_driver_under_kvm() -> None:
     assert run["meta"]["timeout"] == 1200
     assert run["script"].strip() == f"{r['driver']['path']}/bin/nixos-test-driver --accel kvm --output-directory $out"
     assert r["driverSpecIsTheSpec"] is True and r["driverNodesAreTheNodes"] is True
+
+
+def test_run_derivation_under_tcg_needs_no_kvm_and_features_are_the_callers() -> None:
+    run = result("tcg")["run"]
+    assert run["requiredSystemFeatures"] == ["nixos-test"]
+    assert run["script"].strip().endswith("/bin/nixos-test-driver --accel tcg --output-directory $out")
+    assert result("features")["run"]["requiredSystemFeatures"] == ["nixos-test", "kvm", "big-parallel"]
 
 
 def driver_lines(script: str) -> tuple[list[str], list[str]]:
@@ -413,6 +423,9 @@ def test_defaults_module_applies_to_every_node() -> None:
     ({"nodes": {"a": {}}, "backend": "bochs"}, ["`ntng.vm.backend'", '"bochs"']),
     ({"nodes": {"a": {}}, "defaults": {"virtualisation": {"cores": 0}}},
      ["`virtualisation.cores'", "defaults (test bad)"]),
+    ({"nodes": {"a": {}}, "backend": "firecracker", "accel": "tcg"},
+     ['accel = "tcg" needs QEMU nodes only (this test uses firecracker)']),
+    ({"nodes": {"a": {}}, "accel": "hvf"}, ['mkTest bad: accel must be "kvm" or "tcg", got "hvf"']),
     # The fake NixOS refuses to build a system whose assertions fail, as NixOS does.
     ({"nodes": {"a": {"assertions": [{"assertion": False, "message": "node a is broken"}]}}},
      ["Failed assertions:", "- node a is broken"]),

@@ -230,6 +230,11 @@ def test_firecracker_on_tcg_names_the_node() -> None:
         spec({"nodes": {"q": {}, "fc": {"backend": "firecracker"}}}, accel="tcg")
 
 
+def test_no_nodes_is_a_test_without_vms() -> None:
+    s = spec({"nodes": {}})
+    assert (s["nodeNames"], s["nodes"], s["network"]["nodes"]) == ([], {}, {})
+
+
 def test_header_defaults() -> None:
     s = spec({})
     assert s["nodeNames"] == ["machine"] and s["name"] == "test"
@@ -246,8 +251,7 @@ def test_header_defaults() -> None:
     [
         ({"nodes": {"a": {}}, "colour": "red"}, "unknown test option(s) colour (known: nodes, name, globalTimeout"),
         ({"nodes": {"a": {}}, "node": {}, "Nodes": {}}, "unknown test option(s) Nodes, node (known:"),
-        ({"nodes": {}}, "the test declares no nodes"),
-        ({"nodes": ["a"]}, "the test declares no nodes"),
+        ({"nodes": ["a"]}, 'nodes must be an attribute set (node name = options), got ["a"]'),
         ({"nodes": {"1a": {}}}, "node name '1a' is invalid: use a letter then letters, digits, - or _"),
         ({"nodes": {"a b": {}}}, "node name 'a b' is invalid"),
         ({"nodes": {"a.b": {}}}, "node name 'a.b' is invalid"),

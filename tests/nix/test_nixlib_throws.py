@@ -252,7 +252,7 @@ CASES: dict[Key, Call | Callable[[], Call]] = {
     ("test.nix", "node '…': expected an attribute set of options, got …"): header(nodes={"a": "qemu"}),
     ("test.nix", "node '…': unknown backend … (known: …)"): header(backend="bochs"),
     ("test.nix", "unknown test option(s) … (known: …)"): header(machines={}),
-    ("test.nix", "the test declares no nodes"): header(nodes={}),
+    ("test.nix", "nodes must be an attribute set (node name = options), got …"): header(nodes=["a"]),
     ("test.nix", "globalTimeout must be a positive number of seconds, got …"): header(globalTimeout=-1),
     ("test.nix", "skipLint must be a boolean"): header(skipLint=1),
     ("test.nix", "skipTypeCheck must be a boolean"): header(skipTypeCheck="no"),
@@ -291,6 +291,7 @@ CASES: dict[Key, Call | Callable[[], Call]] = {
 }
 
 WRAPPER = "the `fail` helper: what it throws is the message of each fail/check site, listed in CASES"
+MKTEST = "mkTest needs a pkgs: tested in tests/nix/test_mktest.py (test_invalid_test_fails_naming_the_option)"
 EXEMPT: dict[Key, str] = {
     ("network.nix", "internal: … not in list"): "indexOf is only asked for names taken from the list it searches",
     ("node.nix", "node '…': …"): WRAPPER,
@@ -298,6 +299,9 @@ EXEMPT: dict[Key, str] = {
     ("cloud-hypervisor.nix", "node '…': …"): WRAPPER,
     ("shares.nix", "node '…': …"): WRAPPER,
     ("node.nix", ""): "`check name (isAttrs caps) \"\"` only forces caps, which throws 'unknown backend' itself",
+    ("mkTest.nix", 'mkTest …: accel must be "kvm" or "tcg", got …'): MKTEST,
+    ("mkTest.nix", 'mkTest …: accel = "tcg" needs QEMU nodes only (this test uses …); Firecracker and Cloud '
+                   'Hypervisor need KVM'): MKTEST,
     ("node.nix", "interfaces: backend … has no networking"):
         "every backend in capabilities.nix offers networks; the check is for one that would not",
 }

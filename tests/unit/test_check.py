@@ -13,8 +13,8 @@ from ntng.errors import NixEvalError
 from ntng.errors import TestScriptError as ScriptError
 
 
-def script(tmp_path: Path, text: str) -> Path:
-    p = tmp_path / "t.py"
+def script(tmp_path: Path, text: str, name: str = "t.py") -> Path:
+    p = tmp_path / name
     p.write_text(text)
     return p
 
@@ -56,8 +56,21 @@ def test_cli_exit_codes(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "undefined name 'strat_all' (did you mean start_all?)" in bad.stderr
 
 
-@pytest.mark.parametrize("example", sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.py")),
-                         ids=lambda p: p.name)
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_cli_checks_many_scripts_and_directories(tmp_path: Path) -> None:
+    script(tmp_path, "#: nodes = { };\nassert True\n", "a.py")
+    script(tmp_path, "#: nodes = { };\nstrat_all()\n", "b.py")
+    script(tmp_path, "x = 1\n", "helper.py")  # no header: not a test in a directory
+    r = subprocess.run([sys.executable, "-m", "ntng.cli", "check", "--no-type-check", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert f"ntng check: {tmp_path / 'a.py'}: ok" in r.stderr and "b.py:2: undefined name 'strat_all'" in r.stderr
+    assert "helper.py" not in r.stderr and "2 scripts, some failed" in r.stderr
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES.rglob("*.py")), ids=lambda p: str(p.relative_to(EXAMPLES)))
 def test_examples_pass_the_quick_check(example: Path) -> None:
     from ntng import check as check_mod
 
