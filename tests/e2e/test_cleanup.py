@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,8 +67,8 @@ def wait_for_vm(tmpdir: Path, timeout: float = 300) -> list[int]:
 
 @pytest.mark.parametrize("how", ["ctrl-c", "kill-9"])
 def test_runner_death_takes_the_vm_along(tmp_path: Path, guest_image: object, how: str) -> None:
-    tmpdir = tmp_path / "tmp"
-    tmpdir.mkdir()
+    # The runner's TMPDIR, short: its VMs' unix sockets live under it (108-byte limit).
+    tmpdir = Path(tempfile.mkdtemp(prefix="ntng-cl-", dir="/tmp"))
     proc = start_runner(tmp_path, tmpdir)
     try:
         pids = wait_for_vm(tmpdir)
@@ -98,3 +100,4 @@ def test_runner_death_takes_the_vm_along(tmp_path: Path, guest_image: object, ho
     finally:
         if proc.poll() is None:
             proc.kill()
+        shutil.rmtree(tmpdir, ignore_errors=True)
