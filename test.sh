@@ -11,9 +11,6 @@ mypy
 # Debian's Nix: flakes are experimental, there is no nixbld group, and nothing may be fetched.
 nix --extra-experimental-features 'nix-command flakes' --option substituters '' \
   --option build-users-group '' flake check --no-write-lock-file
-# Test files run on as many workers as there are cores (at most 4): a TCG guest keeps one core
-# busy, so two e2e modules side by side take little longer than one.  A file's tests stay on
-# one worker (its module fixture boots its VMs once).
-jobs=${NTNG_TEST_JOBS:-$(nproc)}
-[ "$jobs" -gt 4 ] && jobs=4
-pytest -q -ra -n "$jobs" --dist loadfile "$@"
+# One test file after another: e2e runs of the runner's network setup hung when two ran side by
+# side under pytest-xdist (not understood yet), so the suite stays sequential.
+pytest -q -ra "$@"

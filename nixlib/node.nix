@@ -106,9 +106,6 @@ let
           "initrd and kernelParams have no effect with kernel = null (the disk's boot loader chooses them)")
         (check name (spec ? image && isString spec.image) "image (path to the base disk image) is required")
         (check name (spec ? stateDir && isString spec.stateDir) "stateDir is required")
-        # Unix socket paths are limited to 107 bytes; the longest name here is vhost-vsock.sock.
-        (check name (builtins.stringLength n.stateDir <= 80)
-          "stateDir ${n.stateDir} is ${toString (builtins.stringLength n.stateDir)} bytes long; the unix sockets in it need it at most 80 (use a shorter TMPDIR)")
         (check name (n.initrd == null || isString n.initrd) "initrd must be a path or null")
         (check name (elem n.imageFormat [ "qcow2" "raw" ]) "imageFormat must be \"qcow2\" or \"raw\", got ${toJSON n.imageFormat}")
         (check name (backend == "qemu" || n.imageFormat == "raw") "imageFormat: backend ${backend} boots raw images only (an ext4 file system image), got ${toJSON n.imageFormat}")

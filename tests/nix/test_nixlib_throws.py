@@ -230,8 +230,6 @@ CASES: dict[Key, Call | Callable[[], Call]] = {
         node(Q, interfaces=[{"tap": "t0", "mac": "52:54:00:12:34"}]),
     ("node.nix", 'restore must be null or { disk = "<frozen qcow2 of a snapshot>"; } on backend qemu, got … on …'):
         node(Q, restore={"memory": "/s/mem"}),
-    ("node.nix", "stateDir … is … bytes long; the unix sockets in it need it at most 80 (use a shorter TMPDIR)"):
-        node(Q, stateDir="/" + "x" * 80),
     ("node.nix", "requires must be a list of feature names"): node(Q, requires="screenshot"),
     ("node.nix", "requires …, which backend … lacks (it has: …)"): node(FC, requires=["screenshot"]),
 
