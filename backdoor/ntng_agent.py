@@ -54,6 +54,9 @@ class Disconnected(Exception):
     pass
 
 
+PORT_BUFFER = 4096  # what a virtio-serial port hands out per read when more is queued
+
+
 class Connection:
     """A byte pipe to the host: read() returns b"" on disconnect; write() sends everything."""
 
@@ -69,8 +72,8 @@ class Connection:
         """
         try:
             first = os.read(self.rfd, n)
-            if not first:
-                return b""
+            if len(first) < PORT_BUFFER:
+                return first  # a short read: nothing else was queued (saves a select per frame)
             parts, size = [first], len(first)
             while size < n and select.select([self.rfd], [], [], 0)[0]:
                 more = os.read(self.rfd, n - size)
@@ -526,6 +529,11 @@ def serve(conn: Connection, started_ns: int) -> None:
                     if ev.request_id is not None:
                         session.error(ev.request_id, P.ErrorCode.BAD_FRAME, f"dropped frame: {ev.reason}")
                     continue
+                if ev.type == P.FrameType.PING:  # answered here: the round trip is the measure
+                    pong = P.pong_frame(ev)
+                    if pong is not None:
+                        conn.write(pong)
+                        continue
                 session.handle(ev)
     except Disconnected:
         return

@@ -209,6 +209,7 @@ CASES: dict[Key, Call | Callable[[], Call]] = {
         node(FC, display=True),
     ("node.nix", 'display: machineType microvm has no PCI bus for a VGA device; use machineType = "q35" or "pc"'):
         node(Q, display=True, machineType="microvm"),
+    ("node.nix", "aslr must be true, false or null (off under TCG only), got …"): node(Q, aslr="no"),
     ("node.nix", "tscKhz must be a positive integer (kHz) or null"): node(Q, tscKhz=0),
     ("node.nix", "bootTimeout must be a positive number of seconds or null"): node(Q, bootTimeout=-1),
     ("node.nix", "backdoor must be an attribute set ({ transport = ...; })"): node(Q, backdoor="vsock"),
@@ -378,7 +379,7 @@ def test_each_case_throws_its_message() -> None:
 
 NODE_OPTIONS = ["memory", "cores", "accel", "backend", "machineType", "cpu", "qemuBinary", "qemuImg",
                 "firecrackerBinary", "cloudHypervisorBinary", "vhostDeviceVsock", "imageFormat", "initrd",
-                "kernelParams", "allowReboot", "display", "tscKhz", "bootTimeout", "extraArgs", "extraSerialPorts",
+                "kernelParams", "allowReboot", "display", "aslr", "tscKhz", "bootTimeout", "extraArgs", "extraSerialPorts",
                 "backdoor", "vlans", "interfaces", "requires", "name", "kernel", "image", "stateDir"]
 TOP_OPTIONS = ["nodes", "name", "globalTimeout", "skipLint", "skipTypeCheck", "backend"]
 ODD_VALUES: list[Any] = [
