@@ -329,6 +329,20 @@ class BackdoorClient:
             p.send_window.close("request finished")
             self._close(p)
 
+    def set_identity(self, ident: P.Identity, timeout: float = 60.0) -> float:
+        """Give a restored clone its identity (agents with the "identity" capability); returns
+        the agent's time for it in seconds."""
+        deadline = time.monotonic() + timeout
+        p = self._open(ident, timeout)
+        try:
+            f = self._next(p, deadline, "the clone's identity to be set")
+            if f.type != P.FrameType.EXIT:
+                raise BackdoorError(f"{self.name}: unexpected frame type {f.type} answering IDENTITY")
+            return P.Exit.parse(f.payload).duration_us / 1e6
+        finally:
+            p.send_window.close("request finished")
+            self._close(p)
+
     def put_file(
         self,
         source: Path | str,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import protocol as P
 from .backends.qemu import QemuBackend
+from .errors import RemoteError
 from .snapshots import (
     Snapshot,
     SnapshotError,
@@ -22,6 +23,7 @@ from .snapshots import (
     check_snapshottable,
     clone_plan,
     identity_script,
+    nics_script,
     state_dir,
 )
 
@@ -116,10 +118,20 @@ def adopt_identity(m: Machine, started: float) -> None:
     nics = [(i["guestName"], i) for i in m.plan.get("interfaces", [])]
     hosts = [(i["ipv4"], m.name) for i in m.plan.get("interfaces", [])[:1]]
     t0 = time.monotonic()
-    script = identity_script(m.name, clone["id"], time.time(), nics, hosts)
-    res = m.client.execute(P.Exec(argv=["sh", "-euc", script]), wait=60)
+    assert m.client.agent is not None  # adopt_identity runs right after the hello
+    if "identity" in m.client.agent.capabilities:
+        # The agent sets clock, hostname and files itself; only NICs need a process (`ip`).
+        ident = P.Identity(m.name, clone["id"], time.time_ns(), [f"{a} {n}" for a, n in hosts])
+        try:
+            m.client.set_identity(ident)
+        except RemoteError as e:
+            raise SnapshotError(f"{m.name}: giving the clone its identity failed: {e}") from None
+        script = "\n".join(nics_script(nics))
+    else:  # an older agent: one shell command does it all
+        script = identity_script(m.name, clone["id"], time.time(), nics, hosts)
+    res = m.client.execute(P.Exec(argv=["sh", "-euc", script]), wait=60) if script else None
     m.log(f"hello {t0 - started:.2f}s after the restore began; identity set in {time.monotonic() - t0:.2f}s")
-    if res.status != 0:
+    if res is not None and res.status != 0:
         raise SnapshotError(f"{m.name}: giving the clone its identity failed (exit {res.status}): "
                             f"{res.stderr.decode(errors='replace').strip()}")
     m.restore_seconds = time.monotonic() - started

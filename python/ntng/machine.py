@@ -102,7 +102,6 @@ class Machine:
         self.boot_ids: list[str] = []  # one per boot seen, in order
         self.reboots_seen = 0
         self._start_lock = threading.Lock()
-        self._restart_event = threading.Event()
         self.serial_stdout = False
         self.going_down = False  # shutting down (or rebooting): see watch.SHUTDOWN_MARKER
         self._boot_setup_due = False  # a new boot awaits _boot_setup
@@ -263,7 +262,6 @@ class Machine:
         self.boot_id = boot_id
 
     def _on_agent_restart(self, ack: P.HelloAck, previous: P.HelloAck) -> None:
-        self._restart_event.set()
         if ack.boot_id != previous.boot_id:
             self._boot_setup_due = True  # done by the next command (this is the reader thread)
             self.log(f"guest rebooted (boot id {previous.boot_id[:8]} → {ack.boot_id[:8]})")

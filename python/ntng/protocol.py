@@ -95,6 +95,7 @@ class FrameType(enum.IntEnum):
     STDERR = 13
     EXIT = 14
     SIGNAL = 15
+    IDENTITY = 16  # host → agent: a restored clone's new identity; answered by EXIT or ERROR
     FILE_PUT = 20
     FILE_GET = 21
     FILE_DATA = 22
@@ -303,6 +304,20 @@ class Exec(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class Identity(Message):
+    """A restored clone's own hostname, clone id, clock and /etc/hosts lines, set by the agent
+    itself: starting a process in a freshly restored TCG guest (empty translation cache) costs
+    more than the rest of a restore.  Agents that can say "identity" in HELLO_ACK."""
+
+    TYPE = FrameType.IDENTITY
+    SCHEMA = Struct("hostname" / Str, "clone_id" / Str, "epoch_ns" / Int64ub, "hosts" / StrList)
+    hostname: str
+    clone_id: str
+    epoch_ns: int
+    hosts: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
 class Exit(Message):
     TYPE = FrameType.EXIT
     SCHEMA = Struct(
@@ -392,7 +407,7 @@ class Error(Message):
 MESSAGES: dict[int, type[Message]] = {
     m.TYPE: m
     for m in (
-        Hello, HelloAck, Announce, Exec, Exit, Signal, FilePut, FileGet, FileDone,
+        Hello, HelloAck, Announce, Exec, Identity, Exit, Signal, FilePut, FileGet, FileDone,
         Credit, Ping, Pong, Error,
     )
 }

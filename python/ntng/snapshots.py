@@ -154,6 +154,14 @@ def identity_script(hostname: str, clone_id: str, epoch: float,
         f"echo {hostname} > /etc/hostname",  # /run/ntng: made in the origin before the snapshot
         f"echo {clone_id} > /run/ntng/clone-id",
     ]
+    lines += nics_script(nics)
+    for address, name in hosts or []:
+        lines.append(f"echo '{address} {name}' >> /etc/hosts")
+    return "\n".join(lines)
+
+
+def nics_script(nics: list[tuple[str, dict[str, Any]]] | None) -> list[str]:
+    """Shell lines giving a clone's NICs their own MACs and addresses (one `ip -batch`)."""
     batch = []
     for dev, nic in nics or []:
         batch += [
@@ -164,11 +172,7 @@ def identity_script(hostname: str, clone_id: str, epoch: float,
             f"addr add {nic['ipv6']}/{nic['prefixLength6']} dev {dev} nodad",
             f"link set dev {dev} up",
         ]
-    if batch:
-        lines += ["ip -batch - <<'EOF'", *batch, "EOF"]
-    for address, name in hosts or []:
-        lines.append(f"echo '{address} {name}' >> /etc/hosts")
-    return "\n".join(lines)
+    return ["ip -batch - <<'EOF'", *batch, "EOF"] if batch else []
 
 
 def clone_interfaces(nodes: dict[str, list[dict[str, Any]]], origin: str, clone: str) -> list[dict[str, Any]]:

@@ -491,3 +491,31 @@ def test_pty_gives_the_command_a_terminal(client: BackdoorClient) -> None:
     assert out.startswith(b"/dev/pts/") and b"both-tty\n" in out
     r = client.execute(P.Exec(shell="read line; echo got:$line", pty=True), stdin=b"hello\n", wait=30)
     assert b"got:hello" in r.stdout
+
+
+def test_identity_is_set_by_the_agent_without_a_process(
+    client: BackdoorClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IDENTITY (a restored clone's hostname, id, clock, hosts lines): files written, the clock
+    and hostname calls made with the host's values, EXIT 0; the host's own clock and name are
+    left alone here (the calls are recorded, not made)."""
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setattr(agent, "set_clock_ns", lambda ns: calls.append(("clock", ns)))
+    monkeypatch.setattr(agent, "set_hostname", lambda name: calls.append(("hostname", name)))
+    monkeypatch.setattr(agent, "HOSTNAME_FILE", str(tmp_path / "hostname"))
+    monkeypatch.setattr(agent, "CLONE_ID_FILE", str(tmp_path / "run" / "ntng" / "clone-id"))
+    (tmp_path / "hosts").write_text("127.0.0.1 localhost\n")
+    monkeypatch.setattr(agent, "HOSTS_FILE", str(tmp_path / "hosts"))
+    assert "identity" in client.wait_ready(1).capabilities
+    now = time.time_ns()
+    took = client.set_identity(P.Identity("c7", "c7-42", now, ["192.168.1.9 c7"]))
+    assert 0 <= took < 5
+    assert calls == [("clock", now), ("hostname", "c7")]
+    assert (tmp_path / "hostname").read_text() == "c7\n"
+    assert (tmp_path / "run" / "ntng" / "clone-id").read_text() == "c7-42\n"
+    assert (tmp_path / "hosts").read_text() == "127.0.0.1 localhost\n192.168.1.9 c7\n"
+    # A failure is an ERROR naming what failed, and the session goes on.
+    monkeypatch.setattr(agent, "HOSTNAME_FILE", str(tmp_path))  # a directory: cannot be written
+    with pytest.raises(RemoteError, match="setting the clone's identity: Is a directory"):
+        client.set_identity(P.Identity("c8", "c8-1", now, []))
+    assert sh(client, "true").status == 0

@@ -19,11 +19,12 @@ class Backend(Protocol):
     """What a Machine uses.  A method a backend cannot do raises CapabilityMissing, naming it."""
 
     name: str
-    capabilities: frozenset[str]
     proc: subprocess.Popen[bytes] | None
     console_log: list[str]
     console_callbacks: list[ConsoleCallback]
 
+    @property
+    def capabilities(self) -> frozenset[str]: ...
     @property
     def pid(self) -> int | None: ...
     @property

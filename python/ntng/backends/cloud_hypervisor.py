@@ -24,8 +24,6 @@ from . import ptyrelay, snapshot
 from .console import follow_file
 from .vmm import VmmProcess
 
-# capabilities.nix's features for cloud-hypervisor, and what the runner can do at run time.
-CAPABILITIES = frozenset({"snapshot", "sharedDirs", "networks", "reboot", "console", "powerdown", "pause"})
 INSTALL_HINT = ('install it (https://github.com/cloud-hypervisor/cloud-hypervisor/releases) '
                 'or use backend = "qemu"')
 ROUTES = ("api", "cli")
@@ -34,7 +32,6 @@ API = "/api/v1"
 
 class CloudHypervisorBackend(VmmProcess):
     name = "cloud-hypervisor"
-    capabilities = CAPABILITIES
 
     def __init__(self, machine_name: str, plan: dict[str, Any],
                  preexec: Callable[[], None] | None = None, keep_disk: bool = False,

@@ -25,8 +25,6 @@ from ..unixhttp import UnixHttpClient
 from . import snapshot
 from .vmm import VmmProcess
 
-# capabilities.nix's features for firecracker, and what the runner can do at run time.
-CAPABILITIES = frozenset({"snapshot", "networks", "console", "powerdown", "pause"})
 INSTALL_HINT = 'install it or use backend = "qemu" with machineType = "microvm"'
 ROUTES = ("config", "api")
 
@@ -36,7 +34,6 @@ VMSTATE, MEMORY = "vmstate", "memory"
 
 class FirecrackerBackend(VmmProcess):
     name = "firecracker"
-    capabilities = CAPABILITIES
 
     def __init__(self, machine_name: str, plan: dict[str, Any],
                  preexec: Callable[[], None] | None = None, keep_disk: bool = False,

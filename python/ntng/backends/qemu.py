@@ -19,14 +19,11 @@ from ..qmp import QMPClient
 from . import qemu_migrate
 from .vmm import VmmProcess
 
-CAPABILITIES = frozenset({"console", "screenshot", "keys", "reboot", "powerdown", "pause", "snapshot"})
-
 VHOST_VSOCK = "/dev/vhost-vsock"
 
 
 class QemuBackend(VmmProcess):
     name = "qemu"
-    capabilities = CAPABILITIES
 
     def __init__(self, machine_name: str, plan: dict[str, Any],
                  preexec: Callable[[], None] | None = None, keep_disk: bool = False) -> None:

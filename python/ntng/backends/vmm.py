@@ -25,7 +25,8 @@ HELPER_START_TIMEOUT = 10.0
 
 class VmmProcess(ConsoleLines):
     name = "vmm"  # the backend's name, as in plan["backend"]
-    capabilities: frozenset[str] = frozenset()
+    # What every backend does at run time, beside capabilities.nix's features.
+    RUNTIME_CAPABILITIES = frozenset({"powerdown", "pause"})
 
     def __init__(self, machine_name: str, plan: dict[str, Any],
                  preexec: Callable[[], None] | None = None, keep_disk: bool = False) -> None:
@@ -165,6 +166,12 @@ class VmmProcess(ConsoleLines):
         """The VMM is gone: its sockets are dead ends (a killed VMM cannot remove them)."""
         for sock in self.plan["sockets"].values():
             Path(sock).unlink(missing_ok=True)
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """capabilities.nix's features for this backend (from the plan), and the run-time ones."""
+        features = self.plan.get("capabilities", {}).get("features", [])
+        return frozenset(features) | self.RUNTIME_CAPABILITIES
 
     def _lacks(self, capability: str, what: str) -> CapabilityMissing:
         return CapabilityMissing(
