@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from backdoor import RAW, ms, raw_copy, raw_echo, recv_exact, timed  # noqa: E402
+from backdoor import RAW, ms, pings, raw_copy, raw_echo, recv_exact, timed  # noqa: E402
 from ntng import runner, vsock  # noqa: E402
 from ntng.driver import Driver  # noqa: E402
 from ntng.machine import Machine  # noqa: E402
@@ -109,7 +109,7 @@ def vsock_raw(m: Machine, rounds: int, nbytes: int) -> tuple[list[float], float,
 
 def protocol_numbers(m: Machine, rounds: int, nbytes: int, tmp: Path) -> tuple[list[float], float, float]:
     client = m.connect()
-    ping = timed(client.ping, rounds)
+    ping = pings(client, rounds)
     src = tmp / "up.bin"
     src.write_bytes(os.urandom(nbytes))
     t = time.perf_counter()

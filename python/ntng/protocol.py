@@ -167,12 +167,16 @@ class Message:
     _names: ClassVar[tuple[str, ...] | None] = None
     SCHEMA: ClassVar[Any]
     _compiled: ClassVar[Any] = None
+    COMPILE: ClassVar[bool] = True  # False: a message used once, where compiling costs more
 
     @classmethod
     def codec(cls) -> Any:
         """The schema compiled to Python on first use: several times faster per message (it
         matters for round trips under TCG) without paying for all schemas at agent start."""
         if cls.__dict__.get("_compiled") is None:
+            if not cls.COMPILE:
+                cls._compiled = cls.SCHEMA
+                return cls._compiled
             try:
                 cls._compiled = cls.SCHEMA.compile()
             except Exception:  # a construct the compiler does not support: stay interpreted
@@ -310,6 +314,7 @@ class Identity(Message):
     more than the rest of a restore.  Agents that can say "identity" in HELLO_ACK."""
 
     TYPE = FrameType.IDENTITY
+    COMPILE = False  # parsed once, in a just-restored guest where compiling the codec is slow
     SCHEMA = Struct("hostname" / Str, "clone_id" / Str, "epoch_ns" / Int64ub, "hosts" / StrList)
     hostname: str
     clone_id: str
