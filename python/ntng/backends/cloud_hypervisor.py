@@ -19,10 +19,10 @@ from typing import Any
 
 from .. import vsock
 from ..errors import SetupError
-from ..unixhttp import ApiError, UnixHttpClient
+from ..unixhttp import ApiError
 from . import ptyrelay, snapshot
 from .console import follow_file
-from .vmm import VmmProcess
+from .vmm import ApiVmm
 
 INSTALL_HINT = ('install it (https://github.com/cloud-hypervisor/cloud-hypervisor/releases) '
                 'or use backend = "qemu"')
@@ -30,19 +30,14 @@ ROUTES = ("api", "cli")
 API = "/api/v1"
 
 
-class CloudHypervisorBackend(VmmProcess):
+class CloudHypervisorBackend(ApiVmm):
     name = "cloud-hypervisor"
+    ROUTES = ROUTES
 
     def __init__(self, machine_name: str, plan: dict[str, Any],
                  preexec: Callable[[], None] | None = None, keep_disk: bool = False,
-                 route: str = "api") -> None:
-        super().__init__(machine_name, plan, preexec, keep_disk)
-        if route not in ROUTES:
-            raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-        self.route = route
-        self.who = f"{machine_name}: cloud-hypervisor"
-        self.api = UnixHttpClient(plan["sockets"]["api"], self.who)
-        self.paused = False
+                 route: str | None = None) -> None:
+        super().__init__(machine_name, plan, preexec, keep_disk, route)
         self.pty: str | None = None  # the virtio-console's pseudo-terminal (virtconsole backdoor)
         self._stop_console = threading.Event()
         self._console_thread: threading.Thread | None = None

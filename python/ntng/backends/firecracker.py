@@ -21,9 +21,8 @@ from typing import IO, Any
 
 from .. import vsock
 from ..errors import SetupError
-from ..unixhttp import UnixHttpClient
 from . import snapshot
-from .vmm import VmmProcess
+from .vmm import ApiVmm
 
 INSTALL_HINT = 'install it or use backend = "qemu" with machineType = "microvm"'
 ROUTES = ("config", "api")
@@ -32,18 +31,14 @@ ROUTES = ("config", "api")
 VMSTATE, MEMORY = "vmstate", "memory"
 
 
-class FirecrackerBackend(VmmProcess):
+class FirecrackerBackend(ApiVmm):
     name = "firecracker"
+    ROUTES = ROUTES
 
     def __init__(self, machine_name: str, plan: dict[str, Any],
                  preexec: Callable[[], None] | None = None, keep_disk: bool = False,
-                 route: str = "config") -> None:
-        super().__init__(machine_name, plan, preexec, keep_disk)
-        if route not in ROUTES:
-            raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-        self.route = route
-        self.api = UnixHttpClient(plan["sockets"]["api"], f"{machine_name}: firecracker")
-        self.paused = False
+                 route: str | None = None) -> None:
+        super().__init__(machine_name, plan, preexec, keep_disk, route)
         self._console_thread: threading.Thread | None = None
         self._console_copy: IO[bytes] | None = None
 

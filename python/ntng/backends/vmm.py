@@ -18,6 +18,7 @@ from typing import Any
 from .. import pdeathsig
 from ..errors import SetupError
 from ..network import CapabilityMissing
+from ..unixhttp import UnixHttpClient
 from .console import ConsoleLines
 
 HELPER_START_TIMEOUT = 10.0
@@ -177,6 +178,25 @@ class VmmProcess(ConsoleLines):
         return CapabilityMissing(
             f"{self.machine_name}: {what} needs the {capability!r} capability, which backend "
             f"{self.name} lacks (it has: {', '.join(sorted(self.capabilities))})")
+
+
+class ApiVmm(VmmProcess):
+    """A VMM driven over an HTTP API on a unix socket (Firecracker, Cloud Hypervisor), started
+    by one of its ROUTES (a config file or command line, or API calls)."""
+
+    ROUTES: tuple[str, ...] = ()
+
+    def __init__(self, machine_name: str, plan: dict[str, Any],
+                 preexec: Callable[[], None] | None = None, keep_disk: bool = False,
+                 route: str | None = None) -> None:
+        super().__init__(machine_name, plan, preexec, keep_disk)
+        route = self.ROUTES[0] if route is None else route
+        if route not in self.ROUTES:
+            raise ValueError(f"route must be one of {self.ROUTES}, got {route!r}")
+        self.route = route
+        self.who = f"{machine_name}: {self.name}"
+        self.api = UnixHttpClient(plan["sockets"]["api"], self.who)
+        self.paused = False
 
 
 def kill_group(proc: subprocess.Popen[bytes]) -> None:
