@@ -3,7 +3,7 @@
 
 One guest (1 vCPU, 1 GiB):
   cold      start → first command answered (`true`), booting from the image
-  save      machine.snapshot(): how long the origin is paused (memory stream + disk copy)
+  save      machine.snapshot(): how long the origin is paused (stream, RAM file, disk copy)
   restore   per clone, start_from_snapshot(snap, [name]) → first command answered
   rate      clones per minute: --clones clones started one after another, each up, then
             released (their QEMU killed, state removed), wall time
@@ -51,7 +51,7 @@ def measure(clones: int, verbose: bool) -> dict[str, object]:
                 c.release()
             rate = clones / (time.monotonic() - t_all) * 60
             return {"accel": choice.accel, "cold": cold, "save": snap.save_seconds,
-                    "memory_mb": snap.memory_bytes / 1e6, "restores": restores, "rate": rate}
+                    "memory_mb": snap.memory_bytes / 1e6, "ram_mb": snap.ram_bytes / 1e6, "restores": restores, "rate": rate}
 
 
 def main() -> None:
@@ -67,7 +67,8 @@ def main() -> None:
     print(f"| measure ({r['accel']}, 1 vCPU, 1 GiB) | value |")
     print("|---|---|")
     print(f"| cold boot → first command | {cold:.1f} s |")
-    print(f"| snapshot: origin paused (memory stream {r['memory_mb']:.0f} MB + disk copy) | {r['save']:.2f} s |")
+    print(f"| snapshot: origin paused (migration stream {r['memory_mb']:.0f} MB, RAM file {r['ram_mb']:.0f} MB, "
+          f"disk copy) | {r['save']:.2f} s |")
     print(f"| restore → first command, median of {len(restores)} (min / max) | "
           f"{med:.2f} s ({min(restores):.2f} / {max(restores):.2f}) |")
     print(f"| restore / cold boot | {100 * med / cold:.1f} % |")

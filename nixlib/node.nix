@@ -38,8 +38,9 @@ let
     impairments = [ ]; # the network plan checks these and puts them on the interfaces
     interfaces = [ ];
     requires = [ ]; # features the test needs from the backend (see capabilities.nix)
-    # A clone restored from a snapshot (QEMU): { disk = <the snapshot's frozen qcow2>; }; its
-    # disk is an overlay on that one and the plan gets restoreArgv (QEMU waits for the state).
+    # A clone restored from a snapshot (QEMU): { disk = <the snapshot's frozen qcow2>; ram = <its
+    # RAM file, mapped copy-on-write>; }; its disk is an overlay on that one and the plan gets
+    # restoreArgv (QEMU waits for the device state).
     restore = null;
     sharedDirs = { }; # <tag> = { source; target; type ? "9p"; readOnly ? false; } (see shares.nix)
     shareArtifacts = false; # a writable share at /tmp/shared, on the host in the run's artifacts
@@ -148,8 +149,9 @@ let
           "interfaces: backend ${backend} needs TAP networking (CAP_NET_ADMIN); rootless VDE networking is QEMU-only")
         (check name (!(isList n.kernelParams && all isString n.kernelParams) || builtins.stringLength (concatStringsSep " " n.kernelParams) <= 1900)
           "kernelParams: the kernel command line would be ${toString (builtins.stringLength (concatStringsSep " " n.kernelParams))} bytes; Linux on x86 takes 2048 (with many nodes, ntng.hosts grows: use fewer nodes or a NixOS system)")
-        (check name (n.restore == null || (isAttrs n.restore && isString (n.restore.disk or null) && backend == "qemu"))
-          "restore must be null or { disk = \"<frozen qcow2 of a snapshot>\"; } on backend qemu, got ${toJSON n.restore} on ${backend}")
+        (check name (n.restore == null || (isAttrs n.restore && isString (n.restore.disk or null) && backend == "qemu"
+            && (let r = n.restore.ram or null; in r == null || isString r)))
+          "restore must be null or { disk = \"<frozen qcow2 of a snapshot>\"; ram = <its RAM file> or null; } on backend qemu, got ${toJSON n.restore} on ${backend}")
         (check name (isList n.requires && all isString n.requires) "requires must be a list of feature names")
         (check name (missing == [ ]) "requires ${list missing}, which backend ${backend} lacks (it has: ${list caps.features})")
       ];

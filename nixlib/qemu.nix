@@ -76,8 +76,19 @@ let
   # vhost-user devices (hybrid vsock, virtiofs) read and write guest RAM from another
   # process: it must be shared memory, once for all of them.
   needsSharedMemory = n: hybridVsock n || shares.hasVirtiofs n.sharedDirs;
-  sharedMemoryArgs = n: if !(needsSharedMemory n) then [ ] else
-    [ "-object" "memory-backend-memfd,id=mem0,size=${toString n.memory}M,share=on"
+  # On q35/pc guest RAM is always that memfd: a snapshot then copies it to a file and leaves it
+  # out of the migration stream (x-ignore-shared), and a clone maps the file copy-on-write
+  # (share=off) instead of loading a stream of it (python/ntng/backends/qemu_migrate.py).
+  restoresRam = n: n.restore != null && (n.restore.ram or null) != null;
+  ramPlan = n:
+    if restoresRam n then { kind = "file"; path = n.restore.ram; }
+    else if needsSharedMemory n || !(isMicrovm n) then { kind = "memfd"; }
+    else null;
+  sharedMemoryArgs = n:
+    let ram = ramPlan n; size = "size=${toString n.memory}M"; in
+    if ram == null then [ ] else
+    [ "-object" (if ram.kind == "file" then "memory-backend-file,id=mem0,${size},mem-path=${ram.path},share=off"
+                 else "memory-backend-memfd,id=mem0,${size},share=on")
       "-numa" "node,memdev=mem0" ];
 
   shareArgs = n: shares.qemuArgs { inherit (n) stateDir; dev = virtio n; microvm = isMicrovm n; } n.sharedDirs;
@@ -161,6 +172,7 @@ let
         // (if n.backdoor.transport == "virtio-serial" then { inherit (p) backdoor; } else if hybrid then { inherit (p) vsock; } else { })
         // builtins.listToAttrs (map (name: { name = "port:${name}"; value = portSocket n name; }) n.extraSerialPorts);
       files = { inherit (p) consoleLog disk; };
+      ram = ramPlan n; # null: anonymous RAM (microvm without vhost-user devices)
       backdoor = n.backdoor // (if hybrid then { uds = p.vsock; port = n.backdoor.vsockPort; }
         else if vsock then { cid = n.backdoor.guestCid; port = n.backdoor.vsockPort; } else { socket = p.backdoor; });
       console = "socket";

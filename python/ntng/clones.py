@@ -51,16 +51,17 @@ def take(m: Machine, name: str) -> Snapshot:
     m.log(f"snapshot {name!r}: pausing and saving the VM state")
     t0 = time.monotonic()
     try:
-        size = backend.snapshot_save(directory)
+        size, ram = backend.snapshot_save(directory)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
     paused = time.monotonic() - t0
     _taken.add(directory)
     step_clock(m)  # the origin's clock stood still while it was paused
-    m.events.emit("snapshot", m.name, paused, name=name, memory_bytes=size)
-    m.log(f"snapshot {name!r} saved in {paused:.2f}s ({size / 1e6:.0f} MB of memory stream) to {directory}")
-    return Snapshot(name, m.name, directory, m.plan, paused, size)
+    m.events.emit("snapshot", m.name, paused, name=name, memory_bytes=size, ram_bytes=ram)
+    m.log(f"snapshot {name!r} saved in {paused:.2f}s ({size / 1e6:.0f} MB of migration stream, "
+          f"{ram / 1e6:.0f} MB of RAM file) to {directory}")
+    return Snapshot(name, m.name, directory, m.plan, paused, size, ram)
 
 
 def step_clock(m: Machine) -> None:

@@ -19,7 +19,8 @@ from typing import Any
 
 from .errors import TestScriptError
 
-MEMORY = "memory"  # QEMU's migration stream: RAM and device state
+MEMORY = "memory"  # QEMU's migration stream: device state, and RAM unless RAM is a file
+RAM = "ram"  # guest RAM (where the origin's RAM was a memfd): clones map it copy-on-write
 DISK = "disk.qcow2"  # the origin's overlay as it was, read-only: the clones' backing file
 NOTE = "ntng-snapshot.json"
 
@@ -39,11 +40,16 @@ class Snapshot:
     directory: Path
     plan: dict[str, Any] = dataclasses.field(repr=False)  # the origin's launch plan
     save_seconds: float = 0.0  # the origin was paused this long
-    memory_bytes: int = 0
+    memory_bytes: int = 0  # the migration stream
+    ram_bytes: int = 0  # guest RAM copied to the RAM file (0: the RAM is in the stream)
 
     @property
     def memory(self) -> Path:
         return self.directory / MEMORY
+
+    @property
+    def ram(self) -> Path | None:
+        return self.directory / RAM if self.ram_bytes else None
 
     @property
     def disk(self) -> Path:
@@ -114,7 +120,7 @@ def clone_spec(snap: Snapshot, clone: str, interfaces: list[dict[str, Any]] | No
         raise SnapshotError(f"{clone}: the clone needs {len(old_nics)} network interface(s) like "
                             f"{snap.origin}, got {len(new_nics)}")
     spec.update(name=clone, stateDir=str(state_dir(origin).parent / clone), interfaces=new_nics,
-                restore={"disk": str(snap.disk)})
+                restore={"disk": str(snap.disk), "ram": None if snap.ram is None else str(snap.ram)})
     # A later cold boot of the clone (after crash()) comes up under its own name, MACs and
     # addresses; the restore itself ignores the kernel command line (the kernel already runs).
     params = spec.get("kernelParams")

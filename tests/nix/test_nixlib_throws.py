@@ -229,8 +229,8 @@ CASES: dict[Key, Call | Callable[[], Call]] = {
     ("node.nix", "vlans must be a list of integers from 1 to 254, got …"): node(Q, vlans=[0]),
     ("node.nix", 'interfaces must be a list of { tap; mac = "xx:xx:xx:xx:xx:xx"; ... } (the network plan makes them)'):
         node(Q, interfaces=[{"tap": "t0", "mac": "52:54:00:12:34"}]),
-    ("node.nix", 'restore must be null or { disk = "<frozen qcow2 of a snapshot>"; } on backend qemu, got … on …'):
-        node(Q, restore={"memory": "/s/mem"}),
+    ("node.nix", 'restore must be null or { disk = "<frozen qcow2 of a snapshot>"; ram = <its RAM file> or null; } on backend qemu, got … on …'):
+        node(Q, restore={"disk": "/s/disk.qcow2", "ram": 1}),
     ("node.nix", "requires must be a list of feature names"): node(Q, requires="screenshot"),
     ("node.nix", "requires …, which backend … lacks (it has: …)"): node(FC, requires=["screenshot"]),
 

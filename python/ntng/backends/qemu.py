@@ -46,8 +46,8 @@ class QemuBackend(VmmProcess):
         self._launch(argv)
         qemu_migrate.restore(self, directory)
 
-    def snapshot_save(self, directory: Path, resume: bool = True) -> int:
-        """Freeze this VM into `directory` (qemu_migrate.save); the memory stream's size."""
+    def snapshot_save(self, directory: Path, resume: bool = True) -> tuple[int, int]:
+        """Freeze this VM into `directory` (qemu_migrate.save); the stream's size, RAM copied."""
         return qemu_migrate.save(self, directory, resume)
 
     def _launch(self, argv: list[str]) -> None:

@@ -5,6 +5,10 @@ VM, migrate (no bandwidth cap: the default 32 MiB/s would make it take seconds),
 `completed`, copy the disk overlay (QEMU flushed it when the migration completed), then let
 the origin run on.  Restoring: QEMU started with `-incoming defer`, `migrate-incoming`, wait,
 `cont`.
+
+Guest RAM in a memfd (the plan's `ram`, from nixlib) stays out of the stream (x-ignore-shared):
+while the VM is stopped its pages are copied to a file, holes kept, and a clone maps that file
+copy-on-write, so a restore loads only device state and the guest faults in what it touches.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
 
 MIGRATE_TIMEOUT = 300.0
 POLL = 0.02
+MEMFD_NAME = "memory-backend-memfd"  # QEMU names a memory-backend-memfd's memfd after its type
 
 
 def wait_migration(qmp: QMPClient, what: str, timeout: float = MIGRATE_TIMEOUT) -> dict[str, Any]:
@@ -42,13 +47,59 @@ def wait_migration(qmp: QMPClient, what: str, timeout: float = MIGRATE_TIMEOUT) 
         time.sleep(POLL)
 
 
-def save(backend: QemuBackend, directory: Path, resume: bool = True) -> int:
-    """Freeze the running VM into `directory` (memory stream, read-only disk copy, a note).
-    Returns the memory stream's size."""
+def _ignore_shared(qmp: QMPClient, on: bool) -> None:
+    qmp.command("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": on}])
+
+
+def find_memfd(pid: int) -> Path:
+    """/proc path of QEMU's guest RAM memfd (nixlib's memory-backend-memfd; QEMU names it so)."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd).startswith(f"/memfd:{MEMFD_NAME} "):
+                found.append(fd)
+        except OSError:
+            continue
+    if len(found) != 1:
+        raise SetupError(f"QEMU (pid {pid}) holds {len(found)} guest RAM memfds, expected one")
+    return found[0]
+
+
+def copy_sparse(source: Path, target: Path) -> int:
+    """Copy a file's data extents only (guest RAM never touched stays a hole); bytes copied."""
+    copied = 0
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        size = os.fstat(src.fileno()).st_size
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(src.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            end = os.lseek(src.fileno(), start, os.SEEK_HOLE)
+            offset = start
+            while offset < end:
+                os.lseek(dst.fileno(), offset, os.SEEK_SET)
+                sent = os.sendfile(dst.fileno(), src.fileno(), offset, end - offset)
+                if sent <= 0:
+                    raise SetupError(f"copying {source}: sendfile made no progress at {offset}")
+                offset += sent
+            copied += end - start
+            pos = end
+        dst.truncate(size)
+    return copied
+
+
+def save(backend: QemuBackend, directory: Path, resume: bool = True) -> tuple[int, int]:
+    """Freeze the running VM into `directory` (memory stream, RAM file where the RAM is a
+    memfd, read-only disk copy, a note).  Returns the stream's size and the RAM bytes copied."""
     qmp = backend._qmp()
     directory.mkdir(parents=True)
     memory = directory / snapshots.MEMORY
+    ram_copied = 0
+    memfd_ram = (backend.plan.get("ram") or {}).get("kind") == "memfd"
     qmp.command("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+    _ignore_shared(qmp, memfd_ram)
     qmp.command("stop")
     try:
         qmp.command("migrate", uri=f"exec:cat > {shlex.quote(str(memory))}")
@@ -57,6 +108,9 @@ def save(backend: QemuBackend, directory: Path, resume: bool = True) -> int:
         except SetupError:
             qmp.command("migrate_cancel")  # a timed-out migration must not go on behind `cont`
             raise
+        if memfd_ram:
+            assert backend.proc is not None
+            ram_copied = copy_sparse(find_memfd(backend.proc.pid), directory / snapshots.RAM)
         disk = Path(backend.plan["files"]["disk"])
         backend._copy_disk(disk, directory / snapshots.DISK)
         os.chmod(directory / snapshots.DISK, 0o444)  # a base now: nothing may write to it
@@ -65,7 +119,7 @@ def save(backend: QemuBackend, directory: Path, resume: bool = True) -> int:
     finally:
         if resume:
             qmp.command("cont")  # also from postmigrate: the disk is taken back
-    return memory.stat().st_size
+    return memory.stat().st_size, ram_copied
 
 
 def restore(backend: QemuBackend, directory: Path, timeout: float = MIGRATE_TIMEOUT) -> None:
@@ -74,6 +128,11 @@ def restore(backend: QemuBackend, directory: Path, timeout: float = MIGRATE_TIME
     if not memory.exists():
         raise SetupError(f"{backend.machine_name}: {directory} holds no snapshot ({memory} is missing)")
     qmp = backend._qmp()
+    ram = backend.plan.get("ram") or {}
+    if ram.get("kind") == "file":  # the stream holds no RAM: the clone maps the snapshot's file
+        if not Path(ram["path"]).exists():
+            raise SetupError(f"{backend.machine_name}: the snapshot's RAM file {ram['path']} is missing")
+        _ignore_shared(qmp, True)
     qmp.command("migrate-incoming", uri=f"exec:cat {shlex.quote(str(memory))}")
     wait_migration(qmp, f"restoring from {memory}", timeout)
     if (qmp.command("query-status") or {}).get("status") != "running":
