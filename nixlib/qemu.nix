@@ -79,13 +79,13 @@ let
   # On q35/pc guest RAM is always that memfd: a snapshot then copies it to a file and leaves it
   # out of the migration stream (x-ignore-shared), and a clone maps the file copy-on-write
   # (share=off) instead of loading a stream of it (python/ntng/backends/qemu_migrate.py).
-  restoresRam = n: n.restore != null && (n.restore.ram or null) != null;
-  ramPlan = n:
-    if restoresRam n then { kind = "file"; path = n.restore.ram; }
-    else if needsSharedMemory n || !(isMicrovm n) then { kind = "memfd"; }
-    else null;
-  sharedMemoryArgs = n:
-    let ram = ramPlan n; size = "size=${toString n.memory}M"; in
+  # (A cold boot of a clone, after crash(), gets a fresh memfd like any VM.)
+  ramPlan = n: if needsSharedMemory n || !(isMicrovm n) then { kind = "memfd"; } else null;
+  restoreRamPlan = n:
+    if n.restore != null && (n.restore.ram or null) != null then { kind = "file"; path = n.restore.ram; }
+    else ramPlan n;
+  ramArgs = n: ram:
+    let size = "size=${toString n.memory}M"; in
     if ram == null then [ ] else
     [ "-object" (if ram.kind == "file" then "memory-backend-file,id=mem0,${size},mem-path=${ram.path},share=off"
                  else "memory-backend-memfd,id=mem0,${size},share=on")
@@ -131,7 +131,7 @@ let
       p = paths n;
       vsock = n.backdoor.transport == "vsock";
       hybrid = hybridVsock n;
-      qemuArgv =
+      qemuArgv = ram:
         [ n.qemuBinary "-name" "${n.name},process=ntng-${n.name}" ]
         ++ accelArgs n
         ++ [ "-m" (toString n.memory) "-smp" (toString n.cores) ]
@@ -146,7 +146,7 @@ let
         ++ socketChardev "qmp" p.qmp "" ++ [ "-mon" "chardev=qmp,mode=control" ]
         ++ socketChardev "console" p.console ",logfile=${p.consoleLog}" ++ [ "-serial" "chardev:console" ]
         ++ serialArgs n p
-        ++ sharedMemoryArgs n
+        ++ ramArgs n ram
         ++ vsockArgs n p
         ++ shareArgs n
         ++ (if n.interfaces == [ ] then [ "-nic" "none" ] else nicArgs n)
@@ -165,14 +165,15 @@ let
       helpers = helpers n p;
       writeFiles = { }; # every backend's plan has the same keys (QEMU needs no config file
       api = [ ]; # and no API calls: all of it is on the command line)
-      argv = qemuArgv;
+      argv = qemuArgv (ramPlan n);
       # A clone's restore: the same machine, waiting for the saved state (migrate-incoming).
-      restoreArgv = if n.restore == null then null else qemuArgv ++ [ "-incoming" "defer" ];
+      restoreArgv = if n.restore == null then null else qemuArgv (restoreRamPlan n) ++ [ "-incoming" "defer" ];
       sockets = { inherit (p) qmp console; }
         // (if n.backdoor.transport == "virtio-serial" then { inherit (p) backdoor; } else if hybrid then { inherit (p) vsock; } else { })
         // builtins.listToAttrs (map (name: { name = "port:${name}"; value = portSocket n name; }) n.extraSerialPorts);
       files = { inherit (p) consoleLog disk; };
-      ram = ramPlan n; # null: anonymous RAM (microvm without vhost-user devices)
+      ram = ramPlan n; # of argv; null: anonymous RAM (microvm without vhost-user devices)
+      restoreRam = if n.restore == null then null else restoreRamPlan n; # of restoreArgv
       backdoor = n.backdoor // (if hybrid then { uds = p.vsock; port = n.backdoor.vsockPort; }
         else if vsock then { cid = n.backdoor.guestCid; port = n.backdoor.vsockPort; } else { socket = p.backdoor; });
       console = "socket";

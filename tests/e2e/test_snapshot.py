@@ -37,6 +37,11 @@ def test_snapshot_and_two_clones(tmp_path: Path, guest_image: object,
         a.succeed("setsid sleep 100000 >/dev/null 2>&1 </dev/null &")
         snap = a.snapshot("ready")
         assert (snap.directory / "memory").stat().st_size == snap.memory_bytes > 0
+        # The RAM went to its own file (a copy of the memfd, holes kept), not into the stream.
+        assert snap.ram is not None and snap.ram.stat().st_size == 1024 << 20
+        assert snap.memory_bytes < 20e6 < snap.ram_bytes < 1024 << 20
+        # The origin runs on after the snapshot: what it does now reaches no clone's memory.
+        a.succeed("pkill -x sleep")
 
         c1, c2 = d.start_from_snapshot(snap, ["c1", "c2"])
         assert c1 in d.machines and c2 in d.machines

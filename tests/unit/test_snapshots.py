@@ -3,12 +3,16 @@ its NICs, the identity script, and the errors for what cannot be snapshotted."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ntng import nixeval, snapshots
+from ntng.backends import qemu_migrate
+from ntng.errors import SetupError
 from ntng.snapshots import Snapshot, SnapshotError
 
 ROOT = "/tmp/ntng-test-state"
@@ -57,6 +61,44 @@ def test_clone_plan_moves_every_path_and_keeps_the_device_list(net_spec: Any) ->
     # nixlib made it: the restore waits for the saved state, a later cold boot does not.
     assert plan["restoreArgv"] == [*plan["argv"], "-incoming", "defer"] and "-incoming" not in plan["argv"]
     assert origin["restoreArgv"] is None
+    # Guest RAM: a memfd on every cold boot; this snapshot's RAM stayed in the stream (no file).
+    assert origin["ram"] == plan["ram"] == plan["restoreRam"] == {"kind": "memfd"}
+    assert "memory-backend-memfd,id=mem0,size=1024M,share=on" in origin["argv"]
+
+
+def test_a_clone_maps_the_snapshots_ram_file_copy_on_write(net_spec: Any) -> None:
+    origin = net_spec["nodes"]["b"]
+    snap = dataclasses.replace(snap_of(origin), ram_bytes=1)
+    plan = snapshots.clone_plan(snap, "c1", snapshots.clone_interfaces(net_spec["network"]["nodes"], "b", "c1"))
+    ram_file = f"{ROOT}/snapshots/ready/ram"
+    assert plan["restoreRam"] == {"kind": "file", "path": ram_file}
+    backing = f"memory-backend-file,id=mem0,size=1024M,mem-path={ram_file},share=off"
+    assert backing in plan["restoreArgv"] and backing not in plan["argv"]  # a later cold boot: a memfd
+    assert plan["ram"] == {"kind": "memfd"}
+    # The same device list otherwise: only mem0's backing differs.
+    assert len(plan["restoreArgv"]) == len(plan["argv"]) + 2
+
+
+def test_ram_copy_keeps_holes_and_finds_the_memfd(tmp_path: Path) -> None:
+    """The save side's two helpers on real files: a memfd named as QEMU names its RAM, with
+    data at both ends and a hole between, copied sparse; /proc finds it by name."""
+    fd = os.memfd_create(qemu_migrate.MEMFD_NAME)
+    try:
+        size = 64 << 20
+        os.ftruncate(fd, size)
+        os.pwrite(fd, b"head" * 1024, 0)
+        os.pwrite(fd, b"tail" * 1024, size - 4096)
+        found = qemu_migrate.find_memfd(os.getpid())
+        copied = qemu_migrate.copy_sparse(found, tmp_path / "ram")
+        data = (tmp_path / "ram").read_bytes()
+        assert len(data) == size and data[:4096] == b"head" * 1024 and data[-4096:] == b"tail" * 1024
+        assert data[4096:-4096] == bytes(size - 8192)
+        assert copied < 1 << 20  # only the data extents (tmpfs pages) were copied
+        assert os.stat(tmp_path / "ram").st_blocks * 512 < 1 << 20  # and the copy is sparse too
+    finally:
+        os.close(fd)
+    with pytest.raises(SetupError, match="holds 0 guest RAM memfds, expected one"):
+        qemu_migrate.find_memfd(os.getpid())
 
 
 def test_clone_ids_differ() -> None:

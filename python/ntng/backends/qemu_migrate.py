@@ -128,7 +128,7 @@ def restore(backend: QemuBackend, directory: Path, timeout: float = MIGRATE_TIME
     if not memory.exists():
         raise SetupError(f"{backend.machine_name}: {directory} holds no snapshot ({memory} is missing)")
     qmp = backend._qmp()
-    ram = backend.plan.get("ram") or {}
+    ram = backend.plan.get("restoreRam") or {}
     if ram.get("kind") == "file":  # the stream holds no RAM: the clone maps the snapshot's file
         if not Path(ram["path"]).exists():
             raise SetupError(f"{backend.machine_name}: the snapshot's RAM file {ram['path']} is missing")
