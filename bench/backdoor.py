@@ -226,10 +226,13 @@ def main() -> None:
     finally:
         driver.release()
     print(f"\naccelerator: {choice.accel} ({choice.reason.splitlines()[0][:80]})\n")
-    print("| measure | nixos-test-ng | baseline |")
-    print("|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+    print_table(("measure", "nixos-test-ng", "baseline"), rows)
+
+
+def print_table(header: tuple[str, ...], rows: list[tuple[str, str, str]]) -> None:
+    """A markdown table, as the README holds the numbers."""
+    for row in (header, tuple("---" for _ in header), *rows):
+        print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from backdoor import RAW, ms, pings, raw_copy, raw_echo, recv_exact, timed  # noqa: E402
+from backdoor import RAW, ms, pings, print_table, raw_copy, raw_echo, recv_exact, timed  # noqa: E402
 from ntng import runner, vsock  # noqa: E402
 from ntng.driver import Driver  # noqa: E402
 from ntng.machine import Machine  # noqa: E402
@@ -165,10 +165,8 @@ def main() -> None:
     rows: list[tuple[str, str, str]] = []
     for transport in args.transport or ["virtio-serial", "vsock"]:
         rows += bench(transport, args, tmp)
-    print("\n| measure | protocol | raw baseline, same transport |")
-    print("|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+    print()
+    print_table(("measure", "protocol", "raw baseline, same transport"), rows)
 
 
 if __name__ == "__main__":

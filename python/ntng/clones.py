@@ -113,7 +113,8 @@ def restore(m: Machine, snap: Snapshot) -> None:
 
 
 def adopt_identity(m: Machine, started: float) -> None:
-    """Right after the clone's first hello: hostname, id, clock, network (one command)."""
+    """Right after the clone's first hello: hostname, id, clock and hosts entry (an IDENTITY
+    request, set by the agent itself), then its NICs (one `ip -batch` command)."""
     assert m.client is not None
     clone: dict[str, Any] = m.plan["clone"]
     nics = [(i["guestName"], i) for i in m.plan.get("interfaces", [])]

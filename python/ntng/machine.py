@@ -130,16 +130,17 @@ class Machine:
             if self.booted:
                 return
             self.log("starting vm")
-            restoring = self.restore_from is not None and not self._disk_made
+            # A clone's first start restores its snapshot; later ones boot its own disk.
+            restore_from = None if self._disk_made else self.restore_from
             # The disk survives crash()/shutdown() and start() within a run, as a real one
             # would; with -K it also survives the run.
             self.backend = backends.make(self.name, self.plan, preexec=self.network.preexec(),
                                        keep_disk=self.keep_state or self._disk_made)
             self._disk_made = True
             self.backend.console_callbacks.append(self._on_console)
-            if restoring and self.restore_from is not None:
+            if restore_from is not None:
                 self._identity_due = time.monotonic()
-                clones.restore(self, self.restore_from)
+                clones.restore(self, restore_from)
             else:
                 self.backend.start()
             self.booted = True
@@ -252,12 +253,11 @@ class Machine:
                             f"{self.execute('journalctl -b -u ntng-shares.service -o cat')[1].strip()}")
 
     def _note_boot(self, boot_id: str) -> None:
+        self.going_down = False  # a new boot's agent (or the same one, still up) answered
         if boot_id != self.boot_id:
             self._boot_setup_due = True
-        self.going_down = False  # a new boot's agent (or the same one, still up) answered
-        if self.boot_id is not None and boot_id != self.boot_id:
-            self.reboots_seen += 1
-        if boot_id != self.boot_id:
+            if self.boot_id is not None:
+                self.reboots_seen += 1
             self.boot_ids.append(boot_id)
         self.boot_id = boot_id
 

@@ -23,13 +23,10 @@ SCRIPT = "#: nodes.machine = { display = true; };\n"
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory: pytest.TempPathFactory, guest_image: object) -> Iterator[Driver]:
-    d = make_driver(tmp_path_factory.mktemp("display"), SCRIPT)
-    try:
+    with make_driver(tmp_path_factory.mktemp("display"), SCRIPT) as d:
         # Booted to the end: nothing more is printed on the screen, the console has it all.
         d.machines[0].wait_for_unit("multi-user.target")
         yield d
-    finally:
-        d.release()
 
 
 @pytest.fixture(scope="module")

@@ -30,12 +30,9 @@ HEADER = ("#: nodes.a = { vlans = [ 1 ]; };\n"
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory, guest_image: object) -> Iterator[Driver]:
-    driver = make_driver(tmp_path_factory.mktemp("net"), HEADER)
-    try:
+    with make_driver(tmp_path_factory.mktemp("net"), HEADER) as driver:
         driver.start_all()
         yield driver
-    finally:
-        driver.release()
 
 
 def machines(d: Driver) -> tuple[Machine, Machine]:

@@ -40,13 +40,10 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory: pytest.TempPathFactory, host: Path, guest_image: object) -> Iterator[Driver]:
-    d = make_driver(tmp_path_factory.mktemp("shares"), header(host))
-    try:
+    with make_driver(tmp_path_factory.mktemp("shares"), header(host)) as d:
         d.machines[0].start()
         d.machines[0].connect()
         yield d
-    finally:
-        d.release()
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +118,8 @@ def test_copy_via_share_errors(vm: Machine, tmp_path: Path) -> None:
 
 
 def test_missing_virtiofsd_is_a_clear_error_before_qemu_starts(tmp_path: Path, host: Path) -> None:
-    d = make_driver(tmp_path, header(host, virtiofsd="/nonexistent/virtiofsd"))
-    try:
+    with make_driver(tmp_path, header(host, virtiofsd="/nonexistent/virtiofsd")) as d:
         with pytest.raises(SetupError, match=r"/nonexistent/virtiofsd not found; virtiofs share 'vfs' "
                                              r"needs virtiofsd: apt-get install qemu-system-common"):
             d.machines[0].start()
         assert d.machines[0].backend.pid is None  # QEMU was never started
-    finally:
-        d.release()
