@@ -74,3 +74,7 @@ class WaitTimeout(NtngError, TimeoutError):
     """A bounded wait expired; the message says what was awaited."""
 
     exit_code = EXIT_TEST_FAILED
+
+
+class UnsafePath(TestFailure):
+    """A copy was refused: a name would lead outside the output folder or through a symlink."""
