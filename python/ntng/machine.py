@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import backends, caps, clones, netem, screen, shares
+from . import backends, caps, clones, netem, safepath, screen, shares
 from . import protocol as P
 from .client import BackdoorClient, ExecResult, OutputCallback
 from .errors import (
@@ -835,36 +835,79 @@ class Machine:
         import base64
 
         data = base64.b64encode(Path(source).read_bytes()).decode()
-        self.succeed(f"mkdir -p $(dirname {target})", f"echo -n {data} | base64 -d > {target}")
+        t = shlex.quote(target)
+        self.succeed(f"mkdir -p \"$(dirname {t})\"", f"echo -n {data} | base64 -d > {t}")
 
     def copy_from_machine(self, source: str, target_dir: str = "", via: str = "protocol") -> None:
         """Copy a guest file or directory into out_dir/target_dir/basename(source), through the
-        protocol or (via="share") through the node's writable shared directory."""
+        protocol or (via="share") through the node's writable shared directory.  The guest's
+        names are checked and folders made through dir fds (safepath): nothing lands outside
+        out_dir, no symlink is followed; guest symlinks, devices, FIFOs and sockets are skipped
+        (and logged), so none is made on the host."""
         shares.check_via(via, "copy_from_machine")
-        dest_root = self.out_dir / target_dir
-        if via == "share":
-            share = shares.writable_share(self.plan, self.name)
-            if self.execute(f"test -e {shlex.quote(source)}")[0] != 0:
-                raise RequestedAssertionFailed(f"copy_from_machine: {source} does not exist in {self.name}")
-            dest_root.mkdir(parents=True, exist_ok=True)
-            shares.from_guest(self, share, source, dest_root)
-            return
-        client = self.connect()
-        dest_root.mkdir(parents=True, exist_ok=True)
-        name = os.path.basename(source.rstrip("/"))
+        what = "copy_from_machine"
+        name = safepath.source_name(source, what)
+        sub = os.path.normpath(target_dir) if target_dir else "."  # the test's own: a/./b is fine
+        parts = safepath.components(sub, f"{what}: target_dir") if sub != "." else []
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        out_fd = safepath.open_dir(self.out_dir)
+        try:
+            dest_fd = safepath.make_dirs(out_fd, parts, what)
+        finally:
+            os.close(out_fd)
+        try:
+            safepath.check_under(dest_fd, self.out_dir, what)
+            if via == "share":
+                share = shares.writable_share(self.plan, self.name)
+                if self.execute(f"test -e {shlex.quote(source)}")[0] != 0:
+                    raise RequestedAssertionFailed(f"{what}: {source} does not exist in {self.name}")
+                skipped = shares.from_guest(self, share, source, safepath.fd_path(dest_fd))
+            else:
+                skipped = self._copy_listed(source, name, dest_fd)
+        finally:
+            os.close(dest_fd)
+        if skipped:
+            self.log(f"{what}: skipped {len(skipped)} symlink(s), device(s), FIFO(s) or socket(s) of {source} "
+                     f"(never made on the host): {', '.join(skipped[:10])}{' …' if len(skipped) > 10 else ''}")
+
+    def _copy_listed(self, source: str, name: str, dest_fd: int) -> list[str]:
+        """The protocol copy: the guest lists `source` (one NUL-ended record per entry: find's
+        type letter and the path below source; a first record 'd' or 'f' for source itself)."""
+        what = "copy_from_machine"
+        q = shlex.quote(source)
         status, listing = self.execute(
-            f"cd {shlex.quote(source)} 2>/dev/null && find . -type f -print0 || "
-            f"test -f {shlex.quote(source)}"
-        )
+            f"if [ -d {q} ]; then cd -- {q} && printf 'd\\0' && find . -mindepth 1 -printf '%y %P\\0'; "
+            f"elif [ -f {q} ]; then printf 'f\\0'; else exit 3; fi")
+        if status == 3:
+            raise RequestedAssertionFailed(f"{what}: {source} does not exist in {self.name}")
         if status != 0:
-            raise RequestedAssertionFailed(f"copy_from_machine: {source} does not exist in {self.name}")
-        if listing:
-            for rel in filter(None, listing.split("\0")):
-                dest = dest_root / name / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                client.get_file(f"{source}/{rel}", dest)
-        else:
-            client.get_file(source, dest_root / name)
+            raise RequestedAssertionFailed(f"{what}: listing {source} in {self.name} failed (status {status})")
+        records = listing.split("\0")
+        if records[-1] != "" or records[0] not in ("d", "f"):
+            raise safepath.UnsafePath(f"{what}: the listing of {source} from {self.name} is garbled "
+                                      f"(starts {listing[:40]!r}); nothing copied")
+        client = self.connect()
+        if records[0] == "f":
+            client.get_file(source, safepath.fd_path(dest_fd, name))
+            return []
+        skipped: list[str] = []
+        root_fd = safepath.make_dirs(dest_fd, [name], what)
+        try:
+            for rec in records[1:-1]:
+                kind, _, rel = rec.partition(" ")
+                parts = safepath.components(rel, f"{what}: {source} in {self.name} listed")
+                if kind not in ("d", "f"):
+                    skipped.append(rel)
+                    continue
+                fd = safepath.make_dirs(root_fd, parts if kind == "d" else parts[:-1], what)
+                try:
+                    if kind == "f":
+                        client.get_file(f"{source}/{rel}", safepath.fd_path(fd, parts[-1]))
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(root_fd)
+        return skipped
 
     copy_from_vm = copy_from_machine
 

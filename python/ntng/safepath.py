@@ -117,10 +117,10 @@ def open_regular(dir_fd: int, name: str) -> int | None:
     return fd
 
 
-def write_from_fd(dir_fd: int, name: str, src_fd: int, mode: int) -> None:
+def write_from_fd(dir_fd: int, name: str, src_fd: int, mode: int, keep: int = SAFE_MODE_BITS) -> None:
     """dir_fd/name gets src_fd's bytes: written to a new file (O_EXCL|O_NOFOLLOW) that is then
     renamed over name, so an existing symlink there is replaced, never written through; the mode
-    keeps SAFE_MODE_BITS only."""
+    keeps the bits in `keep` only (SAFE_MODE_BITS for anything that lands on the host)."""
     tmp = f".{name}.ntng-partial"[:255]
     try:
         os.unlink(tmp, dir_fd=dir_fd)
@@ -132,7 +132,7 @@ def write_from_fd(dir_fd: int, name: str, src_fd: int, mode: int) -> None:
         try:
             while os.sendfile(out, src_fd, None, 1 << 30) > 0:
                 pass
-            os.fchmod(out, mode & SAFE_MODE_BITS)
+            os.fchmod(out, mode & keep)
         finally:
             os.close(out)
         os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)

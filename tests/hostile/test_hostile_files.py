@@ -46,6 +46,7 @@ class HostileMachine:
 
     name = "evil"
     plan: dict[str, Any] = {}
+    _copy_listed = getattr(Machine, "_copy_listed", None)  # the real code (absent before the fix)
 
     def __init__(self, out_dir: Path, records: list[Record], root: str = "d") -> None:
         self.out_dir = out_dir
@@ -253,3 +254,23 @@ def test_share_copy_of_a_guest_fifo_or_device_does_not_block_or_read_it(tmp_path
     (guest / "f").write_text("f\n")
     shares.from_guest(GuestShell(), share_of(share), str(guest), dest)
     assert sorted(p.name for p in (dest / "tree").iterdir()) == ["f"]
+
+
+# -- copy_from_host_via_shell -------------------------------------------------------------------
+
+
+class BashMachine:
+    """Runs commands as Machine.run does in the guest (bash -c 'set -euo pipefail; …'), here."""
+
+    def succeed(self, *commands: str, timeout: int | None = None) -> str:
+        return "".join(subprocess.run(["bash", "-c", f"set -euo pipefail; {c}"], check=True,
+                                      capture_output=True, text=True).stdout for c in commands)
+
+
+def test_copy_from_host_via_shell_quotes_the_target(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(b"payload \x00\xff\n")
+    target = tmp_path / "dir with space" / "$(touch pwned1);touch pwned2;x 'y'"
+    Machine.copy_from_host_via_shell(BashMachine(), str(src), str(target))  # type: ignore[arg-type]
+    assert target.read_bytes() == b"payload \x00\xff\n"
+    assert not list(tmp_path.rglob("pwned*")) and not list(Path.cwd().glob("pwned*"))
