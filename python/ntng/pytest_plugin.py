@@ -47,7 +47,8 @@ def ntng_driver(request: pytest.FixtureRequest) -> Iterator[Driver]:
     state = Path(tempfile.mkdtemp(prefix="ntng-run-"))
     (state / "runner.pid").write_text(str(os.getpid()))  # a dead run's dir is reaped later
     out = Path(request.config.rootpath) / "ntng-out" / module_file.stem
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(exist_ok=True, mode=0o700)  # private, as the run folders inside
+    out.mkdir(exist_ok=True, mode=0o700)
     opts = runner.RunOptions(script=module_file, accel=request.config.getoption("--ntng-accel"),
                              network=request.config.getoption("--ntng-network"))
     driver: Driver | None = None

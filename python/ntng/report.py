@@ -23,11 +23,11 @@ def new_run_dir(base: Path, name: str) -> Path:
     """A fresh artifact folder for one run: base/<UTC time>-<test name>, and base/latest
     pointing at it, so runs never overwrite each other and the newest is easy to find."""
     stem = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + (re.sub(r"[^\w.-]", "_", name) or "test")
-    base.mkdir(parents=True, exist_ok=True)
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)  # a folder we make is private (an existing one stays)
     for n in range(1, 1000):
         run = base / (stem if n == 1 else f"{stem}-{n}")
         try:
-            run.mkdir()
+            run.mkdir(mode=0o700)  # consoles, journals and guest files: for the runner's user only
             break
         except FileExistsError:
             continue  # two runs in the same second

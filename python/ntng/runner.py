@@ -140,7 +140,7 @@ def run(opts: RunOptions) -> int:
         state_root = Path(tempfile.mkdtemp(prefix="ntng-run-"))
     (state_root / "runner.pid").write_text(str(os.getpid()))
     out_dir = opts.out_dir or Path.cwd() / "ntng-out"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # private if we make it
     previous = signal.signal(signal.SIGTERM, _sigterm)
     driver: Driver | None = None
     t0 = time.monotonic()

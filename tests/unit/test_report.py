@@ -4,6 +4,8 @@ when many threads write to it."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -81,3 +83,14 @@ def test_each_run_gets_its_own_folder_and_latest_points_at_the_newest(
     assert first.name.endswith("-my_test_1") and second.name == first.name + "-2"
     assert (tmp_path / "out" / "latest").resolve() == second.resolve()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([first.name, second.name, "latest"])
+
+
+def test_run_folders_are_private(tmp_path: Path) -> None:
+    # Other local users must not read consoles, journals or copied guest files (issue 14, item 7).
+    old = os.umask(0o022)
+    try:
+        run = new_run_dir(tmp_path / "out", "t")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(run.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o700  # made by us: private too
