@@ -13,9 +13,9 @@ let
       source = mkOption { type = types.str; description = "Host directory (absolute)."; };
       target = mkOption { type = types.str; description = "Where the guest mounts it."; };
       securityModel = mkOption {
-        type = types.enum [ "passthrough" "mapped-xattr" "mapped-file" "none" ];
-        default = "none";
-        description = "QEMU's 9p security_model.";
+        type = types.nullOr (types.enum [ "passthrough" "mapped-xattr" "mapped-file" "none" ]);
+        default = null;
+        description = "QEMU's 9p security_model (null: nixlib's default, mapped-xattr for a writable 9p share).";
       };
       type = mkOption { type = types.enum [ "9p" "virtiofs" ]; default = "9p"; description = "How the guest sees it (virtiofs: a virtiofsd per share)."; };
       readOnly = mkOption { type = types.bool; default = false; description = "Refuse writes from the guest."; };
@@ -39,7 +39,7 @@ let
   builtinType = if config.ntng.vm.backend == "cloud-hypervisor" then "virtiofs" else "9p";
 
   # What nixlib's node description takes (nixlib/shares.nix).
-  allShares = cfg.sharedDirectories // lib.optionalAttrs cfg.mountHostNixStore {
+  allShares = lib.mapAttrs (_: lib.filterAttrs (_: v: v != null)) cfg.sharedDirectories // lib.optionalAttrs cfg.mountHostNixStore {
     nix-store = { source = builtins.storeDir; target = "/nix/.ro-store"; securityModel = "none"; type = builtinType; readOnly = true; };
   };
   uses = type: lib.any (s: s.type == type) (lib.attrValues allShares) || (type == builtinType && config.ntng.vm.shareArtifacts);

@@ -2,7 +2,7 @@
 # virtiofs (a virtiofsd process per share, over vhost-user).  builtins only.
 #
 # A node declares  sharedDirs.<tag> = { source; target; type ? "9p"; readOnly ? false;
-# securityModel ? "none"; }  (the tag is the guest's mount source), and shareArtifacts = true
+# securityModel ? (see defaultModel); }  (the tag is the guest's mount source), and shareArtifacts = true
 # adds a writable 9p share "shared" at /tmp/shared whose host side is a folder of the run's
 # artifact folder (the runner puts that folder in place of the @artifacts@ marker).
 let
@@ -15,7 +15,13 @@ let
   artifactsMarker = "@artifacts@";
   artifactsTag = "shared"; # the NixOS driver's writable share: host $SHARED_DIR at /tmp/shared
 
-  shareDefaults = { type = "9p"; readOnly = false; securityModel = "none"; };
+  shareDefaults = { type = "9p"; readOnly = false; };
+  # QEMU runs as root: with 9p's "none" (or "passthrough") guest root makes setuid-root files and
+  # device nodes in the host folder.  "mapped-xattr" keeps the guest's modes, owners and special
+  # files in xattrs of plain 0600 files instead.  A read-only share gets nothing from the guest.
+  # virtiofs has no such model (virtiofsd applies what the guest asks; see the README).
+  defaultModel = s: if s.type == "9p" && !s.readOnly then "mapped-xattr" else "none";
+  withDefaults = s0: let s = shareDefaults // s0; in { securityModel = defaultModel s; } // s;
   shareKeys = [ "source" "target" "type" "readOnly" "securityModel" ];
 
   # QEMU option values split on commas and the guest's kernel parameter on spaces and commas.
@@ -24,7 +30,7 @@ let
   # One share, checked: every message names the node and the share.
   checkShare = name: backend: caps: tag: s0:
     let
-      s = shareDefaults // s0;
+      s = withDefaults s0;
       what = "sharedDirs.${tag}";
       unknown = filter (k: !(elem k shareKeys)) (attrNames s0);
       checks = [
@@ -59,7 +65,7 @@ let
           "sharedDirs: backend ${backend} lacks the sharedDirs capability (no 9p, no virtiofs); use backend = \"qemu\"")
       ];
       shares = attrValues (mapAttrs (tag: s: checkShare name backend caps tag (if isAttrs s then s else fail name "sharedDirs.${tag} must be an attribute set { source; target; ... }")) declared);
-      artifacts = if n.shareArtifacts then [ (shareDefaults // {
+      artifacts = if n.shareArtifacts then [ (withDefaults {
         type = if elem "9p" caps.shareTypes then "9p" else "virtiofs";
         tag = artifactsTag; source = "${artifactsMarker}/${name}-shared"; target = "/tmp/shared";
         create = true; # the runner makes the host folder: it is new each run

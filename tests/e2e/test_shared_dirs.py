@@ -123,3 +123,25 @@ def test_missing_virtiofsd_is_a_clear_error_before_qemu_starts(tmp_path: Path, h
                                              r"needs virtiofsd: apt-get install qemu-system-common"):
             d.machines[0].start()
         assert d.machines[0].backend.pid is None  # QEMU was never started
+
+
+def host_view(vm: Machine, host_dir: Path, guest_dir: str) -> tuple[int, bool]:
+    """Guest root makes a 6777 file and a device node in a share: (the host file's mode bits,
+    whether the host got a real device node)."""
+    vm.succeed(f"rm -f {guest_dir}/suid {guest_dir}/null; touch {guest_dir}/suid && chmod 6777 {guest_dir}/suid")
+    vm.execute(f"mknod {guest_dir}/null c 1 3")  # may be refused: fine
+    import stat
+    mode = stat.S_IMODE((host_dir / "suid").stat().st_mode)
+    null = host_dir / "null"
+    return mode, null.exists() and stat.S_ISCHR(null.lstat().st_mode)
+
+
+@pytest.mark.parametrize("share", ["rw9p", "artifacts"])
+def test_guest_root_makes_no_setuid_file_or_device_on_the_host_through_9p(vm: Machine, host: Path, share: str) -> None:
+    host_dir, guest_dir = ((host / "rw9p", "/mnt/rw9p") if share == "rw9p"
+                           else (vm.out_dir / "machine-shared", "/tmp/shared"))
+    mode, device = host_view(vm, host_dir, guest_dir)
+    assert mode & 0o6000 == 0, oct(mode)
+    assert not device
+    # the guest still sees what it asked for (kept in the share's xattrs)
+    assert vm.succeed(f"stat -c %a {guest_dir}/suid").strip() == "6777"

@@ -67,9 +67,21 @@ def test_artifacts_share_lives_in_the_run_folder() -> None:
     plan = launch(shareArtifacts=True)
     [share] = plan["shares"]
     assert share == {"tag": "shared", "type": "9p", "source": "@artifacts@/m-shared", "target": "/tmp/shared",
-                     "readOnly": False, "securityModel": "none", "create": True}
+                     "readOnly": False, "securityModel": "mapped-xattr", "create": True}
     run = testspec.substitute(plan, testspec.ARTIFACTS_MARKER, "/out/run-1")
-    assert "local,id=fs0,path=/out/run-1/m-shared,security_model=none" in after(run["argv"], "-fsdev")
+    assert "local,id=fs0,path=/out/run-1/m-shared,security_model=mapped-xattr" in after(run["argv"], "-fsdev")
+
+
+def test_writable_9p_shares_default_to_mapped_xattr() -> None:
+    # QEMU runs as root: with "none", guest root makes setuid-root files and device nodes on the host.
+    plan = launch(sharedDirs={"ro": RO9P, "rw": {"source": "/srv/rw", "target": "/mnt/rw"},
+                              "open": {"source": "/srv/o", "target": "/mnt/o", "securityModel": "none"},
+                              "vfs": {"source": "/srv/v", "target": "/mnt/v", "type": "virtiofs"}})
+    assert after(plan["argv"], "-fsdev") == ["local,id=fs0,path=/srv/o,security_model=none",
+                                             "local,id=fs1,path=/srv/ro,security_model=none,readonly=on",
+                                             "local,id=fs2,path=/srv/rw,security_model=mapped-xattr"]
+    assert {s["tag"]: s["securityModel"] for s in plan["shares"]} == {
+        "open": "none", "ro": "none", "rw": "mapped-xattr", "vfs": "none"}
 
 
 def test_no_shares_no_arguments() -> None:
