@@ -212,3 +212,17 @@ def test_keys_reach_a_tty_and_its_text_is_read(vm: Machine) -> None:
         vm.screenshot("screen")
     with pytest.raises(ValueError, match="no key for character"):
         vm.send_chars("\x01")
+
+
+def test_copy_from_machine_follows_no_guest_symlink_and_keeps_no_setuid(vm: Machine) -> None:
+    # A guest folder with a symlink to /etc and a 6777 file: nothing outside the run folder, the
+    # symlink skipped (never made on the host), no setuid/setgid bits on the host.
+    vm.succeed("rm -rf /root/evil && mkdir -p /root/evil/sub && ln -s /etc /root/evil/etc"
+               " && echo x > /root/evil/sub/suid && chmod 6777 /root/evil/sub/suid")
+    vm.copy_from_machine("/root/evil", "hostile")
+    root = vm.out_dir / "hostile" / "evil"
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == ["sub", "sub/suid"]
+    assert not (root / "etc").is_symlink()
+    assert os.stat(root / "sub" / "suid").st_mode & 0o7002 == 0, oct(os.stat(root / "sub" / "suid").st_mode)
+    with pytest.raises(RequestedAssertionFailed, match="no usable name"):
+        vm.copy_from_machine("/root/evil/..")
