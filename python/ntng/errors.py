@@ -74,3 +74,8 @@ class WaitTimeout(NtngError, TimeoutError):
     """A bounded wait expired; the message says what was awaited."""
 
     exit_code = EXIT_TEST_FAILED
+
+
+class AuthenticationFailed(BackdoorError):
+    """The backdoor session was refused: the agent and the runner do not share the run's key
+    (or one of them has none), or the agent speaks another protocol version."""
