@@ -459,6 +459,7 @@ class Session:
         self.key_file = key_file
         # (hello, version, key, challenge) of the HELLO whose challenge is unanswered
         self.pending_auth: tuple[Any, int, bytes, bytes] | None = None
+        self.refused = False  # a wrong proof came on this connection (logged once)
         self.tasks: dict[int, Task] = {}
         self.lock = threading.Lock()
         self.established = False
@@ -603,7 +604,9 @@ class Session:
         self.pending_auth = None  # one proof per challenge
         hello, version, key, challenge = pending
         if not P.proof_matches(P.auth_proof(key, P.AUTH_HOST, challenge, hello.nonce), auth.proof):
-            log("refused a host: its proof does not match the backdoor key")
+            if not self.refused:  # once per connection: a peer retrying must not flood the console
+                log("refused a host: its proof does not match the backdoor key")
+            self.refused = True
             return self.error(0, P.ErrorCode.AUTH, "the proof does not match this agent's key "
                               "(a wrong key, or a host of another run)")
         self._accept(hello, version, P.auth_proof(key, P.AUTH_AGENT, challenge, hello.nonce))

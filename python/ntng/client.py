@@ -225,8 +225,8 @@ class BackdoorClient:
 
     def _answer_challenge(self, ch: P.AuthChallenge) -> None:
         with self._state:
-            if ch.nonce != self._nonce:
-                return  # the challenge of an older HELLO
+            if ch.nonce != self._nonce or self._challenge is not None:
+                return  # the challenge of an older HELLO, or a second one (one proof per HELLO)
             nonce = self._nonce
             if self.key is not None:
                 self._challenge = ch.challenge

@@ -95,7 +95,10 @@ class Raw:
             if left <= 0:
                 raise AssertionError("no frame from the agent")
             self.sock.settimeout(left)
-            data = self.sock.recv(1 << 20)
+            try:
+                data = self.sock.recv(1 << 20)
+            except TimeoutError:
+                raise AssertionError("no frame from the agent") from None
             assert data, "the agent closed the connection"
             self.decoder.feed(data)
             self.frames += [e for e in self.decoder.events() if isinstance(e, P.Frame)]
@@ -276,3 +279,19 @@ def test_proofs_bind_role_challenge_and_nonce() -> None:
     assert host != P.auth_proof(b"j" * 32, P.AUTH_HOST, ch, nonce)
     # length-prefixed: moving bytes between challenge and nonce changes the proof
     assert P.auth_proof(key, P.AUTH_HOST, ch + b"x", nonce) != P.auth_proof(key, P.AUTH_HOST, ch, b"x" + nonce)
+
+
+def test_the_client_answers_one_challenge_per_hello() -> None:
+    """A hostile agent repeating challenges gets one proof per HELLO, not an HMAC oracle."""
+    host, guest = socket.socketpair()
+    client = BackdoorClient(host, "m", key=os.urandom(32))
+    raw = Raw(guest)
+    hello = P.Hello.parse(raw.next().payload)
+    for i in range(3):
+        raw.send(P.AuthChallenge(hello.nonce, bytes([i]) * 32).frame(P.HANDSHAKE_REQUEST_ID))
+    first = raw.next()
+    assert first.type == P.FrameType.AUTH
+    with pytest.raises(AssertionError, match="no frame"):
+        raw.next(timeout=0.5)
+    client.close()
+    guest.close()
