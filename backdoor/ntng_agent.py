@@ -36,6 +36,12 @@ except ImportError:  # in the guest: protocol.py sits next to this file
 AGENT_VERSION = "0.1.0"
 CAPABILITIES = ["exec", "stdin", "pty", "file-put", "file-get", "signal", "ping", "identity"]
 DEFAULT_PORT_NAME = "org.ntng.backdoor"
+# Where QEMU's fw_cfg shows the run's backdoor key (nixlib/qemu.nix: -fw_cfg name=opt/org.ntng/
+# backdoor-key); the qemu_fw_cfg module makes it, readable by root only.
+FW_CFG_ROOT = "/sys/firmware/qemu_fw_cfg"
+FW_CFG_KEY = f"{FW_CFG_ROOT}/by_name/opt/org.ntng/backdoor-key/raw"
+FW_CFG_MODULE = "qemu_fw_cfg"
+MAX_KEY_BYTES = 4096  # read no more of a key file than this (the runner writes 32 bytes)
 
 
 def log(msg: str) -> None:
@@ -434,11 +440,26 @@ class TaskError(Exception):
         self.code, self.message = code, message
 
 
-class Session:
-    """Protocol state for one host connection."""
+def read_key(path: str) -> bytes:
+    """The run's backdoor key from `path` (read at every HELLO: a restored clone's QEMU hands
+    the clone's own key to the agent it restored).  OSError or ValueError saying why not."""
+    with open(path, "rb") as f:
+        key = f.read(MAX_KEY_BYTES + 1)
+    if not P.MIN_KEY_BYTES <= len(key) <= MAX_KEY_BYTES:
+        raise ValueError(f"it has {len(key)} bytes, not {P.MIN_KEY_BYTES} to {MAX_KEY_BYTES}")
+    return key
 
-    def __init__(self, conn: Connection) -> None:
+
+class Session:
+    """Protocol state for one host connection.  With `key_file`, a session exists only once
+    the host has proved it knows the key (protocol.py, "Authentication")."""
+
+    def __init__(self, conn: Connection, key_file: str | None = None) -> None:
         self.conn = conn
+        self.key_file = key_file
+        # (hello, version, key, challenge) of the HELLO whose challenge is unanswered
+        self.pending_auth: tuple[Any, int, bytes, bytes] | None = None
+        self.refused = False  # a wrong proof came on this connection (logged once)
         self.tasks: dict[int, Task] = {}
         self.lock = threading.Lock()
         self.established = False
@@ -486,9 +507,14 @@ class Session:
             return self.error(rid, code, str(e))
         if ft == P.FrameType.HELLO:
             return self._hello(msg)
-        if ft == P.FrameType.PING:
+        if ft == P.FrameType.AUTH:
+            return self._auth(msg)
+        if ft == P.FrameType.PING:  # answered before authentication: PONG echoes the peer's bytes
             return self.send(P.Pong(msg.data).frame(rid))
         if not self.established:
+            if self.key_file is not None:
+                return self.error(rid, P.ErrorCode.AUTH, "not authenticated: this agent serves only a host "
+                                  "that proves it has the run's backdoor key (HELLO, then AUTH)")
             return self.error(rid, P.ErrorCode.NO_SESSION, "send HELLO first")
         with self.lock:
             task = self.tasks.get(rid)
@@ -555,10 +581,37 @@ class Session:
         except P.ProtocolError as e:
             return self.error(0, P.ErrorCode.VERSION, str(e))
         self.cancel_all()  # a new HELLO starts a new session
+        self.established = False
+        self.pending_auth = None
         self.window = min(hello.window, P.DEFAULT_WINDOW * 16)
         self.max_frame = min(hello.max_frame, P.DEFAULT_MAX_FRAME)
         self.chunk = min(P.CHUNK, self.max_frame)
         self.max_in_flight = min(hello.max_in_flight, P.DEFAULT_MAX_IN_FLIGHT)
+        if self.key_file is None:
+            return self._accept(hello, version, b"")
+        try:
+            key = read_key(self.key_file)
+        except (OSError, ValueError) as e:
+            return self.error(0, P.ErrorCode.AUTH, f"cannot read the backdoor key {self.key_file}: {_describe(e)}")
+        challenge = os.urandom(P.CHALLENGE_BYTES)
+        self.pending_auth = (hello, version, key, challenge)
+        self.send(P.AuthChallenge(hello.nonce, challenge).frame(P.HANDSHAKE_REQUEST_ID))
+
+    def _auth(self, auth: Any) -> None:
+        pending = self.pending_auth
+        if pending is None or auth.nonce != pending[0].nonce:
+            return  # no challenge out for this HELLO (stale, or replayed alone): nothing to say
+        self.pending_auth = None  # one proof per challenge
+        hello, version, key, challenge = pending
+        if not P.proof_matches(P.auth_proof(key, P.AUTH_HOST, challenge, hello.nonce), auth.proof):
+            if not self.refused:  # once per connection: a peer retrying must not flood the console
+                log("refused a host: its proof does not match the backdoor key")
+            self.refused = True
+            return self.error(0, P.ErrorCode.AUTH, "the proof does not match this agent's key "
+                              "(a wrong key, or a host of another run)")
+        self._accept(hello, version, P.auth_proof(key, P.AUTH_AGENT, challenge, hello.nonce))
+
+    def _accept(self, hello: Any, version: int, proof: bytes) -> None:
         self.established = True
         ack = P.HelloAck(
             version=version,
@@ -569,7 +622,8 @@ class Session:
             max_frame=self.max_frame,
             window=self.window,
             max_in_flight=self.max_in_flight,
-            capabilities=CAPABILITIES,
+            capabilities=CAPABILITIES + ["auth"] if proof else CAPABILITIES,
+            proof=proof,
         )
         self.send(ack.frame(P.HANDSHAKE_REQUEST_ID))
 
@@ -608,9 +662,9 @@ def _describe(e: BaseException) -> str:
     return str(e)
 
 
-def serve(conn: Connection, started_ns: int) -> None:
-    """Serve one connection until the host goes away."""
-    session = Session(conn)
+def serve(conn: Connection, started_ns: int, key_file: str | None = None) -> None:
+    """Serve one connection until the host goes away (only an authenticated one, with a key)."""
+    session = Session(conn, key_file)
     decoder = P.Decoder(P.DEFAULT_MAX_FRAME)
     conn.write(P.announce_bytes(P.Announce(boot_id(), AGENT_VERSION, started_ns)))
     try:
@@ -659,60 +713,80 @@ def drain(fd: int) -> None:
             return
 
 
-def serve_device(path: str, started_ns: int) -> None:
+def load_modules(*names: str, fw_cfg: bool = True) -> None:
+    """One modprobe for the transport's modules and (`fw_cfg`, unless there already) the one
+    that shows QEMU's fw_cfg files, where the run's key is: under TCG each process costs."""
+    if fw_cfg and not os.path.isdir(FW_CFG_ROOT):
+        names += (FW_CFG_MODULE,)
+    subprocess.run(["modprobe", "-q", "-a", *names], check=False)
+
+
+def guest_key(explicit: str | None) -> str | None:
+    """The key file: --key-file, else fw_cfg's when the VMM gave one (QEMU: nixlib always does).
+    None: sessions are not authenticated (Firecracker, Cloud Hypervisor: their hybrid vsock is a
+    unix socket in the run's private state folder)."""
+    key = explicit or (FW_CFG_KEY if os.path.exists(FW_CFG_KEY) else None)
+    log(f"backdoor key: {key}" if key else "no backdoor key: sessions are not authenticated")
+    return key
+
+
+def serve_device(path: str, started_ns: int, key_file: str | None = None) -> None:
     fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
     if os.isatty(fd):
         tty.setraw(fd)  # a virtconsole (hvc0): no echo, no line discipline, 8-bit clean
     log(f"serving on {path}")
     drain(fd)
     while True:
-        serve(Connection(fd, fd), started_ns)
+        serve(Connection(fd, fd), started_ns, key_file)
         # The host disconnected: the next ANNOUNCE blocks until one connects again.
         log("host disconnected")
 
 
-def run_on_port(name: str) -> None:
+def run_on_port(name: str, key_file: str | None = None) -> None:
     started_ns = time.time_ns()
-    subprocess.run(["modprobe", "-q", "virtio_console"], check=False)
+    load_modules("virtio_console", fw_cfg=key_file is None)
+    key = guest_key(key_file)
     while True:
         try:
             path = find_port(name)
             break
         except FileNotFoundError:
             time.sleep(0.05)
-    serve_device(path, started_ns)
+    serve_device(path, started_ns, key)
 
 
-def run_on_device(path: str) -> None:
+def run_on_device(path: str, key_file: str | None = None) -> None:
     """A console device such as /dev/hvc0 (Cloud Hypervisor's virtio-console)."""
     started_ns = time.time_ns()
-    subprocess.run(["modprobe", "-q", "virtio_console"], check=False)
+    load_modules("virtio_console", fw_cfg=key_file is None)
+    key = guest_key(key_file)
     while not os.path.exists(path):
         time.sleep(0.05)
-    serve_device(path, started_ns)
+    serve_device(path, started_ns, key)
 
 
-def accept_forever(srv: socket.socket, started_ns: int) -> None:
+def accept_forever(srv: socket.socket, started_ns: int, key_file: str | None = None) -> None:
     """One host connection at a time; the next one is accepted when it goes away."""
     srv.listen(1)
     while True:
         c, _ = srv.accept()
         with c:
-            serve(Connection(c.fileno(), c.fileno()), started_ns)
+            serve(Connection(c.fileno(), c.fileno()), started_ns, key_file)
         log("host disconnected")
 
 
-def run_on_socket(path: str) -> None:
+def run_on_socket(path: str, key_file: str | None = None) -> None:
     """Listen on a unix socket (tests on the host, or a vsock-proxied setup)."""
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
-    accept_forever(srv, time.time_ns())
+    accept_forever(srv, time.time_ns(), key_file)
 
 
-def run_on_vsock(port: int) -> None:
+def run_on_vsock(port: int, key_file: str | None = None) -> None:
     """Listen on AF_VSOCK: the host reaches it through vhost-vsock or a hybrid vsock socket."""
     started_ns = time.time_ns()
-    subprocess.run(["modprobe", "-q", "vmw_vsock_virtio_transport"], check=False)
+    load_modules("vmw_vsock_virtio_transport", fw_cfg=key_file is None)
+    key = guest_key(key_file)
     while True:
         try:
             srv = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
@@ -721,7 +795,7 @@ def run_on_vsock(port: int) -> None:
         except OSError:  # the transport is still being probed
             time.sleep(0.05)
     log(f"serving on vsock port {port}")
-    accept_forever(srv, started_ns)
+    accept_forever(srv, started_ns, key)
 
 
 def from_cmdline(cmdline: str) -> tuple[str, str]:
@@ -738,15 +812,15 @@ def from_cmdline(cmdline: str) -> tuple[str, str]:
     return "virtio-serial", DEFAULT_PORT_NAME
 
 
-def run_from_cmdline() -> None:
+def run_from_cmdline(key_file: str | None = None) -> None:
     with open("/proc/cmdline") as f:
         transport, where = from_cmdline(f.read())
     if transport == "vsock":
-        run_on_vsock(int(where))
+        run_on_vsock(int(where), key_file)
     elif transport == "virtconsole":
-        run_on_device(f"/dev/{where}")
+        run_on_device(f"/dev/{where}", key_file)
     else:
-        run_on_port(where)
+        run_on_port(where, key_file)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -759,19 +833,22 @@ def main(argv: list[str] | None = None) -> None:
     where.add_argument("--fd", type=int, help="serve one connection on this inherited fd")
     where.add_argument("--from-cmdline", action="store_true",
                        help="serve where the kernel command line's ntng.backdoor= says")
+    ap.add_argument("--key-file", help="serve only hosts that prove they know the key in this file "
+                    f"(default in a guest: QEMU's fw_cfg file, {FW_CFG_KEY}, when there is one; "
+                    "with --unix and --fd: no key)")
     args = ap.parse_args(argv)
     if args.from_cmdline:
-        run_from_cmdline()
+        run_from_cmdline(args.key_file)
     elif args.fd is not None:
-        serve(Connection(args.fd, args.fd), time.time_ns())
+        serve(Connection(args.fd, args.fd), time.time_ns(), args.key_file)
     elif args.unix:
-        run_on_socket(args.unix)
+        run_on_socket(args.unix, args.key_file)
     elif args.vsock_port is not None:
-        run_on_vsock(args.vsock_port)
+        run_on_vsock(args.vsock_port, args.key_file)
     elif args.device:
-        run_on_device(args.device)
+        run_on_device(args.device, args.key_file)
     else:
-        run_on_port(args.port_name)
+        run_on_port(args.port_name, args.key_file)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ let
   device = !vsock && builtins.isString cfg.port && builtins.match "/dev/hvc[0-9]+" cfg.port != null;
   # virtio_console serves named virtio-serial ports; vmw_vsock_virtio_transport needs vsock.
   kernelModules = if vsock then [ "vsock" "vmw_vsock_virtio_transport" ] else [ "virtio_console" ];
+  # QEMU hands the run's backdoor key to the guest as a fw_cfg file (nixlib/qemu.nix); the agent
+  # reads it from /sys/firmware/qemu_fw_cfg, which this module makes.  Not in the initrd: the
+  # agent starts from the root file system.  (No fw_cfg on Firecracker or Cloud Hypervisor: the
+  # module loads, finds no device, and the agent serves without a key.)
+  keyModules = [ "qemu_fw_cfg" ];
   listenArgs =
     if vsock then "--vsock-port ${toString cfg.port}"
     else if device then "--device ${cfg.port}"
@@ -82,7 +87,7 @@ in
       restartIfChanged = false;
       serviceConfig = {
         # Load the transport now rather than waiting for systemd-modules-load (part of sysinit).
-        ExecStartPre = "-${pkgs.kmod}/bin/modprobe -a ${lib.concatStringsSep " " kernelModules}";
+        ExecStartPre = "-${pkgs.kmod}/bin/modprobe -a ${lib.concatStringsSep " " (kernelModules ++ keyModules)}";
         ExecStart = "${cfg.package}/bin/ntng-backdoor ${listenArgs}";
         Restart = "always";
         RestartSec = 0;
@@ -98,7 +103,7 @@ in
     };
 
     boot.initrd.availableKernelModules = kernelModules;
-    boot.kernelModules = kernelModules;
+    boot.kernelModules = kernelModules ++ keyModules;
 
     # The runner streams the serial console for failure detection. ttyS0 only: every backend
     # (QEMU q35/microvm, Firecracker, Cloud Hypervisor) has that UART, while hvc0 exists only with

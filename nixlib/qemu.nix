@@ -36,7 +36,14 @@ let
     disk = "${n.stateDir}/disk.qcow2";
     vhostVsock = "${n.stateDir}/vhost-vsock.sock"; # QEMU ↔ vhost-device-vsock
     vsock = "${n.stateDir}/vsock.sock"; # hybrid vsock: the runner connects here
+    # The run's backdoor secret: the runner writes it (0600, in the 0700 state folder) before
+    # QEMU starts; QEMU hands it to the guest as a fw_cfg file, so argv shows only this path.
+    backdoorKey = "${n.stateDir}/backdoor.key";
   };
+
+  # The agent reads /sys/firmware/qemu_fw_cfg/by_name/<this>/raw (backdoor/ntng_agent.py).
+  keyFwCfgName = "opt/org.ntng/backdoor-key";
+  keyArgs = p: [ "-fw_cfg" "name=${keyFwCfgName},file=${p.backdoorKey}" ];
 
   socketChardev = id: path: extra:
     [ "-chardev" "socket,id=${id},path=${path},server=on,wait=off${extra}" ];
@@ -143,6 +150,7 @@ let
         ++ [ "-drive" "file=${p.disk},if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap"
              "-device" "${virtio n "blk"},drive=disk0" ]
         ++ [ "-device" (virtio n "rng") ]
+        ++ keyArgs p
         ++ socketChardev "qmp" p.qmp "" ++ [ "-mon" "chardev=qmp,mode=control" ]
         ++ socketChardev "console" p.console ",logfile=${p.consoleLog}" ++ [ "-serial" "chardev:console" ]
         ++ serialArgs n p
@@ -174,7 +182,7 @@ let
       files = { inherit (p) consoleLog disk; };
       ram = ramPlan n; # of argv; null: anonymous RAM (microvm without vhost-user devices)
       restoreRam = if n.restore == null then null else restoreRamPlan n; # of restoreArgv
-      backdoor = n.backdoor // (if hybrid then { uds = p.vsock; port = n.backdoor.vsockPort; }
+      backdoor = n.backdoor // { keyFile = p.backdoorKey; } // (if hybrid then { uds = p.vsock; port = n.backdoor.vsockPort; }
         else if vsock then { cid = n.backdoor.guestCid; port = n.backdoor.vsockPort; } else { socket = p.backdoor; });
       console = "socket";
       # A guest reboot resets the vhost-user vsock device, which vhost-device-vsock does not

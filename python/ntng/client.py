@@ -19,7 +19,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from . import protocol as P
-from .errors import AgentRestarted, BackdoorError, ConnectionLost, RemoteError, WaitTimeout
+from .errors import (
+    AgentRestarted,
+    AuthenticationFailed,
+    BackdoorError,
+    ConnectionLost,
+    RemoteError,
+    WaitTimeout,
+)
 
 OutputCallback = Callable[[bytes], None]
 
@@ -47,7 +54,12 @@ class _Pending:
 
 
 class BackdoorClient:
-    """One connection to one agent.  Thread-safe; calls block with explicit timeouts."""
+    """One connection to one agent.  Thread-safe; calls block with explicit timeouts.
+
+    `key`: the run's backdoor secret (nixlib's plan names its file).  With it, a session is one
+    only when the agent proves it has the key too (protocol.auth_proof); without it, an agent
+    that asks for one is refused.
+    """
 
     def __init__(
         self,
@@ -57,8 +69,10 @@ class BackdoorClient:
         max_frame: int = P.DEFAULT_MAX_FRAME,
         on_garbage: Callable[[P.Garbage], None] | None = None,
         on_restart: Callable[[P.HelloAck, P.HelloAck], None] | None = None,
+        key: bytes | None = None,
     ) -> None:
         self.name = name
+        self.key = key
         self.sock = sock
         self.window = window
         self.max_frame = max_frame
@@ -72,6 +86,8 @@ class BackdoorClient:
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self._nonce = b""
+        self._challenge: bytes | None = None  # the agent's, answered for the current HELLO
+        self._refusal: AuthenticationFailed | None = None  # why the current HELLO got no session
         self._closed: BaseException | None = None
         self._pongs: dict[bytes, queue.SimpleQueue[float]] = {}
         self._reader = threading.Thread(target=self._read_loop, name=f"backdoor-{name}", daemon=True)
@@ -111,9 +127,10 @@ class BackdoorClient:
         """Start a new session (called on every ANNOUNCE; callable by hand to resync)."""
         with self._state:
             self._nonce = os.urandom(16)
+            self._challenge = self._refusal = None
             nonce = self._nonce
         msg = P.Hello(
-            P.MIN_VERSION, P.VERSION, nonce, self.max_frame, self.window, P.DEFAULT_MAX_IN_FLIGHT
+            P.MIN_SESSION_VERSION, P.VERSION, nonce, self.max_frame, self.window, P.DEFAULT_MAX_IN_FLIGHT
         )
         self._send(msg.frame(P.HANDSHAKE_REQUEST_ID))
 
@@ -123,6 +140,8 @@ class BackdoorClient:
             while self.agent is None:
                 if self._closed is not None:
                     raise self._closed
+                if self._refusal is not None:
+                    raise self._refusal
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise WaitTimeout(f"{self.name}: timed out after {timeout:.0f}s waiting for {what}")
@@ -169,8 +188,13 @@ class BackdoorClient:
             if ft == P.FrameType.ANNOUNCE:
                 self._agent_restarted()
                 self.hello()
+            elif ft == P.FrameType.AUTH_CHALLENGE:
+                self._answer_challenge(msg)
             elif ft == P.FrameType.HELLO_ACK:
                 self._acknowledged(msg)
+            elif ft == P.FrameType.ERROR and msg.code in (P.ErrorCode.AUTH, P.ErrorCode.VERSION):
+                what = "authentication" if msg.code == P.ErrorCode.AUTH else "the session"
+                self._refuse(f"the agent refused {what}: {msg.message}")
             return
         with self._state:
             pending = self._pending.get(frame.request_id)
@@ -193,10 +217,46 @@ class BackdoorClient:
             # The agent dropped the request and will grant no more credit: unblock our sender.
             pending.send_window.close("the agent reported an error")
 
+    def _refuse(self, why: str) -> None:
+        """No session for the current HELLO: wait_ready (and so every request) raises `why`."""
+        with self._state:
+            self._refusal = AuthenticationFailed(f"{self.name}: {why}")
+            self._state.notify_all()
+
+    def _answer_challenge(self, ch: P.AuthChallenge) -> None:
+        with self._state:
+            if ch.nonce != self._nonce or self._challenge is not None:
+                return  # the challenge of an older HELLO, or a second one (one proof per HELLO)
+            nonce = self._nonce
+            if self.key is not None:
+                self._challenge = ch.challenge
+        if self.key is None:
+            return self._refuse("the agent refused authentication: it asks for the run's backdoor "
+                                "key and this client has no key")
+        proof = P.auth_proof(self.key, P.AUTH_HOST, ch.challenge, nonce)
+        self._send(P.Auth(nonce, proof).frame(P.HANDSHAKE_REQUEST_ID))
+
+    def _agent_unproven(self, ack: P.HelloAck) -> str | None:
+        """Why a HELLO_ACK does not prove the agent has our key (None: it does, or we have no key)."""
+        if self.key is None:
+            return None
+        if self._challenge is None or not ack.proof:
+            return ("the agent did not authenticate: it has no backdoor key (the guest reads it "
+                    "from QEMU's fw_cfg: does its kernel have qemu_fw_cfg, CONFIG_FW_CFG_SYSFS?)")
+        expected = P.auth_proof(self.key, P.AUTH_AGENT, self._challenge, ack.nonce)
+        if not P.proof_matches(expected, ack.proof):
+            return "the agent did not authenticate: its proof does not match the run's key"
+        return None
+
     def _acknowledged(self, ack: P.HelloAck) -> None:
         with self._state:
             if ack.nonce != self._nonce:
                 return  # answer to an older HELLO
+            problem = self._agent_unproven(ack)
+            if problem is not None:
+                self._refusal = AuthenticationFailed(f"{self.name}: {problem}")
+                self._state.notify_all()
+                return
             self.agent = ack
             previous, self._previous_ack = self._previous_ack, ack
             self._state.notify_all()

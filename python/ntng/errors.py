@@ -78,3 +78,8 @@ class WaitTimeout(NtngError, TimeoutError):
 
 class UnsafePath(TestFailure):
     """A copy was refused: a name would lead outside the output folder or through a symlink."""
+
+
+class AuthenticationFailed(BackdoorError):
+    """The backdoor session was refused: the agent and the runner do not share the run's key
+    (or one of them has none), or the agent speaks another protocol version."""

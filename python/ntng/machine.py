@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import backends, caps, clones, netem, safepath, screen, shares
+from . import backdoorkey, backends, caps, clones, netem, safepath, screen, shares
 from . import protocol as P
 from .client import BackdoorClient, ExecResult, OutputCallback
 from .errors import (
@@ -192,7 +192,8 @@ class Machine:
                         if self._vmm_ended_by_reboot():
                             continue
                         raise
-                    self.client = BackdoorClient(sock, self.name, on_restart=self._on_agent_restart)
+                    self.client = BackdoorClient(sock, self.name, on_restart=self._on_agent_restart,
+                                                 key=backdoorkey.read(self.plan))
                 if not self.backend.alive():
                     if self._vmm_ended_by_reboot():
                         continue

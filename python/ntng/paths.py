@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
+
+from .errors import SetupError
 
 
 def data_root() -> Path:
@@ -36,4 +39,17 @@ def cache_dir() -> Path:
     )
     p = Path(base)
     p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def private_dir(p: Path) -> Path:
+    """`p` as a folder only its owner (the runner's user) can enter: state folders hold the
+    VMs' sockets (QMP, console, backdoor, hybrid vsock) and the run's backdoor key."""
+    p.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(p)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise SetupError(f"state folder {p} is not a folder of the runner's user (a symlink, or "
+                         f"owned by uid {st.st_uid}): refusing to keep sockets and keys there")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(p, 0o700)  # made by an older runner with the default mode
     return p

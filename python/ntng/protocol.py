@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
+import hmac
 import struct
 import threading
 import time
@@ -46,8 +48,13 @@ from construct import (
 )
 
 MAGIC = b"\xe2NTG"
-VERSION = 1
+# 2: HELLO is answered by AUTH_CHALLENGE when the agent has the run's key (see "Authentication"
+# below); HELLO_ACK carries the agent's proof.
+VERSION = 2
+# The lowest frame-header version the decoder reads.  Headers are unchanged since 1, so an old
+# peer's ERROR VERSION still arrives and the user reads why instead of waiting for a timeout.
 MIN_VERSION = 1
+MIN_SESSION_VERSION = 2  # the lowest version a session may be negotiated at (both peers)
 HEADER_SIZE = 20
 TRAILER_SIZE = 4
 DEFAULT_MAX_FRAME = 256 * 1024  # payload bytes
@@ -88,6 +95,8 @@ class FrameType(enum.IntEnum):
     HELLO = 1  # host → agent: start a session
     HELLO_ACK = 2  # agent → host: session accepted
     ANNOUNCE = 3  # agent → host: "I (re)started", sent unsolicited
+    AUTH_CHALLENGE = 4  # agent → host: answer HELLO with a proof of the run's key first
+    AUTH = 5  # host → agent: the proof; answered by HELLO_ACK or ERROR AUTH
     EXEC = 10
     STDIN = 11
     STDOUT = 12
@@ -117,6 +126,7 @@ class ErrorCode(enum.IntEnum):
     WINDOW_EXCEEDED = 6
     NO_SESSION = 7  # request before HELLO
     VERSION = 8
+    AUTH = 9  # request before authentication, or a proof that does not match the key
     EXEC_FAILED = 20  # command could not be started (no such file, bad user, bad cwd)
     FILE_FAILED = 21  # open/write/rename failed
     CHECKSUM = 22  # sha256 mismatch on FILE_PUT
@@ -253,6 +263,7 @@ class HelloAck(Message):
         "window" / Int32ub,
         "max_in_flight" / Int16ub,
         "capabilities" / StrList,
+        "proof" / Blob,
     )
     version: int
     nonce: bytes
@@ -263,6 +274,30 @@ class HelloAck(Message):
     window: int
     max_in_flight: int
     capabilities: list[str]
+    proof: bytes = b""  # auth_proof(key, AUTH_AGENT, challenge, nonce); empty: no key
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthChallenge(Message):
+    """A keyed agent's answer to HELLO: `challenge` is fresh for each HELLO and good for one
+    AUTH.  `nonce` echoes the HELLO's, so a host ignores the challenge of an older HELLO."""
+
+    TYPE = FrameType.AUTH_CHALLENGE
+    COMPILE = False  # once per session: compiling costs more than it saves
+    SCHEMA = Struct("nonce" / Blob, "challenge" / Blob)
+    nonce: bytes
+    challenge: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Auth(Message):
+    """The host's answer to AUTH_CHALLENGE: auth_proof(key, AUTH_HOST, challenge, nonce)."""
+
+    TYPE = FrameType.AUTH
+    COMPILE = False
+    SCHEMA = Struct("nonce" / Blob, "proof" / Blob)
+    nonce: bytes
+    proof: bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,7 +446,7 @@ class Error(Message):
 MESSAGES: dict[int, type[Message]] = {
     m.TYPE: m
     for m in (
-        Hello, HelloAck, Announce, Exec, Identity, Exit, Signal, FilePut, FileGet, FileDone,
+        Hello, HelloAck, AuthChallenge, Auth, Announce, Exec, Identity, Exit, Signal, FilePut, FileGet, FileDone,
         Credit, Ping, Pong, Error,
     )
 }
@@ -482,12 +517,43 @@ def announce_bytes(announce: Announce) -> bytes:
 def negotiate_version(min_version: int, max_version: int) -> int:
     """The highest version both sides speak, or ProtocolError."""
     best = min(max_version, VERSION)
-    if best < max(min_version, MIN_VERSION):
+    if best < max(min_version, MIN_SESSION_VERSION):
         raise ProtocolError(
             f"no common protocol version: peer speaks {min_version}..{max_version}, "
-            f"we speak {MIN_VERSION}..{VERSION}"
+            f"we speak {MIN_SESSION_VERSION}..{VERSION}"
         )
     return best
+
+
+# ---------------------------------------------------------------------------------------------
+# Authentication.  The runner writes a per-run secret into the node's private state folder and
+# the VMM hands it to the guest (QEMU: a fw_cfg file).  A keyed agent answers HELLO with a fresh
+# challenge and serves nothing (ERROR AUTH) until the host proves it knows the key:
+#
+#   host → HELLO(nonce)   agent → AUTH_CHALLENGE(nonce, challenge)
+#   host → AUTH(nonce, HMAC(key, host ‖ challenge ‖ nonce))
+#   agent → HELLO_ACK(..., proof = HMAC(key, agent ‖ challenge ‖ nonce))  or ERROR AUTH
+#
+# One extra round trip per session.  The challenge is used once, so a recorded proof is worth
+# nothing; the roles differ, so the agent's proof cannot be reflected as the host's.  An agent
+# without a key answers HELLO with HELLO_ACK at once (empty proof), as before.
+
+AUTH_HOST = b"host"
+AUTH_AGENT = b"agent"
+CHALLENGE_BYTES = 32  # as long as the HMAC: guessing one is no easier than guessing the key
+MIN_KEY_BYTES = 16  # a shorter key is refused by both sides (the runner writes 32)
+_AUTH_CONTEXT = b"ntng-backdoor-auth-v2"
+
+
+def auth_proof(key: bytes, role: bytes, challenge: bytes, nonce: bytes) -> bytes:
+    """HMAC-SHA256 over role, challenge and nonce, each length-prefixed (no ambiguity)."""
+    parts = (_AUTH_CONTEXT, role, challenge, nonce)
+    msg = b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+    return hmac.new(key, msg, hashlib.sha256).digest()
+
+
+def proof_matches(expected: bytes, got: bytes) -> bool:
+    return hmac.compare_digest(expected, got)
 
 
 # ---------------------------------------------------------------------------------------------

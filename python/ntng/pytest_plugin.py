@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,7 +43,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture(scope="module")
 def ntng_driver(request: pytest.FixtureRequest) -> Iterator[Driver]:
     module_file = Path(str(request.module.__file__))
-    state = Path(tempfile.mkdtemp(prefix="ntng-run-"))
+    state = runner.fresh_state_dir()
     (state / "runner.pid").write_text(str(os.getpid()))  # a dead run's dir is reaped later
     out = Path(request.config.rootpath) / "ntng-out" / module_file.stem
     out.parent.mkdir(exist_ok=True, mode=0o700)  # private, as the run folders inside

@@ -97,9 +97,12 @@ def kept_state_dir(script: Path) -> Path:
     import hashlib
 
     key = hashlib.sha256(str(script.resolve()).encode()).hexdigest()[:12]
-    d = paths.cache_dir() / "state" / f"{script.stem}-{key}"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return paths.private_dir(paths.cache_dir() / "state" / f"{script.stem}-{key}")
+
+
+def fresh_state_dir() -> Path:
+    """A run's own state folder (0700: it holds the VMs' sockets and the backdoor keys)."""
+    return Path(tempfile.mkdtemp(prefix="ntng-run-"))
 
 
 def reap_stale_state() -> list[Path]:
@@ -137,7 +140,7 @@ def run(opts: RunOptions) -> int:
         reused = any(state_root.glob("*/disk.qcow2"))
         log(f"ntng: machine state in {state_root}" + (" (reused from the last -K run)" if reused else ""))
     else:
-        state_root = Path(tempfile.mkdtemp(prefix="ntng-run-"))
+        state_root = fresh_state_dir()
     (state_root / "runner.pid").write_text(str(os.getpid()))
     out_dir = opts.out_dir or Path.cwd() / "ntng-out"
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # private if we make it

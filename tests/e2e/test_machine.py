@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -226,3 +227,18 @@ def test_copy_from_machine_follows_no_guest_symlink_and_keeps_no_setuid(vm: Mach
     assert os.stat(root / "sub" / "suid").st_mode & 0o7002 == 0, oct(os.stat(root / "sub" / "suid").st_mode)
     with pytest.raises(RequestedAssertionFailed, match="no usable name"):
         vm.copy_from_machine("/root/evil/..")
+
+
+def test_the_backdoor_is_authenticated_with_the_run_key(vm: Machine) -> None:
+    """The agent proved it has the run's key (HELLO_ACK says "auth"; the client checked its
+    proof): QEMU handed the guest the runner's 0600 key file through fw_cfg, readable there by
+    root only.  After test_crash_then_start_again this is the second start's key."""
+    assert vm.client is not None and vm.client.agent is not None
+    assert "auth" in vm.client.agent.capabilities
+    key_file = Path(vm.plan["backdoor"]["keyFile"])
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(key_file.parent.stat().st_mode) == 0o700
+    raw = "/sys/firmware/qemu_fw_cfg/by_name/opt/org.ntng/backdoor-key/raw"
+    assert vm.succeed(f"sha256sum {raw}").split()[0] == hashlib.sha256(key_file.read_bytes()).hexdigest()
+    assert vm.succeed(f"stat -c %a {raw}").strip() == "400"
+    assert vm.run(f"cat {raw}", user="nobody").status != 0

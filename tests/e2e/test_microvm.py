@@ -27,6 +27,9 @@ def test_microvm_boots_vmlinux_and_ext4_and_the_agent_answers(
     try:
         m.start()
         assert m.succeed("echo answered").strip() == "answered"
+        # microvm has fw_cfg too: the agent got the run's key and proved it
+        assert m.client is not None and m.client.agent is not None
+        assert "auth" in m.client.agent.capabilities
         # No PCI bus at all; the root disk hangs off virtio-mmio.
         assert m.succeed("ls /sys/bus/pci/devices 2>/dev/null | wc -l").strip() == "0"
         # vda → virtio0 → its platform device (ACPI LNRO0005), bound to the virtio-mmio driver.

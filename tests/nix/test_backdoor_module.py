@@ -87,7 +87,7 @@ def test_virtconsole_loads_virtio_console() -> None:
     boot = r["config"]["boot"]
     assert "virtio_console" in boot["kernelModules"]
     assert "virtio_console" in boot["initrd"]["availableKernelModules"]
-    assert unit(r)["serviceConfig"]["ExecStartPre"].endswith("modprobe -a virtio_console")
+    assert unit(r)["serviceConfig"]["ExecStartPre"].endswith("modprobe -a virtio_console qemu_fw_cfg")
 
 
 def test_vsock_transport() -> None:
@@ -257,3 +257,12 @@ def test_agent_falls_back_to_a_sibling_protocol_module() -> None:
     source = (HERE.parents[1] / "backdoor" / "ntng_agent.py").read_text()
     assert "from ntng import protocol as P\nexcept ImportError:" in source
     assert "import protocol as P" in source
+
+
+@pytest.mark.parametrize("transport", ["virtconsole", "vsock"])
+def test_the_agent_can_read_the_run_key_from_fw_cfg(transport: str) -> None:
+    """QEMU hands the run's backdoor key to the guest as a fw_cfg file; the agent reads it from
+    /sys/firmware/qemu_fw_cfg, which needs qemu_fw_cfg loaded before the agent starts."""
+    r = evaluate(backdoor(transport=transport))
+    assert "qemu_fw_cfg" in r["config"]["boot"]["kernelModules"]
+    assert unit(r)["serviceConfig"]["ExecStartPre"].split()[-1] == "qemu_fw_cfg"

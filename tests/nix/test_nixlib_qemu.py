@@ -169,3 +169,20 @@ def test_disk_boot_in_a_test_spec_drops_the_runners_initrd() -> None:
         "defaults": {"kernel": "/k", "initrd": "/i", "image": "/img", "accel": "tcg", "stateRoot": "/r"}})
     assert "-boot" in spec["nodes"]["a"]["argv"] and "-initrd" not in spec["nodes"]["a"]["argv"]
     assert "systemd.hostname=b" in " ".join(spec["nodes"]["b"]["argv"])
+
+
+@pytest.mark.parametrize("machine", ["q35", "pc", "microvm"])
+def test_the_backdoor_key_reaches_the_guest_by_fw_cfg(machine: str) -> None:
+    """The run's secret goes to the guest as a fw_cfg file: QEMU's argv names only its path, in
+    the node's (0700) state folder, where the runner writes it before QEMU starts."""
+    key = f"{BASE['stateDir']}/backdoor.key"
+    for transport in ("virtio-serial", "vsock"):
+        plan = launch(machineType=machine, backdoor={"transport": transport}, restore=None)
+        assert plan["backdoor"]["keyFile"] == key
+        argv = plan["argv"]
+        assert argv[argv.index("-fw_cfg") + 1] == f"name=opt/org.ntng/backdoor-key,file={key}"
+        assert argv.count("-fw_cfg") == 1
+    if machine != "microvm":  # a clone's restore starts QEMU with the clone's own key
+        clone = launch(machineType=machine, restore={"disk": "/s/disk.qcow2", "ram": "/s/ram"})
+        restore = clone["restoreArgv"]
+        assert restore[restore.index("-fw_cfg") + 1] == f"name=opt/org.ntng/backdoor-key,file={key}"

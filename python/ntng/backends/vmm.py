@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import pdeathsig
+from .. import backdoorkey, paths, pdeathsig
 from ..errors import SetupError
 from ..network import CapabilityMissing
 from ..unixhttp import UnixHttpClient
@@ -57,9 +57,10 @@ class VmmProcess(ConsoleLines):
         disk (-K, or `keep`: one restored from a snapshot) is booted as it is, so the steps that
         would make a fresh one are skipped (`skip_disk_steps`: only those naming the disk; else
         all of them)."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        paths.private_dir(self.state_dir)
         for sock in self.plan["sockets"].values():
             Path(sock).unlink(missing_ok=True)
+        backdoorkey.write(self.plan)  # before the VMM starts: QEMU reads it at start (fw_cfg)
         disk = Path(self.plan["files"]["disk"])
         if keep is None:
             keep = self.keep_disk and disk.exists()
