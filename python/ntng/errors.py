@@ -74,3 +74,8 @@ class WaitTimeout(NtngError, TimeoutError):
     """A bounded wait expired; the message says what was awaited."""
 
     exit_code = EXIT_TEST_FAILED
+
+
+class MachineExited(TestFailure):
+    """The VM exited while the test waited for it (e.g. for console text): a crash, a panic,
+    a poweroff; the message names the machine, what was awaited and the console's last lines."""
