@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from . import caps, clones, report, testspec
 from . import network as network_mod
 from .client import ExecResult
-from .errors import GlobalTimeout, NtngError, TestFailure, TestScriptError
+from .errors import EXIT_TIMEOUT, GlobalTimeout, NtngError, TestFailure, TestScriptError
 from .machine import Machine, RequestedAssertionFailed, retry
 from .polling import PollingCondition, polling_condition_factory
 from .report import EventLog
@@ -31,6 +31,21 @@ from .testspec import TestSpec, compile_script
 from .watch import Detection, Rule, Watcher
 
 T = TypeVar("T")
+
+# release(): the journals may take this long (Machine.save_journal's 20 s and 5 s to answer) ...
+ARTIFACTS_TIMEOUT = 25.0
+# ... or this long after the global timeout, when the guest may well be the reason for it.
+ARTIFACTS_TIMEOUT_AFTER_GLOBAL = 3.0
+# Then closing connections, port forwards, killing VMMs and joining their threads: all bounded
+# steps (a kill is reaped within vmm.KILL_REAP_TIMEOUT); this bounds them together.
+RELEASE_TIMEOUT = 10.0
+# After the global timeout the main thread is interrupted and releases the machines itself
+# (reports first); if it has not started to within this, the timer thread does it.
+GLOBAL_TIMEOUT_RELEASE_AFTER = 2.0
+# `ntng run` ends at most this long after the global timeout, whatever the script or a guest
+# do: a release takes ARTIFACTS_TIMEOUT_AFTER_GLOBAL + RELEASE_TIMEOUT at most, and a script
+# that swallows the interrupt is ended by os._exit (VMMs die with the runner: PDEATHSIG).
+GLOBAL_TIMEOUT_EXIT = 15.0
 
 # The names a test script sees besides its machines (the NixOS driver's, plus `driver`).
 DRIVER_GLOBALS = (
@@ -91,8 +106,14 @@ class Driver:
             m.watcher = self.watcher
             m.callbacks.append(self.check_detections)
         self.timed_out = False
+        self.exit_on_timeout = False  # the runner: os._exit GLOBAL_TIMEOUT_EXIT after the timeout
+        self.global_deadline: float | None = None
         self._timer: threading.Timer | None = None
-        self._fallback: threading.Timer | None = None
+        self._release_lock = threading.Lock()
+        self._release_started = threading.Event()
+        self._released = False
+        for m in self.machines:
+            m.callbacks.append(self.check_global_timeout)
         self.subtests: list[tuple[str, float, BaseException | None]] = []
 
     def log(self, msg: str) -> None:
@@ -153,7 +174,11 @@ class Driver:
     def start_from_snapshot(self, snapshot: Snapshot, names: list[str]) -> list[Machine]:
         """Extension: clones of `snapshot` (from machine.snapshot(name)), one per name, restored
         in parallel and up; each a full Machine, in `machines` and cleaned up with the run."""
-        return clones.start_clones(self, snapshot, names)
+        started = clones.start_clones(self, snapshot, names)
+        for m in started:
+            m.callbacks.append(self.check_global_timeout)
+            m.global_deadline = self.global_deadline
+        return started
 
     def join_all(self) -> None:
         for m in self.machines:
@@ -217,21 +242,51 @@ class Driver:
 
     # -- running ------------------------------------------------------------------------------
 
-    def _on_global_timeout(self) -> None:
-        self.timed_out = True
-        self.log(f"global timeout of {self.global_timeout:.0f}s reached; test terminating")
-        # A real signal wakes the main thread even inside a blocking wait; it then unwinds
-        # and the runner releases the machines.  Should it be wedged, release them from here.
-        os.kill(os.getpid(), signal.SIGINT)
-        self._fallback = threading.Timer(30, self.release)
-        self._fallback.daemon = True
-        self._fallback.start()
-
-    def run_tests(self) -> None:
-        code = compile_script(self.spec.script_path, self.spec.script)
+    def start_global_timer(self) -> None:
+        """The global timeout starts now: machines' commands without a timeout wait until it
+        at most; when it passes, _on_global_timeout ends the test."""
+        self.cancel_global_timer()
+        self.global_deadline = time.monotonic() + self.global_timeout
+        for m in self.machines:
+            m.global_deadline = self.global_deadline
         self._timer = threading.Timer(self.global_timeout, self._on_global_timeout)
         self._timer.daemon = True
         self._timer.start()
+
+    def cancel_global_timer(self) -> None:
+        if self._timer:
+            self._timer.cancel()
+
+    def timeout_message(self) -> str:
+        return f"{self.spec.script_path}: global timeout of {self.global_timeout:.0f}s reached"
+
+    def check_global_timeout(self) -> None:
+        """Every command checks it first: after the global timeout nothing new starts."""
+        if self.timed_out:
+            raise GlobalTimeout(self.timeout_message())
+
+    def _on_global_timeout(self) -> None:
+        """The timer thread: interrupt the main thread (a signal wakes it inside any blocking
+        wait; it unwinds, reports and releases); release from here if it does not start to;
+        for the runner, end the process GLOBAL_TIMEOUT_EXIT after the timeout at the latest."""
+        fired = time.monotonic()
+        self.timed_out = True
+        self.log(f"global timeout of {self.global_timeout:.0f}s reached; test terminating")
+        main = threading.main_thread().ident
+        if main is not None:
+            signal.pthread_kill(main, signal.SIGINT)
+        if not self._release_started.wait(GLOBAL_TIMEOUT_RELEASE_AFTER):
+            self.log("the test script did not stop; releasing the machines from the timer")
+            self.release()
+        if self.exit_on_timeout:
+            time.sleep(max(0.0, fired + GLOBAL_TIMEOUT_EXIT - time.monotonic()))
+            self.log(f"ntng: TIMEOUT: the test did not end within {GLOBAL_TIMEOUT_EXIT:.0f}s of the "
+                     "global timeout; exiting (reports may be missing)")
+            os._exit(EXIT_TIMEOUT)
+
+    def run_tests(self) -> None:
+        code = compile_script(self.spec.script_path, self.spec.script)
+        self.start_global_timer()
         t0 = time.monotonic()
         self._in_script = True
         symbols = self.test_symbols()
@@ -242,21 +297,17 @@ class Driver:
             if self.detections:
                 raise TestFailure(self.detections[0].describe()) from None
             if self.timed_out:
-                raise GlobalTimeout(
-                    f"{self.spec.script_path}: global timeout of {self.global_timeout:.0f}s reached"
-                ) from None
+                raise GlobalTimeout(self.timeout_message()) from None
             raise
         except (NtngError, AssertionError, Exception) as e:
             if self.detections and not isinstance(e, TestFailure):
                 raise TestFailure(self.detections[0].describe()) from None
             if self.timed_out:
-                raise GlobalTimeout(
-                    f"{self.spec.script_path}: global timeout of {self.global_timeout:.0f}s reached"
-                ) from None
+                raise GlobalTimeout(self.timeout_message()) from None
             raise script_error(self.spec.script_path, e, symbols) from None
         finally:
             self._in_script = False
-            self._timer.cancel()
+            self.cancel_global_timer()
         self.log(f"test script finished in {time.monotonic() - t0:.2f}s")
 
     def write_reports(self, duration: float, outcome: BaseException | None) -> Path:
@@ -281,30 +332,55 @@ class Driver:
 
     def save_artifacts(self) -> None:
         """Each running machine's journal of this boot into the run's folder, once, in parallel
-        (best effort, bounded); consoles are saved as machines stop."""
+        (best effort, within ARTIFACTS_TIMEOUT, or ARTIFACTS_TIMEOUT_AFTER_GLOBAL after the
+        global timeout); consoles are written as they arrive."""
         if self._artifacts_saved:
             return
         self._artifacts_saved = True
+        budget = ARTIFACTS_TIMEOUT_AFTER_GLOBAL if self.timed_out else ARTIFACTS_TIMEOUT
         up = [m for m in self.machines if m.is_up()]
-        if up:
-            _on_each(up, Machine.save_journal)
+        late = _bounded_each(up, lambda m: m.save_journal(timeout=max(1.0, budget - 5)), budget)
+        for m in late:
+            self.log(f"{m.name}: journal not saved: no answer within {budget:.0f}s")
 
     def release(self) -> None:
-        if self._timer:
-            self._timer.cancel()
-        if self._fallback:
-            self._fallback.cancel()
+        """Save what can be saved and stop everything, bounded whatever the guests do: the
+        journals (save_artifacts' budget), then RELEASE_TIMEOUT for the rest.  Backdoor
+        connections are closed first, which returns any call blocked on a silent guest.  A
+        second caller (the timer and the main thread) waits for the first one to finish."""
+        self._release_started.set()
+        if not self._release_lock.acquire(
+                timeout=ARTIFACTS_TIMEOUT + RELEASE_TIMEOUT + GLOBAL_TIMEOUT_RELEASE_AFTER):
+            return
+        try:
+            if not self._released:
+                self._released = True
+                self._release()
+        finally:
+            self._release_lock.release()
+
+    def _release(self) -> None:
+        self.cancel_global_timer()
         try:
             self.save_artifacts()
         except Exception as e:
             self.log(f"saving artifacts failed: {e}")
+        deadline = time.monotonic() + RELEASE_TIMEOUT
         for m in self.machines:
+            if m.client is not None:
+                m.client.close()
+
+        def release(m: Machine) -> None:
             try:
                 m.release()
             except Exception as e:
                 self.log(f"{m.name}: cleanup failed: {e}")
+
+        for m in _bounded_each(self.machines, release, deadline - time.monotonic()):
+            self.log(f"{m.name}: cleanup did not finish within {RELEASE_TIMEOUT:.0f}s (RELEASE_TIMEOUT)")
         try:
-            self.network.release()
+            if _bounded_each([self.network], lambda n: n.release(), deadline - time.monotonic()):
+                self.log(f"network: cleanup did not finish within {RELEASE_TIMEOUT:.0f}s (RELEASE_TIMEOUT)")
         except Exception as e:
             self.log(f"network: cleanup failed: {e}")
         self.events.close()
@@ -336,6 +412,29 @@ def _on_each(machines: list[Machine], fn: Callable[[Machine], T]) -> list[T]:
     if errors:
         raise errors[0]
     return [results[i] for i in range(len(machines))]
+
+
+def _bounded_each(items: list[T], fn: Callable[[T], object], timeout: float) -> list[T]:
+    """fn(x) for every item on its own daemon thread, all at once, waiting `timeout` seconds
+    in all; the items whose call had not finished (it goes on in the background).  The first
+    error raised is re-raised."""
+    errors: list[BaseException] = []
+
+    def one(x: T) -> None:
+        try:
+            fn(x)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(x,), daemon=True) for x in items]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    if errors:
+        raise errors[0]
+    return [x for x, t in zip(items, threads, strict=True) if t.is_alive()]
 
 
 def script_error(path: Path, e: BaseException, names: Iterable[str] = DRIVER_GLOBALS) -> NtngError:

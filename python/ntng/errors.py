@@ -83,3 +83,8 @@ class UnsafePath(TestFailure):
 class AuthenticationFailed(BackdoorError):
     """The backdoor session was refused: the agent and the runner do not share the run's key
     (or one of them has none), or the agent speaks another protocol version."""
+
+
+class MachineExited(TestFailure):
+    """The VM exited while the test waited for it (e.g. for console text): a crash, a panic,
+    a poweroff; the message names the machine, what was awaited and the console's last lines."""

@@ -24,6 +24,7 @@ from .errors import (
     BackdoorError,
     BootError,
     ConnectionLost,
+    MachineExited,
     TestFailure,
     WaitTimeout,
 )
@@ -40,6 +41,20 @@ class RequestedAssertionFailed(TestFailure):
 
 
 PROGRESS_EVERY = 10.0  # seconds between "still waiting" lines
+# The host waits for a command its timeout plus this: the agent kills a timed-out command and
+# reports it, which a slow (TCG) guest may take a while to do.
+COMMAND_WAIT_GRACE = 60.0
+# timeout=None (succeed's and fail's default, as in NixOS): no timeout for the command in the
+# guest, but the host waits at most until the driver's global timeout (plus the grace) or,
+# without a driver, this long: a silent guest must not hold a caller for days.
+COMMAND_WAIT_NO_TIMEOUT = 3600.0
+# wait_for_console_text(timeout=None) waits this long (NixOS: for ever), like the other waits.
+CONSOLE_WAIT_TIMEOUT = 900.0
+# A console match may span lines, up to this many characters of console text: each check
+# scans the new text and this much before it, not all text since the start.
+CONSOLE_MATCH_SPAN = 256 * 1024
+CONSOLE_POLL = 0.05  # seconds: lines arriving meanwhile are checked together
+CONSOLE_EXIT_DRAIN = 1.0  # seconds for a VM's last console lines once it has exited
 
 
 def retry(fn: Callable[[bool], Any], timeout_seconds: int | float = 900,
@@ -60,6 +75,15 @@ def retry(fn: Callable[[bool], Any], timeout_seconds: int | float = 900,
         raise RequestedAssertionFailed(
             f"action timed out after {elapsed:.2f} seconds (timeout={timeout_seconds})"
         )
+
+
+def _console_window(text: str) -> str:
+    """The end of already searched console text that a match of new lines may still start in:
+    CONSOLE_MATCH_SPAN characters at most, from a line start (so ^ means what it says)."""
+    if len(text) <= CONSOLE_MATCH_SPAN:
+        return text
+    cut = text.find("\n", len(text) - CONSOLE_MATCH_SPAN)
+    return text[cut + 1:] if cut >= 0 else ""
 
 
 def _short(command: str | list[str], limit: int = 300) -> str:
@@ -108,6 +132,7 @@ class Machine:
         self.restore_from: Snapshot | None = None  # a clone: its first start restores this
         self.restore_seconds: float | None = None  # a clone: restore → its first command possible
         self._identity_due: float | None = None  # a clone's restore began then; identity pending
+        self.global_deadline: float | None = None  # the driver's global timeout (monotonic)
 
     def __repr__(self) -> str:
         return f"<Machine '{self.name}'>"
@@ -138,6 +163,7 @@ class Machine:
                                        keep_disk=self.keep_state or self._disk_made)
             self._disk_made = True
             self.backend.console_callbacks.append(self._on_console)
+            self.backend.console_artifact = self.out_dir / self.name / "console.log"
             if restore_from is not None:
                 self._identity_due = time.monotonic()
                 clones.restore(self, restore_from)
@@ -299,14 +325,9 @@ class Machine:
         self.booted = False
 
     def _save_console(self) -> None:
-        """Artifact: every boot's console (kernel, journal, agent) in out_dir/<machine>/console.log."""
-        if not self.backend.console_log:
-            return
-        d = self.out_dir / self.name
-        d.mkdir(parents=True, exist_ok=True)
-        with open(d / "console.log", "a") as f:
-            f.write("\n".join(self.backend.console_log) + "\n")
-        self.backend.console_log = []
+        """Artifact: every boot's console (kernel, journal, agent) in out_dir/<machine>/console.log,
+        written as it arrives (console.CONSOLE_ARTIFACT_BYTES at most); finished here."""
+        self.backend.close_console_artifact()
 
     def save_journal(self, timeout: float = 20) -> Path | None:
         """Artifact: this boot's journal in out_dir/<machine>/journal.log.  Best effort and
@@ -389,6 +410,11 @@ class Machine:
             time.sleep(0.2)
 
     def release(self) -> None:
+        """Stop everything of this machine, bounded: the backdoor connection is closed first (a
+        call blocked on a silent guest returns), then the port forwards; the VMM is killed and
+        its threads joined with bounds (backends' release)."""
+        if self.client is not None:
+            self.client.close()
         for fwd in self.forwards:
             fwd.close()
         self.forwards = []
@@ -435,7 +461,7 @@ class Machine:
             timeout_ms=int(timeout * 1000) if timeout else 0,
             stdin=stdin is not None,
         )
-        wait = (timeout + 60) if timeout else 7 * 24 * 3600.0
+        wait = self._host_wait(timeout)
         client = self.connect()
         t0 = time.monotonic()
         try:
@@ -455,6 +481,15 @@ class Machine:
                          "ok" if res.status == 0 else ("timeout" if res.timed_out else "nonzero"),
                          command=_short(command), status=res.status)
         return res
+
+    def _host_wait(self, timeout: float | None) -> float:
+        """How long the host waits for a command: its timeout plus COMMAND_WAIT_GRACE; without
+        one, until the driver's global timeout plus the grace, else COMMAND_WAIT_NO_TIMEOUT."""
+        if timeout:
+            return timeout + COMMAND_WAIT_GRACE
+        if self.global_deadline is not None:
+            return max(0.0, self.global_deadline - time.monotonic()) + COMMAND_WAIT_GRACE
+        return COMMAND_WAIT_NO_TIMEOUT
 
     def execute(
         self,
@@ -650,24 +685,51 @@ class Machine:
         self._retry_command(f"nc -z {flags} {addr}", True, timeout)
 
     def wait_for_console_text(self, regex: str, timeout: int | None = None) -> None:
-        """Wait until the serial console (since start) matches `regex`."""
+        """Wait until the serial console matches `regex`: the lines kept since the VM started
+        (the last console.CONSOLE_TAIL_CHARS) and those to come; a match may span lines (up to
+        CONSOLE_MATCH_SPAN characters).  timeout=None waits CONSOLE_WAIT_TIMEOUT (NixOS: for
+        ever).  MachineExited if the VM exits first (a VM that exits to reboot is restarted)."""
+        limit = CONSOLE_WAIT_TIMEOUT if timeout is None else timeout
         self.log(f"waiting for {regex} to appear on console")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        seen = 0
-        text = ""
+        pattern = re.compile(regex)
+        deadline = time.monotonic() + limit
+        backend, number, text = self.backend, 0, ""
+
+        def matched() -> bool:  # the lines that came since the last look
+            nonlocal number, text
+            lines, number = backend.console_since(number)
+            if not lines:
+                return False
+            text = _console_window(text) + "\n".join(lines) + "\n"
+            return pattern.search(text) is not None
+
         while True:
-            lines = self.backend.console_log
-            if len(lines) > seen:
-                text += "\n".join(lines[seen:]) + "\n"
-                seen = len(lines)
-                if re.search(regex, text):
+            if backend is not self.backend:  # started again: its console starts anew
+                backend, number = self.backend, 0
+            if matched():
+                return
+            if backend.proc is not None and not backend.alive():
+                if not backend.console_ended and backend.wait_console(number, CONSOLE_EXIT_DRAIN):
+                    continue  # its last lines are still coming
+                if matched():
                     return
-            if deadline is not None and time.monotonic() > deadline:
-                raise WaitTimeout(f"{self.name}: console did not match /{regex}/ within {timeout}s")
-            time.sleep(0.1)
+                if self._vmm_ended_by_reboot():
+                    self._restart_vmm()
+                    continue
+                raise MachineExited(
+                    f"{self.name}: the VM exited (status {backend.wait_exit(0)}) while waiting for "
+                    f"/{regex}/ on the console\nlast console lines:\n{backend.console_tail()}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WaitTimeout(f"{self.name}: console did not match /{regex}/ within {limit}s")
+            backend.wait_console(number, min(left, 1.0))
+            time.sleep(min(CONSOLE_POLL, max(0.0, deadline - time.monotonic())))
 
     def get_console_log(self) -> str:
-        return "\n".join(self.backend.console_log)
+        """The console of this boot kept in memory: its last console.CONSOLE_TAIL_CHARS
+        characters (everything since the start for a normal boot).  The whole console of every
+        boot is in the artifact out_dir/<machine>/console.log."""
+        return "\n".join(self.backend.get_console_lines())
 
     # -- keys, console, screen ----------------------------------------------------------------
 

@@ -12,23 +12,29 @@ them once per module (on first use, as the NixOS driver does) and clean up after
         ntng.client.succeed("ping -c 1 server")
 
 Fixtures: `ntng` (the script's globals: machines by name, start_all, subtest, driver, …),
-`ntng_driver`, `ntng_machines` (name → Machine).  Options: --ntng-accel, --ntng-network.
+`ntng_driver`, `ntng_machines` (name → Machine).  Options: --ntng-accel, --ntng-network,
+--ntng-global-timeout (per module, from the fixture's setup: when it passes, the machines are
+released and the test that waits fails with GlobalTimeout, as do the module's later tests).
 Registered through the `pytest11` entry point, so installing nixos-test-ng is enough.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import threading
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
 from . import runner
 from .driver import Driver
-from .errors import NtngError
+from .errors import GlobalTimeout, NtngError
 from .machine import Machine
 
 
@@ -38,6 +44,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="accelerator for the VMs (default: probe KVM, else TCG)")
     group.addoption("--ntng-network", default="auto", choices=["auto", "tap", "vde"],
                     help="network mode for nodes with vlans")
+    group.addoption("--ntng-global-timeout", type=float, default=None,
+                    help="seconds for each test module's VMs, from their setup on (default: the "
+                         "module's `#: globalTimeout`, 3600 unless set)")
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +63,43 @@ def ntng_driver(request: pytest.FixtureRequest) -> Iterator[Driver]:
     try:
         try:
             spec, choice = runner.prepare(opts, state)
-            driver = Driver(spec, out, runner.DEFAULT_BOOT_TIMEOUT * choice.timeout_scale, log=runner.log)
+            driver = Driver(spec, out, runner.DEFAULT_BOOT_TIMEOUT * choice.timeout_scale,
+                            global_timeout=request.config.getoption("--ntng-global-timeout"), log=runner.log)
         except NtngError as e:
             pytest.fail(f"ntng: cannot set up the nodes of {module_file.name}: {e}", pytrace=False)
-        yield driver
+        with _global_timeout_raised_in_tests(driver):
+            yield driver
     finally:
         if driver is not None:
             driver.release()
         shutil.rmtree(state, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _global_timeout_raised_in_tests(driver: Driver) -> Iterator[None]:
+    """The driver's global timer, running while the module's tests do.  It interrupts the main
+    thread with SIGINT; here that interrupt becomes GlobalTimeout in the test that waits (a real
+    Ctrl-C still stops the session)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only: no global timer here
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        if driver.timed_out:
+            raise GlobalTimeout(driver.timeout_message())
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    driver.start_global_timer()
+    try:
+        yield
+    finally:
+        driver.cancel_global_timer()
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="module")

@@ -151,6 +151,7 @@ def run(opts: RunOptions) -> int:
         spec, choice = prepare(opts, state_root)
         boot_timeout = opts.boot_timeout or DEFAULT_BOOT_TIMEOUT * choice.timeout_scale
         driver = Driver(spec, out_dir, boot_timeout, opts.global_timeout, log, keep_state=opts.keep_state)
+        driver.exit_on_timeout = True  # the process ends after the global timeout, come what may
         if opts.serial_stdout:
             driver.serial_stdout_on()
         if opts.interactive:

@@ -22,6 +22,9 @@ from ..unixhttp import UnixHttpClient
 from .console import ConsoleLines
 
 HELPER_START_TIMEOUT = 10.0
+# After SIGKILL a process is gone at once unless it is stuck in the kernel (D state, e.g. on a
+# dead file system); release() does not wait for it longer than this.
+KILL_REAP_TIMEOUT = 5.0
 
 
 class VmmProcess(ConsoleLines):
@@ -201,10 +204,14 @@ class ApiVmm(VmmProcess):
 
 
 def kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL a child's whole session (it was started with start_new_session) and reap it."""
+    """SIGKILL a child's whole session (it was started with start_new_session) and reap it
+    (waiting KILL_REAP_TIMEOUT at most)."""
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass  # exited (and was reaped elsewhere) in the meantime
-        proc.wait()
+        try:
+            proc.wait(KILL_REAP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass  # stuck in the kernel: it dies when it leaves it; PDEATHSIG is armed too
