@@ -88,3 +88,30 @@ class AuthenticationFailed(BackdoorError):
 class MachineExited(TestFailure):
     """The VM exited while the test waited for it (e.g. for console text): a crash, a panic,
     a poweroff; the message names the machine, what was awaited and the console's last lines."""
+
+
+class SendTimeout(ConnectionLost, WaitTimeout):
+    """A frame could not be sent before its deadline: the guest stopped reading.  Half a frame
+    may be on the wire, so the connection is closed."""
+
+
+class MalformedFrame(BackdoorError):
+    """The guest answered a request with a frame whose payload does not parse."""
+
+
+class GuestMisbehaved(BackdoorError):
+    """The guest broke the protocol past what the host tolerates (a flood of control frames,
+    too many bytes that failed their CRC): the connection is closed."""
+
+
+class GuestLimitExceeded(BackdoorError):
+    """The guest sent more than a stated host-side limit allows; the message names the limit
+    and how to raise it."""
+
+
+class OutputLimitExceeded(GuestLimitExceeded):
+    """A command printed more than execute(max_output=...) keeps in memory; it was killed."""
+
+
+class FileTooLarge(GuestLimitExceeded):
+    """A file copied from the guest grew past get_file(max_size=...)."""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import backdoorkey, backends, caps, clones, netem, safepath, screen, shares
 from . import protocol as P
-from .client import BackdoorClient, ExecResult, OutputCallback
+from .client import DEFAULT_MAX_OUTPUT, BackdoorClient, ExecResult, OutputCallback
 from .errors import (
     AgentRestarted,
     BackdoorError,
@@ -121,6 +121,9 @@ class Machine:
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.backend = backends.make(name, plan)
         self.client: BackdoorClient | None = None
+        # Most stdout + stderr run() keeps in memory per command (execute/succeed/fail too);
+        # raise it here or per call with run(max_output=...).
+        self.max_output = DEFAULT_MAX_OUTPUT
         self.booted = False
         self.boot_id: str | None = None
         self.boot_ids: list[str] = []  # one per boot seen, in order
@@ -441,6 +444,7 @@ class Machine:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         strict: bool = True,
+        max_output: int | None = None,
     ) -> ExecResult:
         """Extension: run a command and get stdout, stderr, status and duration separately.
 
@@ -466,7 +470,8 @@ class Machine:
         t0 = time.monotonic()
         try:
             try:
-                res = client.execute(req, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr, wait=wait)
+                res = client.execute(req, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr, wait=wait,
+                                     max_output=self.max_output if max_output is None else max_output)
             except ConnectionLost as lost:
                 if not self.backend.reconnects:
                     raise

@@ -578,6 +578,9 @@ class Decoder:
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
+        # Bytes run through a payload CRC that failed: each fake header with a valid header CRC
+        # costs a whole frame's CRC, so a receiver may bound this per connection.
+        self.crc_failed_bytes = 0
         self._buf = bytearray()
         self._pending_garbage = 0
         self._need = 0  # bytes needed before the next parse attempt is worth it
@@ -635,6 +638,7 @@ class Decoder:
                 )
                 payload = bytes(view[HEADER_SIZE : total - TRAILER_SIZE]) if crc_ok else b""
             if not crc_ok:
+                self.crc_failed_bytes += total
                 # Skip only the magic: a real frame may start inside this fake one.
                 self._skip(1, buf)
                 yield self._flush_garbage("bad CRC", request_id)

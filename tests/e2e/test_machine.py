@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import make_driver
-from ntng.errors import AgentRestarted
+from ntng.errors import AgentRestarted, NtngError, OutputLimitExceeded
 from ntng.machine import Machine, RequestedAssertionFailed
 
 MB = 1024 * 1024
@@ -242,3 +242,38 @@ def test_the_backdoor_is_authenticated_with_the_run_key(vm: Machine) -> None:
     assert vm.succeed(f"sha256sum {raw}").split()[0] == hashlib.sha256(key_file.read_bytes()).hexdigest()
     assert vm.succeed(f"stat -c %a {raw}").strip() == "400"
     assert vm.run(f"cat {raw}", user="nobody").status != 0
+
+
+def test_2gb_of_stdout_stops_at_max_output_and_the_command_is_killed(vm: Machine) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(OutputLimitExceeded, match=r"8388608 bytes.*on_stdout="):
+        vm.run("head -c 2G /dev/zero", max_output=8 * MB, timeout=300)
+    took = time.monotonic() - t0
+    print(f"\n2 GB of stdout with max_output=8 MiB: stopped after {took:.2f}s")
+    vm.max_output = 4 * MB  # the NixOS-style calls go through the machine's limit
+    try:
+        with pytest.raises(OutputLimitExceeded, match="4194304 bytes"):
+            vm.succeed("head -c 2G /dev/zero")
+    finally:
+        vm.max_output = MB * 128
+    assert took < 60, f"{took:.1f}s to stop a 2 GB flood at 8 MiB"
+    vm.wait_until_fails("pgrep -x head", timeout=10)  # killed in the guest, not left writing
+
+
+def test_a_guest_that_stops_reading_does_not_hang_put_file(vm: Machine, tmp_path: Path) -> None:
+    """The agent is SIGSTOPped while the host sends a big file: put_file returns within its
+    timeout plus the client's grace with a project error.  Last in the module: the backdoor
+    connection is closed afterwards, so the VM is crashed."""
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        f.truncate(512 * MB)
+    # The command's parent is the agent; stop it a second from now, from a detached shell.
+    vm.succeed("pid=$PPID; setsid sh -c \"sleep 1; kill -STOP $pid\" </dev/null >/dev/null 2>&1 &")
+    timeout, grace = 6.0, 2.0
+    t0 = time.monotonic()
+    with pytest.raises(NtngError) as info:
+        vm.connect().put_file(big, "/tmp/big", timeout=timeout)
+    took = time.monotonic() - t0
+    print(f"\nput_file(timeout={timeout}) into a stopped agent: {type(info.value).__name__} after {took:.2f}s")
+    assert took <= timeout + grace, f"{took:.1f}s: {info.value}"
+    vm.crash()
