@@ -72,8 +72,6 @@ READER_SEND_TIMEOUT = 10.0
 # After a command passed max_output and was sent SIGKILL: how long its remaining output is
 # drained (and dropped) waiting for its EXIT, so the agent's task ends cleanly.
 OUTPUT_KILL_GRACE = 2.0
-# How often the reader thread wakes to notice the client was closed.
-_READ_POLL_S = 1.0
 
 
 @dataclasses.dataclass
@@ -140,7 +138,6 @@ class BackdoorClient:
         self._pongs: dict[bytes, queue.SimpleQueue[float]] = {}
         self._control_lock = threading.Lock()
         self._control_bytes = 0  # over all requests
-        sock.setblocking(False)  # every send polls with its own deadline (_write)
         self._reader = threading.Thread(target=self._read_loop, name=f"backdoor-{name}", daemon=True)
         self._reader.start()
         # Say hello now, not only when the agent announces itself: an agent whose host went
@@ -169,8 +166,8 @@ class BackdoorClient:
 
     def _send(self, data: bytes, deadline: float | None = None, what: str = "a frame") -> None:
         """Send one frame by `deadline` (at least SEND_GRACE from now; READER_SEND_TIMEOUT
-        when None).  Waiting for another
-        sender past it raises WaitTimeout; a frame not fully written by then closes the link."""
+        from now when None).  Waiting for another sender past it raises WaitTimeout; a frame
+        not fully written by then closes the link (SendTimeout)."""
         start = time.monotonic()
         end = max(start + READER_SEND_TIMEOUT if deadline is None else deadline, start + SEND_GRACE)
         if not self._write_lock.acquire(timeout=end - start):
@@ -190,7 +187,8 @@ class BackdoorClient:
         poller: select.poll | None = None
         while view:
             try:
-                view = view[self.sock.send(view):]
+                # MSG_DONTWAIT, not a non-blocking socket: the reader's recv stays one syscall.
+                view = view[self.sock.send(view, socket.MSG_DONTWAIT):]
             except BlockingIOError:
                 pass
             except OSError as e:
@@ -200,8 +198,11 @@ class BackdoorClient:
             left = end - time.monotonic()
             if left > 0:
                 if poller is None:
+                    fd = self.sock.fileno()
+                    if fd < 0:  # closed by close() meanwhile
+                        raise ConnectionLost(f"{self.name}: connection closed")
                     poller = select.poll()
-                    poller.register(self.sock, select.POLLOUT)
+                    poller.register(fd, select.POLLOUT)
                 poller.poll(left * 1000)
                 continue
             msg = (f"{self.name}: the guest stopped reading: {what} could not be sent within "
@@ -252,16 +253,9 @@ class BackdoorClient:
 
     def _read_loop(self) -> None:
         decoder = P.Decoder(self.max_frame)
-        poller = select.poll()
-        poller.register(self.sock, select.POLLIN)
         try:
             while self._closed is None:
-                if not poller.poll(_READ_POLL_S * 1000):
-                    continue
-                try:
-                    data = self.sock.recv(1 << 20)
-                except BlockingIOError:
-                    continue
+                data = self.sock.recv(1 << 20)  # close() and _abort() wake it with shutdown()
                 if not data:
                     raise ConnectionLost(f"{self.name}: the VM closed the backdoor connection")
                 decoder.feed(data)

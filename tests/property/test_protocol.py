@@ -842,7 +842,7 @@ def test_client_rejects_an_agent_that_ignores_credit() -> None:
     job = Job([(P.FrameType.STDOUT, b"x" * 100)], 0, 0)
     host, guest = socket.socketpair()
     agent = FakeAgent(guest, 1024, [job], [0] * len(job.steps()), [b""] * len(job.steps()), cheat=True)
-    client = BackdoorClient(host, name="fake")
+    client = BackdoorClient(host, name="fake", window=1024)  # the host receives with its own window
     try:
         client.wait_ready(10)
         [res] = _run_jobs(client, 1)
