@@ -196,14 +196,12 @@ def doctor() -> int:
 
 
 def netem_on_host() -> bool:
-    from pyroute2 import IPRoute
-
     from .netem import host_netem_supported
     from .netns import NetNamespace
 
     ns = NetNamespace()  # probe where it cannot disturb the host's devices
     try:
-        with IPRoute(netns=ns.fd) as ipr:
+        with ns.iproute() as ipr:
             return host_netem_supported(ipr)
     finally:
         ns.close()

@@ -192,6 +192,8 @@ class BackdoorClient:
             except BlockingIOError:
                 pass
             except OSError as e:
+                if self._closed is not None:  # we closed it (e.g. a guest flood): say why
+                    raise self._closed from None
                 raise ConnectionLost(f"{self.name}: backdoor connection lost ({e})") from None
             if not view:
                 return

@@ -16,7 +16,8 @@ import os
 import socket
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from cffi import FFI
 
@@ -102,7 +103,55 @@ class NetNamespace:
     def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
         return self.run(lambda: socket.socket(family, kind))
 
+    def iproute(self) -> NamespacedIPRoute:
+        """pyroute2's IPRoute, working inside the namespace (see NamespacedIPRoute)."""
+        return NamespacedIPRoute(self._fd())
+
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+class NamespacedIPRoute:
+    """A pyroute2 IPRoute whose every call runs on one worker thread inside the namespace.
+
+    Not IPRoute(netns=...): pyroute2 keeps a netlink socket per calling *thread* and makes each
+    one in a forked child, and a fork of a process with threads can deadlock in the child (a
+    lock another thread held at the fork): seen as runners hung in their network setup, and as
+    unit tests hanging after tests that left threads behind.  One thread that entered the
+    namespace has one socket made there, no fork; tap devices, which pyroute2 makes with
+    ioctls on /dev/net/tun, land in the namespace too."""
+
+    def __init__(self, ns_fd: int) -> None:
+        from pyroute2 import IPRoute
+
+        def enter() -> None:
+            _check(_libc.setns(ns_fd, CLONE_NEWNET), "setns")
+
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="ntng-netlink", initializer=enter)
+        try:
+            self._ipr = self._worker.submit(IPRoute).result()
+        except BaseException:
+            self._worker.shutdown(wait=False)
+            raise
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._ipr, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._worker.submit(method, *args, **kwargs).result()
+
+        return call
+
+    def close(self) -> None:
+        try:
+            self._worker.submit(self._ipr.close).result()
+        finally:
+            self._worker.shutdown(wait=True)
+
+    def __enter__(self) -> NamespacedIPRoute:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()

@@ -147,11 +147,10 @@ class TapNetwork(Network):
         self._host_netem: bool | None = None
 
     def start(self) -> None:
-        from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 
         self.ns = NetNamespace()
-        self.ipr = IPRoute(netns=self.ns.fd)
+        self.ipr = self.ns.iproute()
         ipr = self.ipr
         step = "bring up lo"
         try:
@@ -170,7 +169,7 @@ class TapNetwork(Network):
             for node, ifaces in self.plan["nodes"].items():
                 for i in ifaces:
                     step = f"create tap {i['tap']} for {node}"
-                    ipr.link("add", ifname=i["tap"], kind="tuntap", mode="tap")
+                    self._add_tap(i["tap"])
                     idx = ipr.link_lookup(ifname=i["tap"])[0]
                     master = ipr.link_lookup(ifname=i["bridge"])[0]
                     ipr.link("set", index=idx, master=master, state="up")
@@ -179,12 +178,15 @@ class TapNetwork(Network):
         self.log(f"ntng: network: {len(self.plan['vlans'])} bridge(s), "
                  f"{sum(len(v) for v in self.plan['nodes'].values())} tap(s) in namespace net:[{self.ns.inode}]")
 
+    def _add_tap(self, name: str) -> None:
+        self.ipr.link("add", ifname=name, kind="tuntap", mode="tap")
+
     def _add_links(self, ifaces: list[dict[str, Any]]) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
 
         for i in ifaces:
             try:
-                self.ipr.link("add", ifname=i["tap"], kind="tuntap", mode="tap")
+                self._add_tap(i["tap"])
                 self.ipr.link("set", index=self._index(i["tap"]),
                               master=self._index(i["bridge"]), state="up")
             except NetlinkError as e:

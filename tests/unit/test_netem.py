@@ -47,6 +47,7 @@ from ntng.netem import (
     remove_redirect,
     wait_drained,
 )
+from ntng.netns import NamespacedIPRoute
 
 PERCENT_FIELDS = ("loss", "corrupt", "duplicate", "reorder")
 
@@ -411,8 +412,12 @@ def netns() -> Iterator[str]:
 @pytest.fixture
 def ipr(netns: str) -> Iterator[Any]:
     """IPRoute inside the scratch namespace, with veth TAP<->PEER (both up) as the "tap"."""
-    pyroute2 = pytest.importorskip("pyroute2")
-    ipr = pyroute2.IPRoute(netns=netns)
+    pytest.importorskip("pyroute2")
+    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        ipr = NamespacedIPRoute(fd)  # no fork: see its docstring
+    finally:
+        os.close(fd)
     try:
         ipr.link("add", ifname=TAP, kind="veth", peer=PEER)
         for name in (TAP, PEER):
