@@ -11,6 +11,7 @@ mypy
 # Debian's Nix: flakes are experimental, there is no nixbld group, and nothing may be fetched.
 nix --extra-experimental-features 'nix-command flakes' --option substituters '' \
   --option build-users-group '' flake check --no-write-lock-file
-# One test file after another: e2e runs of the runner's network setup hung when two ran side by
-# side under pytest-xdist (not understood yet), so the suite stays sequential.
-pytest -q -ra "$@"
+# Test files run on parallel workers (a module's VM is booted once, on one worker), one per
+# core by default.  Two runners' network setups once hung side by side: pyroute2 forked a
+# threaded process for every netlink socket; the runner no longer lets it (netns.py).
+pytest -q -ra -n "${NTNG_TEST_WORKERS:-$(nproc)}" --dist loadfile "$@"

@@ -43,3 +43,30 @@ def guest_image() -> Iterator[object]:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"no guest image ({e}); run ./setup.sh")
+
+
+# Measurements a test prints as "measured: …" lines (peak RSS under a guest flood, time from the
+# global timeout to exit, …) are listed at the end of the run, so ./test.sh states them without
+# -s.  They travel as user_properties, which pytest-xdist carries from its workers.
+MEASURED = "measured: "
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when == "call":
+        for line in report.capstdout.splitlines():
+            if line.startswith(MEASURED):
+                report.user_properties.append(("measured", line[len(MEASURED):]))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    lines = [f"{r.nodeid.split('::')[-1]}: {value}"
+             for reports in terminalreporter.stats.values() for r in reports
+             if getattr(r, "when", None) == "call"
+             for key, value in getattr(r, "user_properties", []) if key == "measured"]
+    if lines:
+        terminalreporter.section("measured")
+        for line in sorted(lines):
+            terminalreporter.write_line(line)

@@ -34,6 +34,7 @@ from .errors import (
     ConnectionLost,
     FileTooLarge,
     GuestMisbehaved,
+    GuestStoppedReading,
     MalformedFrame,
     NtngError,
     OutputLimitExceeded,
@@ -210,7 +211,7 @@ class BackdoorClient:
             msg = (f"{self.name}: the guest stopped reading: {what} could not be sent within "
                    f"{end - start:.1f}s ({len(view)} of {total} bytes left); the backdoor "
                    "connection is closed")
-            self._abort(ConnectionLost(msg))
+            self._abort(GuestStoppedReading(msg))
             raise SendTimeout(msg)
 
     def _abort(self, exc: BackdoorError) -> None:

@@ -90,7 +90,12 @@ class MachineExited(TestFailure):
     a poweroff; the message names the machine, what was awaited and the console's last lines."""
 
 
-class SendTimeout(ConnectionLost, WaitTimeout):
+class GuestStoppedReading(ConnectionLost):
+    """A frame could not be sent before its deadline, so the host closed the connection: not a
+    reboot or an agent restart, and not retried as one."""
+
+
+class SendTimeout(GuestStoppedReading, WaitTimeout):
     """A frame could not be sent before its deadline: the guest stopped reading.  Half a frame
     may be on the wire, so the connection is closed."""
 

@@ -24,6 +24,7 @@ from .errors import (
     BackdoorError,
     BootError,
     ConnectionLost,
+    GuestStoppedReading,
     MachineExited,
     TestFailure,
     WaitTimeout,
@@ -473,7 +474,7 @@ class Machine:
                 res = client.execute(req, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr, wait=wait,
                                      max_output=self.max_output if max_output is None else max_output)
             except ConnectionLost as lost:
-                if not self.backend.reconnects:
+                if not self.backend.reconnects or isinstance(lost, GuestStoppedReading):
                     raise
                 # vsock: the connection ends with the agent, as a serial port's session would
                 raise AgentRestarted(f"{self.name}: the agent went away while the request was running "

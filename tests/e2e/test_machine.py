@@ -203,7 +203,10 @@ def test_keys_reach_a_tty_and_its_text_is_read(vm: Machine) -> None:
     # keyboard, the terminal echoes them, /dev/vcs1 shows them.
     vm.succeed("setsid sh -c 'exec </dev/tty1 >/dev/tty1 2>&1; read line; echo \"got:$line\" > /tmp/typed'"
                " </dev/null >/dev/null 2>&1 &")
-    time.sleep(1)
+    # Keys reaching a VT nobody has open are dropped: send them once the shell reads tty1 (a
+    # fixed sleep lost them on a loaded host).
+    vm.wait_until_succeeds("for p in $(pgrep -f 'read line'); do "
+                           "[ \"$(readlink /proc/$p/fd/0)\" = /dev/tty1 ] && exit 0; done; exit 1", timeout=60)
     vm.send_chars("Hello, World! 42\n")
     vm.wait_for_file("/tmp/typed", timeout=60)
     assert vm.succeed("cat /tmp/typed").strip() == "got:Hello, World! 42"
@@ -249,7 +252,7 @@ def test_2gb_of_stdout_stops_at_max_output_and_the_command_is_killed(vm: Machine
     with pytest.raises(OutputLimitExceeded, match=r"8388608 bytes.*on_stdout="):
         vm.run("head -c 2G /dev/zero", max_output=8 * MB, timeout=300)
     took = time.monotonic() - t0
-    print(f"\n2 GB of stdout with max_output=8 MiB: stopped after {took:.2f}s")
+    print(f"measured: 2 GB of stdout with max_output=8 MiB: stopped after {took:.2f}s")
     vm.max_output = 4 * MB  # the NixOS-style calls go through the machine's limit
     try:
         with pytest.raises(OutputLimitExceeded, match="4194304 bytes"):
@@ -274,6 +277,6 @@ def test_a_guest_that_stops_reading_does_not_hang_put_file(vm: Machine, tmp_path
     with pytest.raises(NtngError) as info:
         vm.connect().put_file(big, "/tmp/big", timeout=timeout)
     took = time.monotonic() - t0
-    print(f"\nput_file(timeout={timeout}) into a stopped agent: {type(info.value).__name__} after {took:.2f}s")
+    print(f"measured: put_file(timeout={timeout}) into a stopped agent: {type(info.value).__name__} after {took:.2f}s")
     assert took <= timeout + grace, f"{took:.1f}s: {info.value}"
     vm.crash()

@@ -110,7 +110,7 @@ def test_crc_attack_is_cheap_and_closes_the_link() -> None:
         while not client.closed and time.monotonic() < deadline:
             time.sleep(0.01)
         cpu = time.process_time() - cpu0
-        print(f"\nCRC attack: 1.25 MB of fake headers cost {cpu:.3f}s CPU, "
+        print(f"measured: CRC attack: 1.25 MB of fake headers cost {cpu:.3f}s CPU, "
               f"{time.monotonic() - t0:.3f}s wall; link closed: {client.closed}")
         assert client.closed, "the link must be closed once the CRC budget is spent"
         with pytest.raises(GuestMisbehaved, match=r"corrupt frames: \d+ bytes failed their CRC, the link is closed"):

@@ -57,7 +57,7 @@ def big_file(tmp_path: Path) -> Path:
 def test_put_file_to_a_guest_that_stopped_reading_returns_in_time(big_file: Path) -> None:
     with hostile(stop_reading, sndbuf=64 * 1024) as (client, _agent):
         took, r = outcome(lambda: client.put_file(big_file, "/tmp/big", timeout=3), 3 + GRACE + 1)
-        print(f"\nput_file(timeout=3) with a guest that stopped reading: {r!r} after {took:.2f}s")
+        print(f"measured: put_file(timeout=3) with a guest that stopped reading: {r!r} after {took:.2f}s")
         assert isinstance(r, NtngError), repr(r)
         assert took <= 3 + GRACE
         assert "stopped reading" in str(r) or isinstance(r, WaitTimeout), str(r)

@@ -30,7 +30,7 @@ def flood(scenario: str) -> dict[str, object]:
     assert out.returncode == 0, out.stderr
     r: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
     growth = float(r["peak_mib"]) - float(r["base_mib"])  # type: ignore[arg-type]
-    print(f"\n{scenario}: {FLOOD_MIB} MiB flood: RSS {r['base_mib']:.0f} → peak {r['peak_mib']:.0f} MiB "
+    print(f"measured: {scenario}: {FLOOD_MIB} MiB flood: RSS {r['base_mib']:.0f} → peak {r['peak_mib']:.0f} MiB "
           f"(+{growth:.0f}) in {r['seconds']}s; {r.get('error')}: {r.get('message', '')}")
     r["growth_mib"] = growth
     return r

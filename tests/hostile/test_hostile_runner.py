@@ -150,7 +150,7 @@ def test_wait_for_console_text_scans_only_new_text(machine: Machine) -> None:
     machine.wait_for_console_text(r"(?m)^the\s+end$", timeout=60)
     took = time.thread_time() - cpu0
     feeder.join()
-    print(f"wait_for_console_text while 32 MiB of lines arrive: {took:.2f}s CPU")
+    print(f"measured: wait_for_console_text while 32 MiB of lines arrive: {took:.2f}s CPU")
     assert took < 1.5
 
 
@@ -181,7 +181,7 @@ def test_driver_release_is_bounded_with_a_silent_guest(tmp_path: Path, fake_back
     sender.join(2)
     assert not sender.is_alive(), "the blocked sender was not released"
     assert not m.backend.alive()
-    print(f"Driver.release with a silent guest: {took:.2f}s")
+    print(f"measured: Driver.release with a silent guest: {took:.2f}s")
 
 
 # -- the runner ----------------------------------------------------------------------------------
@@ -259,7 +259,7 @@ def test_runner_exits_after_the_global_timeout_while_blocked_sending_to_a_silent
     big = big_file(tmp_path)
     code, took, out = run_until_exit(tmp_path, BLOCKED_IN_SEND.format(big=str(big)), 3,
                                      driver_mod.GLOBAL_TIMEOUT_EXIT)
-    print(f"global timeout → exit, main thread blocked in send to a silent guest: {took:.2f}s")
+    print(f"measured: global timeout → exit, main thread blocked in send to a silent guest: {took:.2f}s")
     assert "guest stopped" in out
     assert code == EXIT_TIMEOUT, out[-3000:]
     assert "TIMEOUT" in out and "global timeout of 3s reached" in out
@@ -268,7 +268,7 @@ def test_runner_exits_after_the_global_timeout_while_blocked_sending_to_a_silent
 
 def test_runner_exits_after_the_global_timeout_when_the_script_swallows_it(tmp_path: Path) -> None:
     code, took, out = run_until_exit(tmp_path, SWALLOWS_INTERRUPTS, 3, driver_mod.GLOBAL_TIMEOUT_EXIT)
-    print(f"global timeout → exit, script swallowing the interrupt: {took:.2f}s")
+    print(f"measured: global timeout → exit, script swallowing the interrupt: {took:.2f}s")
     assert "swallowed" in out
     assert code == EXIT_TIMEOUT, out[-3000:]
     assert took <= driver_mod.GLOBAL_TIMEOUT_EXIT + 1, out[-3000:]
@@ -306,7 +306,7 @@ def test_pytest_plugin_has_a_global_timer_per_module(tmp_path: Path) -> None:
                         "test_silent.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     took = time.monotonic() - t0
     out = r.stdout + r.stderr
-    print(f"pytest module with a silent guest and --ntng-global-timeout 3: {took:.1f}s")
+    print(f"measured: pytest module with a silent guest and --ntng-global-timeout 3: {took:.1f}s")
     assert r.returncode == 1, out[-3000:]  # tests failed; the session was not interrupted
     assert "2 failed" in out, out[-3000:]
     assert out.count("GlobalTimeout: ") >= 2 and "global timeout of 3s reached" in out, out[-3000:]
