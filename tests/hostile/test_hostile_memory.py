@@ -17,7 +17,7 @@ from ntng import client as C
 pytestmark = [pytest.mark.timeout(120)]
 
 HERE = Path(__file__).resolve().parent
-FLOOD_MIB = int(os.environ.get("NTNG_HOSTILE_FLOOD_MIB", "1024"))
+FLOOD_MIB = int(os.environ.get("NTNG_HOSTILE_FLOOD_MIB", "2048"))
 # Peak RSS allowed above the process's RSS after the handshake: the 32 MiB max_output given
 # to execute (x2: bytearray growth), a 1 MiB receive window, the decoder's buffer and reads.
 SLACK_MIB = 80
