@@ -33,7 +33,7 @@ try:
 except ImportError:  # in the guest: protocol.py sits next to this file
     import protocol as P  # type: ignore[no-redef]
 
-AGENT_VERSION = "0.1.0"
+AGENT_VERSION = P.PACKAGE_VERSION
 CAPABILITIES = ["exec", "stdin", "pty", "file-put", "file-get", "signal", "ping", "identity"]
 DEFAULT_PORT_NAME = "org.ntng.backdoor"
 # Where QEMU's fw_cfg shows the run's backdoor key (nixlib/qemu.nix: -fw_cfg name=opt/org.ntng/

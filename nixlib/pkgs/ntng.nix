@@ -1,10 +1,15 @@
 # The host-side runner (`ntng`, `nixos-test-ng`) as a Python application of the repo's
 # pyproject.toml; nixlib/ ships inside it, since the runner evaluates nixlib for Debian guests.
 { python3Packages, nix, qemu_kvm, lib }:
-let src = lib.cleanSource ../..; in
+let
+  src = lib.cleanSource ../..;
+  # The one version (python/ntng/protocol.py; pyproject.toml reads it too).
+  version = builtins.head (builtins.match ".*\nPACKAGE_VERSION = \"([^\"]+)\"\n.*"
+    (builtins.readFile ../../python/ntng/protocol.py));
+in
 python3Packages.buildPythonApplication {
   pname = "nixos-test-ng";
-  version = "0.1.0";
+  inherit version;
   pyproject = true;
   inherit src;
   build-system = [ python3Packages.setuptools ];

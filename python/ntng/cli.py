@@ -9,13 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import accel, check, image, network, paths
+from . import accel, check, image, network, paths, protocol
 from .errors import EXIT_OK, EXIT_SETUP, EXIT_USAGE, NtngError, UsageError
 from .runner import RunOptions, run
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ntng", description="VM integration tests, NixOS-driver compatible")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {protocol.PACKAGE_VERSION}")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="run one test script")

@@ -1,4 +1,4 @@
-"""Where the project's non-Python parts (nixlib, backdoor) and the user's cache live."""
+"""Where the project's non-Python parts (nixlib, backdoor, modules) and the user's cache live."""
 
 from __future__ import annotations
 
@@ -10,15 +10,24 @@ from .errors import SetupError
 
 
 def data_root() -> Path:
-    """The directory holding nixlib/ and backdoor/: the source tree, or the wheel's copy."""
+    """The directory holding nixlib/, backdoor/ and modules/: $NTNG_DATA, the checkout this
+    package sits in (editable installs), or the installed package's copy (ntng/_data, which
+    setup.py puts in the wheel)."""
     env = os.environ.get("NTNG_DATA")
     if env:
-        return Path(env)
+        root = Path(env)
+        if not (root / "nixlib" / "default.nix").is_file():
+            raise SetupError(f"NTNG_DATA={env} has no nixlib/default.nix: point it at a checkout of "
+                             f"nixos-test-ng (the folder with nixlib/, backdoor/, modules/), or unset it")
+        return root
     here = Path(__file__).resolve().parent
-    for candidate in (here.parents[1], here / "_data"):
-        if (candidate / "nixlib" / "default.nix").exists():
+    candidates = (here.parents[1], here / "_data")
+    for candidate in candidates:
+        if (candidate / "nixlib" / "default.nix").is_file():
             return candidate
-    raise FileNotFoundError(f"nixlib/ not found next to {here} (set NTNG_DATA)")
+    raise SetupError(f"nixos-test-ng's data (nixlib/, backdoor/, modules/) is in none of "
+                     f"{', '.join(str(c) for c in candidates)}: this installation is incomplete "
+                     f"(a wheel built without setup.py?). Reinstall it, or set NTNG_DATA to a checkout")
 
 
 def nixlib_dir() -> Path:

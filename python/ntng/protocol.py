@@ -47,6 +47,11 @@ from construct import (
     VarInt,
 )
 
+# The release of nixos-test-ng: the one place it is written.  pyproject.toml reads it (the
+# wheel's version), `ntng --version` prints it, and the agent reports it in HELLO_ACK: this file
+# travels into the guest next to the agent, the package does not.
+PACKAGE_VERSION = "0.1.0"
+
 MAGIC = b"\xe2NTG"
 # 2: HELLO is answered by AUTH_CHALLENGE when the agent has the run's key (see "Authentication"
 # below); HELLO_ACK carries the agent's proof.
