@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${NTNG_VENV:-.venv}
 export PATH="$PWD/$VENV/bin:$PATH"
-export NIXPKGS_LIB=${NIXPKGS_LIB:-$(cd .. && pwd)/shared/vendor/nixpkgs-lib/lib}
+# Third-party files some tests read: $NIXPKGS_LIB, $NTNG_SPECS (defaults in ../shared, see
+# tests/thirdparty.py); pytest's last line counts the tests skipped because they are absent.
 ruff check python backdoor tests bench
 mypy
 # Debian's Nix: flakes are experimental, there is no nixbld group, and nothing may be fetched.

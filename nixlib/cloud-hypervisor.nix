@@ -7,7 +7,7 @@
 #     `api` in order: PUT vm.create with the whole VmConfig, then PUT vm.boot.
 #   - command line: `cliArgv` creates and boots the VM at once (it keeps --api-socket, so
 #     pause/resume/snapshot and the vm.info look-up below still work).
-# Request bodies follow ../../shared/specs/cloud-hypervisor.yaml (contract-tested).
+# Request bodies follow Cloud Hypervisor's API spec (contract-tested: $NTNG_SPECS/cloud-hypervisor.yaml).
 #
 # Consoles: the serial port (ttyS0, the kernel and journal console) is written to
 # files.consoleLog.  With the "virtconsole" transport the agent uses hvc0, the virtio-console.

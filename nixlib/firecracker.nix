@@ -6,7 +6,7 @@
 #   - config file (the default): the runner writes `writeFiles` and runs `argv`, which names the
 #     file with --config-file; Firecracker configures and boots the guest at once, `api` is empty.
 #   - API socket: run `apiRoute.argv` (no --config-file) and send `apiRoute.api` in order.
-# Request bodies follow ../../shared/specs/firecracker.yaml (contract-tested).
+# Request bodies follow Firecracker's API spec (contract-tested: $NTNG_SPECS/firecracker.yaml).
 #
 # Firecracker offers virtio-mmio devices only: the backdoor is hybrid vsock (the host connects
 # to `backdoor.uds` and writes "CONNECT <port>\n"), the serial console (ttyS0) goes to the VMM's

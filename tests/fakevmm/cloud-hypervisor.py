@@ -2,7 +2,7 @@
 (/api/v1/...) on the unix socket, the real agent behind the virtio-console's pty or hybrid
 vsock; no VM.
 
-Every request is checked against ../../../shared/specs/cloud-hypervisor.yaml, made strict
+Every request is checked against $NTNG_SPECS/cloud-hypervisor.yaml, made strict
 (vmmspec.py): a bad body gets 400, as Cloud Hypervisor answers one it cannot deserialize.  The
 state machine and status codes are the spec's: vm.boot after vm.create (else 404), pause only
 when running and resume only when paused (else 405), vm.snapshot when paused, vm.restore only

@@ -1,7 +1,7 @@
 """A fake Firecracker for the unit tests: the real command line, the real API on the unix
 socket, the real agent behind hybrid vsock; no VM.
 
-Every request is checked against ../../../shared/specs/firecracker.yaml, made strict
+Every request is checked against $NTNG_SPECS/firecracker.yaml, made strict
 (vmmspec.py): an unknown path or method, an undeclared key or a wrong type gets the 400 with a
 `fault_message` that Firecracker documents.  The state machine is Firecracker's: pre-boot
 resources only before InstanceStart, PATCH /vm only after it, /snapshot/create only while

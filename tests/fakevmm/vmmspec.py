@@ -1,4 +1,4 @@
-"""The VMMs' own API specifications (../shared/specs: Firecracker's Swagger 2.0, Cloud
+"""The VMMs' own API specifications ($NTNG_SPECS, see tests/thirdparty.py: Firecracker's Swagger 2.0, Cloud
 Hypervisor's OpenAPI 3.0) as strict JSON Schema validators.
 
 Shared by the contract tests of nixlib's plans (tests/nix/test_nixlib_vmm_specs.py) and by the
@@ -17,9 +17,6 @@ import yaml
 from jsonschema import Draft4Validator
 
 Json = Any
-
-ROOT = Path(__file__).resolve().parents[2]
-SPECS = ROOT.parent / "shared" / "specs"
 
 
 class SpecError(AssertionError):

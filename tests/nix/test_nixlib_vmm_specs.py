@@ -1,5 +1,5 @@
 """Firecracker and Cloud Hypervisor launch plans (nixlib/firecracker.nix, nixlib/cloud-hypervisor.nix)
-checked against the VMMs' own API specifications in ../shared/specs.
+checked against the VMMs' own API specifications ($NTNG_SPECS: tests/thirdparty.py).
 
 Neither VMM can run here, so this is their contract: every request body a plan holds validates,
 with a real JSON Schema validator, against the schema the spec gives for that path and method,
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import thirdparty
 from jsonschema import Draft4Validator
 
 from ntng import nixeval
@@ -33,7 +33,6 @@ Json = Any
 Plan = dict[str, Any]
 
 ROOT = Path(__file__).resolve().parents[2]
-SPECS = Path(os.environ.get("NTNG_SPECS", ROOT.parent / "shared" / "specs"))
 EVAL_MANY = Path(__file__).resolve().parent / "eval-many.nix"
 STATE = "/tmp/ntng-test-state"
 BASE = {"name": "m", "kernel": "/nix/store/k/vmlinux", "image": "/nix/store/i/rootfs.ext4",
@@ -49,12 +48,7 @@ COMMON_KEYS = {"name", "backend", "accel", "memory", "cores", "prepare", "helper
 # --- the specifications (tests/fakevmm/vmmspec.py) ---------------------------------------------
 
 def load_api(name: str) -> Api:
-    path = SPECS / f"{name}.yaml"
-    if not path.exists():
-        if os.environ.get("CI"):
-            raise FileNotFoundError(path)
-        pytest.skip(f"{path} is missing: the VMM API specifications live in ../shared/specs")
-    return Api(path)
+    return Api(thirdparty.SPECS.require() / f"{name}.yaml")
 
 
 @cache

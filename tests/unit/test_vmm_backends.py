@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import thirdparty
 
 from ntng import backends, nixeval, vsock
 from ntng.client import BackdoorClient
@@ -32,14 +33,15 @@ from ntng.unixhttp import ApiError, UnixHttpClient
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKES = ROOT / "tests" / "fakevmm"
-SPECS = Path(os.environ.get("NTNG_SPECS", ROOT.parent / "shared" / "specs"))
+SPECS = thirdparty.SPECS.path  # the fakes read it as $NTNG_SPECS
 
 pytestmark = [
     pytest.mark.timeout(60),
     pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
 ]
-if shutil.which("nix-instantiate") is None or not SPECS.is_dir():
-    pytestmark.append(pytest.mark.skip(reason="needs nix-instantiate (nixlib plans) and ../shared/specs"))
+pytestmark += thirdparty.SPECS.marks()
+if shutil.which("nix-instantiate") is None:
+    pytestmark.append(pytest.mark.skip(reason="needs nix-instantiate (nixlib plans)"))
 
 # (backend, route, backdoor transport)
 VARIANTS = [

@@ -5,7 +5,7 @@ Either route the plan offers: "api" (run `argv`, then send `api`: vm.create, vm.
 (`cliArgv` creates and boots at once).  The serial console is a file the VMM writes
 (files.consoleLog), followed here; the backdoor is the virtio-console's pty (its path from
 vm.info, as the plan says) or hybrid vsock.  Request bodies are the plan's or follow
-../../shared/specs/cloud-hypervisor.yaml (the unit tests' fake Cloud Hypervisor enforces it).
+Cloud Hypervisor's API spec ($NTNG_SPECS/cloud-hypervisor.yaml; the unit tests' fake enforces it).
 """
 
 from __future__ import annotations

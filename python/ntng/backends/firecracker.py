@@ -5,7 +5,8 @@ Either route the plan offers: "config" (write `writeFiles`, run `argv`: Firecrac
 the config file) or "api" (run `apiRoute.argv`, then send `apiRoute.api` in order).  The serial
 console is the VMM's stdout (copied to files.consoleLog) and its stdin; the backdoor is hybrid
 vsock; logger and metrics write into the state directory.  Request bodies are the plan's or
-follow ../../shared/specs/firecracker.yaml (the unit tests' fake Firecracker enforces it).
+follow Firecracker's API spec ($NTNG_SPECS/firecracker.yaml; the unit tests' fake Firecracker
+enforces it).
 """
 
 from __future__ import annotations
