@@ -16,6 +16,7 @@ import pytest
 from nixpkgs_lib import NIXPKGS_LIB, requires_nixpkgs_lib
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = requires_nixpkgs_lib[1]  # nix-instantiate reads nixlib/tools.nix
 NIX = ["nix-instantiate", "--eval", "--strict", "--json", "--readonly-mode", "--option", "build-users-group", ""]
 
 # Calls that start their first argument (a list) as a program: subprocess's, and the runner's
