@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import accel, image, network, nixeval, paths
-from .errors import EXIT_OK, EXIT_SETUP, NtngError
+from .errors import EXIT_OK, EXIT_SETUP, NtngError, SetupError
 
 OK, MISSING, DEGRADED = "ok", "missing", "degraded"
 DISTRIBUTION = "nixos-test-ng"
@@ -72,10 +72,13 @@ def load_tools() -> dict[str, Tool]:
     """nixlib/tools.nix, evaluated; only nix-instantiate when it cannot be evaluated."""
     try:
         value, stderr = nixeval.evaluate("tools.nix", [])
+    except FileNotFoundError as e:  # no nixlib/ at all: an incomplete install
+        raise SetupError(str(e)) from None
     except NtngError:
         return {NIX_INSTANTIATE.name: NIX_INSTANTIATE}
     if stderr is not None:
-        raise NtngError(f"nixlib/tools.nix: {nixeval.nix_message(stderr)}")
+        why = nixeval.nix_message(stderr).removeprefix("nixlib: ")
+        raise SetupError(f"the tool list {paths.nixlib_dir() / 'tools.nix'} cannot be read: {why}")
     return {name: Tool.from_nix(name, t) for name, t in value.items()}
 
 

@@ -157,3 +157,10 @@ def test_no_dev_kvm_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     part = doctor.kvm_part(None)
     assert part.status == doctor.DEGRADED and part.reasons[0] == "/dev/kvm does not exist"
     assert part.detail == "runs use TCG (about 10x slower)"
+
+
+def test_without_nixlib_doctor_says_where_it_looked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("NTNG_DATA", str(tmp_path))  # no nixlib/ there
+    assert cli.main(["doctor"]) == EXIT_SETUP
+    assert "tools.nix" in capsys.readouterr().err
