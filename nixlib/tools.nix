@@ -1,6 +1,6 @@
 # Every host executable the runner may start, in one list (builtins only).  From it come the
 # Nix wrapper's PATH (pkgs/ntng.nix), `ntng doctor` (python/ntng/doctor.py) and the Debian
-# packages ./setup.sh installs; tests/unit/test_tools_list.py fails when the Python starts a
+# packages ./setup.sh installs; tests/nix/test_tools_list.py fails when the Python starts a
 # program that is not here.  Names are what the runner runs: argv[0] literals in python/ntng
 # and the binaries nixlib's plans name (node.nix defaults, `prepare` steps, helpers).
 #
