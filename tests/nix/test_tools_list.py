@@ -198,3 +198,10 @@ def test_the_flake_package_takes_pyprojects_dependencies_and_the_tools_lists_pat
     assert len(path) == len(wrapped) and all(p.endswith("/bin") for p in path)
     for pkg in ("qemu_kvm", "nix", "vde2", "vhost-device-vsock", "virtiofsd", "tesseract"):
         assert pkg in wrapped
+
+
+def test_pypi_names_become_python3packages_attributes() -> None:
+    project = ('{ dependencies = [ "PyYAML>=6" "typing_extensions ; python_version < \\"3.12\\"" "zope.interface" ]; '
+               'optional-dependencies.typecheck = [ "mypy[reports]>=1" ]; }')
+    deps = nix_eval("-E", f"import ./nixlib/pkgs/python-deps.nix {{ project = {project}; }}")
+    assert deps["attributes"] == ["pyyaml", "typing-extensions", "zope-interface", "mypy"]
