@@ -84,8 +84,10 @@ let
   backends = lib.unique (lib.mapAttrsToList (_: s: s.config.ntng.vm.backend) systems);
   uses = b: builtins.elem b backends;
 
-  # Only the VMMs the test uses become dependencies of the driver.
-  binaries = lib.optionalAttrs (uses "qemu") {
+  # Only the VMMs the test uses become dependencies of the driver.  virtiofsd and
+  # vhost-device-vsock are found on the PATH of the runner (`ntng`'s wrapper has them: nixlib/tools.nix);
+  # node.nix's virtiofsd default is Debian's /usr/lib/qemu/virtiofsd.
+  binaries = { virtiofsd = "virtiofsd"; } // lib.optionalAttrs (uses "qemu") {
     qemuBinary = "${pkgs.qemu_kvm}/bin/qemu-system-x86_64";
     qemuImg = "${pkgs.qemu_kvm}/bin/qemu-img";
   } // lib.optionalAttrs (uses "firecracker") {

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -65,7 +67,7 @@ def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
     text = out.decode(errors="replace")
     if spec["expect"] in text:
         return True, f"KVM boot probe passed in {time.monotonic() - t0:.1f}s"
-    return False, f"the KVM boot probe exited with {proc.returncode}: {text.strip()[-200:]}"
+    return False, "; ".join(probe_failure_reasons(proc.returncode, text))
 
 
 def choose(requested: str, kernel: Path, use_cache: bool = True) -> AccelChoice:
@@ -96,3 +98,35 @@ def _cached_probe(kernel: Path, use_cache: bool) -> tuple[bool, str]:
     works, why = probe_kvm(kernel)
     cache.write_text(json.dumps({"key": key, "time": time.time(), "works": works, "why": why}))
     return works, why
+
+
+def probe_failure_reasons(returncode: int, output: str) -> list[str]:
+    """One line per reason a KVM probe boot failed, from QEMU's exit and output (not its
+    assertion text)."""
+    reasons = []
+    if returncode < 0:
+        sig = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
+        reasons.append(f"QEMU was killed by {sig}" + (" (it aborted on an internal check)" if sig == "SIGABRT" else ""))
+    else:
+        reasons.append(f"QEMU exited with {returncode} before the probe kernel ran")
+    for msr in dict.fromkeys(re.findall(r"failed to set MSR (0x[0-9a-fA-F]+)", output)):
+        name = KNOWN_MSRS.get(int(msr, 16))
+        reasons.append(f"the host's KVM refused to set MSR {msr}{f' ({name})' if name else ''}: nested "
+                       "virtualisation (this machine is itself a VM) that does not pass it through")
+    for pattern, reason in KNOWN_ERRORS:
+        if re.search(pattern, output):
+            reasons.append(reason)
+    if len(reasons) == 1:  # nothing recognised: QEMU's own first error line, without assertion text
+        lines = [ln for ln in output.splitlines() if ln.strip() and "Assertion" not in ln]
+        if lines:
+            reasons.append(f"QEMU said: {lines[-1].strip()[:160]}")
+    return reasons
+
+
+KNOWN_MSRS = {0x10A: "IA32_ARCH_CAPABILITIES", 0x48: "IA32_SPEC_CTRL", 0x3A: "IA32_FEATURE_CONTROL"}
+KNOWN_ERRORS = (
+    (r"Could not access KVM kernel module|failed to initialize kvm",
+     "QEMU could not open KVM (module not loaded, or /dev/kvm not accessible)"),
+    (r"Permission denied", "permission denied: this user may not use /dev/kvm (add it to the kvm group)"),
+    (r"host doesn't support requested feature|CPU model .* requires", "the host CPU lacks a feature the guest CPU model needs"),
+)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-from . import accel, check, image, network, paths, protocol
-from .errors import EXIT_OK, EXIT_SETUP, EXIT_USAGE, NtngError, UsageError
+from . import check, image, protocol
+from .errors import EXIT_OK, EXIT_USAGE, NtngError, UsageError
 from .runner import RunOptions, run
 
 
@@ -151,49 +149,9 @@ def _suite(args: argparse.Namespace) -> int:
 
 
 def doctor() -> int:
-    ok = True
+    from . import doctor as parts
 
-    def line(good: bool, what: str, why: str) -> None:
-        nonlocal ok
-        ok = ok and good
-        print(f"[{'ok' if good else '!!'}] {what}: {why}")
-
-    for tool, pkg in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils"),
-                      ("nix-instantiate", "nix-bin"), ("debootstrap", "debootstrap"),
-                      ("mkfs.ext4", "e2fsprogs"), ("vde_switch", "vde2")):
-        path = shutil.which(tool) or (f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None)
-        line(path is not None, tool, path or f"missing: apt-get install {pkg}")
-    if shutil.which("qemu-system-x86_64"):
-        v = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout
-        print(f"     {v.splitlines()[0] if v else '?'}")
-    try:
-        img = image.find_image()
-        line(True, "guest image", str(img.directory))
-    except NtngError as e:
-        line(False, "guest image", str(e))
-        img = None
-    problem = accel.kvm_device_problem()
-    if problem:
-        line(False, "KVM", problem + " → TCG will be used")
-    elif img is not None:
-        works, why = accel.probe_kvm(img.kernel)
-        line(works, "KVM", why + ("" if works else " → TCG will be used (about 10x slower)"))
-    else:
-        print("[??] KVM: /dev/kvm exists; the boot probe needs the guest image")
-    mode = network.choose_mode("auto", lambda _msg: None)
-    print(f"[{'ok' if mode == 'tap' else '--'}] networks: "
-          + ("bridges + TAP devices in a private namespace" if mode == "tap"
-             else "no CAP_NET_ADMIN or /dev/net/tun: rootless VDE switches (no counters, no forward_port)"))
-    if mode == "tap":
-        on_host = netem_on_host()
-        print(f"[{'ok' if on_host else '--'}] impairment: "
-              + ("sch_netem on the host's taps" if on_host
-                 else "the host kernel has no sch_netem → applied with tc inside the guests"))
-    vsock = os.path.exists("/dev/vhost-vsock")
-    print(f"[{'ok' if vsock else '--'}] AF_VSOCK host side: {'/dev/vhost-vsock' if vsock else 'no /dev/vhost-vsock (virtio-serial backdoor is used)'}")
-    print(f"     cache: {paths.cache_dir()}")
-    print("ntng doctor: " + ("everything needed for a run is here" if ok else "some parts are missing (see !!)"))
-    return EXIT_OK if img is not None else EXIT_SETUP
+    return parts.report(parts.collect(netem_on_host), sys.stdout)
 
 
 def netem_on_host() -> bool:

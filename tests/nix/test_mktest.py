@@ -458,6 +458,7 @@ def test_shared_directories_reach_qemu_and_the_guest_mounts() -> None:
     assert any("path=/nix/store,security_model=none,readonly=on" in f for f in fsdevs)
     assert any("path=@artifacts@/a-shared" in f for f in fsdevs)
     assert [h["name"] for h in plan["helpers"]] == ["virtiofsd-fast"]
+    assert plan["helpers"][0]["argv"][0] == "virtiofsd"  # on the flake ntng's PATH (nixlib/tools.nix)
     assert {s["tag"] for s in plan["shares"]} == {"data", "fast", "nix-store", "shared"}
 
 
