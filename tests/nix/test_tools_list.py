@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from nixpkgs_lib import NIXPKGS_LIB, requires_nixpkgs_lib
 
+from ntng.protocol import PACKAGE_VERSION
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = requires_nixpkgs_lib[1]  # nix-instantiate reads nixlib/tools.nix
 NIX = ["nix-instantiate", "--eval", "--strict", "--json", "--readonly-mode", "--option", "build-users-group", ""]
@@ -191,7 +193,8 @@ def test_the_flake_package_takes_pyprojects_dependencies_and_the_tools_lists_pat
     assert app["pythonDependencies"] == pypi
     assert {"pyroute2", "mypy", "construct", "cffi"} <= set(app["pythonDependencies"])
     assert app["dependencies"] == [f"python3.12-{n}" for n in pypi]
-    assert (app["pname"], app["version"]) == (project["name"], project["version"])
+    # The version is dynamic in pyproject: protocol.PACKAGE_VERSION is its one source.
+    assert (app["pname"], app["version"]) == (project["name"], PACKAGE_VERSION)
     wrapped = {t["nixpkgs"] for t in tools.values() if t["wrapped"] and t["nixpkgs"]}
     assert set(app["toolPackages"]) == wrapped
     path = app["path"].split(":")

@@ -163,4 +163,5 @@ def test_without_nixlib_doctor_says_where_it_looked(monkeypatch: pytest.MonkeyPa
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("NTNG_DATA", str(tmp_path))  # no nixlib/ there
     assert cli.main(["doctor"]) == EXIT_SETUP
-    assert "tools.nix" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"NTNG_DATA={tmp_path} has no nixlib/default.nix" in err, err
