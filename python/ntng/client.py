@@ -42,6 +42,7 @@ from .errors import (
     SendTimeout,
     WaitTimeout,
 )
+from .safepath import SAFE_MODE_BITS
 
 OutputCallback = Callable[[bytes], None]
 
@@ -711,7 +712,7 @@ class BackdoorClient:
             try:
                 with os.fdopen(fd, "wb") as out:
                     done = self._receive_file(p, out, source, deadline, max_size, what)
-                    os.fchmod(out.fileno(), done.mode & 0o755)
+                    os.fchmod(out.fileno(), done.mode & SAFE_MODE_BITS)
                 os.replace(tmp, target)
                 return done
             except BaseException:

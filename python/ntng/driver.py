@@ -366,9 +366,6 @@ class Driver:
         except Exception as e:
             self.log(f"saving artifacts failed: {e}")
         deadline = time.monotonic() + RELEASE_TIMEOUT
-        for m in self.machines:
-            if m.client is not None:
-                m.client.close()
 
         def release(m: Machine) -> None:
             try:
