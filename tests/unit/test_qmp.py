@@ -97,7 +97,11 @@ def test_wait_for_returns_the_first_match_and_hands_each_event_out_once(pair: tu
     server.event("RESUME", n=1)  # before the wait: still counts (trigger first, then wait)
     wait_received(client, 2)
     assert client.wait_for(lambda e: e["event"] == "RESUME", timeout=5)["data"] == {"n": 1}
-    threading.Timer(0.2, lambda: (server.event("STOP"), server.event("RESUME", n=2))).start()
+    def later() -> None:
+        server.event("STOP")
+        server.event("RESUME", n=2)
+
+    threading.Timer(0.2, later).start()
     # The first RESUME was handed out: the wait gets the one that comes later.
     assert client.wait_for(lambda e: e["event"] == "RESUME", timeout=5)["data"] == {"n": 2}
     # wait_event (SHUTDOWN after a reboot) reads the log without consuming it.
