@@ -1068,9 +1068,13 @@ class Machine:
         """The first QMP event for which event_filter(event) is true, waiting at most `timeout`
         seconds.  As in NixOS, events are read in order and each once: events that came since
         the VM started and were not read yet count; those the filter rejects are dropped."""
+        from .qmp import describe_filter  # local: this section's edits stay in this section
+
+        backend = self._qemu("wait_for_qmp_event")
+        self.log(f"waiting for a QMP event matching {describe_filter(event_filter)}")
         t0 = time.monotonic()
         try:
-            event = self._qemu("wait_for_qmp_event").wait_for_qmp_event(event_filter, timeout)
+            event = backend.wait_for_qmp_event(event_filter, timeout)
         except WaitTimeout as e:
             self.events.emit("wait", self.name, time.monotonic() - t0, "timeout", what="QMP event", error=str(e))
             raise
