@@ -4,7 +4,8 @@
 {
   qemu = {
     transports = [ "virtio-serial" "vsock" ];
-    features = [ "screenshot" "keys" "snapshot" "sharedDirs" "networks" "reboot" "console" ];
+    # monitor: QEMU's human monitor and QMP events (send_monitor_command, wait_for_qmp_event)
+    features = [ "screenshot" "keys" "snapshot" "sharedDirs" "networks" "reboot" "console" "monitor" ];
     machineTypes = [ "q35" "pc" "microvm" ];
     shareTypes = [ "9p" "virtiofs" ]; # sharedDirs: QEMU's 9p server, virtiofsd over vhost-user
   };

@@ -40,6 +40,8 @@ METHOD_CAPABILITY: dict[str, str] = {
     "clear_impairment": "networks",
     "forward_port": "networks",
     "snapshot": "snapshot",
+    "send_monitor_command": "monitor",
+    "wait_for_qmp_event": "monitor",
 }
 
 

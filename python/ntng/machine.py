@@ -1053,3 +1053,40 @@ class Machine:
         self.forwards.append(PortForward(
             host_port, lambda: self.network.connect(self.name, guest_port), what, self.log))
         self.log(f"forwarding 127.0.0.1:{host_port} → {what}")
+
+    # -- QEMU monitor and QMP events (capability "monitor") -----------------------------------
+
+    def send_monitor_command(self, command: str) -> str:
+        """A command for QEMU's human monitor (e.g. "info status", or attaching a USB disk with
+        drive_add/device_add); its text output.  Through QMP's human-monitor-command."""
+        self.run_callbacks()
+        self.log(f"sending monitor command: {command}")
+        return self._qemu("send_monitor_command").monitor_command(command)
+
+    def wait_for_qmp_event(self, event_filter: Callable[[dict[str, Any]], bool],
+                           timeout: int = 60 * 10) -> dict[str, Any]:
+        """The first QMP event for which event_filter(event) is true, waiting at most `timeout`
+        seconds.  As in NixOS, events are read in order and each once: events that came since
+        the VM started and were not read yet count; those the filter rejects are dropped."""
+        from .qmp import describe_filter  # local: this section's edits stay in this section
+
+        backend = self._qemu("wait_for_qmp_event")
+        self.log(f"waiting for a QMP event matching {describe_filter(event_filter)}")
+        t0 = time.monotonic()
+        try:
+            event = backend.wait_for_qmp_event(event_filter, timeout)
+        except WaitTimeout as e:
+            self.events.emit("wait", self.name, time.monotonic() - t0, "timeout", what="QMP event", error=str(e))
+            raise
+        self.events.emit("wait", self.name, time.monotonic() - t0, what=f"QMP event {event.get('event')}")
+        return event
+
+    def _qemu(self, method: str) -> backends.qemu.QemuBackend:
+        """The QEMU backend, for the methods only QEMU has; a plan without capabilities (which
+        the guard does not judge) on another backend gets the same error as the guard's."""
+        from .backends.qemu import QemuBackend
+
+        if not isinstance(self.backend, QemuBackend):
+            raise caps.MissingCapability(f'machine {self.name}: {method}(): backend {self.backend.name} lacks '
+                                         'capability "monitor" (QEMU only)')
+        return self.backend

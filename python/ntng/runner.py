@@ -198,11 +198,11 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def _interactive(driver: Driver) -> int:
-    import code
+    from . import repl
 
     symbols = driver.test_symbols()
     banner = ("ntng interactive: machines " + ", ".join(m.name for m in driver.machines)
               + "; e.g. start_all(), machine.succeed('uname -a'). Ctrl-D quits.")
-    code.interact(banner=banner, local=symbols)
+    repl.interact(symbols, banner)
     return EXIT_OK
 

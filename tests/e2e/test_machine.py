@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import make_driver
-from ntng.errors import AgentRestarted, NtngError, OutputLimitExceeded, UnsafePath
+from ntng.errors import AgentRestarted, NtngError, OutputLimitExceeded, UnsafePath, WaitTimeout
 from ntng.machine import Machine, RequestedAssertionFailed
 
 MB = 1024 * 1024
@@ -261,6 +261,29 @@ def test_2gb_of_stdout_stops_at_max_output_and_the_command_is_killed(vm: Machine
         vm.max_output = MB * 128
     assert took < 60, f"{took:.1f}s to stop a 2 GB flood at 8 MiB"
     vm.wait_until_fails("pgrep -x head", timeout=10)  # killed in the guest, not left writing
+
+
+def test_monitor_command_and_qmp_events(vm: Machine) -> None:
+    """The NixOS driver's human monitor and QMP event wait: stop/cont through HMP, the RESUME
+    event that cont gives (sent before the wait, still found), HMP errors as text, and a wait
+    for an event that never comes ending at its timeout with the filter named."""
+    vm.connect()
+    assert "running" in vm.send_monitor_command("info status")
+    vm.send_monitor_command("stop")
+    assert "paused" in vm.send_monitor_command("info status")
+    vm.send_monitor_command("cont")
+    event = vm.wait_for_qmp_event(lambda e: e["event"] == "RESUME", timeout=30)
+    assert event["event"] == "RESUME" and "timestamp" in event
+    assert vm.succeed("echo alive") == "alive\n"  # the guest runs on after stop/cont
+    assert "unknown command" in vm.send_monitor_command("no_such_command").lower()
+    t0 = time.monotonic()
+    with pytest.raises(WaitTimeout) as info:
+        vm.wait_for_qmp_event(lambda e: e["event"] == "DEVICE_DELETED", timeout=2)
+    took = time.monotonic() - t0
+    print(f"measured: wait_for_qmp_event(timeout=2) with no such event: {took:.2f}s")
+    assert 2 <= took < 5
+    assert str(info.value).startswith(f"{vm.name}: no QMP event matching <lambda> at test_machine.py:")
+    assert 'e["event"] == "DEVICE_DELETED"' in str(info.value)
 
 
 def test_a_guest_that_stops_reading_does_not_hang_put_file(vm: Machine, tmp_path: Path) -> None:

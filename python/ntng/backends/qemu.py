@@ -15,11 +15,14 @@ from typing import Any
 from .. import vsock
 from ..client import connect_unix
 from ..errors import SetupError
-from ..qmp import QMPClient
+from ..qmp import EventFilter, QMPClient
 from . import qemu_migrate
 from .vmm import VmmProcess
 
 VHOST_VSOCK = "/dev/vhost-vsock"
+# A human monitor command may do real work (drive_add, savevm, device_add of a USB disk):
+# longer than a QMP command's usual 30 s, still bounded.
+MONITOR_COMMAND_TIMEOUT = 300.0
 
 
 class QemuBackend(VmmProcess):
@@ -143,6 +146,17 @@ class QemuBackend(VmmProcess):
 
     def set_link(self, netdev: str, up: bool) -> None:
         self._qmp().command("set_link", name=netdev, up=up)
+
+    def monitor_command(self, command: str) -> str:
+        """A human monitor (HMP) command through QMP's human-monitor-command; its text output
+        (HMP reports its errors there too, as text)."""
+        out = self._qmp().command("human-monitor-command", timeout=MONITOR_COMMAND_TIMEOUT,
+                                  **{"command-line": command})
+        return str(out or "")
+
+    def wait_for_qmp_event(self, event_filter: EventFilter, timeout: float) -> dict[str, Any]:
+        """The first QMP event not yet handed out for which event_filter is true (qmp.wait_for)."""
+        return self._qmp().wait_for(event_filter, timeout)
 
     def pause(self) -> None:
         self._qmp().command("stop")
