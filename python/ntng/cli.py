@@ -9,7 +9,6 @@ from pathlib import Path
 
 from . import check, image, protocol
 from .errors import EXIT_OK, EXIT_USAGE, NtngError, UsageError
-from .runner import RunOptions, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.cmd == "run":
+            from .runner import RunOptions, run  # the runtime: not loaded for check or doctor
+
             return run(RunOptions(
                 script=args.script, accel=args.accel, image_dir=args.image, out_dir=args.out,
                 global_timeout=args.global_timeout, boot_timeout=args.boot_timeout,
@@ -118,8 +119,12 @@ def _check(args: argparse.Namespace) -> int:
     for script in scripts:
         try:
             for f in check.check(script, args.spec_dir, type_check=not args.no_type_check):
-                print(f"{script}:{f.line}: warning: {f.message}", file=sys.stderr)
+                print(f.render(script), file=sys.stderr)
             print(f"ntng check: {script}: ok", file=sys.stderr)
+        except check.CheckFailed as e:  # one `path:line: kind: ` line per finding, nothing else
+            for f in e.findings:
+                print(f.render(script), file=sys.stderr)
+            worst = max(worst, e.exit_code)
         except NtngError as e:
             if len(scripts) == 1:
                 raise

@@ -85,9 +85,10 @@ def load(path: Path, defaults: dict[str, Any], show_trace: bool = False) -> Test
 
 # Stand-ins for what only a real run knows: nixlib validates and plans the nodes with them (no
 # file needs to exist), for the quick check, the suite's memory budget, and node-less scripts.
+# No accelerator: each node gets the one it would get (nixlib/node.nix: what it declares, else
+# KVM for Firecracker and Cloud Hypervisor, which have no TCG, and TCG for QEMU).
 PLACEHOLDER_DEFAULTS = {"kernel": "/check/kernel", "vmlinux": "/check/vmlinux", "initrd": "/check/initrd",
-                        "image": "/check/root.ext4", "imageFormat": "raw", "accel": "tcg",
-                        "stateRoot": "/check/state"}
+                        "image": "/check/root.ext4", "imageFormat": "raw", "stateRoot": "/check/state"}
 
 
 def load_declared(path: Path, show_trace: bool = False) -> TestSpec:
@@ -177,10 +178,17 @@ def _header_error(path: Path, header: Path, stderr: str, show_trace: bool) -> Ni
 def _declaring_line(header: str, msg: str) -> int | None:
     """For errors thrown inside nixlib: the header line that declares the node named in it."""
     m = re.search(r"node '([^']+)'", msg)
-    if not m:
-        return None
-    pat = re.compile(rf"\b(nodes\.)?{re.escape(m.group(1))}(\.[\w-]+)*\s*=")
-    for i, line in enumerate(header.splitlines()):
+    return _line_declaring(header.splitlines(), m.group(1)) if m else None
+
+
+def declaring_line(script: str, node: str) -> int | None:
+    """The `#:` line of the script that declares `node`."""
+    return _line_declaring([ln if re.match(r"^\s*#:", ln) else "" for ln in script.splitlines()], node)
+
+
+def _line_declaring(lines: list[str], node: str) -> int | None:
+    pat = re.compile(rf"\b(nodes\.)?{re.escape(node)}(\.[\w-]+)*\s*=")
+    for i, line in enumerate(lines):
         if pat.search(line):
             return i + 1  # header lines map one to one onto script lines
     return None
