@@ -268,7 +268,7 @@ def machine_attributes() -> frozenset[str] | None:
     """Every attribute a Machine has: its class body's and the `self.x = …` of its methods, its
     bases' in ntng (followed through `from .m import Base`) and object's.  None when the source
     cannot be read (then unknown methods are left to the type check)."""
-    names: set[str] = set(dir(object))
+    names: set[str] = set(dir(type("Plain", (), {})))  # object's, __dict__, __module__, …
     return frozenset(names) if _class_attributes("ntng.machine", "Machine", names, set()) else None
 
 
@@ -286,7 +286,7 @@ def _class_attributes(module: str, cls: str, names: set[str], seen: set[tuple[st
     node = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls), None)
     if node is None:
         return False
-    for part in node.body:
+    for part in _class_body(node.body):
         if isinstance(part, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             names.add(part.name)
         targets = (part.targets if isinstance(part, ast.Assign)
@@ -313,3 +313,14 @@ def _class_attributes(module: str, cls: str, names: set[str], seen: set[tuple[st
         elif base.id != "object":
             return False  # a base from elsewhere: its attributes are unknown here
     return True
+
+
+def _class_body(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    """A class body's statements, with those inside `if`/`try` blocks (`if not TYPE_CHECKING:`)."""
+    for part in body:
+        yield part
+        if isinstance(part, ast.If):
+            yield from _class_body(part.body + part.orelse)
+        elif isinstance(part, ast.Try):
+            yield from _class_body(part.body + part.orelse + part.finalbody
+                                   + [s for h in part.handlers for s in h.body])
