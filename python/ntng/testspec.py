@@ -14,6 +14,7 @@ which validates them and returns the launch plan of every node.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import re
 import tempfile
@@ -164,6 +165,7 @@ def _header_error(path: Path, header: Path, stderr: str, show_trace: bool) -> Ni
     # The header file is ours and temporary: its positions are the script's lines.
     msg = re.sub(re.escape(str(header)) + r":(\d+):\d+", lambda m: f"line {m.group(1)}",
                  nixeval.nix_message(stderr))
+    msg = _UNKNOWN_OPTIONS.sub(_suggest_options, msg)
     # For a redefinition Nix names the first definition in the message and the second one
     # (the line at fault) in the trace's last position.
     positions = re.findall(re.escape(str(header)) + r":(\d+):(\d+)", stderr)
@@ -173,6 +175,21 @@ def _header_error(path: Path, header: Path, stderr: str, show_trace: bool) -> Ni
                        + (f"\n{stderr}" if show_trace else ""))
     err.exit_code = TestScriptError.exit_code
     return err
+
+
+# nixlib/node.nix's message for options it does not know; `known` is its userOptions.
+_UNKNOWN_OPTIONS = re.compile(r"(?P<node>node '[^']+': )unknown option\(s\) (?P<unknown>[^()]+?) "
+                              r"\(known: (?P<known>[^()]*)\)")
+
+
+def _suggest_options(m: re.Match[str]) -> str:
+    """Each unknown option with the closest one users set ("did you mean"), then those options."""
+    known = m["known"].split(", ")
+    named = []
+    for option in m["unknown"].split(", "):
+        close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+        named.append(option + (f" (did you mean {close[0]}?)" if close else ""))
+    return f"{m['node']}unknown option(s) {', '.join(named)}; the node options are: {m['known']}"
 
 
 def _declaring_line(header: str, msg: str) -> int | None:
