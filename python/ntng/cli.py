@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--force", action="store_true")
     im_sub.add_parser("path", help="print the image directory")
 
-    sub.add_parser("doctor", help="what works on this machine, and why")
+    d = sub.add_parser("doctor", help="what works on this machine, and why (and what a script needs)")
+    d.add_argument("script", type=Path, nargs="?", metavar="SCRIPT",
+                   help="also check what this test script's nodes need; exit 3 when a part is missing")
+    d.add_argument("--spec-dir", type=Path, help="a mkTest driver's evaluated specs for SCRIPT")
 
     args = ap.parse_args(argv)
     try:
@@ -98,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(image.find_image().directory)
             return EXIT_OK
         if args.cmd == "doctor":
-            return doctor()
+            if args.spec_dir is not None and args.script is None:
+                raise UsageError("--spec-dir belongs to a script: name it")
+            return doctor(args.script, args.spec_dir)
     except NtngError as e:
         print(f"ntng: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -153,10 +158,10 @@ def _suite(args: argparse.Namespace) -> int:
                                   run_args=run_args))
 
 
-def doctor() -> int:
+def doctor(script: Path | None = None, spec_dir: Path | None = None) -> int:
     from . import doctor as parts
 
-    return parts.report(parts.collect(netem_on_host), sys.stdout)
+    return parts.diagnose(netem_on_host, sys.stdout, script, spec_dir)
 
 
 def netem_on_host() -> bool:
