@@ -65,7 +65,8 @@ def test_machine_attributes_read_from_source_are_the_real_ones() -> None:
 
     attrs = check.machine_attributes()
     assert attrs is not None
-    assert set(dir(Machine)) <= attrs
+    # copyreg caches __slotnames__ on the class once a Machine has been copied or pickled.
+    assert set(dir(Machine)) - {"__slotnames__"} <= attrs
     assert {"name", "plan", "booted", "succeed", "wait_for_unit"} <= attrs and "succed" not in attrs
 
 
