@@ -17,11 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pyflakes import checker as pyflakes_checker
-
 from . import accel, api_names, caps, netem, testspec, typecheck
 from .api_names import pythonize_name
-from .errors import TestScriptError
+from .errors import SetupError, TestScriptError
 
 ERROR, WARNING, NOTE = "error", "warning", "note"
 
@@ -89,6 +87,10 @@ _PYFLAKES_ERRORS = frozenset({
 def lint(path: Path, script: str, node_names: list[str]) -> list[Finding]:
     """pyflakes (scope-aware, as the NixOS driver lints) with the driver's globals and the
     nodes as builtins; an undefined name gets the closest known one."""
+    try:
+        from pyflakes import checker as pyflakes_checker
+    except ImportError:  # a dependency, but `ntng doctor` should be able to say it is missing
+        raise SetupError("pyflakes is not installed: pip install pyflakes (the quick check lints with it)") from None
     testspec.compile_script(path, script)  # syntax errors: file:line
     tree = ast.parse(script, str(path))
     given = set(api_names.DRIVER_GLOBALS) | set(api_names.node_globals(node_names))

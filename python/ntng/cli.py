@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import check, image, protocol
+from . import image, protocol
 from .errors import EXIT_OK, EXIT_USAGE, NtngError, UsageError
 
 
@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     """The quick check of each script; all are checked, the worst exit code is returned."""
+    from . import check
     from .suite.discover import discover
 
     if args.spec_dir is not None and len(args.scripts) != 1:

@@ -84,3 +84,12 @@ def test_impairments_are_checked_as_the_runner_checks_them(tmp_path: Path) -> No
         with pytest.raises(netem.ImpairmentError) as checker:
             check.declared_impairments(plan, "t.py")
         assert str(checker.value) == str(runner.value)
+
+
+def test_without_pyflakes_the_check_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ntng.errors import SetupError
+
+    monkeypatch.setitem(sys.modules, "pyflakes", None)  # import pyflakes → ImportError
+    p = write(tmp_path, "start_all()\n")
+    with pytest.raises(SetupError, match=r"pyflakes is not installed: pip install pyflakes"):
+        check.check(p, type_check=False)
