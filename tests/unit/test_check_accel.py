@@ -42,3 +42,23 @@ def test_kvm_only_nodes_get_a_note_when_kvm_is_unusable(tmp_path: Path, monkeypa
     monkeypatch.setattr(accel, "kvm_device_problem", lambda: None)
     monkeypatch.setattr(accel, "cached_kvm_verdict", lambda: None)
     assert [f for f in check.check(p, type_check=False) if f.kind == "note"] == []
+
+
+def test_notes_for_a_prebuilt_spec_leave_out_qemu_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mkTest's spec-kvm.json plans QEMU nodes for KVM too, but they also have spec-tcg.json."""
+    import json
+
+    from ntng import accel, testspec
+
+    p = tmp_path / "t.py"
+    p.write_text('#: nodes.q = { };\n#: nodes.fc = { backend = "firecracker"; };\nstart_all()\n')
+    spec = testspec.load(p, dict(testspec.PLACEHOLDER_DEFAULTS, accel="kvm"))
+    (tmp_path / "spec-kvm.json").write_text(json.dumps(
+        {"name": "t", "globalTimeout": 60, "nodeNames": spec.node_names, "nodes": spec.plans, "network": spec.network}))
+    monkeypatch.setattr(accel, "kvm_device_problem", lambda: "/dev/kvm does not exist")
+    notes = [f.message for f in check.check(p, tmp_path, type_check=False) if f.kind == "note"]
+    assert notes == ["node fc (backend firecracker) needs KVM, which is not usable here (/dev/kvm does not exist): "
+                     "this machine cannot run it"]
+    # Declared in `#:` lines, a QEMU node that asks for KVM itself needs it.
+    p.write_text('#: nodes.q = { accel = "kvm"; };\nstart_all()\n')
+    assert [f.line for f in check.check(p, type_check=False) if f.kind == "note"] == [1]
