@@ -68,7 +68,16 @@ let
     virtconsole = "virtconsole:hvc0";
   }.${b.transport};
 
-  known = attrNames defaults ++ [ "name" "kernel" "image" "stateDir" ];
+  # The options users set (`#:` lines, mkTest's nodes): an unknown option's error lists these,
+  # and `ntng check` offers the closest one.  The others are the runner's and nixlib's own.
+  userOptions = [ "memory" "cores" "accel" "backend" "machineType" "cpu" "kernel" "initrd"
+    "kernelParams" "image" "imageFormat" "allowReboot" "display" "aslr" "bootTimeout" "extraArgs"
+    "extraSerialPorts" "backdoor" "vlans" "impairments" "requires" "sharedDirs" "shareArtifacts"
+    "qemuBinary" "qemuImg" "firecrackerBinary" "cloudHypervisorBinary" "vhostDeviceVsock" "virtiofsd" ];
+  internalOptions = [ "name" "stateDir" "tscKhz" "interfaces" "restore" ];
+  known = userOptions ++ internalOptions;
+  # Every default is one or the other (a new option must be put in one list).
+  unlisted = filter (k: !(elem k known)) (attrNames defaults ++ [ "kernel" "image" ]);
   backends = attrNames capabilities;
 
   fail = name: msg: throw "node '${name}': ${msg}";
@@ -80,6 +89,7 @@ let
     && builtins.match "([0-9a-f]{2}:){5}[0-9a-f]{2}" i.mac != null;
 
   normalise = spec:
+    assert unlisted == [ ]; # an option in neither userOptions nor internalOptions
     let
       name = spec.name or (throw "node description without a name: ${toJSON spec}");
       backend = spec.backend or defaults.backend;
@@ -97,7 +107,7 @@ let
       notStrings = filter (k: !(isString n.${k})) executables;
       missing = filter (f: !(elem f caps.features)) (if isList n.requires then n.requires else [ ]);
       checks = [
-        (check name (unknown == [ ]) "unknown option(s) ${list unknown} (known: ${list known})")
+        (check name (unknown == [ ]) "unknown option(s) ${list unknown} (known: ${list userOptions})")
         (check name (isAttrs caps) "")
         (check name (isInt n.memory) "memory must be an integer number of MiB, got ${typeOf n.memory} ${toJSON n.memory}")
         (check name (n.memory >= 128 && n.memory <= 65536) "memory must be between 128 and 65536 MiB, got ${toJSON n.memory}")
@@ -167,5 +177,5 @@ let
         capabilities = caps;
       });
 in {
-  inherit defaults normalise baseKernelParams capabilities;
+  inherit defaults normalise baseKernelParams capabilities userOptions;
 }

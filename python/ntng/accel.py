@@ -19,7 +19,6 @@ from pathlib import Path
 
 from . import nixeval, paths
 from .errors import SetupError
-from .pdeathsig import preexec
 
 PROBE_TIMEOUT = 20.0  # a working KVM finishes the probe in about a second
 CACHE_TTL = 3600.0
@@ -49,6 +48,8 @@ def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
     problem = kvm_device_problem()
     if problem:
         return False, problem
+    from .pdeathsig import preexec  # cffi: not for `ntng check`, which only asks kvm_unusable_reason
+
     spec = nixeval.call("qemu.probe", {"kernel": str(kernel), "accel": "kvm"})
     t0 = time.monotonic()
     try:
@@ -83,6 +84,30 @@ def choose(requested: str, kernel: Path, use_cache: bool = True) -> AccelChoice:
     print(f"ntng: WARNING: KVM not usable ({why}); falling back to TCG software emulation, "
           "which is about 10x slower. Timeouts are scaled accordingly.", file=sys.stderr)
     return AccelChoice("tcg", f"KVM not usable: {why}")
+
+
+def cached_kvm_verdict() -> tuple[bool, str] | None:
+    """The last boot probe's (works, why) on this kernel of the host, if it is recent; it
+    probed whichever guest kernel ran last, which is as good a witness as any."""
+    try:
+        data = json.loads((paths.cache_dir() / "kvm-probe.json").read_text())
+        fresh = time.time() - data["time"] < CACHE_TTL
+        same_host = str(data["key"]).endswith(f":{os.uname().release}")
+        return (bool(data["works"]), str(data["why"])) if fresh and same_host else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def kvm_unusable_reason() -> str | None:
+    """Why KVM cannot run a guest here, as far as is known without a boot probe: /dev/kvm's
+    state, else a recent probe's verdict; None when it may well work."""
+    problem = kvm_device_problem()
+    if problem is not None:
+        return problem
+    verdict = cached_kvm_verdict()
+    if verdict is not None and not verdict[0]:
+        return f"the last boot probe failed: {verdict[1]}"
+    return None
 
 
 def _cached_probe(kernel: Path, use_cache: bool) -> tuple[bool, str]:

@@ -1,33 +1,56 @@
 """`ntng check`: the quick check, no boot.  Parses the script, validates its nodes through nixlib,
-lints it against the driver's globals (undefined names, unused imports) and the Machine API
-(unknown methods, methods a node's backend lacks: python/ntng/caps.py) and type-checks it with
-mypy against the driver's own annotations (python/ntng/typecheck.py), in seconds.
-mkTest runs it in the driver build unless skipLint."""
+lints it with pyflakes against the driver's globals (undefined names, unused imports, …) and the
+Machine API (unknown methods, methods a node's backend lacks: python/ntng/caps.py) and
+type-checks it with mypy against the driver's own annotations (python/ntng/typecheck.py), in
+seconds.  It imports none of the runtime (machines, backends, networking): the driver's names
+come from python/ntng/api_names.py.  mkTest runs it in the driver build unless skipLint."""
 
 from __future__ import annotations
 
 import ast
 import builtins
 import dataclasses
+import functools
+import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import caps, network, testspec, typecheck
-from .driver import DRIVER_GLOBALS, pythonize_name
-from .errors import TestScriptError
+from . import accel, api_names, caps, netem, testspec, typecheck
+from .api_names import pythonize_name
+from .errors import SetupError, TestScriptError
+
+ERROR, WARNING, NOTE = "error", "warning", "note"
 
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
     line: int
     message: str
-    error: bool  # errors fail the check; warnings are printed
+    kind: str  # ERROR fails the check; WARNING and NOTE are printed
+
+    @property
+    def error(self) -> bool:
+        return self.kind == ERROR
+
+    def render(self, path: Path) -> str:
+        """One line of the report: every line has the same `path:line: kind: ` prefix."""
+        return f"{path}:{self.line}: {self.kind}: {self.message}"
+
+
+class CheckFailed(TestScriptError):
+    """The check found errors; `findings` holds them with the warnings and notes."""
+
+    def __init__(self, path: Path, findings: list[Finding]) -> None:
+        super().__init__("\n".join(f.render(path) for f in findings if f.error))
+        self.path = path
+        self.findings = findings
 
 
 def _bound_names(tree: ast.AST) -> set[str]:
-    """Every name the script binds anywhere (a typo check, not a scope analysis)."""
+    """Every name the script binds anywhere (not a scope analysis: for hints and for which
+    node globals the script rebinds)."""
     bound: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
@@ -47,43 +70,88 @@ def _bound_names(tree: ast.AST) -> set[str]:
     return bound
 
 
+# pyflakes messages for code that fails when it runs (or never does what it says): errors.
+# The rest (unused imports and variables, redefinitions, …) are warnings.
+_PYFLAKES_ERRORS = frozenset({
+    "UndefinedName", "UndefinedLocal", "UndefinedExport", "DuplicateArgument", "ReturnOutsideFunction",
+    "YieldOutsideFunction", "ContinueOutsideLoop", "BreakOutsideLoop", "DefaultExceptNotLast",
+    "TwoStarredExpressions", "TooManyExpressionsInStarredAssignment", "AssertTuple", "IfTuple",
+    "ForwardAnnotationSyntaxError", "InvalidPrintSyntax", "FutureFeatureNotDefined", "LateFutureImport",
+    "PercentFormatInvalidFormat", "PercentFormatMixedPositionalAndNamed", "PercentFormatUnsupportedFormatCharacter",
+    "PercentFormatPositionalCountMismatch", "PercentFormatMissingArgument", "PercentFormatExpectedMapping",
+    "PercentFormatExpectedSequence", "PercentFormatStarRequiresSequence", "StringDotFormatInvalidFormat",
+    "StringDotFormatMissingArgument", "StringDotFormatMixingAutomatic",
+})
+
+
 def lint(path: Path, script: str, node_names: list[str]) -> list[Finding]:
-    code = testspec.compile_script(path, script)  # syntax errors: file:line
-    del code
+    """pyflakes (scope-aware, as the NixOS driver lints) with the driver's globals and the
+    nodes as builtins; an undefined name gets the closest known one."""
+    try:
+        from pyflakes import checker as pyflakes_checker
+    except ImportError:  # a dependency, but `ntng doctor` should be able to say it is missing
+        raise SetupError("pyflakes is not installed: pip install pyflakes (the quick check lints with it)") from None
+    testspec.compile_script(path, script)  # syntax errors: file:line
     tree = ast.parse(script, str(path))
-    known = (_bound_names(tree) | set(dir(builtins)) | set(DRIVER_GLOBALS)
-             | {pythonize_name(n) for n in node_names}
-             | ({"machine"} if len(node_names) == 1 else set()))
+    given = set(api_names.DRIVER_GLOBALS) | set(api_names.node_globals(node_names))
+    result = pyflakes_checker.Checker(tree, filename=str(path), builtins=given)
+    known = given | set(dir(builtins)) | _bound_names(tree)
     findings = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in known:
-            hint = caps.closest(node.id, known)
-            findings.append(Finding(node.lineno, f"undefined name '{node.id}'{hint}", True))
-    loaded = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-    loaded |= {n.value.id for n in ast.walk(tree)
-               if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            for a in node.names:
-                name = (a.asname or a.name).split(".")[0]
-                if name != "*" and name not in loaded:
-                    findings.append(Finding(node.lineno, f"'{name}' imported but unused", False))
+    for m in result.messages:
+        kind = type(m).__name__
+        text = m.message % m.message_args
+        if kind in ("UndefinedName", "UndefinedLocal"):
+            text += caps.closest(m.message_args[0], known - {m.message_args[0]})
+        findings.append(Finding(m.lineno, text, ERROR if kind in _PYFLAKES_ERRORS else WARNING))
     return sorted(findings, key=lambda f: f.line)
 
 
+def declared_impairments(net: dict[str, Any], where: str) -> None:
+    """network.declared_impairments' checks, through netem alone (network imports netns, cffi):
+    a bad value is the script's error.  tests/unit/test_check_lint.py keeps the two in step."""
+    for node, ifaces in net["nodes"].items():
+        for i in ifaces:
+            decl = i.get("impairment")
+            if decl is None:
+                continue
+            ctx = f"{where}: nodes.{node}.impairments (vlan {i['vlan']})"
+            try:
+                netem.check_direction(decl.get("direction", "both"))
+            except netem.ImpairmentError as e:
+                raise netem.ImpairmentError(f"{ctx}: {e}") from None
+            netem.Impairment.from_mapping({k: v for k, v in decl.items() if k != "direction"}, where=ctx)
+
+
 def node_plans_of(path: Path, spec_dir: Path | None) -> dict[str, dict[str, Any]]:
-    """Each node's launch plan (it names the backend and its capabilities), in declaration order."""
+    """Each node's launch plan (it names the backend and its capabilities), in declaration order,
+    for the accelerator the node would get: Firecracker and Cloud Hypervisor nodes KVM (they have
+    no TCG), QEMU nodes what they declare (TCG when they do not: the plan is the same shape)."""
     if spec_dir is not None:
         data = json.loads(testspec.spec_file(spec_dir, "kvm").read_text())
-        network.declared_impairments(data["network"], str(path))
+        declared_impairments(data["network"], str(path))
         return {name: data["nodes"][name] for name in data["nodeNames"]}
     # Validate the `#:` node declarations through nixlib; no file needs to exist for that.
     spec = testspec.load_declared(path)
-    network.declared_impairments(spec.network, str(path))  # values: the runner's rules
+    declared_impairments(spec.network, str(path))  # values: the runner's rules
     return {name: spec.plans[name] for name in spec.node_names}
 
 
+def accel_notes(script: str, plans: dict[str, dict[str, Any]], prebuilt: bool) -> list[Finding]:
+    """A note for each node that needs KVM when this machine cannot give it.  In a prebuilt
+    (mkTest) spec every node is planned for KVM, but a QEMU node also has its TCG spec."""
+    kvm_nodes = [n for n, plan in plans.items()
+                 if plan.get("accel") == "kvm" and not (prebuilt and plan.get("backend") == "qemu")]
+    why = accel.kvm_unusable_reason() if kvm_nodes else None
+    if why is None:
+        return []
+    return [Finding(testspec.declaring_line(script, n) or 1,
+                    f"node {n} (backend {plans[n].get('backend', '?')}) needs KVM, which is not usable here "
+                    f"({why}): this machine cannot run it", NOTE)
+            for n in kvm_nodes]
+
+
 def check(path: Path, spec_dir: Path | None = None, type_check: bool = True) -> list[Finding]:
+    """The findings (warnings, notes) of a script that passes; CheckFailed when one is an error."""
     script = testspec.read_script(path)
     testspec.compile_script(path, script)
     plans = node_plans_of(path, spec_dir)
@@ -91,20 +159,19 @@ def check(path: Path, spec_dir: Path | None = None, type_check: bool = True) -> 
     findings = lint(path, script, names)
     undefined = [f for f in findings if f.error]
     methods = machine_uses(ast.parse(script, str(path)), plans)
-    findings = sorted(findings + methods, key=lambda f: f.line)
+    findings += methods + accel_notes(script, plans, prebuilt=spec_dir is not None)
     if type_check and not undefined:  # undefined names would only be reported twice
         typed = typecheck.type_check(path, script, names)
         if typed is None:
-            findings.append(Finding(1, "type check skipped: mypy is not installed (pip install mypy)", False))
+            findings.append(Finding(1, "type check skipped: mypy is not installed (pip install mypy)", WARNING))
         else:
             # An unknown method is reported above, with the closest real one.
             reported = {f.line for f in methods}
-            findings += [Finding(line, f"type: {msg}", True) for line, msg in typed
+            findings += [Finding(line, f"type: {msg}", ERROR) for line, msg in typed
                          if not (line in reported and "has no attribute" in msg)]
-        findings.sort(key=lambda f: f.line)
-    errors = [f for f in findings if f.error]
-    if errors:
-        raise TestScriptError("\n".join(f"{path}:{f.line}: {f.message}" for f in errors))
+    findings.sort(key=lambda f: f.line)
+    if any(f.error for f in findings):
+        raise CheckFailed(path, findings)
     return findings
 
 
@@ -117,7 +184,7 @@ def machine_uses(tree: ast.AST, plans: dict[str, dict[str, Any]]) -> list[Findin
     """`<node>.<method>` where the node is statically known (its global, `machine` for a lone
     node, `machines[i]`, a loop variable over `machines` or over a list of node globals): an
     error for a method Machine does not have and for one the node's backend lacks."""
-    attributes = caps.machine_attributes()
+    attributes = machine_attributes()
     if attributes is not None:  # what the script sets on a machine itself is no typo
         attributes |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store)}
     called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
@@ -132,13 +199,13 @@ def machine_uses(tree: ast.AST, plans: dict[str, dict[str, Any]]) -> list[Findin
         what = f"{ast.unparse(node.value)}.{node.attr}" + ("()" if id(node) in called else "")
         if attributes is not None and node.attr not in attributes:
             findings.append(Finding(node.lineno, f"{what.removesuffix('()')}: no such Machine method"
-                                    + caps.closest(node.attr, attributes), True))
+                                    + caps.closest(node.attr, attributes), ERROR))
             continue
         for name in targets:
             need = caps.lacking(plans[name], node.attr)
             if need is not None:
                 where = what if resolve.is_node_global(node.value) else f"{what} on node {name}"
-                findings.append(Finding(node.lineno, caps.lacks_message(where, plans[name], need), True))
+                findings.append(Finding(node.lineno, caps.lacks_message(where, plans[name], need), ERROR))
     return findings
 
 
@@ -196,3 +263,68 @@ class _Resolver:
             i = v.slice.value
             return [self.ordered[i]] if -len(self.ordered) <= i < len(self.ordered) else []
         return []
+
+
+# -- Machine's attributes, read from its source (importing machine.py loads the runtime) ---------
+
+@functools.cache
+def machine_attributes() -> frozenset[str] | None:
+    """Every attribute a Machine has: its class body's and the `self.x = …` of its methods, its
+    bases' in ntng (followed through `from .m import Base`) and object's.  None when the source
+    cannot be read (then unknown methods are left to the type check)."""
+    names: set[str] = set(dir(type("Plain", (), {})))  # object's, __dict__, __module__, …
+    return frozenset(names) if _class_attributes("ntng.machine", "Machine", names, set()) else None
+
+
+def _class_attributes(module: str, cls: str, names: set[str], seen: set[tuple[str, str]]) -> bool:
+    if (module, cls) in seen:
+        return True
+    seen.add((module, cls))
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return False
+    try:
+        tree = ast.parse(Path(spec.origin).read_text(), spec.origin)
+    except (OSError, SyntaxError):
+        return False
+    node = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls), None)
+    if node is None:
+        return False
+    for part in _class_body(node.body):
+        if isinstance(part, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(part.name)
+        targets = (part.targets if isinstance(part, ast.Assign)
+                   else [part.target] if isinstance(part, ast.AnnAssign | ast.AugAssign) else [])
+        names.update(t.id for t in targets if isinstance(t, ast.Name))
+    for n in ast.walk(node):
+        targets = (n.targets if isinstance(n, ast.Assign)
+                   else [n.target] if isinstance(n, ast.AnnAssign | ast.AugAssign) else [])
+        names.update(t.attr for t in targets
+                     if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self")
+    imported = {(a.asname or a.name): (n.module, n.level, a.name) for n in tree.body
+                if isinstance(n, ast.ImportFrom) for a in n.names}
+    for base in node.bases:
+        if not isinstance(base, ast.Name):
+            continue
+        if base.id in imported and imported[base.id][1] > 0:  # a relative import: within ntng
+            mod, level, real = imported[base.id]
+            package = module.rsplit(".", level)[0]
+            if not _class_attributes(f"{package}.{mod}" if mod else package, real, names, seen):
+                return False
+        elif any(isinstance(n, ast.ClassDef) and n.name == base.id for n in tree.body):
+            if not _class_attributes(module, base.id, names, seen):
+                return False
+        elif base.id != "object":
+            return False  # a base from elsewhere: its attributes are unknown here
+    return True
+
+
+def _class_body(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    """A class body's statements, with those inside `if`/`try` blocks (`if not TYPE_CHECKING:`)."""
+    for part in body:
+        yield part
+        if isinstance(part, ast.If):
+            yield from _class_body(part.body + part.orelse)
+        elif isinstance(part, ast.Try):
+            yield from _class_body(part.body + part.orelse + part.finalbody
+                                   + [s for h in part.handlers for s in h.body])

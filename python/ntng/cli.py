@@ -7,9 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from . import check, image, protocol
+from . import image, protocol
 from .errors import EXIT_OK, EXIT_USAGE, NtngError, UsageError
-from .runner import RunOptions, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,11 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--force", action="store_true")
     im_sub.add_parser("path", help="print the image directory")
 
-    sub.add_parser("doctor", help="what works on this machine, and why")
+    d = sub.add_parser("doctor", help="what works on this machine, and why (and what a script needs)")
+    d.add_argument("script", type=Path, nargs="?", metavar="SCRIPT",
+                   help="also check what this test script's nodes need; exit 3 when a part is missing")
+    d.add_argument("--spec-dir", type=Path, help="a mkTest driver's evaluated specs for SCRIPT")
 
     args = ap.parse_args(argv)
     try:
         if args.cmd == "run":
+            from .runner import RunOptions, run  # the runtime: not loaded for check or doctor
+
             return run(RunOptions(
                 script=args.script, accel=args.accel, image_dir=args.image, out_dir=args.out,
                 global_timeout=args.global_timeout, boot_timeout=args.boot_timeout,
@@ -97,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(image.find_image().directory)
             return EXIT_OK
         if args.cmd == "doctor":
-            return doctor()
+            if args.spec_dir is not None and args.script is None:
+                raise UsageError("--spec-dir belongs to a script: name it")
+            return doctor(args.script, args.spec_dir)
     except NtngError as e:
         print(f"ntng: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -108,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     """The quick check of each script; all are checked, the worst exit code is returned."""
+    from . import check
     from .suite.discover import discover
 
     if args.spec_dir is not None and len(args.scripts) != 1:
@@ -118,8 +125,12 @@ def _check(args: argparse.Namespace) -> int:
     for script in scripts:
         try:
             for f in check.check(script, args.spec_dir, type_check=not args.no_type_check):
-                print(f"{script}:{f.line}: warning: {f.message}", file=sys.stderr)
+                print(f.render(script), file=sys.stderr)
             print(f"ntng check: {script}: ok", file=sys.stderr)
+        except check.CheckFailed as e:  # one `path:line: kind: ` line per finding, nothing else
+            for f in e.findings:
+                print(f.render(script), file=sys.stderr)
+            worst = max(worst, e.exit_code)
         except NtngError as e:
             if len(scripts) == 1:
                 raise
@@ -148,10 +159,10 @@ def _suite(args: argparse.Namespace) -> int:
                                   run_args=run_args))
 
 
-def doctor() -> int:
+def doctor(script: Path | None = None, spec_dir: Path | None = None) -> int:
     from . import doctor as parts
 
-    return parts.report(parts.collect(netem_on_host), sys.stdout)
+    return parts.diagnose(netem_on_host, sys.stdout, script, spec_dir)
 
 
 def netem_on_host() -> bool:

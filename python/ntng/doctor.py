@@ -4,10 +4,16 @@ The host programs are nixlib/tools.nix (the list the flake's PATH and ./setup.sh
 the Python packages are this package's own requirements.  A part the list marks `required`
 (and the Python dependencies) is *missing* without it: doctor exits non-zero.  Anything else
 absent is *degraded*: the feature it serves does not work, the rest does.
+
+`ntng doctor SCRIPT` also checks what that script's nodes need (`script_parts`): each program
+their launch plans start (VMMs, helpers such as virtiofsd or vhost-device-vsock), tesseract
+for OCR, vde_switch or CAP_NET_ADMIN for networks, KVM for Firecracker and Cloud Hypervisor.
+One of those missing is *missing*, whatever the list says in general.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.metadata
 import os
@@ -237,6 +243,87 @@ def qemu_version() -> str | None:
     return out.splitlines()[0] if out else None
 
 
+# -- what one script's nodes need -------------------------------------------------------------
+
+OCR_METHODS = ("get_screen_text", "get_screen_text_variants", "wait_for_text")
+
+
+def _program_uses(plans: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """Each program the plans start (argv[0]) → why, one line per use."""
+    uses: dict[str, list[str]] = {}
+    for node, plan in plans.items():
+        steps = [(plan.get("argv"), f"node {node}: its VMM ({plan.get('backend', '?')})")]
+        steps += [(h.get("argv"), f"node {node}: helper {h.get('name', '?')}") for h in plan.get("helpers", [])]
+        steps += [(argv, f"node {node}: preparing its disk") for argv in plan.get("prepare", [])]
+        for argv, why in steps:
+            if isinstance(argv, list) and argv and isinstance(argv[0], str):
+                reasons = uses.setdefault(argv[0], [])
+                if why not in reasons:
+                    reasons.append(why)
+    return uses
+
+
+def _program_part(program: str, why: list[str], tools: dict[str, Tool]) -> Part:
+    tool = tools.get(os.path.basename(program))
+    if "/" in program:  # a path the plan names (mkTest: a store path; a node's virtiofsd option)
+        where = program if os.access(program, os.X_OK) else None
+    else:
+        where = locate(tool) if tool is not None else shutil.which(program)
+    if where is not None:
+        return Part(OK, program, where, tuple(why))
+    if tool is None:
+        return Part(MISSING, program, "not found (not in nixlib/tools.nix: install it or fix the node's option)",
+                    tuple(why))
+    return Part(MISSING, program, f"not found; needed for {tool.needed_for}: {tool.install()}", tuple(why))
+
+
+def _ocr_uses(script: str) -> list[str]:
+    try:
+        tree = ast.parse(script)
+    except SyntaxError:
+        return []
+    return [f"line {n.lineno}: {ast.unparse(n)} (OCR)" for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and n.attr in OCR_METHODS]
+
+
+def script_parts(path: Path, spec_dir: Path | None, tools: dict[str, Tool], kvm: Part,
+                 network_mode: Callable[[], str]) -> list[Part]:
+    """What `path`'s nodes need, each ok or missing, with one line per node (or line) needing it."""
+    from . import check, testspec  # check's imports (pyflakes) only when a script is named
+
+    script = testspec.read_script(path)
+    plans = check.node_plans_of(path, spec_dir)
+    parts = [_program_part(program, why, tools) for program, why in _program_uses(plans).items()]
+    ocr = _ocr_uses(script)
+    if ocr and "tesseract" in tools:
+        parts.append(_program_part("tesseract", ocr, tools))
+    kvm_nodes = [f"node {n}: backend {p.get('backend')} runs on KVM only" if p.get("backend") != "qemu"
+                 else f"node {n}: accel = \"kvm\"" for n, p in plans.items() if p.get("accel") == "kvm"]
+    if kvm_nodes:
+        if kvm.status == OK:
+            parts.append(Part(OK, "KVM", kvm.detail, tuple(kvm_nodes)))
+        else:  # why KVM is not usable (one line each), then who needs it
+            parts.append(Part(MISSING, "KVM", "not usable here", kvm.reasons + tuple(kvm_nodes)))
+    vhost = [f"node {n}: backdoor.vhost = true" for n, p in plans.items()
+             if isinstance(p.get("backdoor"), dict) and p["backdoor"].get("vhost") is True]
+    if vhost:
+        ok = os.path.exists("/dev/vhost-vsock")
+        parts.append(Part(OK if ok else MISSING, "/dev/vhost-vsock",
+                          "present" if ok else "absent: modprobe vhost_vsock (or use hybrid vsock, backdoor.vhost = false)",
+                          tuple(vhost)))
+    networked = {n: p for n, p in plans.items() if p.get("interfaces")}
+    if networked and network_mode() != "tap":
+        qemu = [f"node {n}: vlans without CAP_NET_ADMIN" for n, p in networked.items() if p.get("backend") == "qemu"]
+        if qemu and "vde_switch" in tools:
+            parts.append(_program_part("vde_switch", qemu, tools))
+        others = [f"node {n}: backend {p.get('backend')} networks through TAP devices only"
+                  for n, p in networked.items() if p.get("backend") != "qemu"]
+        if others:
+            parts.append(Part(MISSING, "CAP_NET_ADMIN", "not held (or no /dev/net/tun): run as root, or in a "
+                                                        "user namespace that has it", tuple(others)))
+    return parts
+
+
 def collect(netem_on_host: Callable[[], bool]) -> list[Part]:
     tools = load_tools()
     parts = tool_parts(tools) + python_parts()
@@ -248,22 +335,45 @@ def collect(netem_on_host: Callable[[], bool]) -> list[Part]:
     return parts
 
 
-def report(parts: list[Part], out: TextIO) -> int:
-    """Print the parts; EXIT_SETUP when one is missing."""
-    width = max(len(p.status) for p in parts)
+def diagnose(netem_on_host: Callable[[], bool], out: TextIO, script: Path | None = None,
+             spec_dir: Path | None = None) -> int:
+    """`ntng doctor [SCRIPT]`: the machine's parts, then what the script's nodes need."""
+    parts = collect(netem_on_host)
+    needs = None
+    if script is not None:
+        kvm = next(p for p in parts if p.name == "KVM")
+        needs = script_parts(script, spec_dir, load_tools(), kvm,
+                             lambda: network.choose_mode("auto", lambda _msg: None))
+    return report(parts, out, script, needs)
+
+
+def _print_parts(parts: list[Part], out: TextIO) -> None:
+    width = max(len(s) for s in (OK, MISSING, DEGRADED))
     for p in parts:
         print(f"[{p.status:<{width}}] {p.name}: {p.detail}", file=out)
         for reason in p.reasons:
             print(f"{'':{width + 3}}- {reason}", file=out)
+
+
+def report(parts: list[Part], out: TextIO, script: Path | None = None, needs: list[Part] | None = None) -> int:
+    """Print the parts (and what `script` needs); EXIT_SETUP when one is missing."""
+    _print_parts(parts, out)
     version = qemu_version()
     if version:
         print(f"QEMU: {version}", file=out)
     print(f"cache: {paths.cache_dir()}", file=out)
+    if script is not None:
+        print(f"what {script} needs:", file=out)
+        _print_parts(needs or [Part(OK, "nothing", "beyond the above")], out)
     missing = [p.name for p in parts if p.status == MISSING]
     degraded = [p.name for p in parts if p.status == DEGRADED]
+    lacking = [p.name for p in needs or [] if p.status == MISSING]
+    if lacking:
+        print(f"ntng doctor: {script} needs {', '.join(lacking)}, missing here", file=out)
     if missing:
         print(f"ntng doctor: missing {', '.join(missing)}: runs cannot work until it is installed", file=out)
+    if missing or lacking:
         return EXIT_SETUP
-    print("ntng doctor: everything a run needs is here"
+    print("ntng doctor: everything a run needs is here" + (f", and all {script} needs" if script else "")
           + (f" (degraded: {', '.join(degraded)})" if degraded else ""), file=out)
     return EXIT_OK

@@ -14,6 +14,7 @@ which validates them and returns the launch plan of every node.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import re
 import tempfile
@@ -85,9 +86,10 @@ def load(path: Path, defaults: dict[str, Any], show_trace: bool = False) -> Test
 
 # Stand-ins for what only a real run knows: nixlib validates and plans the nodes with them (no
 # file needs to exist), for the quick check, the suite's memory budget, and node-less scripts.
+# No accelerator: each node gets the one it would get (nixlib/node.nix: what it declares, else
+# KVM for Firecracker and Cloud Hypervisor, which have no TCG, and TCG for QEMU).
 PLACEHOLDER_DEFAULTS = {"kernel": "/check/kernel", "vmlinux": "/check/vmlinux", "initrd": "/check/initrd",
-                        "image": "/check/root.ext4", "imageFormat": "raw", "accel": "tcg",
-                        "stateRoot": "/check/state"}
+                        "image": "/check/root.ext4", "imageFormat": "raw", "stateRoot": "/check/state"}
 
 
 def load_declared(path: Path, show_trace: bool = False) -> TestSpec:
@@ -163,6 +165,7 @@ def _header_error(path: Path, header: Path, stderr: str, show_trace: bool) -> Ni
     # The header file is ours and temporary: its positions are the script's lines.
     msg = re.sub(re.escape(str(header)) + r":(\d+):\d+", lambda m: f"line {m.group(1)}",
                  nixeval.nix_message(stderr))
+    msg = _UNKNOWN_OPTIONS.sub(_suggest_options, msg)
     # For a redefinition Nix names the first definition in the message and the second one
     # (the line at fault) in the trace's last position.
     positions = re.findall(re.escape(str(header)) + r":(\d+):(\d+)", stderr)
@@ -174,13 +177,35 @@ def _header_error(path: Path, header: Path, stderr: str, show_trace: bool) -> Ni
     return err
 
 
+# nixlib/node.nix's message for options it does not know; `known` is its userOptions.
+_UNKNOWN_OPTIONS = re.compile(r"(?P<node>node '[^']+': )unknown option\(s\) (?P<unknown>[^()]+?) "
+                              r"\(known: (?P<known>[^()]*)\)")
+
+
+def _suggest_options(m: re.Match[str]) -> str:
+    """Each unknown option with the closest one users set ("did you mean"), then those options."""
+    known = m["known"].split(", ")
+    named = []
+    for option in m["unknown"].split(", "):
+        close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+        named.append(option + (f" (did you mean {close[0]}?)" if close else ""))
+    return f"{m['node']}unknown option(s) {', '.join(named)}; the node options are: {m['known']}"
+
+
 def _declaring_line(header: str, msg: str) -> int | None:
     """For errors thrown inside nixlib: the header line that declares the node named in it."""
     m = re.search(r"node '([^']+)'", msg)
-    if not m:
-        return None
-    pat = re.compile(rf"\b(nodes\.)?{re.escape(m.group(1))}(\.[\w-]+)*\s*=")
-    for i, line in enumerate(header.splitlines()):
+    return _line_declaring(header.splitlines(), m.group(1)) if m else None
+
+
+def declaring_line(script: str, node: str) -> int | None:
+    """The `#:` line of the script that declares `node`."""
+    return _line_declaring([ln if re.match(r"^\s*#:", ln) else "" for ln in script.splitlines()], node)
+
+
+def _line_declaring(lines: list[str], node: str) -> int | None:
+    pat = re.compile(rf"\b(nodes\.)?{re.escape(node)}(\.[\w-]+)*\s*=")
+    for i, line in enumerate(lines):
         if pat.search(line):
             return i + 1  # header lines map one to one onto script lines
     return None

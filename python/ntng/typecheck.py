@@ -13,7 +13,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from .driver import DRIVER_GLOBALS, pythonize_name
+from .api_names import DRIVER_GLOBALS, node_globals
 
 # How each driver global is typed: an expression over `driver: Driver` (or a type).
 _GLOBAL_TYPES = {
@@ -49,8 +49,7 @@ def prelude(node_names: list[str]) -> str:
         "driver: _Driver",
     ]
     lines += [f"{name} = {expr}" for name, expr in _GLOBAL_TYPES.items() if expr is not None]
-    names = [pythonize_name(n) for n in node_names] + (["machine"] if len(node_names) == 1 else [])
-    lines += [f"{n}: _Machine" for n in names if n not in _GLOBAL_TYPES]
+    lines += [f"{n}: _Machine" for n in node_globals(node_names) if n not in _GLOBAL_TYPES]
     # One line, so the script's line numbers only shift by a constant.
     return "; ".join(lines) + "\n"
 

@@ -8,7 +8,7 @@ let
   fake = import ./fake-nixpkgs/pkgs.nix { inherit lib; };
   pkg = name: { type = "derivation"; inherit name; outPath = fake.storePath name "pkg:${name}"; meta = { }; };
   # Packages nixpkgs has under these names (python3Packages.<name>).
-  python3Packages = lib.genAttrs [ "setuptools" "construct" "cffi" "pyroute2" "mypy" ] (n: pkg "python3.12-${n}")
+  python3Packages = lib.genAttrs [ "setuptools" "construct" "cffi" "pyroute2" "pyflakes" "mypy" ] (n: pkg "python3.12-${n}")
     // { buildPythonApplication = args: args; };
   tools = lib.genAttrs [ "nix" "vde2" "vhost-device-vsock" "virtiofsd" "tesseract" "debootstrap"
     "util-linux" "systemd" "gzip" "xz" "zstd" "e2fsprogs" "coreutils" "qemu_kvm" "firecracker" "cloud-hypervisor" ] pkg;

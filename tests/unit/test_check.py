@@ -31,7 +31,7 @@ def test_undefined_names_with_lines(tmp_path: Path) -> None:
     p = script(tmp_path, "#: nodes.server = {};\nserver.succeed('x')\nclient.succeed('y')\nprnt('z')\n")
     with pytest.raises(ScriptError) as e:
         check.check(p)
-    assert str(e.value) == f"{p}:3: undefined name 'client'\n{p}:4: undefined name 'prnt' (did you mean print?)"
+    assert str(e.value) == f"{p}:3: error: undefined name 'client'\n{p}:4: error: undefined name 'prnt' (did you mean print?)"
 
 
 def test_single_node_is_also_machine(tmp_path: Path) -> None:
@@ -53,7 +53,7 @@ def test_cli_exit_codes(tmp_path: Path) -> None:
     assert ok.returncode == 0 and "ok" in ok.stderr
     bad = subprocess.run([sys.executable, "-m", "ntng.cli", "check", str(script(tmp_path, "strat_all()\n"))],
                          capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "undefined name 'strat_all' (did you mean start_all?)" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr == f"{tmp_path / 't.py'}:1: error: undefined name 'strat_all' (did you mean start_all?)\n"
 
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -66,7 +66,7 @@ def test_cli_checks_many_scripts_and_directories(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "ntng.cli", "check", "--no-type-check", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
-    assert f"ntng check: {tmp_path / 'a.py'}: ok" in r.stderr and "b.py:2: undefined name 'strat_all'" in r.stderr
+    assert f"ntng check: {tmp_path / 'a.py'}: ok" in r.stderr and "b.py:2: error: undefined name 'strat_all'" in r.stderr
     assert "helper.py" not in r.stderr and "2 scripts, some failed" in r.stderr
 
 
@@ -97,16 +97,16 @@ def test_type_check_finds_wrong_calls_with_their_lines(tmp_path: Path) -> None:
     with pytest.raises(ScriptError) as e:
         check.check(script)
     msg = str(e.value)
-    assert f'{script}:4: type: Incompatible types in assignment (expression has type "str", variable has type "int")' in msg
+    assert f'{script}:4: error: type: Incompatible types in assignment (expression has type "str", variable has type "int")' in msg
     # The method check names it (mypy's own message for that line is dropped as a duplicate).
-    assert f"{script}:5: client.succed: no such Machine method (did you mean succeed?)" in msg
+    assert f"{script}:5: error: client.succed: no such Machine method (did you mean succeed?)" in msg
     assert msg.count(":5:") == 1
-    assert f'{script}:7: type: Argument 1 to "wait_for_open_port" of "Machine" has incompatible type "str"; expected "int"' in msg
+    assert f'{script}:7: error: type: Argument 1 to "wait_for_open_port" of "Machine" has incompatible type "str"; expected "int"' in msg
     assert ":8:" not in msg and ":9:" not in msg  # (status, stdout) is typed right
     # Skipped on request (mkTest's skipTypeCheck): then only the method check (a lint) is left.
     with pytest.raises(ScriptError) as e:
         check.check(script, type_check=False)
-    assert str(e.value) == f"{script}:5: client.succed: no such Machine method (did you mean succeed?)"
+    assert str(e.value) == f"{script}:5: error: client.succed: no such Machine method (did you mean succeed?)"
 
 
 def test_type_check_knows_every_driver_global(tmp_path: Path) -> None:
@@ -159,17 +159,17 @@ f = b.wait_for_text
 b.succeed("true"); b.wait_for_console_text("x"); b.block()
 """)
     assert check_errors(p) == [
-        f'{p}:6: b.screenshot(): backend firecracker lacks capability "screenshot" {FC_HAS}',
-        f'{p}:7: c.send_chars(): backend cloud-hypervisor lacks capability "keys" {CH_HAS}',
-        f'{p}:9: b.wait_for_text: backend firecracker lacks capability "screenshot" {FC_HAS}',
+        f'{p}:6: error: b.screenshot(): backend firecracker lacks capability "screenshot" {FC_HAS}',
+        f'{p}:7: error: c.send_chars(): backend cloud-hypervisor lacks capability "keys" {CH_HAS}',
+        f'{p}:9: error: b.wait_for_text: backend firecracker lacks capability "screenshot" {FC_HAS}',
     ]
 
 
 def test_lone_node_as_machine(tmp_path: Path) -> None:
     p = script(tmp_path, '#: nodes.vm = { backend = "firecracker"; accel = "kvm"; };\nmachine.reboot()\nvm.send_key("a")\n')
     assert check_errors(p) == [
-        f'{p}:2: machine.reboot(): backend firecracker lacks capability "reboot" {FC_HAS}',
-        f'{p}:3: vm.send_key(): backend firecracker lacks capability "keys" {FC_HAS}',
+        f'{p}:2: error: machine.reboot(): backend firecracker lacks capability "reboot" {FC_HAS}',
+        f'{p}:3: error: vm.send_key(): backend firecracker lacks capability "keys" {FC_HAS}',
     ]
 
 
@@ -183,9 +183,9 @@ c.xyzzy()
 a._private_is_not_checked
 """)
     assert check_errors(p) == [
-        f"{p}:4: a.wait_for_unti: no such Machine method (did you mean wait_for_unit?)",
-        f"{p}:7: m.scrrenshot: no such Machine method (did you mean screenshot?)",
-        f"{p}:8: c.xyzzy: no such Machine method",
+        f"{p}:4: error: a.wait_for_unti: no such Machine method (did you mean wait_for_unit?)",
+        f"{p}:7: error: m.scrrenshot: no such Machine method (did you mean screenshot?)",
+        f"{p}:8: error: c.xyzzy: no such Machine method",
     ]
 
 
@@ -202,10 +202,10 @@ for m in [a, b]:
         m.send_console("x")
 """)
     assert check_errors(p) == [
-        f'{p}:5: m.reboot() on node b: backend firecracker lacks capability "reboot" {FC_HAS}',
-        f'{p}:6: x.send_key() on node c: backend cloud-hypervisor lacks capability "keys" {CH_HAS}',
-        f'{p}:6: x.send_chars() on node c: backend cloud-hypervisor lacks capability "keys" {CH_HAS}',
-        f'{p}:7: machines[1].get_screen_text() on node b: backend firecracker lacks capability "screenshot" {FC_HAS}',
+        f'{p}:5: error: m.reboot() on node b: backend firecracker lacks capability "reboot" {FC_HAS}',
+        f'{p}:6: error: x.send_key() on node c: backend cloud-hypervisor lacks capability "keys" {CH_HAS}',
+        f'{p}:6: error: x.send_chars() on node c: backend cloud-hypervisor lacks capability "keys" {CH_HAS}',
+        f'{p}:7: error: machines[1].get_screen_text() on node b: backend firecracker lacks capability "screenshot" {FC_HAS}',
     ]
 
 
@@ -238,13 +238,13 @@ def test_methods_checked_against_a_prebuilt_spec(tmp_path: Path) -> None:
          "network": spec.network}))
     with pytest.raises(ScriptError) as e:
         check.check(p, spec_dir, type_check=False)
-    assert str(e.value) == f'{p}:4: b.send_key(): backend firecracker lacks capability "keys" {FC_HAS}'
+    assert str(e.value) == f'{p}:4: error: b.send_key(): backend firecracker lacks capability "keys" {FC_HAS}'
 
 
 def test_type_check_still_finds_attributes_on_machines_it_cannot_place(tmp_path: Path) -> None:
     """Machine.__getattr__ is hidden from mypy: with it mypy would accept any attribute."""
     p = script(tmp_path, "#: nodes.a = { };\ndriver.machines[0].succed('x')\na.succed('y')\n")
     assert check_errors(p, type_check=True) == [
-        f'{p}:2: type: "Machine" has no attribute "succed"; maybe "succeed"?  [attr-defined]',
-        f"{p}:3: a.succed: no such Machine method (did you mean succeed?)",
+        f'{p}:2: error: type: "Machine" has no attribute "succed"; maybe "succeed"?  [attr-defined]',
+        f"{p}:3: error: a.succed: no such Machine method (did you mean succeed?)",
     ]
