@@ -191,9 +191,9 @@ def test_ntng_check_names_the_missing_monitor_capability(tmp_path: Path) -> None
     with pytest.raises(ScriptError) as e:
         check.check(p, type_check=False)
     assert str(e.value).splitlines() == [
-        f'{p}:6: b.send_monitor_command(): backend firecracker lacks capability "monitor" '
+        f'{p}:6: error: b.send_monitor_command(): backend firecracker lacks capability "monitor" '
         "(it has: snapshot, networks, console)",
-        f'{p}:7: c.wait_for_qmp_event(): backend cloud-hypervisor lacks capability "monitor" '
+        f'{p}:7: error: c.wait_for_qmp_event(): backend cloud-hypervisor lacks capability "monitor" '
         "(it has: snapshot, sharedDirs, networks, reboot, console)",
     ]
 
