@@ -10,7 +10,7 @@ let
     qemu = {
       transports = [ "virtio-serial" "vsock" ];
       # block: QMP set_link on the NIC.  snapshot/clone: migration to a file (see `effective`).
-      features = [ "screenshot" "keys" "snapshot" "clone" "sharedDirs" "networks" "block" "reboot" "console" ];
+      features = [ "screenshot" "keys" "snapshot" "clone" "sharedDirs" "networks" "block" "reboot" "console" "consoleInput" ];
       machineTypes = [ "q35" "pc" "microvm" ];
       shareTypes = [ "9p" "virtiofs" ]; # sharedDirs: QEMU's 9p server, virtiofsd over vhost-user
     };
@@ -19,13 +19,13 @@ let
     # node's TAP device (the VMM has no link switch).
     firecracker = {
       transports = [ "vsock" ];
-      features = [ "snapshot" "networks" "block" "console" ];
+      features = [ "snapshot" "networks" "block" "console" "consoleInput" ];
       machineTypes = [ "microvm" ];
       shareTypes = [ ]; # no 9p, no virtiofs device
     };
     # Cloud Hypervisor: one virtio-console (hvc0) instead of named virtio-serial ports, virtiofs
-    # through virtiofsd (no 9p), no display; the serial console is a file (output only, but the
-    # feature "console" is about reading it: send_console says why it cannot write).
+    # through virtiofsd (no 9p), no display; the serial console is a file the VMM writes:
+    # "console" (reading it) but no "consoleInput" (send_console).
     cloud-hypervisor = {
       transports = [ "virtconsole" "vsock" ];
       features = [ "snapshot" "sharedDirs" "networks" "block" "reboot" "console" ];
@@ -40,6 +40,7 @@ let
   reasons = {
     firecracker.clone = noClone;
     cloud-hypervisor.clone = noClone;
+    cloud-hypervisor.consoleInput = "its serial console is a file the VMM writes (output only)";
   };
 
   # What one node (node.nix's normalised record) can do: its backend's features, less those its

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import backdoorkey, paths, pdeathsig
-from ..errors import SetupError
-from ..network import CapabilityMissing
+from ..errors import MissingCapability, SetupError
 from ..unixhttp import UnixHttpClient
 from .console import ConsoleLines
 
@@ -30,7 +29,7 @@ KILL_REAP_TIMEOUT = 5.0
 class VmmProcess(ConsoleLines):
     name = "vmm"  # the backend's name, as in plan["backend"]
     # What every backend does at run time, beside capabilities.nix's features.
-    RUNTIME_CAPABILITIES = frozenset({"powerdown", "pause"})
+    RUNTIME_CAPABILITIES = frozenset({"pause"})
 
     def __init__(self, machine_name: str, plan: dict[str, Any],
                  preexec: Callable[[], None] | None = None, keep_disk: bool = False) -> None:
@@ -41,7 +40,7 @@ class VmmProcess(ConsoleLines):
         self.proc: subprocess.Popen[bytes] | None = None
         self.helpers: list[subprocess.Popen[bytes]] = []  # side processes of the plan (virtiofsd, ...)
         self.state_dir = Path(plan["files"]["disk"]).parent
-        self.stderr_path = self.state_dir / f"{self.name}.stderr"
+        self.stderr_path = Path(plan["files"]["stderr"])  # nixlib names it
         self._init_console()
 
     @property
@@ -110,7 +109,7 @@ class VmmProcess(ConsoleLines):
         for helper in self.plan.get("helpers", []):
             name, argv, ready = helper["name"], helper["argv"], Path(helper["waitFor"])
             ready.unlink(missing_ok=True)
-            log = self.state_dir / f"{name}.log"
+            log = Path(helper["log"])  # nixlib names it
             try:
                 with open(log, "wb") as out:
                     proc = pdeathsig.spawn(argv, then=self.preexec, stdin=subprocess.DEVNULL, stdout=out,
@@ -178,8 +177,9 @@ class VmmProcess(ConsoleLines):
         features = self.plan.get("capabilities", {}).get("features", [])
         return frozenset(features) | self.RUNTIME_CAPABILITIES
 
-    def _lacks(self, capability: str, what: str) -> CapabilityMissing:
-        return CapabilityMissing(
+    def _lacks(self, capability: str, what: str) -> MissingCapability:
+        """`capability`: a feature name of nixlib/capabilities.nix."""
+        return MissingCapability(
             f"{self.machine_name}: {what} needs the {capability!r} capability, which backend "
             f"{self.name} lacks (it has: {', '.join(sorted(self.capabilities))})")
 
