@@ -40,8 +40,12 @@ class VmmProcess(ConsoleLines):
         self.proc: subprocess.Popen[bytes] | None = None
         self.helpers: list[subprocess.Popen[bytes]] = []  # side processes of the plan (virtiofsd, ...)
         self.state_dir = Path(plan["files"]["disk"]).parent
-        self.stderr_path = Path(plan["files"]["stderr"])  # nixlib names it
         self._init_console()
+
+    @property
+    def stderr_path(self) -> Path:
+        """The VMM's stderr (and stdout unless the backend takes it): nixlib names it."""
+        return Path(self.plan["files"]["stderr"])
 
     @property
     def restarts_on_reboot(self) -> bool:
@@ -140,7 +144,7 @@ class VmmProcess(ConsoleLines):
     def stderr_tail(self) -> str:
         try:
             return self.stderr_path.read_text(errors="replace").strip()[-600:] or "(no output)"
-        except OSError:
+        except (OSError, KeyError):  # KeyError: a hand-made plan names no stderr file
             return "(no output)"
 
     def wait_exit(self, timeout: float | None) -> int | None:
