@@ -24,6 +24,10 @@ let
 
   bridgeName = vlan: "ntng-br${toString vlan}";
 
+  # The runner's ifb device for host-side impairment of the tap's ingress (python/ntng/netem.py):
+  # 48 bits of hash, as "ifb" + the tap name cut to 15 bytes would drop the tap's own hash.
+  ifbName = node: vlan: "ifb${substring 0 12 (hash "ntng-ifb/${node}/${toString vlan}")}";
+
   # Node number i (1-based) on vlan v: the NixOS driver's addresses (clones take the next free i).
   ipv4 = vlan: i: "192.168.${toString vlan}.${toString i}";
   ipv6 = vlan: i: "2001:db8:${toString vlan}::${toString i}";
@@ -32,6 +36,7 @@ let
   interface = { name, i, vlan, number, impairment ? null }: {
     inherit vlan impairment;
     tap = tapName name vlan;
+    ifb = ifbName name vlan;
     mac = mac name vlan;
     bridge = bridgeName vlan;
     # Guest-side name: interfaces are matched by MAC in the guest; ethN is the order the
@@ -142,6 +147,6 @@ let
         hostsFile = concatStringsSep "\n" (map (h: "${h.address} ${concatStringsSep " " h.names}") hosts) + "\n";
       };
 in {
-  inherit plan mac tapName bridgeName ipv4 ipv6 interface duplicates
+  inherit plan mac tapName bridgeName ifbName ipv4 ipv6 interface duplicates
     hostnameParam ifParam hostsParam kernelParams vdeSwitchArgv;
 }

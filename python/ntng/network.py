@@ -211,7 +211,7 @@ class TapNetwork(Network):
 
     def impair(self, node: str, vlan: int | None, imp: netem.Impairment | None, direction: str) -> None:
         i = self.interface(node, vlan)
-        netem.apply_host(self.ipr, i["tap"], imp, direction, ifb_name=f"ifb{i['tap']}"[:15])
+        netem.apply_host(self.ipr, i["tap"], imp, direction, ifb_name=i["ifb"])
 
     def set_link(self, node: str, vlan: int | None, up: bool) -> None:
         tap = self.interface(node, vlan)["tap"]

@@ -135,14 +135,15 @@ def test_clones_follow_the_network_plans_scheme_and_never_collide(net_spec: Any)
         nodes[name] = clone_interfaces(nodes, "a", name)
         alone = nixeval.call("network.plan", {name: {"vlans": [1, 2]}})["nodes"][name]
         for mine, planned in zip(nodes[name], alone, strict=True):
-            assert (mine["tap"], mine["mac"], mine["bridge"]) == (planned["tap"], planned["mac"], planned["bridge"])
+            assert [mine[k] for k in ("tap", "ifb", "mac", "bridge")] == [planned[k] for k in ("tap", "ifb", "mac", "bridge")]
             vlan, number = mine["vlan"], k + 3
             assert (mine["ipv4"], mine["ipv6"]) == (f"192.168.{vlan}.{number}", f"2001:db8:{vlan}::{number}")
             assert mine["impairment"] is None
     every = [i for ifs in nodes.values() for i in ifs]
-    for key in ("tap", "mac", "ipv4", "ipv6"):
+    for key in ("tap", "ifb", "mac", "ipv4", "ipv6"):
         values = [i[key] for i in every]
         assert len(set(values)) == len(values), key
+    assert all(len(i["tap"]) <= 15 and len(i["ifb"]) == 15 for i in every)  # Linux's IFNAMSIZ
 
 
 def test_a_clone_of_a_networked_node_needs_the_network_plan(net_spec: Any) -> None:
