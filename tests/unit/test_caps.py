@@ -153,3 +153,16 @@ def test_name_error_hint_without_a_driver() -> None:
     e = NameError("name 'retyr' is not defined", name="retyr")
     assert str(script_error(Path("t.py"), e, DRIVER_GLOBALS)).endswith("(did you mean retry?)")
     assert str(script_error(Path("t.py"), NameError("x", name="qqqqq"))).endswith(": x")
+
+
+def test_backends_name_only_capabilities_nixlib_defines() -> None:
+    """Every `self._lacks("<capability>", …)` in the backends is a feature of capabilities.nix."""
+    import re
+
+    nix = subprocess.run([nixeval.nix_instantiate(), "--eval", "--strict", "--json",
+                          str(paths.nixlib_dir() / "capabilities.nix"), "-A", "backends"],
+                         capture_output=True, text=True, check=True, timeout=60)
+    features = {f for backend in json.loads(nix.stdout).values() for f in backend["features"]}
+    named = {m.group(1) for src in (Path(caps.__file__).parent / "backends").glob("*.py")
+             for m in re.finditer(r'_lacks\(\s*"([^"]+)"', src.read_text())}
+    assert named and named <= features, named - features

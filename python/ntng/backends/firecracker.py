@@ -175,4 +175,5 @@ class FirecrackerBackend(ApiVmm):
 
     def set_link(self, netdev: str, up: bool) -> None:
         """No link switch in the API: block() downs the host's TAP device (the plan's link = "host")."""
-        raise self._lacks("block", f"setting {netdev} {'up' if up else 'down'} in the VMM")
+        raise SetupError(f"{self.who}: no link switch in the VMM for {netdev}; its links are the host's "
+                         "TAP devices (the plan's interfaces say link = \"host\")")

@@ -28,8 +28,6 @@ KILL_REAP_TIMEOUT = 5.0
 
 class VmmProcess(ConsoleLines):
     name = "vmm"  # the backend's name, as in plan["backend"]
-    # What every backend does at run time, beside capabilities.nix's features.
-    RUNTIME_CAPABILITIES = frozenset({"pause"})
 
     def __init__(self, machine_name: str, plan: dict[str, Any],
                  preexec: Callable[[], None] | None = None, keep_disk: bool = False) -> None:
@@ -177,9 +175,8 @@ class VmmProcess(ConsoleLines):
 
     @property
     def capabilities(self) -> frozenset[str]:
-        """capabilities.nix's features for this backend (from the plan), and the run-time ones."""
-        features = self.plan.get("capabilities", {}).get("features", [])
-        return frozenset(features) | self.RUNTIME_CAPABILITIES
+        """The node's effective features (nixlib/capabilities.nix, from the plan)."""
+        return frozenset(self.plan.get("capabilities", {}).get("features", []))
 
     def _lacks(self, capability: str, what: str) -> MissingCapability:
         """`capability`: a feature name of nixlib/capabilities.nix."""
