@@ -34,6 +34,7 @@ let
     vsock = "${n.stateDir}/vsock.sock";
     consoleLog = "${n.stateDir}/console.log";
     disk = "${n.stateDir}/disk.raw";
+    stderr = "${n.stateDir}/cloud-hypervisor.stderr";
   };
 
   fail = n: msg: throw "node '${n.name}': ${msg}";
@@ -119,7 +120,7 @@ let
         { method = "PUT"; path = "${apiBase}/vm.boot"; }
       ];
       sockets = { inherit (p) api; } // (if vsock n then { inherit (p) vsock; } else { });
-      files = { inherit (p) consoleLog disk; };
+      files = { inherit (p) consoleLog disk stderr; };
       backdoor =
         if vsock n then {
           transport = "vsock";
@@ -136,8 +137,27 @@ let
       # A virtiofsd per share, listening before the VMM starts (vsock needs none here).
       helpers = shares.helpers { inherit (n) stateDir virtiofsd; } n.sharedDirs;
       shares = n.sharedDirs;
-      inherit (n) interfaces capabilities;
+      # block/unblock: the host downs the TAP device (no link switch in the API).
+      interfaces = map (i: i // { link = "host"; }) n.interfaces;
+      inherit (n) capabilities;
+      launchSpec = spec // { inherit backend; }; # for `snapshot`
+    };
+
+  # Snapshot `name` of a node: where it goes, vm.snapshot (the VM paused) and vm.restore into a
+  # fresh VMM.  Devices are restored at the paths they had: the machine it was taken of.
+  snapshot = { spec, name, resume ? true }:
+    let
+      n = node.normalise (forBackend spec);
+      directory = "${dirOf n.stateDir}/snapshots/${name}";
+    in {
+      inherit directory;
+      files = {
+        disk = "${directory}/disk.raw";
+        note = "${directory}/ntng-snapshot.json";
+      };
+      save = [{ method = "PUT"; path = "${apiBase}/vm.snapshot"; body = { destination_url = "file://${directory}"; }; }];
+      restore = [{ method = "PUT"; path = "${apiBase}/vm.restore"; body = { source_url = "file://${directory}"; inherit resume; }; }];
     };
 in {
-  inherit launch paths;
+  inherit launch paths snapshot;
 }

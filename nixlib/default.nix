@@ -8,4 +8,5 @@
   firecracker = import ./firecracker.nix;
   cloudHypervisor = import ./cloud-hypervisor.nix;
   testSpec = import ./test.nix;
+  clone = import ./clone.nix;
 }

@@ -26,6 +26,7 @@ let
     disk = "${n.stateDir}/disk.raw";
     log = "${n.stateDir}/firecracker.log";
     metrics = "${n.stateDir}/firecracker.metrics";
+    stderr = "${n.stateDir}/firecracker.stderr"; # the VMM's stderr (its stdout is the console)
   };
 
   fail = n: msg: throw "node '${n.name}': ${msg}";
@@ -137,7 +138,7 @@ let
         api = apiCalls c;
       };
       sockets = { inherit (p) api vsock; };
-      files = { inherit (p) consoleLog disk log metrics; };
+      files = { inherit (p) consoleLog disk log metrics stderr; };
       backdoor = {
         transport = "vsock";
         uds = p.vsock;
@@ -148,8 +149,40 @@ let
       restartOnReboot = false; # a guest reboot ends the microVM (reboot=k); "reboot" is no capability
       helpers = [ ]; # no side processes (QEMU needs vhost-device-vsock for vsock)
       shares = [ ]; # no shared directories on Firecracker
-      inherit (n) interfaces capabilities;
+      # block/unblock: the host downs the TAP device (Firecracker has no link switch).
+      interfaces = map (i: i // { link = "host"; }) n.interfaces;
+      inherit (n) capabilities;
+      launchSpec = spec // { inherit backend; }; # for `snapshot`
+    };
+
+  # Snapshot `name` of a node: where it goes, and the calls that write it (the VM paused) and
+  # load it into a fresh Firecracker (only logger and metrics may come before /snapshot/load).
+  # Drives are restored at the paths they had (no override): the machine it was taken of.
+  snapshot = { spec, name, resume ? true }:
+    let
+      n = node.normalise (forBackend spec);
+      p = paths n;
+      c = config n p;
+      directory = "${dirOf n.stateDir}/snapshots/${name}";
+      files = {
+        vmstate = "${directory}/vmstate";
+        memory = "${directory}/memory";
+        disk = "${directory}/disk.raw";
+        note = "${directory}/ntng-snapshot.json";
+      };
+      load = {
+        snapshot_path = files.vmstate;
+        mem_backend = { backend_type = "File"; backend_path = files.memory; };
+        resume_vm = resume;
+        vsock_override = { uds_path = p.vsock; };
+      } // (if c."network-interfaces" == [ ] then { } else {
+        network_overrides = map (i: { inherit (i) iface_id host_dev_name; }) c."network-interfaces";
+      });
+    in {
+      inherit directory files;
+      save = [ (put "/snapshot/create" { snapshot_type = "Full"; snapshot_path = files.vmstate; mem_file_path = files.memory; }) ];
+      restore = [ (put "/logger" c.logger) (put "/metrics" c.metrics) (put "/snapshot/load" load) ];
     };
 in {
-  inherit launch paths instanceId;
+  inherit launch paths instanceId snapshot;
 }

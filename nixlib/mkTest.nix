@@ -50,7 +50,7 @@ let
     ntng.network = { interfaces = plan.nodes.${nodeName}; inherit (plan) hostsFile; };
     ntng.backdoor = guestTransport.${transportOf config};
   };
-  transportOf = config: builtins.head capabilities.${config.ntng.vm.backend}.transports;
+  transportOf = config: builtins.head capabilities.backends.${config.ntng.vm.backend}.transports;
 
   systems = lib.mapAttrs (nodeName: module: evalConfig {
     inherit pkgs;

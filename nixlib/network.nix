@@ -24,6 +24,43 @@ let
 
   bridgeName = vlan: "ntng-br${toString vlan}";
 
+  # The runner's ifb device for host-side impairment of the tap's ingress (python/ntng/netem.py):
+  # 48 bits of hash, as "ifb" + the tap name cut to 15 bytes would drop the tap's own hash.
+  ifbName = node: vlan: "ifb${substring 0 12 (hash "ntng-ifb/${node}/${toString vlan}")}";
+
+  # Node number i (1-based) on vlan v: the NixOS driver's addresses (clones take the next free i).
+  ipv4 = vlan: i: "192.168.${toString vlan}.${toString i}";
+  ipv6 = vlan: i: "2001:db8:${toString vlan}::${toString i}";
+
+  # One interface of node `name`: its i-th NIC (ethi in the guest), on vlan `vlan`, number `number`.
+  interface = { name, i, vlan, number, impairment ? null }: {
+    inherit vlan impairment;
+    tap = tapName name vlan;
+    ifb = ifbName name vlan;
+    mac = mac name vlan;
+    bridge = bridgeName vlan;
+    # Guest-side name: interfaces are matched by MAC in the guest; ethN is the order the
+    # backends create the NICs in, for users who want a name.
+    guestName = "eth${toString i}";
+    ipv4 = ipv4 vlan number;
+    prefixLength4 = 24;
+    ipv6 = ipv6 vlan number;
+    prefixLength6 = 64;
+  };
+
+  # Kernel parameters a kernel-booted guest configures itself from (backdoor/debian/ntng-net;
+  # test.nix for nodes, clone.nix for clones): hostname, NICs, hosts entries.
+  hostnameParam = name: "systemd.hostname=${name}";
+  ifParam = i: "ntng.if=${i.mac},${i.guestName},${i.ipv4}/${toString i.prefixLength4},${i.ipv6}/${toString i.prefixLength6}";
+  hostsParam = hosts: "ntng.hosts=${concatStringsSep "," (map (h: "${builtins.head h.names}=${h.address}") hosts)}";
+  kernelParams = interfaces: hosts:
+    (if interfaces == [ ] then [ ] else [ "net.ifnames=0" ]) # ntng-net names NICs by MAC
+    ++ map ifParam interfaces
+    ++ (if hosts == [ ] then [ ] else [ (hostsParam hosts) ]);
+
+  # Rootless mode: one switch per vlan (stdin stays open: vde_switch quits at EOF).
+  vdeSwitchArgv = sock: [ "vde_switch" "--sock" sock "--dirmode" "0700" ];
+
   indexOf = x: xs:
     let go = i: if i >= length xs then throw "internal: ${x} not in list" else if elemAt xs i == x then i else go (i + 1);
     in go 0;
@@ -71,22 +108,9 @@ let
         let found = filter (i: i.vlan == vlan) (impairmentsOf name); in
         if found == [ ] then null else removeAttrs (builtins.head found) [ "vlan" ];
 
-      interface = name: i: vlan: {
-        inherit vlan;
-        impairment = impairmentOn name vlan;
-        tap = tapName name vlan;
-        mac = mac name vlan;
-        bridge = bridgeName vlan;
-        # Guest-side name: interfaces are matched by MAC in the guest; ethN is the order the
-        # backends create the NICs in, for users who want a name.
-        guestName = "eth${toString i}";
-        ipv4 = "192.168.${toString vlan}.${toString (number name)}";
-        prefixLength4 = 24;
-        ipv6 = "2001:db8:${toString vlan}::${toString (number name)}";
-        prefixLength6 = 64;
-      };
-
-      interfacesOf = name: let vs = checkedVlans name; in genList (i: interface name i (elemAt vs i)) (length vs);
+      interfacesOf = name: let vs = checkedVlans name; in genList (i:
+        let vlan = elemAt vs i; in
+        interface { inherit name i vlan; number = number name; impairment = impairmentOn name vlan; }) (length vs);
       nodePlans = listToAttrs (map (name: { inherit name; value = interfacesOf name; }) names);
       all = concatMap (name: nodePlans.${name}) names;
 
@@ -94,7 +118,7 @@ let
       vlanPlan = v: {
         vlan = v;
         bridge = bridgeName v;
-        subnet4 = "192.168.${toString v}.0/24";
+        subnet4 = "${ipv4 v 0}/24";
         subnet6 = "2001:db8:${toString v}::/64";
         members = filter (name: elem v (vlansOf name)) names;
         # The runner's own address on the bridge (forward_port connects from it); nodes use .1-.253.
@@ -123,5 +147,6 @@ let
         hostsFile = concatStringsSep "\n" (map (h: "${h.address} ${concatStringsSep " " h.names}") hosts) + "\n";
       };
 in {
-  inherit plan mac tapName bridgeName;
+  inherit plan mac tapName bridgeName ifbName ipv4 ipv6 interface duplicates
+    hostnameParam ifParam hostsParam kernelParams vdeSwitchArgv;
 }

@@ -47,7 +47,7 @@ let
   };
 
   backdoorDefaults = backend: {
-    transport = builtins.head capabilities.${backend}.transports;
+    transport = builtins.head capabilities.backends.${backend}.transports;
     portName = "org.ntng.backdoor";
     vsockPort = 1234;
     guestCid = 3;
@@ -78,7 +78,7 @@ let
   known = userOptions ++ internalOptions;
   # Every default is one or the other (a new option must be put in one list).
   unlisted = filter (k: !(elem k known)) (attrNames defaults ++ [ "kernel" "image" ]);
-  backends = attrNames capabilities;
+  backends = capabilities.names;
 
   fail = name: msg: throw "node '${name}': ${msg}";
   check = name: cond: msg: if cond then true else fail name msg;
@@ -93,7 +93,7 @@ let
     let
       name = spec.name or (throw "node description without a name: ${toJSON spec}");
       backend = spec.backend or defaults.backend;
-      caps = if isString backend && capabilities ? ${backend} then capabilities.${backend}
+      caps = if isString backend && capabilities.backends ? ${backend} then capabilities.backends.${backend}
         else fail name "unknown backend ${toJSON backend} (known: ${list backends})";
       unknown = filter (k: !(elem k known)) (attrNames spec);
       # Firecracker and Cloud Hypervisor run on KVM only: their accel defaults to kvm.
@@ -105,7 +105,7 @@ let
       };
       executables = [ "qemuBinary" "qemuImg" "firecrackerBinary" "cloudHypervisorBinary" "vhostDeviceVsock" "virtiofsd" ];
       notStrings = filter (k: !(isString n.${k})) executables;
-      missing = filter (f: !(elem f caps.features)) (if isList n.requires then n.requires else [ ]);
+      missing = filter (f: !(elem f (capabilities.effective backend n).features)) (if isList n.requires then n.requires else [ ]);
       checks = [
         (check name (unknown == [ ]) "unknown option(s) ${list unknown} (known: ${list userOptions})")
         (check name (isAttrs caps) "")
@@ -174,7 +174,7 @@ let
         kernelParams = (if n.display then [ "console=tty0" ] else [ ]) ++ baseKernelParams
           ++ [ (backdoorParam n.backdoor) ] ++ shares.kernelParams sharedDirs
           ++ (if aslrOff n then [ "norandmaps" ] else [ ]) ++ n.kernelParams;
-        capabilities = caps;
+        capabilities = capabilities.effective backend n;
       });
 in {
   inherit defaults normalise baseKernelParams capabilities userOptions;

@@ -36,6 +36,7 @@ let
     disk = "${n.stateDir}/disk.qcow2";
     vhostVsock = "${n.stateDir}/vhost-vsock.sock"; # QEMU ↔ vhost-device-vsock
     vsock = "${n.stateDir}/vsock.sock"; # hybrid vsock: the runner connects here
+    stderr = "${n.stateDir}/qemu.stderr"; # QEMU's stdout and stderr
     # The run's backdoor secret: the runner writes it (0600, in the 0700 state folder) before
     # QEMU starts; QEMU hands it to the guest as a fw_cfg file, so argv shows only this path.
     backdoorKey = "${n.stateDir}/backdoor.key";
@@ -105,6 +106,7 @@ let
   vsockHelpers = n: p:
     if !(hybridVsock n) then [ ] else [{
       name = "vhost-device-vsock";
+      log = "${n.stateDir}/vhost-device-vsock.log";
       argv = [ n.vhostDeviceVsock "--guest-cid=${toString n.backdoor.guestCid}"
         "--socket=${p.vhostVsock}" "--uds-path=${p.vsock}" ];
       # QEMU connects to this socket, so the helper must be listening first.
@@ -113,9 +115,13 @@ let
         + "bookworm: ./setup.sh installs it), or use backdoor.transport = \"virtio-serial\"";
     }];
 
-  # One NIC per interface of the network plan, on the TAP device the runner made for it.
+  # One NIC per interface of the network plan, on the TAP device the runner made for it; its
+  # netdev id is what QMP set_link takes (block/unblock: link = "vmm").
+  netdevId = i: "net${toString i}";
+  planInterfaces = n: builtins.genList (i: builtins.elemAt n.interfaces i // { netdev = netdevId i; link = "vmm"; })
+    (builtins.length n.interfaces);
   nicArgs = n: builtins.concatLists (builtins.genList (i:
-    let nic = builtins.elemAt n.interfaces i; id = "net${toString i}"; in
+    let nic = builtins.elemAt n.interfaces i; id = netdevId i; in
     [ "-netdev" (if nic.vdeSocket or null != null then "vde,id=${id},sock=${nic.vdeSocket}"
                  else "tap,id=${id},ifname=${nic.tap},script=no,downscript=no")
       "-device" "${virtio n "net"},netdev=${id},mac=${nic.mac}" ]
@@ -179,7 +185,7 @@ let
       sockets = { inherit (p) qmp console; }
         // (if n.backdoor.transport == "virtio-serial" then { inherit (p) backdoor; } else if hybrid then { inherit (p) vsock; } else { })
         // builtins.listToAttrs (map (name: { name = "port:${name}"; value = portSocket n name; }) n.extraSerialPorts);
-      files = { inherit (p) consoleLog disk; };
+      files = { inherit (p) consoleLog disk stderr; };
       ram = ramPlan n; # of argv; null: anonymous RAM (microvm without vhost-user devices)
       restoreRam = if n.restore == null then null else restoreRamPlan n; # of restoreArgv
       backdoor = n.backdoor // { keyFile = p.backdoorKey; } // (if hybrid then { uds = p.vsock; port = n.backdoor.vsockPort; }
@@ -189,7 +195,7 @@ let
       # survive (the next boot hangs, measured): such a VM exits on a guest reboot instead and
       # the runner starts it again on the same disk, as it would a Firecracker microVM.
       restartOnReboot = hybrid && n.allowReboot;
-      interfaces = n.interfaces;
+      interfaces = planInterfaces n;
       capabilities = n.capabilities;
       bootTimeout = n.bootTimeout;
       display = n.display; # the runner's screenshot/OCR methods need one
@@ -207,6 +213,21 @@ let
       "-serial" "stdio" ];
     expect = "Kernel panic";
   };
+  # Snapshot `name` of a node (python/ntng/backends/qemu_migrate.py writes it: the migration
+  # stream, the RAM file where guest RAM is a memfd, the frozen disk, a note).  QEMU is driven
+  # over QMP, so there are no API calls; a clone restores it (clone.nix).
+  snapshot = { spec, name, resume ? true }:
+    let directory = "${dirOf spec.stateDir}/snapshots/${name}"; in {
+      inherit directory;
+      files = {
+        memory = "${directory}/memory";
+        ram = "${directory}/ram";
+        disk = "${directory}/disk.qcow2";
+        note = "${directory}/ntng-snapshot.json";
+      };
+      save = [ ];
+      restore = [ ];
+    };
 in {
-  inherit launch probe paths;
+  inherit launch probe paths snapshot;
 }

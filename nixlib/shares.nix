@@ -98,6 +98,7 @@ let
   # has no read-only mode: a readOnly virtiofs share is mounted read-only in the guest.
   helpers = { stateDir, virtiofsd }: shares: map (s: {
     name = "virtiofsd-${s.tag}";
+    log = "${stateDir}/virtiofsd-${s.tag}.log";
     argv = [ virtiofsd "--socket-path=${socket stateDir s}" "-o" "source=${s.source}" "-o" "cache=auto" ];
     waitFor = socket stateDir s;
     missing = "virtiofs share '${s.tag}' needs virtiofsd: apt-get install qemu-system-common "

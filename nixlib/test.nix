@@ -38,17 +38,15 @@ let
   net0 = network.plan checkedNodes;
   net = net0 // {
     mode = networkMode;
-    vlans = mapAttrs (v: plan: plan // { vdeSocket = if networkMode == "vde" then vdeSocket plan.vlan else null; }) net0.vlans;
+    vlans = mapAttrs (v: plan: plan // (if networkMode == "vde"
+      then { vdeSocket = vdeSocket plan.vlan; vdeSwitch = network.vdeSwitchArgv (vdeSocket plan.vlan); }
+      else { vdeSocket = null; vdeSwitch = null; })) net0.vlans;
     nodes = mapAttrs (name: map (i: i // { vdeSocket = if networkMode == "vde" then vdeSocket i.vlan else null; })) net0.nodes;
   };
 
   # A kernel-booted guest (the Debian image) configures its NICs and /etc/hosts from these at
   # boot (backdoor/debian/ntng-net); a NixOS system gets the same from modules/test-network.nix.
-  netParams = name:
-    (if net.nodes.${name} == [ ] then [ ] else [ "net.ifnames=0" ]) # ntng-net names NICs by MAC
-    ++ map (i: "ntng.if=${i.mac},${i.guestName},${i.ipv4}/${toString i.prefixLength4},${i.ipv6}/${toString i.prefixLength6}") net.nodes.${name}
-    ++ (if net.hosts == [ ] then [ ] else
-      [ "ntng.hosts=${concatStringsSep "," (map (h: "${builtins.head h.names}=${h.address}") net.hosts)}" ]);
+  netParams = name: network.kernelParams net.nodes.${name} net.hosts;
 
   # Each node gets its own vsock CID (3, 4, …): vsock addresses must not clash on one host.
   cid = name: let go = i: if elemAt names i == name then i else go (i + 1); in 3 + go 0;
@@ -66,7 +64,7 @@ let
         stateDir = "${defaults.stateRoot}/${name}";
         # Not a list: passed on as it is, for node.nix to reject with the node's name.
         kernelParams = let k = cfg.kernelParams or [ ]; in
-          if isList k && kernel != null then [ "systemd.hostname=${name}" ] ++ netParams name ++ k else k;
+          if isList k && kernel != null then [ (network.hostnameParam name) ] ++ netParams name ++ k else k;
         interfaces = net.nodes.${name};
         backdoor = let b = cfg.backdoor or { }; in if isAttrs b then { guestCid = cid name; } // b else b;
       } // (if kernel == null then { initrd = cfg.initrd or null; } else { }); # disk boot: the runner's initrd is not for it

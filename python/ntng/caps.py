@@ -17,10 +17,12 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from .errors import TestScriptError
+from .errors import MissingCapability
 
-# Machine method → the capability it needs.  snapshot and sharedDirs have no Machine method
-# yet: a method that needs one gets its line here.
+__all__ = ["METHOD_CAPABILITY", "MissingCapability", "guard_methods", "lacking", "lacks_message", "require"]
+
+# Machine method → the capability it needs.  sharedDirs has no Machine method yet: a method
+# that needs one gets its line here.  Clones (driver.start_from_snapshot) need "clone": require().
 METHOD_CAPABILITY: dict[str, str] = {
     "screenshot": "screenshot",
     "get_screen_text": "screenshot",
@@ -29,12 +31,12 @@ METHOD_CAPABILITY: dict[str, str] = {
     "send_key": "keys",
     "send_chars": "keys",
     "reboot": "reboot",
-    "send_console": "console",
+    "send_console": "consoleInput",
     "wait_for_console_text": "console",
     "get_console_log": "console",
-    "console_interact": "console",
-    "block": "networks",
-    "unblock": "networks",
+    "console_interact": "consoleInput",
+    "block": "block",
+    "unblock": "block",
     "link_counters": "networks",
     "impair": "networks",
     "clear_impairment": "networks",
@@ -43,10 +45,6 @@ METHOD_CAPABILITY: dict[str, str] = {
     "send_monitor_command": "monitor",
     "wait_for_qmp_event": "monitor",
 }
-
-
-class MissingCapability(TestScriptError):
-    """The script asked a machine for something its backend cannot do."""
 
 
 def backend_of(plan: dict[str, Any]) -> tuple[str, list[str]] | None:
@@ -68,8 +66,17 @@ def lacking(plan: dict[str, Any], method: str) -> str | None:
 
 def lacks_message(what: str, plan: dict[str, Any], capability: str) -> str:
     backend, features = backend_of(plan) or ("?", [])
+    why = plan.get("capabilities", {}).get("why", {}).get(capability)  # nixlib says why, if not obvious
     return (f'{what}: backend {backend} lacks capability "{capability}" '
-            f"(it has: {', '.join(features) or 'none'})")
+            f"(it has: {', '.join(features) or 'none'})" + (f": {why}" if why else ""))
+
+
+def require(plan: dict[str, Any], capability: str, what: str) -> None:
+    """MissingCapability unless the node's effective features (nixlib) include `capability`;
+    for what is not a Machine method (guard_methods covers those)."""
+    have = backend_of(plan)
+    if have is not None and capability not in have[1]:
+        raise MissingCapability(lacks_message(what, plan, capability))
 
 
 def closest(name: str, candidates: Iterable[str]) -> str:

@@ -1,6 +1,7 @@
 """Snapshot a running machine and start clones of it: the Machine/Driver side of snapshots.py.
 
-A clone is a full Machine (every method works) whose first start restores the snapshot instead
+Any backend with nixlib's "snapshot" feature saves (Backend.snapshot_save into nixlib's layout);
+clones need "clone" (QEMU: the others restore drives at their old paths).  A clone is a full Machine (every method works) whose first start restores the snapshot instead
 of booting; right after its agent has said hello (a new session on the clone's own backdoor
 socket) it gets its identity: hostname, clone id, the host's time, and where networked its own
 MACs, addresses and hosts entries.  Later starts (after crash()) boot the clone's own disk.
@@ -13,18 +14,17 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import caps
 from . import protocol as P
-from .backends.qemu import QemuBackend
 from .errors import RemoteError
 from .snapshots import (
     Snapshot,
     SnapshotError,
     check_name,
-    check_snapshottable,
     clone_plan,
     identity_script,
+    layout,
     nics_script,
-    state_dir,
 )
 
 if TYPE_CHECKING:
@@ -35,23 +35,23 @@ _taken: set[Path] = set()  # snapshot directories made by this process (a name i
 
 
 def take(m: Machine, name: str) -> Snapshot:
-    """Boot to ready if needed, pause, save memory and devices, freeze the disk, run on."""
+    """Boot to ready if needed, pause, save memory and devices, freeze the disk, run on.
+    (Machine.snapshot's guard has checked the "snapshot" capability.)"""
     check_name("snapshot name", name)
-    check_snapshottable(m.name, m.plan)
-    directory = state_dir(m.plan).parent / "snapshots" / name
+    where = layout(m.plan, name)
+    directory = Path(where["directory"])
     if directory in _taken:
         raise SnapshotError(f"{m.name}: a snapshot named {name!r} exists already in this run")
     shutil.rmtree(directory, ignore_errors=True)  # left by an earlier -K run
     m.connect()
-    # Made now, not in each clone: an exec in a freshly restored TCG guest is slow.
     assert m.client is not None
-    m.client.execute(P.Exec(argv=["mkdir", "-p", "/run/ntng"]), wait=60)
-    backend = m.backend
-    assert isinstance(backend, QemuBackend)  # check_snapshottable: only QEMU plans get here
+    if "clone" in (caps.backend_of(m.plan) or ("", []))[1]:
+        # Made now, not in each clone: an exec in a freshly restored TCG guest is slow.
+        m.client.execute(P.Exec(argv=["mkdir", "-p", "/run/ntng"]), wait=60)
     m.log(f"snapshot {name!r}: pausing and saving the VM state")
     t0 = time.monotonic()
     try:
-        size, ram = backend.snapshot_save(directory)
+        size, ram = m.backend.snapshot_save(where)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
@@ -61,7 +61,7 @@ def take(m: Machine, name: str) -> Snapshot:
     m.events.emit("snapshot", m.name, paused, name=name, memory_bytes=size, ram_bytes=ram)
     m.log(f"snapshot {name!r} saved in {paused:.2f}s ({size / 1e6:.0f} MB of migration stream, "
           f"{ram / 1e6:.0f} MB of RAM file) to {directory}")
-    return Snapshot(name, m.name, directory, m.plan, paused, size, ram)
+    return Snapshot(name, m.name, where, m.plan, paused, size, ram)
 
 
 def step_clock(m: Machine) -> None:
@@ -77,6 +77,7 @@ def start_clones(driver: Driver, snap: Snapshot, names: list[str]) -> list[Machi
 
     if isinstance(names, str):
         raise SnapshotError(f"start_from_snapshot: names must be a list of machine names, got {names!r}")
+    caps.require(snap.plan, "clone", f"start_from_snapshot: clones of machine {snap.origin}")
     taken = {m.name for m in driver.machines}
     for name in names:
         check_name("clone name", name)
@@ -88,8 +89,10 @@ def start_clones(driver: Driver, snap: Snapshot, names: list[str]) -> list[Machi
     origin = next(m for m in driver.machines if m.name == snap.origin)
     clones = []
     for name in names:
-        interfaces = driver.network.add_clone(snap.origin, name) if snap.plan.get("interfaces") else None
-        m = Machine(name, clone_plan(snap, name, interfaces), driver.out_dir, origin.boot_timeout,
+        plan = clone_plan(snap, name, driver.network.plan)
+        if plan.get("interfaces"):
+            driver.network.add_clone(name, plan["interfaces"])
+        m = Machine(name, plan, driver.out_dir, origin.boot_timeout,
                     driver._log, callbacks=[driver.check_polling_conditions], network=driver.network,
                     events=driver.events)
         m.restore_from = snap
@@ -103,13 +106,10 @@ def start_clones(driver: Driver, snap: Snapshot, names: list[str]) -> list[Machi
 
 def restore(m: Machine, snap: Snapshot) -> None:
     """Machine.start() of a clone's first start."""
-    backend = m.backend
-    if not isinstance(backend, QemuBackend):
-        raise SnapshotError(f"{m.name}: restoring needs the qemu backend")
     m.log(f"restoring snapshot {snap.name!r} of {snap.origin}")
     t0 = time.monotonic()
-    backend.restore(snap.directory)
-    m.log(f"QEMU started and loaded the snapshot in {time.monotonic() - t0:.2f}s")
+    m.backend.snapshot_restore(snap.layout)
+    m.log(f"{m.backend.name} started and loaded the snapshot in {time.monotonic() - t0:.2f}s")
 
 
 def adopt_identity(m: Machine, started: float) -> None:

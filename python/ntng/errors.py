@@ -120,3 +120,8 @@ class OutputLimitExceeded(GuestLimitExceeded):
 
 class FileTooLarge(GuestLimitExceeded):
     """A file copied from the guest grew past get_file(max_size=...)."""
+
+
+class MissingCapability(TestScriptError):
+    """The script asked for something this machine's backend (nixlib's effective capabilities of
+    the node) or this run's network mode cannot do; the message names the capability."""

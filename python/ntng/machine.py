@@ -307,8 +307,8 @@ class Machine:
 
     def snapshot(self, name: str) -> Snapshot:
         """Extension: freeze this machine (booted to ready first) into snapshot `name` and let it
-        run on; `start_from_snapshot(snap, ["c1", "c2"])` starts clones of it.  QEMU with the
-        virtio-serial backdoor only (vhost-user vsock cannot migrate)."""
+        run on; `start_from_snapshot(snap, ["c1", "c2"])` starts clones of it (where the node has
+        nixlib's "clone" capability: QEMU with the virtio-serial backdoor)."""
         return clones.take(self, name)
 
     def wait_for_shutdown(self, timeout: float | None = None) -> None:
@@ -1008,8 +1008,11 @@ class Machine:
                                            f"{'unblock' if up else 'block'} (declare vlans)")
         self.log(f"{'unblock' if up else 'block'}: links {'up' if up else 'down'} on vlan(s) "
                  + ", ".join(str(i["vlan"]) for i in ifaces))
-        for n in range(len(ifaces)):
-            self.backend.set_link(f"net{n}", up)
+        for i in self.plan["interfaces"]:  # nixlib says who switches each link
+            if i["link"] == "vmm":
+                self.backend.set_link(i["netdev"], up)
+            else:
+                self.network.set_link(self.name, i["vlan"], up)
 
     def link_counters(self, vlan: int | None = None) -> LinkCounters:
         """Extension: bytes and packets the guest sent (tx) and received (rx) on a link (default:

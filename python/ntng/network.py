@@ -5,7 +5,7 @@ Two modes, chosen before nixlib computes the VM command lines (the NICs differ):
        (python/ntng/netns.py); QEMU runs inside it.  Link counters, impairment with tc on the
        taps, forward_port.  Needs CAP_NET_ADMIN (and CAP_SYS_ADMIN for the namespace).
   vde  rootless: one vde_switch per vlan, as the NixOS driver does.  No counters, no
-       forward_port; they raise CapabilityMissing saying so.
+       forward_port; they raise MissingCapability saying so.
 """
 
 from __future__ import annotations
@@ -21,14 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from . import netem, pdeathsig
-from .errors import SetupError, TestScriptError
+from .errors import MissingCapability, SetupError, TestScriptError
 from .netns import CAP_NET_ADMIN, CAP_SYS_ADMIN, NetNamespace, has_capability
 
 Log = Callable[[str], None]
-
-
-class CapabilityMissing(TestScriptError):
-    """The test asked for something this run's network mode cannot do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,15 +90,11 @@ class Network:
     def start(self) -> None:
         pass
 
-    def add_clone(self, origin: str, clone: str) -> list[dict[str, Any]]:
-        """A clone of `origin` (snapshots): NICs on the same vlans, its own taps, MACs and
-        addresses, known to interface()/counters() like a declared node's."""
-        from .snapshots import clone_interfaces
-
-        ifaces = clone_interfaces(self.plan["nodes"], origin, clone)
+    def add_clone(self, clone: str, ifaces: list[dict[str, Any]]) -> None:
+        """A clone's NICs (nixlib's clone.plan: the origin's vlans, its own taps, MACs and
+        addresses), made and known to interface()/counters() like a declared node's."""
         self._add_links(ifaces)
         self.plan["nodes"][clone] = ifaces
-        return ifaces
 
     def _add_links(self, ifaces: list[dict[str, Any]]) -> None:
         pass  # VDE: the clone's NICs plug into the vlans' switches themselves
@@ -112,7 +104,7 @@ class Network:
         return None
 
     def counters(self, node: str, vlan: int | None = None) -> LinkCounters:
-        raise CapabilityMissing(f"{node}: link counters need TAP networking (CAP_NET_ADMIN); "
+        raise MissingCapability(f"{node}: link counters need TAP networking (CAP_NET_ADMIN); "
                                 f"this run uses {self.mode} networking")
 
     def host_impairment(self) -> bool:
@@ -120,17 +112,17 @@ class Network:
         return False
 
     def impair(self, node: str, vlan: int | None, imp: netem.Impairment | None, direction: str) -> None:
-        raise CapabilityMissing(f"{node}: host-side impairment needs TAP networking and sch_netem")
+        raise MissingCapability(f"{node}: host-side impairment needs TAP networking and sch_netem")
 
     def set_link(self, node: str, vlan: int | None, up: bool) -> None:
-        raise CapabilityMissing(f"{node}: link up/down needs TAP networking (CAP_NET_ADMIN)")
+        raise MissingCapability(f"{node}: link up/down needs TAP networking (CAP_NET_ADMIN)")
 
     def check_forwarding(self, node: str) -> None:
         """Raise now, not at the first connection, if forward_port cannot reach `node`."""
         self.connect(node, 0)
 
     def connect(self, node: str, port: int, timeout: float = 10.0) -> socket.socket:
-        raise CapabilityMissing(f"{node}: forward_port needs TAP networking (CAP_NET_ADMIN); "
+        raise MissingCapability(f"{node}: forward_port needs TAP networking (CAP_NET_ADMIN); "
                                 f"this run uses {self.mode} networking")
 
     def release(self) -> None:
@@ -219,7 +211,7 @@ class TapNetwork(Network):
 
     def impair(self, node: str, vlan: int | None, imp: netem.Impairment | None, direction: str) -> None:
         i = self.interface(node, vlan)
-        netem.apply_host(self.ipr, i["tap"], imp, direction, ifb_name=f"ifb{i['tap']}"[:15])
+        netem.apply_host(self.ipr, i["tap"], imp, direction, ifb_name=i["ifb"])
 
     def set_link(self, node: str, vlan: int | None, up: bool) -> None:
         tap = self.interface(node, vlan)["tap"]
@@ -261,13 +253,14 @@ class VdeNetwork(Network):
         self.switches: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> None:
-        exe = shutil.which("vde_switch")
-        if exe is None:
-            raise SetupError("rootless networking needs vde_switch: apt-get install vde2 (or run ./setup.sh)")
         for vlan in self.plan["vlans"].values():
+            argv = vlan["vdeSwitch"]  # nixlib's (network.nix vdeSwitchArgv)
+            exe = shutil.which(argv[0])
+            if exe is None:
+                raise SetupError(f"rootless networking needs {argv[0]}: apt-get install vde2 (or run ./setup.sh)")
             sock = Path(vlan["vdeSocket"])
             # stdin stays open: vde_switch reads commands from it and quits at EOF.
-            proc = pdeathsig.spawn([exe, "--sock", str(sock), "--dirmode", "0700"],
+            proc = pdeathsig.spawn([exe, *argv[1:]],
                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, start_new_session=True)
             self.switches.append(proc)

@@ -81,7 +81,6 @@ Header = Struct(
 # header here and ~40x that in a TCG guest; struct ~0.3 µs.  Property tests keep them equal.
 HEADER_STRUCT = struct.Struct(">4sBBHIII")
 _HEAD_NO_CRC = struct.Struct(">4sBBHII")
-Trailer = Struct("crc32" / Int32ub)
 
 
 class ProtocolError(Exception):

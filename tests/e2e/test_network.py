@@ -18,9 +18,9 @@ import pytest
 from helpers import make_driver
 from ntng import errors
 from ntng.driver import Driver
+from ntng.errors import MissingCapability
 from ntng.machine import Machine
 from ntng.netem import ImpairmentError
-from ntng.network import CapabilityMissing
 
 pytestmark = pytest.mark.e2e
 
@@ -177,7 +177,7 @@ def test_rootless_fallback_without_cap_net_admin(tmp_path: Path, guest_image: ob
         pytest.fail("setpriv (util-linux) and vde_switch (vde2) are part of the setup")
     script = tmp_path / "rootless.py"
     script.write_text(HEADER + """
-from ntng.network import CapabilityMissing
+from ntng.errors import MissingCapability
 start_all()
 a.succeed("ping -c 2 -W 5 b")
 b.succeed("ping -c 1 -W 5 a")
@@ -188,10 +188,10 @@ a.succeed("ping -c 1 -W 5 b")
 for call in (lambda: a.link_counters(), lambda: b.forward_port(18124, 22)):
     try:
         call()
-    except CapabilityMissing as e:
+    except MissingCapability as e:
         print("MISSING:", e)
     else:
-        raise AssertionError("no CapabilityMissing")
+        raise AssertionError("no MissingCapability")
 """)
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     r = subprocess.run(
@@ -208,4 +208,4 @@ for call in (lambda: a.link_counters(), lambda: b.forward_port(18124, 22)):
 
 
 def test_capability_missing_is_a_script_error() -> None:
-    assert issubclass(CapabilityMissing, errors.TestScriptError)
+    assert issubclass(MissingCapability, errors.TestScriptError)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from helpers import make_driver
-from ntng.snapshots import SnapshotError
+from ntng.errors import MissingCapability
 
 pytestmark = pytest.mark.e2e
 
@@ -28,7 +28,7 @@ def test_snapshot_and_two_clones(tmp_path: Path, guest_image: object,
                                  record_property: Callable[[str, Any], None]) -> None:
     with make_driver(tmp_path, HEADER) as d:
         a, v = d.machines
-        with pytest.raises(SnapshotError, match="vhost-user-vsock"):
+        with pytest.raises(MissingCapability, match=r"lacks capability \"snapshot\".*vhost-user-vsock"):
             v.snapshot("never")  # refused before anything boots
         assert not v.booted
         t0 = time.monotonic()

@@ -28,7 +28,16 @@ let
     defaults = { kernel = "/k"; image = "/img"; imageFormat = "raw"; accel = "tcg"; stateRoot = "/run"; };
   };
 
+  # Two clones of a in turn (the second sees the first): network.nix's scheme, nothing shared.
+  c1 = nixlib.clone.interfaces { nodes = plan.nodes; origin = "a"; clone = "c1"; };
+  c2 = nixlib.clone.interfaces { nodes = plan.nodes // { inherit c1; }; origin = "a"; clone = "c2"; };
+  cloned = interfaces ++ c1 ++ c2;
+
   cases = {
+    cloneDevicesFollowNetworkNix = map (i: [ i.tap i.mac ]) c1
+      == map (i: [ i.tap i.mac ]) (nixlib.network.plan { c1 = { vlans = [ 1 2 ]; }; }).nodes.c1;
+    cloneTakesNextNumber = map (i: i.ipv4) c2 == [ "192.168.1.4" "192.168.2.4" ];
+    clonesNeverCollide = all (k: unique (map (i: i.${k}) cloned)) [ "tap" "ifb" "mac" "ipv4" "ipv6" ];
     macsUnique = unique (map (i: i.mac) interfaces);
     tapsUnique = unique (map (i: i.tap) interfaces);
     tapsFitIfnames = all (i: builtins.stringLength i.tap <= 15) interfaces;

@@ -132,7 +132,7 @@ def test_spec_top_level(mixed: Spec) -> None:
     net = mixed["network"]
     assert net["mode"] == "tap"
     assert net["hosts"] == plan["hosts"] and net["hostsFile"] == plan["hostsFile"]
-    assert {v: {k: x for k, x in p.items() if k != "vdeSocket"} for v, p in net["vlans"].items()} == plan["vlans"]
+    assert {v: {k: x for k, x in p.items() if k not in ("vdeSocket", "vdeSwitch")} for v, p in net["vlans"].items()} == plan["vlans"]
     assert {n: [{k: x for k, x in i.items() if k != "vdeSocket"} for i in ifs] for n, ifs in net["nodes"].items()} == plan["nodes"]
 
 
@@ -181,7 +181,9 @@ def test_nodes_get_distinct_cids_and_state_dirs(mixed: Spec) -> None:
 def test_interfaces_reach_the_vmm(mixed: Spec) -> None:
     net = mixed["network"]["nodes"]
     for name, p in mixed["nodes"].items():
-        assert p["interfaces"] == net[name], name
+        # The node's plan adds who switches each link (block/unblock) and QEMU's netdev id.
+        assert [{k: x for k, x in i.items() if k not in ("link", "netdev")} for i in p["interfaces"]] == net[name], name
+        assert [i["link"] for i in p["interfaces"]] == ["vmm" if p["backend"] == "qemu" else "host"] * len(net[name])
         assert nics(p) == [(i["tap"], i["mac"]) for i in net[name]], name
     assert len(nics(mixed["nodes"]["server"])) == 2
     assert argv_values(mixed["nodes"]["lonely"]["argv"], "-nic") == ["none"]

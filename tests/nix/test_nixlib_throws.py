@@ -157,7 +157,33 @@ def mac_collision() -> Call:
     return NET, {a: {"vlans": [1]}, b: {"vlans": [1]}}
 
 
+def clone_nic(**over: Any) -> dict[str, Any]:
+    return {"vlan": 1, "ipv4": "192.168.1.1", "mac": "52:54:00:00:00:01", "tap": "m-1-0000", **over}
+
+
+def clone_collision(key: str, function: str) -> Call:
+    """Origin m, and a node whose NIC has what nixlib gives clone c on vlan 1."""
+    [taken] = nix_map(f"n: {function} n 1", ["c"])
+    other = {"ipv4": "192.168.1.2", "mac": "52:54:00:00:00:02", "tap": "o-1-0000", key: taken}
+    return "clone.interfaces", {"nodes": {"m": [clone_nic()], "o": [clone_nic(**other)]}, "origin": "m", "clone": "c"}
+
+
+SNAP = {"directory": "/s/snapshots/s", "files": {"disk": "/s/snapshots/s/disk.qcow2", "ram": "/s/snapshots/s/ram"}}
+
 CASES: dict[Key, Call | Callable[[], Call]] = {
+    ("clone.nix", "clone name … is invalid: use a letter then letters, digits, - or _ (at most 31 characters)"):
+        ("clone.plan", {"spec": BASE, "clone": "1x", "snapshot": SNAP}),
+    ("clone.nix", "clone …: backend … cannot clone: …"):
+        ("clone.plan", {"spec": {**BASE, "backend": "firecracker"}, "clone": "c", "snapshot": SNAP}),
+    ("clone.nix", "clone …: no node called …"): ("clone.interfaces", {"nodes": {}, "origin": "m", "clone": "c"}),
+    ("clone.nix", "clone …: there is a node or clone of that name already"):
+        ("clone.interfaces", {"nodes": {"m": [], "c": []}, "origin": "m", "clone": "c"}),
+    ("clone.nix", "clone …: no address left on the vlans (.1-.253 are taken)"):
+        ("clone.interfaces", {"nodes": {"m": [clone_nic(ipv4="192.168.1.253")]}, "origin": "m", "clone": "c"}),
+    ("clone.nix", "clone …: MAC … collides with another node's; use another name"):
+        lambda: clone_collision("mac", "nixlib.network.mac"),
+    ("clone.nix", "clone …: tap … collides with another node's; use another name"):
+        lambda: clone_collision("tap", "nixlib.network.tapName"),
     ("eval.nix", "nixlib has no function '…'"): ("qemu.lunch", {}),
 
     ("network.nix", "node '…': vlans must be a list of integers from 1 to 254, got …"): (NET, {"a": {"vlans": 1}}),

@@ -40,7 +40,7 @@ def machine(spec: testspec.TestSpec, name: str, tmp_path: Path) -> Machine:
 
 def test_table_names_real_methods_and_capabilities() -> None:
     nix = subprocess.run([nixeval.nix_instantiate(), "--eval", "--strict", "--json",
-                          str(paths.nixlib_dir() / "capabilities.nix")],
+                          str(paths.nixlib_dir() / "capabilities.nix"), "-A", "backends"],
                          capture_output=True, text=True, check=True, timeout=60)
     features = {f for backend in json.loads(nix.stdout).values() for f in backend["features"]}
     assert set(caps.METHOD_CAPABILITY.values()) <= features
@@ -49,12 +49,12 @@ def test_table_names_real_methods_and_capabilities() -> None:
 
 
 @pytest.mark.parametrize(("node", "call", "capability", "has"), [
-    ("b", lambda m: m.screenshot("x"), "screenshot", "snapshot, networks, console"),
-    ("b", lambda m: m.get_screen_text(), "screenshot", "snapshot, networks, console"),
-    ("b", lambda m: m.send_key("ret"), "keys", "snapshot, networks, console"),
-    ("b", lambda m: m.reboot(), "reboot", "snapshot, networks, console"),
-    ("c", lambda m: m.send_chars("hi"), "keys", "snapshot, sharedDirs, networks, reboot, console"),
-    ("c", lambda m: m.wait_for_text("x"), "screenshot", "snapshot, sharedDirs, networks, reboot, console"),
+    ("b", lambda m: m.screenshot("x"), "screenshot", "snapshot, networks, block, console, consoleInput"),
+    ("b", lambda m: m.get_screen_text(), "screenshot", "snapshot, networks, block, console, consoleInput"),
+    ("b", lambda m: m.send_key("ret"), "keys", "snapshot, networks, block, console, consoleInput"),
+    ("b", lambda m: m.reboot(), "reboot", "snapshot, networks, block, console, consoleInput"),
+    ("c", lambda m: m.send_chars("hi"), "keys", "snapshot, sharedDirs, networks, block, reboot, console"),
+    ("c", lambda m: m.wait_for_text("x"), "screenshot", "snapshot, sharedDirs, networks, block, reboot, console"),
 ])
 def test_missing_capability_raises_before_touching_the_vm(
         spec: testspec.TestSpec, tmp_path: Path, node: str, call: Any, capability: str, has: str) -> None:
@@ -153,3 +153,16 @@ def test_name_error_hint_without_a_driver() -> None:
     e = NameError("name 'retyr' is not defined", name="retyr")
     assert str(script_error(Path("t.py"), e, DRIVER_GLOBALS)).endswith("(did you mean retry?)")
     assert str(script_error(Path("t.py"), NameError("x", name="qqqqq"))).endswith(": x")
+
+
+def test_backends_name_only_capabilities_nixlib_defines() -> None:
+    """Every `self._lacks("<capability>", …)` in the backends is a feature of capabilities.nix."""
+    import re
+
+    nix = subprocess.run([nixeval.nix_instantiate(), "--eval", "--strict", "--json",
+                          str(paths.nixlib_dir() / "capabilities.nix"), "-A", "backends"],
+                         capture_output=True, text=True, check=True, timeout=60)
+    features = {f for backend in json.loads(nix.stdout).values() for f in backend["features"]}
+    named = {m.group(1) for src in (Path(caps.__file__).parent / "backends").glob("*.py")
+             for m in re.finditer(r'_lacks\(\s*"([^"]+)"', src.read_text())}
+    assert named and named <= features, named - features

@@ -136,8 +136,8 @@ BACKENDS = """\
 #: nodes.b = { backend = "firecracker"; accel = "kvm"; };
 #: nodes.c = { backend = "cloud-hypervisor"; accel = "kvm"; };
 """
-FC_HAS = "(it has: snapshot, networks, console)"
-CH_HAS = "(it has: snapshot, sharedDirs, networks, reboot, console)"
+FC_HAS = "(it has: snapshot, networks, block, console, consoleInput)"
+CH_HAS = "(it has: snapshot, sharedDirs, networks, block, reboot, console)"
 
 
 def check_errors(path: Path, **kw: bool) -> list[str]:

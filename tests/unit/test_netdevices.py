@@ -89,7 +89,7 @@ def test_plan_lookups_name_node_and_vlan() -> None:
 def test_no_vlans_no_network_work() -> None:
     net = network.make({"nodes": {"m": []}, "vlans": {}, "mode": "tap"}, log=lambda _m: None)
     assert type(net) is network.Network and net.preexec() is None
-    with pytest.raises(network.CapabilityMissing, match="link counters need TAP networking"):
+    with pytest.raises(errors.MissingCapability, match="link counters need TAP networking"):
         net.counters("m")
 
 
@@ -104,7 +104,7 @@ def test_vde_network_runs_one_switch_per_vlan(tmp_path: Path) -> None:
         assert len(net.switches) == 2 and all(proc.poll() is None for proc in net.switches)
         for v in ("1", "2"):
             assert (Path(p["vlans"][v]["vdeSocket"]) / "ctl").is_socket()
-        with pytest.raises(network.CapabilityMissing, match=r"a: forward_port needs TAP networking"):
+        with pytest.raises(errors.MissingCapability, match=r"a: forward_port needs TAP networking"):
             net.check_forwarding("a")
     finally:
         net.release()

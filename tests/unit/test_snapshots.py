@@ -1,5 +1,5 @@
-"""Snapshots and clones, the pure parts: a clone's plan from its origin's (real nixlib plans),
-its NICs, the identity script, and the errors for what cannot be snapshotted."""
+"""Snapshots and clones, the pure parts: a clone's plan from its origin's (real nixlib plans,
+nixlib/clone.nix), its NICs, the identity script, and the errors for what cannot be snapshotted."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from ntng import nixeval, snapshots
+from ntng import caps, nixeval, snapshots
 from ntng.backends import qemu_migrate
-from ntng.errors import SetupError
+from ntng.errors import MissingCapability, NixEvalError, SetupError
 from ntng.snapshots import Snapshot, SnapshotError
 
 ROOT = "/tmp/ntng-test-state"
@@ -29,13 +29,13 @@ def net_spec() -> Any:
 
 
 def snap_of(plan: dict[str, Any]) -> Snapshot:
-    return Snapshot("ready", plan["name"], Path(ROOT) / "snapshots" / "ready", plan)
+    return Snapshot("ready", plan["name"], snapshots.layout(plan, "ready"), plan)
 
 
 def test_clone_plan_moves_every_path_and_keeps_the_device_list(net_spec: Any) -> None:
     origin = net_spec["nodes"]["b"]
-    ifaces = snapshots.clone_interfaces(net_spec["network"]["nodes"], "b", "c1")
-    plan = snapshots.clone_plan(snap_of(origin), "c1", ifaces)
+    plan = snapshots.clone_plan(snap_of(origin), "c1", net_spec["network"])
+    ifaces = plan["interfaces"]
     text = repr(plan["argv"]) + repr(plan["sockets"]) + repr(plan["files"])
     assert f"{ROOT}/b/" not in text and f"{ROOT}/c1/qmp.sock" in text
     assert plan["files"]["disk"] == f"{ROOT}/c1/disk.qcow2"
@@ -69,7 +69,7 @@ def test_clone_plan_moves_every_path_and_keeps_the_device_list(net_spec: Any) ->
 def test_a_clone_maps_the_snapshots_ram_file_copy_on_write(net_spec: Any) -> None:
     origin = net_spec["nodes"]["b"]
     snap = dataclasses.replace(snap_of(origin), ram_bytes=1)
-    plan = snapshots.clone_plan(snap, "c1", snapshots.clone_interfaces(net_spec["network"]["nodes"], "b", "c1"))
+    plan = snapshots.clone_plan(snap, "c1", net_spec["network"])
     ram_file = f"{ROOT}/snapshots/ready/ram"
     assert plan["restoreRam"] == {"kind": "file", "path": ram_file}
     backing = f"memory-backend-file,id=mem0,size=1024M,mem-path={ram_file},share=off"
@@ -107,14 +107,19 @@ def test_clone_ids_differ() -> None:
     assert len(ids) == 5
 
 
+def clone_interfaces(nodes: dict[str, Any], origin: str, clone: str) -> list[dict[str, Any]]:
+    ifaces: list[dict[str, Any]] = nixeval.call("clone.interfaces", {"nodes": nodes, "origin": origin, "clone": clone})
+    return ifaces
+
+
 def test_clone_interfaces_take_the_next_free_address(net_spec: Any) -> None:
     nodes = dict(net_spec["network"]["nodes"])
-    c1 = snapshots.clone_interfaces(nodes, "a", "c1")
+    c1 = clone_interfaces(nodes, "a", "c1")
     assert [i["vlan"] for i in c1] == [1, 2]
     assert [i["ipv4"] for i in c1] == ["192.168.1.3", "192.168.2.3"]  # a is .1, b is .2
     assert c1[0]["ipv6"] == "2001:db8:1::3" and c1[0]["guestName"] == "eth0"
     nodes["c1"] = c1
-    c2 = snapshots.clone_interfaces(nodes, "a", "c2")
+    c2 = clone_interfaces(nodes, "a", "c2")
     assert c2[0]["ipv4"] == "192.168.1.4"
     macs = [i["mac"] for ifs in nodes.values() for i in ifs] + [i["mac"] for i in c2]
     taps = [i["tap"] for ifs in nodes.values() for i in ifs] + [i["tap"] for i in c2]
@@ -122,9 +127,38 @@ def test_clone_interfaces_take_the_next_free_address(net_spec: Any) -> None:
     assert all(len(t) <= 15 for t in taps)
 
 
-def test_clone_needs_as_many_nics_as_its_origin(net_spec: Any) -> None:
-    with pytest.raises(SnapshotError, match="needs 1 network interface"):
+def test_clones_follow_the_network_plans_scheme_and_never_collide(net_spec: Any) -> None:
+    """A clone's tap and MAC are network.nix's for a node of its name on the same vlans, its
+    address the next node number; a chain of clones keeps every tap, MAC and address apart."""
+    nodes = dict(net_spec["network"]["nodes"])
+    for k, name in enumerate(f"c{k}" for k in range(1, 9)):
+        nodes[name] = clone_interfaces(nodes, "a", name)
+        alone = nixeval.call("network.plan", {name: {"vlans": [1, 2]}})["nodes"][name]
+        for mine, planned in zip(nodes[name], alone, strict=True):
+            assert [mine[k] for k in ("tap", "ifb", "mac", "bridge")] == [planned[k] for k in ("tap", "ifb", "mac", "bridge")]
+            vlan, number = mine["vlan"], k + 3
+            assert (mine["ipv4"], mine["ipv6"]) == (f"192.168.{vlan}.{number}", f"2001:db8:{vlan}::{number}")
+            assert mine["impairment"] is None
+    every = [i for ifs in nodes.values() for i in ifs]
+    for key in ("tap", "ifb", "mac", "ipv4", "ipv6"):
+        values = [i[key] for i in every]
+        assert len(set(values)) == len(values), key
+    assert all(len(i["tap"]) <= 15 and len(i["ifb"]) == 15 for i in every)  # Linux's IFNAMSIZ
+
+
+def test_a_clone_of_a_networked_node_needs_the_network_plan(net_spec: Any) -> None:
+    with pytest.raises(NixEvalError, match='clone "c1": no node called "b"'):
         snapshots.clone_plan(snap_of(net_spec["nodes"]["b"]), "c1", None)
+
+
+def test_the_qemu_snapshot_layout_names_the_files_qemu_migrate_writes() -> None:
+    """qemu_migrate writes snapshots.MEMORY/RAM/DISK/NOTE into the layout's directory."""
+    plan = spec({"a": {}})["nodes"]["a"]
+    where = snapshots.layout(plan, "s")
+    assert where["directory"] == f"{ROOT}/snapshots/s" and where["save"] == where["restore"] == []
+    directory = Path(where["directory"])
+    assert where["files"] == {"memory": str(directory / snapshots.MEMORY), "ram": str(directory / snapshots.RAM),
+                              "disk": str(directory / snapshots.DISK), "note": str(directory / snapshots.NOTE)}
 
 
 @pytest.mark.parametrize("name", ["", "1abc", "has space", "x" * 40, "a/b"])
@@ -137,15 +171,20 @@ def test_bad_names(name: str) -> None:
 
 
 def test_vsock_nodes_cannot_be_snapshotted() -> None:
+    """nixlib's effective features: no snapshot (nor clone) with a vhost-user vsock device."""
     plan = spec({"v": {"backdoor": {"transport": "vsock"}}})["nodes"]["v"]
-    with pytest.raises(SnapshotError, match=r"vhost-user-vsock.*virtio-serial"):
-        snapshots.check_snapshottable("v", plan)
-    snapshots.check_snapshottable("a", spec({"a": {}})["nodes"]["a"])  # the default transport: fine
+    assert not {"snapshot", "clone"} & set(plan["capabilities"]["features"])
+    assert "vhost-user-vsock" in plan["capabilities"]["why"]["snapshot"]
+    assert {"snapshot", "clone"} <= set(spec({"a": {}})["nodes"]["a"]["capabilities"]["features"])  # the default
 
 
-def test_other_backends_cannot_clone() -> None:
-    with pytest.raises(SnapshotError, match="backend qemu only"):
-        snapshots.check_snapshottable("f", {"backend": "firecracker", "backdoor": {"transport": "vsock"}})
+@pytest.mark.parametrize("backend", ["firecracker", "cloud-hypervisor"])
+def test_other_backends_snapshot_but_cannot_clone(backend: str) -> None:
+    plan = nixeval.call("testSpec", {"header": {"nodes": {"f": {"backend": backend}}},
+                                     "defaults": {"kernel": "/k", "image": "/i", "stateRoot": ROOT}})["nodes"]["f"]
+    assert "snapshot" in plan["capabilities"]["features"]
+    with pytest.raises(MissingCapability, match=f'backend {backend} lacks capability "clone" .*paths they had'):
+        caps.require(plan, "clone", "start_from_snapshot")
 
 
 def test_identity_script() -> None:
@@ -169,7 +208,7 @@ def test_driver_refuses_bad_clone_requests_before_starting_anything(tmp_path: Pa
     ts = TestSpec(tmp_path / "t.py", "", "t", 60, data["nodeNames"], data["nodes"], data["network"])
     with Driver(ts, tmp_path / "out", 10, log=lambda _m: None) as d:
         a, v = d.machines
-        with pytest.raises(SnapshotError, match="vhost-user-vsock"):
+        with pytest.raises(MissingCapability, match=r'v: snapshot\(\): backend qemu lacks capability "snapshot".*vhost-user-vsock'):
             v.snapshot("s")
         with pytest.raises(SnapshotError, match="snapshot name"):
             a.snapshot("no spaces")

@@ -24,11 +24,10 @@ from typing import Any
 import pytest
 import thirdparty
 
-from ntng import backends, nixeval, vsock
+from ntng import backends, nixeval, snapshots, vsock
 from ntng.client import BackdoorClient
-from ntng.errors import BackdoorError, SetupError, WaitTimeout
+from ntng.errors import BackdoorError, MissingCapability, SetupError, WaitTimeout
 from ntng.machine import Machine
-from ntng.network import CapabilityMissing
 from ntng.unixhttp import ApiError, UnixHttpClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,6 +104,11 @@ def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
         yield e
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def layout(plan: dict[str, Any], name: str, resume: bool = True) -> dict[str, Any]:
+    """nixlib's snapshot layout (directory, files, save and restore calls) for `plan`'s node."""
+    return snapshots.layout(plan, name, resume)
 
 
 def make(env: Env, backend: str, route: str, transport: str, name: str = "m") -> Any:
@@ -220,8 +224,8 @@ def test_pause_stops_the_guest_and_resume_lets_it_go_on(env: Env, backend: str, 
 
 @pytest.mark.parametrize(("backend", "route", "transport"), [VARIANTS[0], VARIANTS[2], VARIANTS[4]],
                          ids=[IDS[0], IDS[2], IDS[4]])
-def test_snapshot_create_then_load(env: Env, backend: str, route: str, transport: str) -> None:
-    snap = env.root / "snap"
+def test_snapshot_save_then_restore(env: Env, backend: str, route: str, transport: str) -> None:
+    snap = env.root / "state" / "snapshots" / "s"
     b = make(env, backend, route, transport)
     b.start()
     try:
@@ -230,7 +234,7 @@ def test_snapshot_create_then_load(env: Env, backend: str, route: str, transport
         sh(client, f"echo state > {env.root}/marker")
         client.close()
         env.clear_journal()
-        b.snapshot_create(snap)  # running: paused for it, resumed after
+        b.snapshot_save(layout(b.plan, "s"))  # running: paused for it, resumed after
         assert not b.paused
     finally:
         b.release()
@@ -247,7 +251,7 @@ def test_snapshot_create_then_load(env: Env, backend: str, route: str, transport
 
     env.clear_journal()
     restored = make(env, backend, route, transport)
-    restored.snapshot_load(snap, resume=False)
+    restored.snapshot_restore(layout(restored.plan, "s", resume=False))
     try:
         assert restored.paused
         restored.resume()
@@ -273,16 +277,16 @@ def test_snapshot_create_then_load(env: Env, backend: str, route: str, transport
 
 def test_firecracker_snapshot_overrides_nics_and_belongs_to_its_machine(env: Env) -> None:
     nic = {"tap": "ntt0", "mac": "52:54:00:12:34:56"}
-    snap = env.root / "snap"
     b = backends.make("m", env.plan("firecracker", interfaces=[nic]))
+    snap = layout(b.plan, "s")
     b.start()
     try:
-        b.snapshot_create(snap)
+        b.snapshot_save(snap)
     finally:
         b.release()
     env.clear_journal()
     restored = backends.make("m", env.plan("firecracker", interfaces=[nic]))
-    restored.snapshot_load(snap)
+    restored.snapshot_restore(snap)
     restored.release()
     [load] = [e for e in env.journal() if e["path"] == "/snapshot/load"]
     assert load["status"] == 204
@@ -290,13 +294,13 @@ def test_firecracker_snapshot_overrides_nics_and_belongs_to_its_machine(env: Env
 
     other = backends.make("n", env.plan("firecracker", "n"))
     with pytest.raises(SetupError, match="the snapshot in .* is of machine 'm', whose disk was .*/m/disk.raw"):
-        other.snapshot_load(snap)
+        other.snapshot_restore(snap)  # a snapshot's layout names the origin's files
     assert other.proc is None
     with pytest.raises(SetupError, match="is not a snapshot"):
-        other.snapshot_load(env.root)
+        other.snapshot_restore(layout(other.plan, "never-taken"))
     ch = backends.make("m", env.plan("cloud-hypervisor"))
     with pytest.raises(SetupError, match="is a firecracker snapshot, this machine runs cloud-hypervisor"):
-        ch.snapshot_load(snap)
+        ch.snapshot_restore(layout(ch.plan, "s"))
 
 
 def test_snapshot_load_needs_a_fresh_firecracker(env: Env) -> None:
@@ -312,23 +316,6 @@ def test_snapshot_load_needs_a_fresh_firecracker(env: Env) -> None:
 
 
 # --- stopping ------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize(("backend", "route", "transport"), [VARIANTS[0], VARIANTS[2]], ids=[IDS[0], IDS[2]])
-def test_powerdown_ends_the_vmm(env: Env, backend: str, route: str, transport: str) -> None:
-    b = make(env, backend, route, transport)
-    b.start()
-    try:
-        client = BackdoorClient(b.connect_backdoor(30), "m")
-        client.wait_ready(30)  # booted
-        client.close()
-        b.powerdown()
-        assert b.wait_exit(10) == 0
-        time.sleep(0.2)
-        assert any(line.startswith("reboot: ") for line in b.console_log)
-    finally:
-        b.release()
-    assert sockets_in(env.root / "state") == []
-
 
 @pytest.mark.parametrize(("backend", "route", "transport"), [VARIANTS[0], VARIANTS[3]], ids=[IDS[0], IDS[3]])
 def test_quit_and_release_are_idempotent(env: Env, backend: str, route: str, transport: str) -> None:
@@ -412,18 +399,18 @@ def test_missing_binary(env: Env, backend: str, monkeypatch: pytest.MonkeyPatch)
 @pytest.mark.parametrize("backend", ["firecracker", "cloud-hypervisor"])
 def test_missing_capabilities_are_named(env: Env, backend: str) -> None:
     b = backends.make("m", env.plan(backend))
-    with pytest.raises(CapabilityMissing, match="needs the 'screenshot' capability, which backend"):
+    with pytest.raises(MissingCapability, match="needs the 'screenshot' capability, which backend"):
         b.screendump(env.root / "x.png")
-    with pytest.raises(CapabilityMissing, match="'keys'"):
+    with pytest.raises(MissingCapability, match="'keys'"):
         b.send_key("a")
 
 
 @pytest.mark.parametrize("backend", ["firecracker", "cloud-hypervisor"])
 def test_capabilities_match_nixlib(env: Env, backend: str) -> None:
-    """capabilities.nix's features, plus what every backend does at run time."""
+    """capabilities.nix's effective features of the node, nothing invented beside them."""
     features = set(env.plan(backend)["capabilities"]["features"])
     declared = backends.make("m", env.plan(backend)).capabilities
-    assert features <= declared and declared - features == {"powerdown", "pause"}
+    assert declared == features
 
 
 def test_serial_console_input_reaches_firecrackers_stdin(env: Env) -> None:
@@ -691,3 +678,91 @@ def test_missing_virtiofsd_is_named_before_the_vmm_starts(env: Env) -> None:
                                          r"virtiofsd: apt-get install qemu-system-common"):
         b.start()
     assert b.proc is None
+
+
+# --- the Machine's snapshots and links on Firecracker and Cloud Hypervisor -----------------------
+
+@pytest.mark.parametrize(("backend", "route", "transport"), [VARIANTS[1], VARIANTS[2]], ids=[IDS[1], IDS[2]])
+def test_machine_snapshot_on_microvm_backends(env: Env, backend: str, route: str, transport: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """machine.snapshot() saves through nixlib's layout and calls; the snapshot restores into the
+    same machine.  The fake guest's agent is a host process: the origin's clock step (`date -s`
+    after the pause) would set the host's clock, so it is recorded instead."""
+    from ntng import clones
+
+    stepped: list[str] = []
+    monkeypatch.setattr(clones, "step_clock", lambda m: stepped.append(m.name))
+    monkeypatch.setattr(backends, "make", functools.partial(backends.make, route=route))
+    plan = env.plan(backend, backdoor={"transport": transport})
+    machine = Machine("m", plan, env.root / "out", boot_timeout=30, log=lambda _msg: None)
+    try:
+        machine.succeed(f"echo before > {env.root}/marker")
+        env.clear_journal()
+        snap = machine.snapshot("s")
+        assert stepped == ["m"] and snap.directory == env.root / "state" / "snapshots" / "s"
+        assert snap.disk.exists() and snap.memory_bytes > 0
+        # The calls are nixlib's, accepted by the fake (which validates them against the spec).
+        saved = [e for e in env.journal() if e["path"] in ("/snapshot/create", "/api/v1/vm.snapshot")]
+        assert [(e["body"], e["status"]) for e in saved] == [(snap.layout["save"][0]["body"], 204)]
+        assert machine.succeed("echo still running") == "still running\n"  # resumed after the save
+        machine.succeed(f"echo after > {env.root}/marker")
+    finally:
+        machine.release()
+    restored = backends.make("m", plan)
+    restored.snapshot_restore(snap.layout)
+    try:
+        client = BackdoorClient(restored.connect_backdoor(30), "m")
+        client.wait_ready(30)
+        assert sh(client, "echo restored") == "restored\n"
+        client.close()
+    finally:
+        restored.release()
+    with pytest.raises(MissingCapability, match=r'start_from_snapshot: clones of machine m: backend '
+                       rf'{backend} lacks capability "clone" .*restore drives at the paths they had'):
+        from ntng import caps
+
+        caps.require(snap.plan, "clone", "start_from_snapshot: clones of machine m")
+
+
+def test_a_snapshot_with_a_vhost_user_vsock_device_is_refused_by_the_guard(env: Env, tmp_path: Path) -> None:
+    """nixlib's effective features: a QEMU node on hybrid vsock has no "snapshot"; the guard says
+    why before anything starts."""
+    plan = nixeval.call("qemu.launch", {"name": "q", "kernel": "/k", "image": "/i", "stateDir": str(tmp_path / "q"),
+                                        "backdoor": {"transport": "vsock"}})
+    assert "snapshot" not in plan["capabilities"]["features"]
+    machine = Machine("q", plan, tmp_path / "out", boot_timeout=1, log=lambda _msg: None)
+    with pytest.raises(MissingCapability, match=r'snapshot\(\): backend qemu lacks capability "snapshot" .*vhost-user-vsock'):
+        machine.snapshot("s")
+    assert machine.backend.pid is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="makes network devices: needs root")
+@pytest.mark.parametrize("backend", ["firecracker", "cloud-hypervisor"])
+def test_block_on_a_microvm_backend_downs_its_tap(env: Env, backend: str) -> None:
+    """Firecracker and Cloud Hypervisor have no link switch: nixlib marks their links "host" and
+    block()/unblock() switch the TAP device (no VM needs to run for that)."""
+    from ntng import network
+
+    defaults = {"kernel": str(env.kernel), "image": str(env.image), "imageFormat": "raw",
+                "stateRoot": str(env.root / "state")}
+    spec = nixeval.call("testSpec", {"header": {"nodes": {"m": {"vlans": [1], "backend": backend}}},
+                                     "defaults": defaults})
+    assert [i["link"] for i in spec["nodes"]["m"]["interfaces"]] == ["host"]
+    net = network.make(spec["network"], lambda _m: None)
+    net.start()
+    try:
+        machine = Machine("m", spec["nodes"]["m"], env.root / "out", boot_timeout=1, log=lambda _m: None,
+                          network=net)
+        tap = spec["network"]["nodes"]["m"][0]["tap"]
+
+        def up() -> bool:
+            assert isinstance(net, network.TapNetwork)
+            return bool(net.ipr.get_links(net._index(tap))[0]["flags"] & 1)  # IFF_UP
+
+        assert up()
+        machine.block()
+        assert not up()
+        machine.unblock()
+        assert up()
+    finally:
+        net.release()

@@ -51,16 +51,14 @@ class CloudHypervisorBackend(ApiVmm):
             self._launch(self.plan["cliArgv"], [])
         self.paused = False
 
-    def snapshot_load(self, directory: Path, resume: bool = True) -> None:
-        """Start from a snapshot_create() directory instead of booting: a fresh VMM, PUT
-        vm.restore, on a copy of the snapshot's disk (Cloud Hypervisor restores the devices at
-        the paths they had, so this must be the machine the snapshot was taken of)."""
+    def snapshot_restore(self, layout: dict[str, Any]) -> None:
+        """Start from a snapshot_save() layout instead of booting: a fresh VMM and nixlib's
+        restore call (vm.restore) on a copy of the snapshot's disk (Cloud Hypervisor restores the
+        devices at the paths they had, so this must be the machine the snapshot was taken of)."""
         self._check_binary(self.plan["argv"][0], INSTALL_HINT)
-        snapshot.restore_disk(self, directory)
-        restore = {"method": "PUT", "path": f"{API}/vm.restore",
-                   "body": {"source_url": f"file://{directory}", "resume": resume}}
-        self._launch(self.plan["argv"], [restore], keep=True)
-        self.paused = not resume
+        snapshot.restore_disk(self, layout)
+        self._launch(self.plan["argv"], layout["restore"], keep=True)
+        self.paused = not all(c.get("body", {}).get("resume", True) for c in layout["restore"])
 
     def _launch(self, argv: list[str], calls: list[dict[str, Any]], keep: bool | None = None) -> None:
         self._check_binary(argv[0], INSTALL_HINT)
@@ -114,7 +112,7 @@ class CloudHypervisorBackend(ApiVmm):
         self._console_thread.start()
 
     def send_console(self, chars: str) -> None:
-        raise self._lacks("console input", "send_console (the serial console is a file, output only)")
+        raise self._lacks("consoleInput", "send_console (its serial console is a file: output only)")
 
     # -- the running VM -----------------------------------------------------------------------
 
@@ -139,30 +137,30 @@ class CloudHypervisorBackend(ApiVmm):
         self.api.request("PUT", f"{API}/vm.resume")
         self.paused = False
 
-    def powerdown(self) -> None:
-        """ACPI power button: the guest shuts down, then the VMM exits."""
-        self.api.request("PUT", f"{API}/vm.power-button")
-
     def send_key(self, key: str) -> None:
         """No keyboard; ctrl-alt-delete (what Machine.reboot sends) is the API's reboot."""
         if key != "ctrl-alt-delete":
             raise self._lacks("keys", f"send_key({key!r})")
         self.api.request("PUT", f"{API}/vm.reboot")
 
-    def snapshot_create(self, directory: Path) -> None:
-        """Snapshot into `directory` (Cloud Hypervisor needs the VM paused: a running one is
-        paused for it and resumed after), with a copy of the disk as it is then."""
+    def snapshot_save(self, layout: dict[str, Any], resume: bool = True) -> tuple[int, int]:
+        """Snapshot (nixlib's vm.snapshot call) with a copy of the disk as it is then; Cloud
+        Hypervisor needs the VM paused: a running one is paused for it (and resumed after
+        unless resume=False).  (bytes of the VMM's files, 0: guest RAM is among them)."""
+        directory = Path(layout["directory"])
         directory.mkdir(parents=True, exist_ok=True)
         was_running = not self.paused
         if was_running:
             self.pause()
         try:
-            self.api.request("PUT", f"{API}/vm.snapshot", {"destination_url": f"file://{directory}"},
-                             timeout=600)
-            snapshot.save_disk(self, directory)
+            for call in layout["save"]:
+                self.api.request(call["method"], call["path"], call.get("body"), timeout=600)
+            snapshot.save_disk(self, layout)
         finally:
-            if was_running:
+            if was_running and resume:
                 self.resume()
+        own = {Path(p) for p in layout["files"].values()}
+        return sum(f.stat().st_size for f in directory.iterdir() if f.is_file() and f not in own), 0
 
     def quit(self) -> None:
         """Like pulling the plug: the VMM shuts down at once (killed if it does not)."""
@@ -193,4 +191,6 @@ class CloudHypervisorBackend(ApiVmm):
         raise self._lacks("screenshot", "a screenshot")
 
     def set_link(self, netdev: str, up: bool) -> None:
-        raise self._lacks("link", f"setting {netdev} {'up' if up else 'down'}")
+        """No link switch in the API: block() downs the host's TAP device (the plan's link = "host")."""
+        raise SetupError(f"{self.who}: no link switch in the VMM for {netdev}; its links are the host's "
+                         "TAP devices (the plan's interfaces say link = \"host\")")

@@ -28,9 +28,6 @@ from .vmm import ApiVmm
 INSTALL_HINT = 'install it or use backend = "qemu" with machineType = "microvm"'
 ROUTES = ("config", "api")
 
-# Firecracker's two files in a snapshot directory (beside the disk: see snapshot.py).
-VMSTATE, MEMORY = "vmstate", "memory"
-
 
 class FirecrackerBackend(ApiVmm):
     name = "firecracker"
@@ -51,28 +48,14 @@ class FirecrackerBackend(ApiVmm):
         else:
             self._launch(self.plan["apiRoute"]["argv"], {}, self.plan["apiRoute"]["api"])
 
-    def snapshot_load(self, directory: Path, resume: bool = True) -> None:
-        """Start from a snapshot_create() directory instead of booting: a fresh Firecracker
-        (logger and metrics are the only resources allowed before PUT /snapshot/load) on a copy
-        of the snapshot's disk.  The vsock socket and TAP devices are this plan's (overrides);
-        drives keep their paths, so this must be the machine the snapshot was taken of."""
+    def snapshot_restore(self, layout: dict[str, Any]) -> None:
+        """Start from a snapshot_save() layout instead of booting: a fresh Firecracker on a copy
+        of the snapshot's disk, then nixlib's restore calls (logger, metrics, /snapshot/load with
+        this plan's vsock socket and TAP devices; drives keep their paths, so this must be the
+        machine the snapshot was taken of)."""
         self._check_binary(self.plan["apiRoute"]["argv"][0], INSTALL_HINT)
-        snapshot.restore_disk(self, directory)
-        calls = self.plan["apiRoute"]["api"]
-        body: dict[str, Any] = {
-            "snapshot_path": str(directory / VMSTATE),
-            "mem_backend": {"backend_type": "File", "backend_path": str(directory / MEMORY)},
-            "resume_vm": resume,
-            "vsock_override": {"uds_path": self.plan["backdoor"]["uds"]},
-        }
-        nics = [c["body"] for c in calls if c["path"].startswith("/network-interfaces/")]
-        if nics:
-            body["network_overrides"] = [{"iface_id": n["iface_id"], "host_dev_name": n["host_dev_name"]}
-                                         for n in nics]
-        early = [c for c in calls if c["path"] in ("/logger", "/metrics")]
-        load = {"method": "PUT", "path": "/snapshot/load", "body": body}
-        self._launch(self.plan["apiRoute"]["argv"], {}, [*early, load], keep=True)
-        self.paused = not resume
+        snapshot.restore_disk(self, layout)
+        self._launch(self.plan["apiRoute"]["argv"], {}, layout["restore"], keep=True)
 
     def _launch(self, argv: list[str], write_files: dict[str, Any], calls: list[dict[str, Any]],
                 keep: bool | None = None) -> None:
@@ -138,27 +121,22 @@ class FirecrackerBackend(ApiVmm):
         self.api.request("PATCH", "/vm", {"state": "Resumed"})
         self.paused = False
 
-    def powerdown(self) -> None:
-        """Ctrl-Alt-Del: the guest reboots, which (reboot=k) makes Firecracker exit."""
-        self.api.request("PUT", "/actions", {"action_type": "SendCtrlAltDel"})
-
-    def snapshot_create(self, directory: Path) -> None:
-        """Full snapshot into `directory` (Firecracker needs the VM paused: a running one is
-        paused for it and resumed after), with a copy of the disk as it is then."""
-        directory.mkdir(parents=True, exist_ok=True)
+    def snapshot_save(self, layout: dict[str, Any], resume: bool = True) -> tuple[int, int]:
+        """Full snapshot (nixlib's save calls) with a copy of the disk as it is then; Firecracker
+        needs the VM paused: a running one is paused for it (and resumed after unless
+        resume=False).  (vmstate bytes, guest memory bytes)."""
+        Path(layout["directory"]).mkdir(parents=True, exist_ok=True)
         was_running = not self.paused
         if was_running:
             self.pause()
         try:
-            self.api.request("PUT", "/snapshot/create", {
-                "snapshot_type": "Full",
-                "snapshot_path": str(directory / VMSTATE),
-                "mem_file_path": str(directory / MEMORY),
-            }, timeout=600)
-            snapshot.save_disk(self, directory)
+            for call in layout["save"]:
+                self.api.request(call["method"], call["path"], call.get("body"), timeout=600)
+            snapshot.save_disk(self, layout)
         finally:
-            if was_running:
+            if was_running and resume:
                 self.resume()
+        return snapshot.saved_bytes(layout, "vmstate"), snapshot.saved_bytes(layout, "memory")
 
     def quit(self) -> None:
         """Like pulling the plug (Firecracker has no API call for it)."""
@@ -196,4 +174,6 @@ class FirecrackerBackend(ApiVmm):
         raise self._lacks("screenshot", "a screenshot")
 
     def set_link(self, netdev: str, up: bool) -> None:
-        raise self._lacks("link", f"setting {netdev} {'up' if up else 'down'}")
+        """No link switch in the API: block() downs the host's TAP device (the plan's link = "host")."""
+        raise SetupError(f"{self.who}: no link switch in the VMM for {netdev}; its links are the host's "
+                         "TAP devices (the plan's interfaces say link = \"host\")")

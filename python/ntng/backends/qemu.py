@@ -40,18 +40,18 @@ class QemuBackend(VmmProcess):
     def start(self) -> None:
         self._launch(self.plan["argv"])
 
-    def restore(self, directory: Path) -> None:
-        """Start from a snapshot instead of booting (the plan is a clone's: snapshots.clone_plan)."""
+    def snapshot_restore(self, layout: dict[str, Any]) -> None:
+        """Start from a snapshot instead of booting (the plan is a clone's: nixlib clone.plan)."""
         argv = self.plan.get("restoreArgv")
         if not argv:
             raise SetupError(f"{self.machine_name}: this plan is not a clone's (nixlib gives restoreArgv "
                              "only with `restore`)")
         self._launch(argv)
-        qemu_migrate.restore(self, directory)
+        qemu_migrate.restore(self, Path(layout["directory"]))
 
-    def snapshot_save(self, directory: Path, resume: bool = True) -> tuple[int, int]:
-        """Freeze this VM into `directory` (qemu_migrate.save); the stream's size, RAM copied."""
-        return qemu_migrate.save(self, directory, resume)
+    def snapshot_save(self, layout: dict[str, Any], resume: bool = True) -> tuple[int, int]:
+        """Freeze this VM into the layout's directory (qemu_migrate.save); the stream's size, RAM copied."""
+        return qemu_migrate.save(self, Path(layout["directory"]), resume)
 
     def _launch(self, argv: list[str]) -> None:
         if self.plan["backdoor"].get("vhost") and not os.path.exists(VHOST_VSOCK):
@@ -102,9 +102,6 @@ class QemuBackend(VmmProcess):
         except Exception:  # no SHUTDOWN event: it died some other way
             return False
         return bool(event.get("data", {}).get("reason") == "guest-reset")
-
-    def powerdown(self) -> None:
-        self._qmp().command("system_powerdown")
 
     def quit(self) -> None:
         """Like pulling the plug: QEMU exits at once."""

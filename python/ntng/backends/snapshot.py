@@ -1,5 +1,6 @@
-"""A snapshot directory: the VMM's own files, the disk as it was when they were written (the
-saved memory refers to its contents), and a note of whose disk that was.
+"""A snapshot directory (nixlib's clone.snapshot layout): the VMM's own files, the disk as it
+was when they were written (the saved memory refers to its contents), and a note of whose disk
+that was.
 
 Firecracker and Cloud Hypervisor restore drives at the paths they had, so a snapshot loads into
 the machine (the state directory) it was taken of: the note turns a mismatch into a clear error
@@ -10,31 +11,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SetupError
 
 if TYPE_CHECKING:
     from .vmm import VmmProcess
 
-DISK = "disk.raw"
-NOTE = "ntng-snapshot.json"
 
-
-def save_disk(backend: VmmProcess, directory: Path) -> None:
+def save_disk(backend: VmmProcess, layout: dict[str, Any]) -> None:
     """After the VMM wrote its files (the VM still paused): the disk and the note."""
     disk = Path(backend.plan["files"]["disk"])
-    backend._copy_disk(disk, directory / DISK)
+    backend._copy_disk(disk, Path(layout["files"]["disk"]))
     note = {"backend": backend.name, "machine": backend.machine_name, "disk": str(disk)}
-    (directory / NOTE).write_text(json.dumps(note, indent=2) + "\n")
+    Path(layout["files"]["note"]).write_text(json.dumps(note, indent=2) + "\n")
 
 
-def restore_disk(backend: VmmProcess, directory: Path) -> None:
+def restore_disk(backend: VmmProcess, layout: dict[str, Any]) -> None:
     """Before the VMM loads the snapshot: check it is this machine's, put its disk in place."""
+    directory, note_path = layout["directory"], Path(layout["files"]["note"])
     try:
-        note = json.loads((directory / NOTE).read_text())
+        note = json.loads(note_path.read_text())
     except (OSError, ValueError) as e:
-        raise SetupError(f"{backend.machine_name}: {directory} is not a snapshot (its {NOTE}: {e})") from None
+        raise SetupError(f"{backend.machine_name}: {directory} is not a snapshot (its {note_path.name}: {e})") from None
     disk = backend.plan["files"]["disk"]
     if note.get("backend") != backend.name:
         raise SetupError(f"{backend.machine_name}: {directory} is a {note.get('backend')} snapshot, "
@@ -44,4 +43,9 @@ def restore_disk(backend: VmmProcess, directory: Path) -> None:
             f"{backend.machine_name}: the snapshot in {directory} is of machine {note.get('machine')!r}, "
             f"whose disk was {note.get('disk')}; {backend.name} restores drives at the paths they "
             f"had, so load it into a machine with that disk path (this one's is {disk})")
-    backend._copy_disk(directory / DISK, Path(disk))
+    backend._copy_disk(Path(layout["files"]["disk"]), Path(disk))
+
+
+def saved_bytes(layout: dict[str, Any], *keys: str) -> int:
+    """The size of the layout's files `keys` (what snapshot_save reports)."""
+    return sum(Path(layout["files"][k]).stat().st_size for k in keys if Path(layout["files"][k]).exists())

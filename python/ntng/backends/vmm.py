@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import backdoorkey, paths, pdeathsig
-from ..errors import SetupError
-from ..network import CapabilityMissing
+from ..errors import MissingCapability, SetupError
 from ..unixhttp import UnixHttpClient
 from .console import ConsoleLines
 
@@ -29,8 +28,6 @@ KILL_REAP_TIMEOUT = 5.0
 
 class VmmProcess(ConsoleLines):
     name = "vmm"  # the backend's name, as in plan["backend"]
-    # What every backend does at run time, beside capabilities.nix's features.
-    RUNTIME_CAPABILITIES = frozenset({"powerdown", "pause"})
 
     def __init__(self, machine_name: str, plan: dict[str, Any],
                  preexec: Callable[[], None] | None = None, keep_disk: bool = False) -> None:
@@ -41,8 +38,12 @@ class VmmProcess(ConsoleLines):
         self.proc: subprocess.Popen[bytes] | None = None
         self.helpers: list[subprocess.Popen[bytes]] = []  # side processes of the plan (virtiofsd, ...)
         self.state_dir = Path(plan["files"]["disk"]).parent
-        self.stderr_path = self.state_dir / f"{self.name}.stderr"
         self._init_console()
+
+    @property
+    def stderr_path(self) -> Path:
+        """The VMM's stderr (and stdout unless the backend takes it): nixlib names it."""
+        return Path(self.plan["files"]["stderr"])
 
     @property
     def restarts_on_reboot(self) -> bool:
@@ -110,7 +111,7 @@ class VmmProcess(ConsoleLines):
         for helper in self.plan.get("helpers", []):
             name, argv, ready = helper["name"], helper["argv"], Path(helper["waitFor"])
             ready.unlink(missing_ok=True)
-            log = self.state_dir / f"{name}.log"
+            log = Path(helper["log"])  # nixlib names it
             try:
                 with open(log, "wb") as out:
                     proc = pdeathsig.spawn(argv, then=self.preexec, stdin=subprocess.DEVNULL, stdout=out,
@@ -141,7 +142,7 @@ class VmmProcess(ConsoleLines):
     def stderr_tail(self) -> str:
         try:
             return self.stderr_path.read_text(errors="replace").strip()[-600:] or "(no output)"
-        except OSError:
+        except (OSError, KeyError):  # KeyError: a hand-made plan names no stderr file
             return "(no output)"
 
     def wait_exit(self, timeout: float | None) -> int | None:
@@ -174,12 +175,12 @@ class VmmProcess(ConsoleLines):
 
     @property
     def capabilities(self) -> frozenset[str]:
-        """capabilities.nix's features for this backend (from the plan), and the run-time ones."""
-        features = self.plan.get("capabilities", {}).get("features", [])
-        return frozenset(features) | self.RUNTIME_CAPABILITIES
+        """The node's effective features (nixlib/capabilities.nix, from the plan)."""
+        return frozenset(self.plan.get("capabilities", {}).get("features", []))
 
-    def _lacks(self, capability: str, what: str) -> CapabilityMissing:
-        return CapabilityMissing(
+    def _lacks(self, capability: str, what: str) -> MissingCapability:
+        """`capability`: a feature name of nixlib/capabilities.nix."""
+        return MissingCapability(
             f"{self.machine_name}: {what} needs the {capability!r} capability, which backend "
             f"{self.name} lacks (it has: {', '.join(sorted(self.capabilities))})")
 
