@@ -120,3 +120,11 @@ class OutputLimitExceeded(GuestLimitExceeded):
 
 class FileTooLarge(GuestLimitExceeded):
     """A file copied from the guest grew past get_file(max_size=...)."""
+
+
+class RequestedAssertionFailed(TestFailure):
+    """Same name as the NixOS driver's: a test assertion failed."""
+
+
+class CapabilityMissing(TestScriptError):
+    """The test asked for something this run's network mode or this machine's backend cannot do."""

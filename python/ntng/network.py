@@ -21,14 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from . import netem, pdeathsig
-from .errors import SetupError, TestScriptError
+from .errors import CapabilityMissing, SetupError, TestScriptError
 from .netns import CAP_NET_ADMIN, CAP_SYS_ADMIN, NetNamespace, has_capability
 
 Log = Callable[[str], None]
-
-
-class CapabilityMissing(TestScriptError):
-    """The test asked for something this run's network mode cannot do."""
 
 
 @dataclasses.dataclass(frozen=True)

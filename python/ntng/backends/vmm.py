@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import backdoorkey, paths, pdeathsig
-from ..errors import SetupError
-from ..network import CapabilityMissing
+from ..errors import CapabilityMissing, SetupError
 from ..unixhttp import UnixHttpClient
 from .console import ConsoleLines
 
