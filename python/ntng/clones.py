@@ -30,6 +30,7 @@ from .snapshots import (
 if TYPE_CHECKING:
     from .driver import Driver
     from .machine import Machine
+    from .session import Session
 
 _taken: set[Path] = set()  # snapshot directories made by this process (a name is used once)
 
@@ -72,9 +73,6 @@ def step_clock(m: Machine) -> None:
 
 def start_clones(driver: Driver, snap: Snapshot, names: list[str]) -> list[Machine]:
     """Machines `names` restored from `snap`, in parallel, each up and with its identity."""
-    from .driver import _on_each
-    from .machine import Machine
-
     if isinstance(names, str):
         raise SnapshotError(f"start_from_snapshot: names must be a list of machine names, got {names!r}")
     taken = {m.name for m in driver.machines}
@@ -89,20 +87,15 @@ def start_clones(driver: Driver, snap: Snapshot, names: list[str]) -> list[Machi
     clones = []
     for name in names:
         interfaces = driver.network.add_clone(snap.origin, name) if snap.plan.get("interfaces") else None
-        m = Machine(name, clone_plan(snap, name, interfaces), driver.out_dir, origin.boot_timeout,
-                    driver._log, callbacks=[driver.check_polling_conditions], network=driver.network,
-                    events=driver.events)
-        m.restore_from = snap
-        m.watcher = driver.watcher
-        m.callbacks.append(driver.check_detections)
+        m = driver.new_machine(name, clone_plan(snap, name, interfaces), origin.boot_timeout, restore_from=snap)
         driver.machines.append(m)
         clones.append(m)
-    _on_each(clones, Machine.connect)
+    driver.connect_all(clones)
     return clones
 
 
-def restore(m: Machine, snap: Snapshot) -> None:
-    """Machine.start() of a clone's first start."""
+def restore(m: Session, snap: Snapshot) -> None:
+    """Session.start() of a clone's first start."""
     backend = m.backend
     if not isinstance(backend, QemuBackend):
         raise SnapshotError(f"{m.name}: restoring needs the qemu backend")
@@ -112,7 +105,7 @@ def restore(m: Machine, snap: Snapshot) -> None:
     m.log(f"QEMU started and loaded the snapshot in {time.monotonic() - t0:.2f}s")
 
 
-def adopt_identity(m: Machine, started: float) -> None:
+def adopt_identity(m: Session, started: float) -> None:
     """Right after the clone's first hello: hostname, id, clock and hosts entry (an IDENTITY
     request, set by the agent itself), then its NICs (one `ip -batch` command)."""
     assert m.client is not None

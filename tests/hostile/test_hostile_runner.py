@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import silent_vmm
 
+from ntng import backends, testspec
 from ntng import driver as driver_mod
 from ntng import machine as machine_mod
-from ntng import testspec
 from ntng.driver import Driver
 from ntng.errors import EXIT_TIMEOUT, BackdoorError, MachineExited, WaitTimeout
 from ntng.machine import Machine
@@ -34,7 +34,7 @@ MiB = 1024 * 1024
 
 @pytest.fixture
 def fake_backends(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(machine_mod.backends, "make", silent_vmm.make)
+    monkeypatch.setattr(backends, "make", silent_vmm.make)
 
 
 @pytest.fixture

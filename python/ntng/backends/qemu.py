@@ -44,11 +44,25 @@ class QemuBackend(VmmProcess):
             raise SetupError(f"{self.machine_name}: this plan is not a clone's (nixlib gives restoreArgv "
                              "only with `restore`)")
         self._launch(argv)
-        qemu_migrate.restore(self, directory)
+        ram = self.plan.get("restoreRam") or {}
+        qemu_migrate.restore(self.qmp_client(), directory, self.machine_name,
+                             Path(ram["path"]) if ram.get("kind") == "file" else None)
 
     def snapshot_save(self, directory: Path, resume: bool = True) -> tuple[int, int]:
         """Freeze this VM into `directory` (qemu_migrate.save); the stream's size, RAM copied."""
-        return qemu_migrate.save(self, directory, resume)
+        memfd_ram = (self.plan.get("ram") or {}).get("kind") == "memfd"
+        return qemu_migrate.save(self.qmp_client(), directory, Path(self.plan["files"]["disk"]),
+                                 self.machine_name, ram_pid=self.pid if memfd_ram else None,
+                                 resume=resume)
+
+    def _relaunch(self) -> None:
+        """After a guest reboot ended QEMU (-no-reboot; restart_if_rebooted): boot again on
+        the same disk; console.log goes on, the lines kept in memory are the new boot's."""
+        self.release()
+        self.close_console_artifact()  # the new run's lines open it again (appended)
+        self._restart_console()
+        self.keep_disk = True
+        self.start()
 
     def _launch(self, argv: list[str]) -> None:
         if self.plan["backdoor"].get("vhost") and not os.path.exists(VHOST_VSOCK):
@@ -101,12 +115,12 @@ class QemuBackend(VmmProcess):
         return bool(event.get("data", {}).get("reason") == "guest-reset")
 
     def powerdown(self) -> None:
-        self._qmp().command("system_powerdown")
+        self.qmp_client().command("system_powerdown")
 
     def quit(self) -> None:
         """Like pulling the plug: QEMU exits at once."""
         try:
-            self._qmp().command("quit", timeout=10)
+            self.qmp_client().command("quit", timeout=10)
         except Exception:
             pass
         if self.wait_exit(10) is None:
@@ -127,28 +141,29 @@ class QemuBackend(VmmProcess):
 
     # -- QMP conveniences ---------------------------------------------------------------------
 
-    def _qmp(self) -> QMPClient:
+    def qmp_client(self) -> QMPClient:
+        """The running VM's QMP connection (SetupError when it is not running)."""
         if self.qmp is None:
             raise SetupError(f"{self.machine_name}: the VM is not running")
         return self.qmp
 
     def send_key(self, key: str) -> None:
         keys = [{"type": "qcode", "data": k} for k in key.split("-")]
-        self._qmp().command("send-key", keys=keys)
+        self.qmp_client().command("send-key", keys=keys)
 
     def screendump(self, path: Path, fmt: str = "ppm") -> None:
         """The display into a file; fmt "png" needs QEMU 7.1 (older ones reject the argument)."""
         extra: dict[str, Any] = {} if fmt == "ppm" else {"format": fmt}
-        self._qmp().command("screendump", filename=str(path), **extra)
+        self.qmp_client().command("screendump", filename=str(path), **extra)
 
     def set_link(self, netdev: str, up: bool) -> None:
-        self._qmp().command("set_link", name=netdev, up=up)
+        self.qmp_client().command("set_link", name=netdev, up=up)
 
     def pause(self) -> None:
-        self._qmp().command("stop")
+        self.qmp_client().command("stop")
 
     def resume(self) -> None:
-        self._qmp().command("cont")
+        self.qmp_client().command("cont")
 
     # -- console ------------------------------------------------------------------------------
 
