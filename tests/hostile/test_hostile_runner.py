@@ -38,8 +38,15 @@ def fake_backends(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def machine(tmp_path: Path, fake_backends: None) -> Iterator[Machine]:
-    m = Machine("machine", silent_vmm.plan(tmp_path / "state"), tmp_path / "out", boot_timeout=20)
+def deadline() -> list[float | None]:
+    """The global deadline the machine sees (as a driver's): [None], or set by a test."""
+    return [None]
+
+
+@pytest.fixture
+def machine(tmp_path: Path, fake_backends: None, deadline: list[float | None]) -> Iterator[Machine]:
+    m = Machine("machine", silent_vmm.plan(tmp_path / "state"), tmp_path / "out", boot_timeout=20,
+                global_deadline=lambda: deadline[0])
     m.connect()
     yield m
     m.release()
@@ -84,10 +91,10 @@ def test_a_command_without_timeout_is_not_waited_for_for_days(machine: Machine,
     assert time.monotonic() - t0 < 3
 
 
-def test_without_timeout_the_host_waits_for_the_global_deadline(machine: Machine,
+def test_without_timeout_the_host_waits_for_the_global_deadline(machine: Machine, deadline: list[float | None],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(machine_mod, "COMMAND_WAIT_GRACE", 0.5)
-    machine.global_deadline = time.monotonic() + 1.0
+    deadline[0] = time.monotonic() + 1.0
     stop_guest(machine)
     t0 = time.monotonic()
     with pytest.raises(WaitTimeout):
