@@ -55,15 +55,6 @@ class QemuBackend(VmmProcess):
                                  self.machine_name, ram_pid=self.pid if memfd_ram else None,
                                  resume=resume)
 
-    def _relaunch(self) -> None:
-        """After a guest reboot ended QEMU (-no-reboot; restart_if_rebooted): boot again on
-        the same disk; console.log goes on, the lines kept in memory are the new boot's."""
-        self.release()
-        self.close_console_artifact()  # the new run's lines open it again (appended)
-        self._restart_console()
-        self.keep_disk = True
-        self.start()
-
     def _launch(self, argv: list[str]) -> None:
         if self.plan["backdoor"].get("vhost") and not os.path.exists(VHOST_VSOCK):
             raise SetupError(

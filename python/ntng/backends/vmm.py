@@ -69,10 +69,20 @@ class VmmProcess(ConsoleLines):
         return True
 
     def _relaunch(self) -> None:
-        """Stop what is left of the VMM and start it again on the same disk, console lines
-        going on (restart_if_rebooted): a backend whose plans may say restartOnReboot does it."""
-        raise SetupError(f"{self.machine_name}: backend {self.name} cannot start its VMM again "
-                         "after a guest reboot (restartOnReboot is for QEMU plans)")
+        """Stop what is left of the VMM and start it again on the same disk (restart_if_rebooted):
+        console.log goes on, the lines kept in memory are the new run's.  Needs a backend that
+        start() can run again after release() (QEMU's; only QEMU plans say restartOnReboot)."""
+        self.release()
+        self.close_console_artifact()  # the new run's lines open it again (appended)
+        self._restart_console()
+        self.keep_disk = True
+        self.start()
+
+    def start(self) -> None:
+        raise NotImplementedError  # each backend's
+
+    def release(self) -> None:
+        raise NotImplementedError  # each backend's
 
     # -- starting -----------------------------------------------------------------------------
 
