@@ -88,7 +88,7 @@ class Driver:
         self.events = EventLog(self.out_dir / "events.jsonl")
         self.events.emit("test", None, result="started", name=spec.name, script=str(spec.script_path))
         # Declared impairments are checked before anything is made.
-        self.declared = network_mod.declared_impairments(spec.network, str(spec.script_path))
+        self.declared_impairments = network_mod.declared_impairments(spec.network, str(spec.script_path))
         # Bridges and taps (or switches) exist before any machine starts; gone after the last.
         self.network = network_mod.make(spec.network, self._log)
         try:
@@ -132,7 +132,7 @@ class Driver:
             network=self.network, events=self.events,
             keep_state=self.keep_state and restore_from is None,
             watcher=self.watcher, restore_from=restore_from,
-            declared_impairments={vlan: d for (node, vlan), d in self.declared.items() if node == name},
+            declared_impairments={vlan: d for (node, vlan), d in self.declared_impairments.items() if node == name},
             global_deadline=lambda: self.global_deadline)
 
     def connect_all(self, machines: list[Machine]) -> None:
