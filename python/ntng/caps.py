@@ -11,10 +11,10 @@ from __future__ import annotations
 import ast
 import difflib
 import functools
-import inspect
-import textwrap
+import importlib.util
 import threading
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import MissingCapability
@@ -133,18 +133,31 @@ def unknown_attribute(obj: object, name: str) -> AttributeError:
 
 @functools.cache
 def machine_attributes() -> frozenset[str] | None:
-    """Every attribute a Machine has: its class's and the `self.x = …` of its methods.  None when
-    the source cannot be read (then unknown methods are left to the type check)."""
-    from .machine import Machine
-
+    """Every attribute a Machine has: the names its class body defines and the `self.x = …` of
+    its methods, read from machine.py's source without importing it (the quick check loads no
+    runtime; and machine.py imports this module).  None when the source cannot be read (then
+    unknown methods are left to the type check)."""
+    spec = importlib.util.find_spec(f"{__package__}.machine")
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(Machine)))
-    except (OSError, TypeError, SyntaxError):
+        assert spec is not None and spec.origin is not None
+        tree = ast.parse(Path(spec.origin).read_text())
+        cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Machine")
+    except (AssertionError, OSError, StopIteration, SyntaxError):
         return None
-    names = set(dir(Machine))
-    for node in ast.walk(tree):
-        targets = (node.targets if isinstance(node, ast.Assign)
-                   else [node.target] if isinstance(node, ast.AnnAssign | ast.AugAssign) else [])
+    names = set(dir(type("Plain", (), {})))  # what every class has (__dict__, __module__, …)
+    body: list[ast.stmt] = list(cls.body)
+    while body:
+        node = body.pop()
+        if isinstance(node, ast.If):  # e.g. `if not TYPE_CHECKING: def __getattr__`
+            body += node.body + node.orelse
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    for sub in ast.walk(cls):
+        targets = (sub.targets if isinstance(sub, ast.Assign)
+                   else [sub.target] if isinstance(sub, ast.AnnAssign | ast.AugAssign) else [])
         for t in targets:
             if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
                 names.add(t.attr)

@@ -30,6 +30,7 @@ from .snapshots import (
 if TYPE_CHECKING:
     from .driver import Driver
     from .machine import Machine
+    from .session import Session
 
 _taken: set[Path] = set()  # snapshot directories made by this process (a name is used once)
 
@@ -72,9 +73,6 @@ def step_clock(m: Machine) -> None:
 
 def start_clones(driver: Driver, snap: Snapshot, names: list[str]) -> list[Machine]:
     """Machines `names` restored from `snap`, in parallel, each up and with its identity."""
-    from .driver import _on_each
-    from .machine import Machine
-
     if isinstance(names, str):
         raise SnapshotError(f"start_from_snapshot: names must be a list of machine names, got {names!r}")
     caps.require(snap.plan, "clone", f"start_from_snapshot: clones of machine {snap.origin}")
@@ -92,27 +90,22 @@ def start_clones(driver: Driver, snap: Snapshot, names: list[str]) -> list[Machi
         plan = clone_plan(snap, name, driver.network.plan)
         if plan.get("interfaces"):
             driver.network.add_clone(name, plan["interfaces"])
-        m = Machine(name, plan, driver.out_dir, origin.boot_timeout,
-                    driver._log, callbacks=[driver.check_polling_conditions], network=driver.network,
-                    events=driver.events)
-        m.restore_from = snap
-        m.watcher = driver.watcher
-        m.callbacks.append(driver.check_detections)
+        m = driver.new_machine(name, plan, origin.boot_timeout, restore_from=snap)
         driver.machines.append(m)
         clones.append(m)
-    _on_each(clones, Machine.connect)
+    driver.connect_all(clones)
     return clones
 
 
-def restore(m: Machine, snap: Snapshot) -> None:
-    """Machine.start() of a clone's first start."""
+def restore(m: Session, snap: Snapshot) -> None:
+    """Session.start() of a clone's first start."""
     m.log(f"restoring snapshot {snap.name!r} of {snap.origin}")
     t0 = time.monotonic()
     m.backend.snapshot_restore(snap.layout)
     m.log(f"{m.backend.name} started and loaded the snapshot in {time.monotonic() - t0:.2f}s")
 
 
-def adopt_identity(m: Machine, started: float) -> None:
+def adopt_identity(m: Session, started: float) -> None:
     """Right after the clone's first hello: hostname, id, clock and hosts entry (an IDENTITY
     request, set by the agent itself), then its NICs (one `ip -batch` command)."""
     assert m.client is not None

@@ -22,10 +22,18 @@ from typing import Any, TypeVar
 from . import caps, clones, report, testspec
 from . import network as network_mod
 from .client import ExecResult
-from .errors import EXIT_TIMEOUT, GlobalTimeout, NtngError, TestFailure, TestScriptError
-from .machine import Machine, RequestedAssertionFailed, retry
+from .errors import (
+    EXIT_TIMEOUT,
+    GlobalTimeout,
+    NtngError,
+    RequestedAssertionFailed,
+    TestFailure,
+    TestScriptError,
+)
+from .machine import Machine
 from .polling import PollingCondition, polling_condition_factory
 from .report import EventLog
+from .retry import retry
 from .snapshots import Snapshot
 from .testspec import TestSpec, compile_script
 from .watch import Detection, Rule, Watcher
@@ -80,7 +88,7 @@ class Driver:
         self.events = EventLog(self.out_dir / "events.jsonl")
         self.events.emit("test", None, result="started", name=spec.name, script=str(spec.script_path))
         # Declared impairments are checked before anything is made.
-        declared = network_mod.declared_impairments(spec.network, str(spec.script_path))
+        self.declared_impairments = network_mod.declared_impairments(spec.network, str(spec.script_path))
         # Bridges and taps (or switches) exist before any machine starts; gone after the last.
         self.network = network_mod.make(spec.network, self._log)
         try:
@@ -91,20 +99,10 @@ class Driver:
         # Artifacts shares (nixlib's @artifacts@ marker) live in this run's folder.
         plans = {name: testspec.substitute(plan, testspec.ARTIFACTS_MARKER, str(self.out_dir))
                  for name, plan in spec.plans.items()}
-        self.machines: list[Machine] = [
-            Machine(name, plans[name], self.out_dir, boot_timeout, self._log,
-                    callbacks=[self.check_polling_conditions], network=self.network,
-                    events=self.events, keep_state=keep_state)
-            for name in sorted(spec.node_names)
-        ]
         self.detections: list[Detection] = []
         self._in_script = False
         self._interrupted = False
         self.watcher = Watcher(self._on_detection)
-        for m in self.machines:
-            m.declared_impairments = {vlan: d for (node, vlan), d in declared.items() if node == m.name}
-            m.watcher = self.watcher
-            m.callbacks.append(self.check_detections)
         self.timed_out = False
         self.exit_on_timeout = False  # the runner: os._exit GLOBAL_TIMEOUT_EXIT after the timeout
         self.global_deadline: float | None = None
@@ -112,12 +110,34 @@ class Driver:
         self._release_lock = threading.Lock()
         self._release_started = threading.Event()
         self._released = False
-        for m in self.machines:
-            m.callbacks.append(self.check_global_timeout)
         self.subtests: list[tuple[str, float, BaseException | None]] = []
+        self.boot_timeout = boot_timeout
+        self.keep_state = keep_state
+        self.machines: list[Machine] = [self.new_machine(name, plans[name])
+                                        for name in sorted(spec.node_names)]
 
     def log(self, msg: str) -> None:
         self._log(msg)
+
+    def new_machine(self, name: str, plan: dict[str, Any], boot_timeout: float | None = None,
+                    restore_from: Snapshot | None = None) -> Machine:
+        """A Machine of this run, made with all it needs from the driver: the checks before
+        each command (polling conditions, detections, the global timeout), failure detection,
+        the network and the impairments declared for it; a clone restores `restore_from`.
+        The caller adds it to `machines`."""
+        return Machine(
+            name, plan, self.out_dir, self.boot_timeout if boot_timeout is None else boot_timeout,
+            self._log, callbacks=[self.check_polling_conditions, self.check_detections,
+                                  self.check_global_timeout],
+            network=self.network, events=self.events,
+            keep_state=self.keep_state and restore_from is None,
+            watcher=self.watcher, restore_from=restore_from,
+            declared_impairments={vlan: d for (node, vlan), d in self.declared_impairments.items() if node == name},
+            global_deadline=lambda: self.global_deadline)
+
+    def connect_all(self, machines: list[Machine]) -> None:
+        """Start the machines and wait for all of them to come up, in parallel."""
+        on_each(machines, Machine.connect)
 
     # -- globals ------------------------------------------------------------------------------
 
@@ -153,14 +173,14 @@ class Driver:
         self.log("start all VMs")
         for m in self.machines:
             m.start()
-        _on_each(self.machines, Machine.connect)
+        self.connect_all(self.machines)
 
     def parallel(self, command: str | list[str], *machines: Machine, timeout: float | None = 900
                  ) -> dict[str, ExecResult]:
         """Extension: the same command on several machines (default: all) at once; each
         machine's result (status, stdout, stderr, duration) by name."""
         chosen = list(machines) or self.machines
-        results = _on_each(chosen, lambda m: m.run(command, timeout=timeout))
+        results = on_each(chosen, lambda m: m.run(command, timeout=timeout))
         return {m.name: r for m, r in zip(chosen, results, strict=True)}
 
     def create_machine(self, start_command: str, *, name: str | None = None,
@@ -174,11 +194,7 @@ class Driver:
     def start_from_snapshot(self, snapshot: Snapshot, names: list[str]) -> list[Machine]:
         """Extension: clones of `snapshot` (from machine.snapshot(name)), one per name, restored
         in parallel and up; each a full Machine, in `machines` and cleaned up with the run."""
-        started = clones.start_clones(self, snapshot, names)
-        for m in started:
-            m.callbacks.append(self.check_global_timeout)
-            m.global_deadline = self.global_deadline
-        return started
+        return clones.start_clones(self, snapshot, names)
 
     def join_all(self) -> None:
         for m in self.machines:
@@ -246,9 +262,7 @@ class Driver:
         """The global timeout starts now: machines' commands without a timeout wait until it
         at most; when it passes, _on_global_timeout ends the test."""
         self.cancel_global_timer()
-        self.global_deadline = time.monotonic() + self.global_timeout
-        for m in self.machines:
-            m.global_deadline = self.global_deadline
+        self.global_deadline = time.monotonic() + self.global_timeout  # machines read it
         self._timer = threading.Timer(self.global_timeout, self._on_global_timeout)
         self._timer.daemon = True
         self._timer.start()
@@ -389,7 +403,7 @@ class Driver:
         self.release()
 
 
-def _on_each(machines: list[Machine], fn: Callable[[Machine], T]) -> list[T]:
+def on_each(machines: list[Machine], fn: Callable[[Machine], T]) -> list[T]:
     """fn(m) for every machine on its own thread, all at once; results in order, or the first
     error raised."""
     results: dict[int, T] = {}

@@ -125,3 +125,7 @@ class FileTooLarge(GuestLimitExceeded):
 class MissingCapability(TestScriptError):
     """The script asked for something this machine's backend (nixlib's effective capabilities of
     the node) or this run's network mode cannot do; the message names the capability."""
+
+
+class RequestedAssertionFailed(TestFailure):
+    """Same name as the NixOS driver's: a test assertion failed."""

@@ -1,7 +1,9 @@
 """Machine: the NixOS test driver's machine API over the binary backdoor.
 
 Names, arguments, defaults and error messages follow nixpkgs' test driver so test scripts run
-unchanged; `run()` is the extension returning stdout, stderr and timings separately.
+unchanged; `run()` is the extension returning stdout, stderr and timings separately.  This is
+the facade (commands, systemd, waits, files, console and screen, network): the VM and the
+backdoor connection (start, connect, boots, reboot, crash, shutdown) are its Session's.
 """
 
 from __future__ import annotations
@@ -16,32 +18,33 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import backdoorkey, backends, caps, clones, netem, safepath, screen, shares
+from . import caps, clones, netem, safepath, screen, shares
 from . import protocol as P
+from .backends import Backend
 from .client import DEFAULT_MAX_OUTPUT, BackdoorClient, ExecResult, OutputCallback
 from .errors import (
     AgentRestarted,
-    BackdoorError,
     BootError,
     ConnectionLost,
     GuestStoppedReading,
     MachineExited,
-    TestFailure,
+    RequestedAssertionFailed,
     WaitTimeout,
 )
 from .keys import key_for
 from .network import LinkCounters, Network
 from .portforward import PortForward
 from .report import EventLog
+from .retry import retry
+from .session import Session, stderr_log
 from .snapshots import Snapshot
 from .watch import SHUTDOWN_MARKER, SHUTDOWN_QUIET, Rule, Watcher
 
+if TYPE_CHECKING:
+    from .backends.qemu import QemuBackend
 
-class RequestedAssertionFailed(TestFailure):
-    """Same name as the NixOS driver's: a test assertion failed."""
+__all__ = ["Machine", "RequestedAssertionFailed", "retry"]  # the last two: as the NixOS driver's
 
-
-PROGRESS_EVERY = 10.0  # seconds between "still waiting" lines
 # The host waits for a command its timeout plus this: the agent kills a timed-out command and
 # reports it, which a slow (TCG) guest may take a while to do.
 COMMAND_WAIT_GRACE = 60.0
@@ -57,25 +60,7 @@ CONSOLE_MATCH_SPAN = 256 * 1024
 CONSOLE_POLL = 0.05  # seconds: lines arriving meanwhile are checked together
 CONSOLE_EXIT_DRAIN = 1.0  # seconds for a VM's last console lines once it has exited
 
-
-def retry(fn: Callable[[bool], Any], timeout_seconds: int | float = 900,
-          progress: Callable[[float], None] | None = None) -> None:
-    """Call fn(False) every second until it returns truthy; then one last fn(True).
-    progress(elapsed) is called about every PROGRESS_EVERY seconds of waiting."""
-    start = time.monotonic()
-    next_progress = start + PROGRESS_EVERY
-    while time.monotonic() - start < timeout_seconds:
-        if fn(False):
-            return
-        time.sleep(1)
-        if progress is not None and time.monotonic() >= next_progress:
-            progress(time.monotonic() - start)
-            next_progress = time.monotonic() + PROGRESS_EVERY
-    elapsed = time.monotonic() - start
-    if not fn(True):
-        raise RequestedAssertionFailed(
-            f"action timed out after {elapsed:.2f} seconds (timeout={timeout_seconds})"
-        )
+Impairments = dict[int, tuple[netem.Impairment, str]]  # vlan → (impairment, direction)
 
 
 def _console_window(text: str) -> str:
@@ -105,38 +90,35 @@ class Machine:
         network: Network | None = None,
         events: EventLog | None = None,
         keep_state: bool = False,
+        *,
+        watcher: Watcher | None = None,
+        declared_impairments: Impairments | None = None,
+        restore_from: Snapshot | None = None,
+        global_deadline: Callable[[], float | None] | None = None,
     ) -> None:
+        """Everything comes from the caller (the driver, or a test making one machine):
+        `callbacks` run before each command; `watcher` is the driver's failure detection, fed
+        by the console; `declared_impairments` are applied at each boot; a clone's first start
+        restores `restore_from`; `global_deadline()` is the driver's global timeout (monotonic)."""
         self.name = name
-        self.events = events if events is not None else EventLog(None)
-        self.watcher: Watcher | None = None  # the driver's failure detection, fed by the console
-        self.keep_state = keep_state
-        self._disk_made = False
-        self.network = network if network is not None else Network({"nodes": {}, "vlans": {}}, log or print)
-        self.forwards: list[PortForward] = []
-        # vlan → (impairment, direction) from the test's node declarations, applied at each boot
-        self.declared_impairments: dict[int, tuple[netem.Impairment, str]] = {}
         self.plan = plan
         self.out_dir = out_dir
         self.boot_timeout = boot_timeout
         self.callbacks = callbacks or []
-        self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        self.backend = backends.make(name, plan)
-        self.client: BackdoorClient | None = None
+        self.events = events if events is not None else EventLog(None)
+        self._log = log or stderr_log
+        self.network = network if network is not None else Network({"nodes": {}, "vlans": {}}, self._log)
+        self.watcher = watcher
+        self.declared_impairments: Impairments = dict(declared_impairments or {})
+        self._global_deadline = global_deadline or (lambda: None)
+        self.forwards: list[PortForward] = []
         # Most stdout + stderr run() keeps in memory per command (execute/succeed/fail too);
         # raise it here or per call with run(max_output=...).
         self.max_output = DEFAULT_MAX_OUTPUT
-        self.booted = False
-        self.boot_id: str | None = None
-        self.boot_ids: list[str] = []  # one per boot seen, in order
-        self.reboots_seen = 0
-        self._start_lock = threading.Lock()
         self.serial_stdout = False
-        self.going_down = False  # shutting down (or rebooting): see watch.SHUTDOWN_MARKER
-        self._boot_setup_due = False  # a new boot awaits _boot_setup
-        self.restore_from: Snapshot | None = None  # a clone: its first start restores this
-        self.restore_seconds: float | None = None  # a clone: restore → its first command possible
-        self._identity_due: float | None = None  # a clone's restore began then; identity pending
-        self.global_deadline: float | None = None  # the driver's global timeout (monotonic)
+        self.session = Session(name, plan, out_dir, boot_timeout, log=self.log, events=self.events,
+                               network=self.network, keep_state=keep_state, restore_from=restore_from,
+                               on_console=self._on_console, on_new_boot=self._boot_setup)
 
     def __repr__(self) -> str:
         return f"<Machine '{self.name}'>"
@@ -148,33 +130,69 @@ class Machine:
     def log(self, msg: str) -> None:
         self._log(f"{self.name}: {msg}")
 
+    # -- the session's state, read here ---------------------------------------------------------
+
+    @property
+    def backend(self) -> Backend:
+        return self.session.backend
+
+    @property
+    def client(self) -> BackdoorClient | None:
+        return self.session.client
+
+    @client.setter
+    def client(self, client: BackdoorClient | None) -> None:
+        """Tests: drop the connection (the next command opens a new one)."""
+        self.session.client = client
+
+    @property
+    def booted(self) -> bool:
+        return self.session.booted
+
+    @property
+    def boot_id(self) -> str | None:
+        return self.session.boot_id
+
+    @property
+    def boot_ids(self) -> list[str]:
+        """One boot id per boot seen, in order."""
+        return self.session.boot_ids
+
+    @property
+    def reboots_seen(self) -> int:
+        return self.session.reboots_seen
+
+    @property
+    def going_down(self) -> bool:
+        """Shutting down (or rebooting): see watch.SHUTDOWN_MARKER."""
+        return self.session.going_down
+
+    @property
+    def restore_from(self) -> Snapshot | None:
+        return self.session.restore_from
+
+    @property
+    def restore_seconds(self) -> float | None:
+        """A clone: from the start of its restore until its first command was possible."""
+        return self.session.restore_seconds
+
+    @property
+    def global_deadline(self) -> float | None:
+        """The driver's global timeout (monotonic), if it runs."""
+        return self._global_deadline()
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     def is_up(self) -> bool:
-        return self.booted and self.client is not None and self.client.agent is not None
+        return self.session.is_up()
 
     def start(self, allow_reboot: bool = True) -> None:
         """Launch the VM (does not wait for it: the first command does, as in NixOS)."""
-        with self._start_lock:
-            if self.booted:
-                return
-            self.log("starting vm")
-            # A clone's first start restores its snapshot; later ones boot its own disk.
-            restore_from = None if self._disk_made else self.restore_from
-            # The disk survives crash()/shutdown() and start() within a run, as a real one
-            # would; with -K it also survives the run.
-            self.backend = backends.make(self.name, self.plan, preexec=self.network.preexec(),
-                                       keep_disk=self.keep_state or self._disk_made)
-            self._disk_made = True
-            self.backend.console_callbacks.append(self._on_console)
-            self.backend.console_artifact = self.out_dir / self.name / "console.log"
-            if restore_from is not None:
-                self._identity_due = time.monotonic()
-                clones.restore(self, restore_from)
-            else:
-                self.backend.start()
-            self.booted = True
-            self.log(f"QEMU running (pid {self.backend.pid})")
+        self.session.start()
+
+    def connect(self) -> BackdoorClient:
+        """Start if needed and wait until the agent has said hello (bounded by the boot timeout)."""
+        return self.session.connect()
 
     def watch(self, regex: str, severity: str = "fail", name: str | None = None) -> None:
         """Extension: fail the test (or warn) as soon as this machine's console matches `regex`."""
@@ -191,83 +209,15 @@ class Machine:
     def _on_console(self, line: str) -> None:
         if self.watcher is not None:
             if SHUTDOWN_MARKER.search(line):
-                self.going_down = True
+                self.session.going_down = True
             self.watcher.feed(self.name, line, SHUTDOWN_QUIET if self.going_down else frozenset())
         if self.serial_stdout:
             print(f"{self.name} # {line}", file=sys.stderr, flush=True)
 
-    def connect(self) -> BackdoorClient:
-        """Start if needed and wait until the agent has said hello (bounded by the boot timeout)."""
-        if self.client is not None and self.client.closed and self.backend.reconnects:
-            self.client = None  # a vsock connection ends with the agent: open a new one
-        if self.booted and self._vmm_ended_by_reboot():
-            self._restart_vmm()
-        if self.client is not None and self.client.agent is not None:
-            if self._boot_setup_due:
-                self._boot_setup()
-            return self.client
-        self.start()
-        t0 = time.monotonic()
-        deadline = t0 + self.boot_timeout
-        what = "the backdoor agent's hello"
-        try:
-            next_progress = t0 + PROGRESS_EVERY
-            while True:
-                if self._vmm_ended_by_reboot():
-                    self._restart_vmm()
-                if self.client is None:
-                    try:
-                        sock = self.backend.connect_backdoor(timeout=max(0.1, deadline - time.monotonic()))
-                    except ConnectionLost:
-                        if self._vmm_ended_by_reboot():
-                            continue
-                        raise
-                    self.client = BackdoorClient(sock, self.name, on_restart=self._on_agent_restart,
-                                                 key=backdoorkey.read(self.plan))
-                if not self.backend.alive():
-                    if self._vmm_ended_by_reboot():
-                        continue
-                    raise ConnectionLost("QEMU exited")
-                try:
-                    ack = self.client.wait_ready(min(2.0, max(0.1, deadline - time.monotonic())), what)
-                    break
-                except WaitTimeout:
-                    if time.monotonic() >= deadline:
-                        raise
-                except ConnectionLost:
-                    # vsock: the agent we reached went away (a reboot, a restart): reach the next
-                    if not self.backend.reconnects or time.monotonic() >= deadline:
-                        raise
-                    self.client = None
-                    time.sleep(0.1)
-                if time.monotonic() >= next_progress:
-                    next_progress = time.monotonic() + PROGRESS_EVERY
-                    self.log(f"still waiting for {what} ({time.monotonic() - t0:.0f}s of "
-                             f"{self.boot_timeout:.0f}s)")
-        except (WaitTimeout, ConnectionLost, BackdoorError) as e:
-            self.events.emit("boot", self.name, time.monotonic() - t0, "error", error=str(e))
-            raise BootError(
-                f"{self.name}: {e}; waited {time.monotonic() - t0:.0f}s for {what} "
-                f"(boot timeout {self.boot_timeout:.0f}s). "
-                f"QEMU: {'running' if self.backend.alive() else 'exited: ' + self.backend.stderr_tail()}\n"
-                f"last console lines:\n{self.backend.console_tail()}"
-            ) from None
-        self._note_boot(ack.boot_id)
-        if self._identity_due is not None:  # a clone's first hello: give it its identity
-            started, self._identity_due = self._identity_due, None
-            clones.adopt_identity(self, started)
-        self.events.emit("boot", self.name, time.monotonic() - t0, boot_id=ack.boot_id)
-        self.log(f"connected to agent {ack.agent_version} (boot {ack.boot_id[:8]}, "
-                 f"{time.monotonic() - t0:.1f}s)")
-        if self._boot_setup_due:
-            self._boot_setup()
-        return self.client
-
     def _boot_setup(self) -> None:
-        """What every new boot needs before the test's next command: its shared directories
-        mounted and the impairments declared for this node (the guest engine's tc settings die
-        with the boot)."""
-        self._boot_setup_due = False
+        """What every new boot needs before the test's next command (the session calls it):
+        its shared directories mounted and the impairments declared for this node (the guest
+        engine's tc settings die with the boot)."""
         if self.plan.get("shares"):
             self._wait_for_shares()
         for vlan, (imp, direction) in self.declared_impairments.items():
@@ -283,22 +233,6 @@ class Machine:
                             f"{r.stderr.decode(errors='replace').strip()}; "
                             f"{self.execute('journalctl -b -u ntng-shares.service -o cat')[1].strip()}")
 
-    def _note_boot(self, boot_id: str) -> None:
-        self.going_down = False  # a new boot's agent (or the same one, still up) answered
-        if boot_id != self.boot_id:
-            self._boot_setup_due = True
-            if self.boot_id is not None:
-                self.reboots_seen += 1
-            self.boot_ids.append(boot_id)
-        self.boot_id = boot_id
-
-    def _on_agent_restart(self, ack: P.HelloAck, previous: P.HelloAck) -> None:
-        if ack.boot_id != previous.boot_id:
-            self._boot_setup_due = True  # done by the next command (this is the reader thread)
-            self.log(f"guest rebooted (boot id {previous.boot_id[:8]} → {ack.boot_id[:8]})")
-        else:
-            self.log("backdoor agent restarted (same boot)")
-
     @property
     def clone_id(self) -> str | None:
         """Extension: a clone's id (also in the guest's /run/ntng/clone-id); None otherwise."""
@@ -312,26 +246,7 @@ class Machine:
         return clones.take(self, name)
 
     def wait_for_shutdown(self, timeout: float | None = None) -> None:
-        if not self.booted:
-            return
-        self.log("waiting for the VM to power off")
-        limit = timeout if timeout is not None else self.boot_timeout
-        if self.backend.wait_exit(limit) is None:
-            raise WaitTimeout(f"{self.name}: the VM did not power off within {limit:.0f}s")
-        self._stopped()
-
-    def _stopped(self) -> None:
-        self.backend.release()
-        self._save_console()
-        if self.client is not None:
-            self.client.close()
-        self.client = None
-        self.booted = False
-
-    def _save_console(self) -> None:
-        """Artifact: every boot's console (kernel, journal, agent) in out_dir/<machine>/console.log,
-        written as it arrives (console.CONSOLE_ARTIFACT_BYTES at most); finished here."""
-        self.backend.close_console_artifact()
+        self.session.wait_for_shutdown(timeout)
 
     def save_journal(self, timeout: float = 20) -> Path | None:
         """Artifact: this boot's journal in out_dir/<machine>/journal.log.  Best effort and
@@ -350,68 +265,16 @@ class Machine:
         return path
 
     def shutdown(self) -> None:
-        """Clean poweroff from inside the guest, then wait for QEMU to exit."""
-        if not self.booted:
-            return
-        client = self.connect()
-        self.going_down = True
-        try:
-            client.execute(P.Exec(argv=["systemctl", "poweroff", "--no-block"]), wait=30)
-        except BackdoorError:
-            pass
-        self.wait_for_shutdown()
+        """Clean poweroff from inside the guest, then wait for the VMM to exit."""
+        self.session.shutdown()
 
     def crash(self) -> None:
-        """Simulate a power loss: QEMU quits at once."""
-        if not self.booted:
-            return
-        self.log("forced crash")
-        self.backend.quit()
-        self._stopped()
-
-    def _vmm_ended_by_reboot(self) -> bool:
-        return self.backend.restarts_on_reboot and not self.backend.alive() and self.backend.exited_for_reboot()
-
-    def _restart_vmm(self) -> None:
-        """The guest rebooted a VM whose VMM exits on reboot (nixlib restartOnReboot): start it
-        again on the same disk, so the test sees a reboot."""
-        self.log("guest rebooted: starting the VM again on the same disk")
-        self._stopped()
-        self.start()
+        """Simulate a power loss: the VMM quits at once."""
+        self.session.crash()
 
     def reboot(self) -> None:
         """Ctrl-Alt-Delete; the next command waits for the agent of the new boot."""
-        client = self.connect()
-        old_boot = self.boot_id
-        self.going_down = True
-        self.send_key("ctrl-alt-delete")
-        if self.backend.restarts_on_reboot:
-            if self.backend.wait_exit(self.boot_timeout) is None:
-                raise BootError(f"{self.name}: the guest did not reboot within {self.boot_timeout:.0f}s after "
-                                f"ctrl-alt-delete\nlast console lines:\n{self.backend.console_tail()}")
-            self.connect()  # restarts the VM: it exited for the reboot
-            if self.boot_id == old_boot:
-                raise BootError(f"{self.name}: the same boot answered after the restart")
-            return
-        # The agent of the new boot announces itself; wait until the boot id changes.
-        deadline = time.monotonic() + self.boot_timeout
-        while True:
-            try:
-                if self.backend.reconnects:  # the old boot's connection closes; connect anew
-                    client = self.connect()
-                ack = client.wait_ready(max(0.1, deadline - time.monotonic()))
-                if ack.boot_id != old_boot:
-                    self._note_boot(ack.boot_id)
-                    return
-            except WaitTimeout:
-                pass
-            except ConnectionLost:
-                if not self.backend.reconnects:
-                    raise
-            if time.monotonic() >= deadline:
-                raise BootError(f"{self.name}: no new boot within {self.boot_timeout:.0f}s after "
-                                f"ctrl-alt-delete\nlast console lines:\n{self.backend.console_tail()}")
-            time.sleep(0.2)
+        self.session.reboot(lambda: self.send_key("ctrl-alt-delete"))
 
     def release(self) -> None:
         """Stop everything of this machine, bounded: the backdoor connection is closed first (a
@@ -422,10 +285,7 @@ class Machine:
         for fwd in self.forwards:
             fwd.close()
         self.forwards = []
-        if self.booted or self.backend.proc is not None:
-            if self.backend.alive():
-                self.log(f"kill machine (pid {self.backend.pid})")
-            self._stopped()
+        self.session.release()
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -719,8 +579,7 @@ class Machine:
                     continue  # its last lines are still coming
                 if matched():
                     return
-                if self._vmm_ended_by_reboot():
-                    self._restart_vmm()
+                if self.session.follow_reboot():  # restarted by its backend: a reboot
                     continue
                 raise MachineExited(
                     f"{self.name}: the VM exited (status {backend.wait_exit(0)}) while waiting for "
@@ -1084,7 +943,7 @@ class Machine:
         self.events.emit("wait", self.name, time.monotonic() - t0, what=f"QMP event {event.get('event')}")
         return event
 
-    def _qemu(self, method: str) -> backends.qemu.QemuBackend:
+    def _qemu(self, method: str) -> QemuBackend:
         """The QEMU backend, for the methods only QEMU has; a plan without capabilities (which
         the guard does not judge) on another backend gets the same error as the guard's."""
         from .backends.qemu import QemuBackend

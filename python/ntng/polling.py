@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import TestFailure
-from .machine import retry
+from .retry import retry
 
 if TYPE_CHECKING:
     from .driver import Driver

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import silent_vmm
 
+from ntng import backends, testspec
 from ntng import driver as driver_mod
 from ntng import machine as machine_mod
-from ntng import testspec
 from ntng.driver import Driver
 from ntng.errors import EXIT_TIMEOUT, BackdoorError, MachineExited, WaitTimeout
 from ntng.machine import Machine
@@ -34,12 +34,19 @@ MiB = 1024 * 1024
 
 @pytest.fixture
 def fake_backends(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(machine_mod.backends, "make", silent_vmm.make)
+    monkeypatch.setattr(backends, "make", silent_vmm.make)
 
 
 @pytest.fixture
-def machine(tmp_path: Path, fake_backends: None) -> Iterator[Machine]:
-    m = Machine("machine", silent_vmm.plan(tmp_path / "state"), tmp_path / "out", boot_timeout=20)
+def deadline() -> list[float | None]:
+    """The global deadline the machine sees (as a driver's): [None], or set by a test."""
+    return [None]
+
+
+@pytest.fixture
+def machine(tmp_path: Path, fake_backends: None, deadline: list[float | None]) -> Iterator[Machine]:
+    m = Machine("machine", silent_vmm.plan(tmp_path / "state"), tmp_path / "out", boot_timeout=20,
+                global_deadline=lambda: deadline[0])
     m.connect()
     yield m
     m.release()
@@ -84,10 +91,10 @@ def test_a_command_without_timeout_is_not_waited_for_for_days(machine: Machine,
     assert time.monotonic() - t0 < 3
 
 
-def test_without_timeout_the_host_waits_for_the_global_deadline(machine: Machine,
+def test_without_timeout_the_host_waits_for_the_global_deadline(machine: Machine, deadline: list[float | None],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(machine_mod, "COMMAND_WAIT_GRACE", 0.5)
-    machine.global_deadline = time.monotonic() + 1.0
+    deadline[0] = time.monotonic() + 1.0
     stop_guest(machine)
     t0 = time.monotonic()
     with pytest.raises(WaitTimeout):

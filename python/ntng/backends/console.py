@@ -54,6 +54,15 @@ class ConsoleLines:
         self._artifact_room = 0  # bytes the open artifact may still take
         self._unwritten_from: int | None = None  # first line not streamed (the cap was reached)
 
+    def _restart_console(self) -> None:
+        """A new run of the same VMM (restart on reboot): its lines replace the kept ones and
+        are numbered on from the last run's (a waiter's line count stays valid); callbacks and
+        the artifact carry on."""
+        with self._console_cond:
+            self._tail.clear()
+            self._tail_cost = 0
+            self._console_ended = False
+
     # -- reading the stream ---------------------------------------------------------------------
 
     def _pump_console(self, read: Read, copy: Callable[[bytes], None] | None = None) -> None:

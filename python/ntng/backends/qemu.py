@@ -47,11 +47,16 @@ class QemuBackend(VmmProcess):
             raise SetupError(f"{self.machine_name}: this plan is not a clone's (nixlib gives restoreArgv "
                              "only with `restore`)")
         self._launch(argv)
-        qemu_migrate.restore(self, Path(layout["directory"]))
+        ram = self.plan.get("restoreRam") or {}
+        qemu_migrate.restore(self.qmp_client(), Path(layout["directory"]), self.machine_name,
+                             Path(ram["path"]) if ram.get("kind") == "file" else None)
 
     def snapshot_save(self, layout: dict[str, Any], resume: bool = True) -> tuple[int, int]:
         """Freeze this VM into the layout's directory (qemu_migrate.save); the stream's size, RAM copied."""
-        return qemu_migrate.save(self, Path(layout["directory"]), resume)
+        memfd_ram = (self.plan.get("ram") or {}).get("kind") == "memfd"
+        return qemu_migrate.save(self.qmp_client(), Path(layout["directory"]), Path(self.plan["files"]["disk"]),
+                                 self.machine_name, ram_pid=self.pid if memfd_ram else None,
+                                 resume=resume)
 
     def _launch(self, argv: list[str]) -> None:
         if self.plan["backdoor"].get("vhost") and not os.path.exists(VHOST_VSOCK):
@@ -106,7 +111,7 @@ class QemuBackend(VmmProcess):
     def quit(self) -> None:
         """Like pulling the plug: QEMU exits at once."""
         try:
-            self._qmp().command("quit", timeout=10)
+            self.qmp_client().command("quit", timeout=10)
         except Exception:
             pass
         if self.wait_exit(10) is None:
@@ -127,39 +132,40 @@ class QemuBackend(VmmProcess):
 
     # -- QMP conveniences ---------------------------------------------------------------------
 
-    def _qmp(self) -> QMPClient:
+    def qmp_client(self) -> QMPClient:
+        """The running VM's QMP connection (SetupError when it is not running)."""
         if self.qmp is None:
             raise SetupError(f"{self.machine_name}: the VM is not running")
         return self.qmp
 
     def send_key(self, key: str) -> None:
         keys = [{"type": "qcode", "data": k} for k in key.split("-")]
-        self._qmp().command("send-key", keys=keys)
+        self.qmp_client().command("send-key", keys=keys)
 
     def screendump(self, path: Path, fmt: str = "ppm") -> None:
         """The display into a file; fmt "png" needs QEMU 7.1 (older ones reject the argument)."""
         extra: dict[str, Any] = {} if fmt == "ppm" else {"format": fmt}
-        self._qmp().command("screendump", filename=str(path), **extra)
+        self.qmp_client().command("screendump", filename=str(path), **extra)
 
     def set_link(self, netdev: str, up: bool) -> None:
-        self._qmp().command("set_link", name=netdev, up=up)
+        self.qmp_client().command("set_link", name=netdev, up=up)
 
     def monitor_command(self, command: str) -> str:
         """A human monitor (HMP) command through QMP's human-monitor-command; its text output
         (HMP reports its errors there too, as text)."""
-        out = self._qmp().command("human-monitor-command", timeout=MONITOR_COMMAND_TIMEOUT,
+        out = self.qmp_client().command("human-monitor-command", timeout=MONITOR_COMMAND_TIMEOUT,
                                   **{"command-line": command})
         return str(out or "")
 
     def wait_for_qmp_event(self, event_filter: EventFilter, timeout: float) -> dict[str, Any]:
         """The first QMP event not yet handed out for which event_filter is true (qmp.wait_for)."""
-        return self._qmp().wait_for(event_filter, timeout)
+        return self.qmp_client().wait_for(event_filter, timeout)
 
     def pause(self) -> None:
-        self._qmp().command("stop")
+        self.qmp_client().command("stop")
 
     def resume(self) -> None:
-        self._qmp().command("cont")
+        self.qmp_client().command("cont")
 
     # -- console ------------------------------------------------------------------------------
 

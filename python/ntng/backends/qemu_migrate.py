@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from .. import snapshots
 from ..errors import SetupError
+from .vmm import copy_disk
 
 if TYPE_CHECKING:
     from ..qmp import QMPClient
-    from .qemu import QemuBackend
 
 MIGRATE_TIMEOUT = 300.0
 POLL = 0.02
@@ -90,16 +90,16 @@ def copy_sparse(source: Path, target: Path) -> int:
     return copied
 
 
-def save(backend: QemuBackend, directory: Path, resume: bool = True) -> tuple[int, int]:
-    """Freeze the running VM into `directory` (memory stream, RAM file where the RAM is a
-    memfd, read-only disk copy, a note).  Returns the stream's size and the RAM bytes copied."""
-    qmp = backend._qmp()
+def save(qmp: QMPClient, directory: Path, disk: Path, who: str, *, ram_pid: int | None = None,
+         resume: bool = True) -> tuple[int, int]:
+    """Freeze the running VM behind `qmp` into `directory` (memory stream, RAM file where the
+    RAM is a memfd of QEMU process `ram_pid`, read-only copy of `disk`, a note naming machine
+    `who`).  Returns the stream's size and the RAM bytes copied."""
     directory.mkdir(parents=True)
     memory = directory / snapshots.MEMORY
     ram_copied = 0
-    memfd_ram = (backend.plan.get("ram") or {}).get("kind") == "memfd"
     qmp.command("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
-    _ignore_shared(qmp, memfd_ram)
+    _ignore_shared(qmp, ram_pid is not None)
     qmp.command("stop")
     try:
         qmp.command("migrate", uri=f"exec:cat > {shlex.quote(str(memory))}")
@@ -108,13 +108,11 @@ def save(backend: QemuBackend, directory: Path, resume: bool = True) -> tuple[in
         except SetupError:
             qmp.command("migrate_cancel")  # a timed-out migration must not go on behind `cont`
             raise
-        if memfd_ram:
-            assert backend.proc is not None
-            ram_copied = copy_sparse(find_memfd(backend.proc.pid), directory / snapshots.RAM)
-        disk = Path(backend.plan["files"]["disk"])
-        backend._copy_disk(disk, directory / snapshots.DISK)
+        if ram_pid is not None:
+            ram_copied = copy_sparse(find_memfd(ram_pid), directory / snapshots.RAM)
+        copy_disk(disk, directory / snapshots.DISK, who)
         os.chmod(directory / snapshots.DISK, 0o444)  # a base now: nothing may write to it
-        note = {"backend": backend.name, "machine": backend.machine_name, "disk": str(disk)}
+        note = {"backend": "qemu", "machine": who, "disk": str(disk)}
         (directory / snapshots.NOTE).write_text(json.dumps(note, indent=2) + "\n")
     finally:
         if resume:
@@ -122,16 +120,16 @@ def save(backend: QemuBackend, directory: Path, resume: bool = True) -> tuple[in
     return memory.stat().st_size, ram_copied
 
 
-def restore(backend: QemuBackend, directory: Path, timeout: float = MIGRATE_TIMEOUT) -> None:
-    """Load `directory`'s memory stream into a QEMU started with `-incoming defer`, run it."""
+def restore(qmp: QMPClient, directory: Path, who: str, ram_file: Path | None = None,
+            timeout: float = MIGRATE_TIMEOUT) -> None:
+    """Load `directory`'s memory stream into a QEMU started with `-incoming defer` (behind
+    `qmp`), run it.  `ram_file`: the snapshot's RAM file the clone maps (the stream has no RAM)."""
     memory = directory / snapshots.MEMORY
     if not memory.exists():
-        raise SetupError(f"{backend.machine_name}: {directory} holds no snapshot ({memory} is missing)")
-    qmp = backend._qmp()
-    ram = backend.plan.get("restoreRam") or {}
-    if ram.get("kind") == "file":  # the stream holds no RAM: the clone maps the snapshot's file
-        if not Path(ram["path"]).exists():
-            raise SetupError(f"{backend.machine_name}: the snapshot's RAM file {ram['path']} is missing")
+        raise SetupError(f"{who}: {directory} holds no snapshot ({memory} is missing)")
+    if ram_file is not None:
+        if not ram_file.exists():
+            raise SetupError(f"{who}: the snapshot's RAM file {ram_file} is missing")
         _ignore_shared(qmp, True)
     qmp.command("migrate-incoming", uri=f"exec:cat {shlex.quote(str(memory))}")
     wait_migration(qmp, f"restoring from {memory}", timeout)

@@ -21,6 +21,7 @@ from ..unixhttp import UnixHttpClient
 from .console import ConsoleLines
 
 HELPER_START_TIMEOUT = 10.0
+TITLES = {"qemu": "QEMU", "firecracker": "Firecracker", "cloud-hypervisor": "Cloud Hypervisor"}
 # After SIGKILL a process is gone at once unless it is stuck in the kernel (D state, e.g. on a
 # dead file system); release() does not wait for it longer than this.
 KILL_REAP_TIMEOUT = 5.0
@@ -46,6 +47,11 @@ class VmmProcess(ConsoleLines):
         return Path(self.plan["files"]["stderr"])
 
     @property
+    def title(self) -> str:
+        """The VMM's name in log lines and errors ("QEMU running", "Firecracker exited")."""
+        return TITLES.get(self.name, self.name)
+
+    @property
     def restarts_on_reboot(self) -> bool:
         """A guest reboot ends this VMM and the runner starts it again (nixlib's restartOnReboot)."""
         return bool(self.plan.get("restartOnReboot", False))
@@ -53,6 +59,32 @@ class VmmProcess(ConsoleLines):
     def exited_for_reboot(self) -> bool:
         """Whether the VMM is gone because the guest asked for a reboot."""
         return False
+
+    def restart_if_rebooted(self) -> bool:
+        """The restart-on-reboot policy: where the plan says a guest reboot ends the VMM
+        (restartOnReboot) and it did, start it again on the same disk, so the test sees a
+        reboot.  Whether it did (the backdoor connection ended with the old VMM)."""
+        if not (self.restarts_on_reboot and self.proc is not None and not self.alive()
+                and self.exited_for_reboot()):
+            return False
+        self._relaunch()
+        return True
+
+    def _relaunch(self) -> None:
+        """Stop what is left of the VMM and start it again on the same disk (restart_if_rebooted):
+        console.log goes on, the lines kept in memory are the new run's.  Needs a backend that
+        start() can run again after release() (QEMU's; only QEMU plans say restartOnReboot)."""
+        self.release()
+        self.close_console_artifact()  # the new run's lines open it again (appended)
+        self._restart_console()
+        self.keep_disk = True
+        self.start()
+
+    def start(self) -> None:
+        raise NotImplementedError  # each backend's
+
+    def release(self) -> None:
+        raise NotImplementedError  # each backend's
 
     # -- starting -----------------------------------------------------------------------------
 
@@ -160,13 +192,10 @@ class VmmProcess(ConsoleLines):
             kill_group(proc)
         self.helpers = []
 
-    def _copy_disk(self, source: Path, target: Path) -> None:
+    def copy_disk(self, source: Path, target: Path) -> None:
         """A disk image copied as the plan's prepare step does it (sparse, CoW where possible)."""
-        target.parent.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(source), str(target)],
-                           capture_output=True, text=True, timeout=600)
-        if r.returncode != 0:
-            raise SetupError(f"{self.machine_name}: copying {source} to {target} failed: {r.stderr.strip()}")
+        copy_disk(source, target, self.machine_name)
+
 
     def _remove_sockets(self) -> None:
         """The VMM is gone: its sockets are dead ends (a killed VMM cannot remove them)."""
@@ -202,6 +231,16 @@ class ApiVmm(VmmProcess):
         self.who = f"{machine_name}: {self.name}"
         self.api = UnixHttpClient(plan["sockets"]["api"], self.who)
         self.paused = False
+
+
+def copy_disk(source: Path, target: Path, who: str) -> None:
+    """A disk image copied as the plan's prepare step does it (sparse, CoW where possible);
+    `who` (the machine) names it in the error."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(source), str(target)],
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise SetupError(f"{who}: copying {source} to {target} failed: {r.stderr.strip()}")
 
 
 def kill_group(proc: subprocess.Popen[bytes]) -> None:
