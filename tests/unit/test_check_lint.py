@@ -54,7 +54,7 @@ def f():
         "t.py:4: error: undefined name 'start_al' (did you mean start_all?)",
         "t.py:5: error: a.wait_for_unti: no such Machine method (did you mean wait_for_unit?)",
         't.py:6: error: fc.screenshot(): backend firecracker lacks capability "screenshot" '
-        "(it has: snapshot, networks, console)",
+        "(it has: snapshot, networks, block, console, consoleInput)",
         "t.py:8: error: undefined name 'undefined_here'",
     ]
     assert all(ln.startswith("t.py:") for ln in r.stderr.splitlines())

@@ -192,9 +192,9 @@ def test_ntng_check_names_the_missing_monitor_capability(tmp_path: Path) -> None
         check.check(p, type_check=False)
     assert str(e.value).splitlines() == [
         f'{p}:6: error: b.send_monitor_command(): backend firecracker lacks capability "monitor" '
-        "(it has: snapshot, networks, console)",
+        "(it has: snapshot, networks, block, console, consoleInput)",
         f'{p}:7: error: c.wait_for_qmp_event(): backend cloud-hypervisor lacks capability "monitor" '
-        "(it has: snapshot, sharedDirs, networks, reboot, console)",
+        "(it has: snapshot, sharedDirs, networks, block, reboot, console)",
     ]
 
 
