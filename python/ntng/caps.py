@@ -8,13 +8,10 @@ all judge from the one Nix table.
 
 from __future__ import annotations
 
-import ast
 import difflib
 import functools
-import importlib.util
 import threading
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import MissingCapability
@@ -128,37 +125,3 @@ def unknown_attribute(obj: object, name: str) -> AttributeError:
     return AttributeError(f"'{type(obj).__name__}' object has no attribute '{name}'{hint}",
                           name=name, obj=obj)
 
-
-# -- check time -----------------------------------------------------------------------------------
-
-@functools.cache
-def machine_attributes() -> frozenset[str] | None:
-    """Every attribute a Machine has: the names its class body defines and the `self.x = …` of
-    its methods, read from machine.py's source without importing it (the quick check loads no
-    runtime; and machine.py imports this module).  None when the source cannot be read (then
-    unknown methods are left to the type check)."""
-    spec = importlib.util.find_spec(f"{__package__}.machine")
-    try:
-        assert spec is not None and spec.origin is not None
-        tree = ast.parse(Path(spec.origin).read_text())
-        cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Machine")
-    except (AssertionError, OSError, StopIteration, SyntaxError):
-        return None
-    names = set(dir(type("Plain", (), {})))  # what every class has (__dict__, __module__, …)
-    body: list[ast.stmt] = list(cls.body)
-    while body:
-        node = body.pop()
-        if isinstance(node, ast.If):  # e.g. `if not TYPE_CHECKING: def __getattr__`
-            body += node.body + node.orelse
-        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-            names.add(node.name)
-        elif isinstance(node, ast.Assign | ast.AnnAssign):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            names.update(t.id for t in targets if isinstance(t, ast.Name))
-    for sub in ast.walk(cls):
-        targets = (sub.targets if isinstance(sub, ast.Assign)
-                   else [sub.target] if isinstance(sub, ast.AnnAssign | ast.AugAssign) else [])
-        for t in targets:
-            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
-                names.add(t.attr)
-    return frozenset(names)
