@@ -15,8 +15,8 @@ let
     firecracker = import ./firecracker.nix;
     cloud-hypervisor = import ./cloud-hypervisor.nix;
   };
-  inherit (builtins) attrNames concatMap elem filter foldl' head isList length match substring
-    stringLength toJSON genList elemAt;
+  inherit (builtins) attrNames concatMap concatStringsSep elem filter foldl' head isList length match
+    substring stringLength toJSON genList elemAt;
 
   hasPrefix = p: s: substring 0 (stringLength p) s == p;
   backendOf = spec: spec.backend or "qemu";
@@ -57,6 +57,35 @@ let
       else if hasPrefix "ntng.hosts=" w then network.hostsParam (hosts ++ entry)
       else w) params;
 
+  # What a clone is told right after its restore (python/ntng/clones.py sends it): its hostname,
+  # its hosts entry, and `nics`, one shell command giving its NICs their own MACs and addresses
+  # (virtio-net migrates the origin's MAC, so the guest keeps it unless told; one `ip -batch`:
+  # each exec is slow in a freshly restored TCG guest).  `script`: all of it as one shell script
+  # for an agent without the IDENTITY request, the run-time values (the host's clock, the clone
+  # id) in $NTNG_EPOCH and $NTNG_CLONE_ID (/run/ntng: made in the origin before the snapshot).
+  identity = { clone, interfaces }:
+    let
+      hosts = if interfaces == [ ] then [ ] else [ "${(head interfaces).ipv4} ${clone}" ];
+      nicLines = concatMap (i: let dev = i.guestName; in [
+        "link set dev ${dev} down"
+        "link set dev ${dev} address ${i.mac}"
+        "addr flush dev ${dev}"
+        "addr add ${i.ipv4}/${toString i.prefixLength4} dev ${dev}"
+        "addr add ${i.ipv6}/${toString i.prefixLength6} dev ${dev} nodad"
+        "link set dev ${dev} up"
+      ]) interfaces;
+      nics = if nicLines == [ ] then "" else concatStringsSep "\n" ([ "ip -batch - <<'EOF'" ] ++ nicLines ++ [ "EOF" ]);
+    in {
+      hostname = clone;
+      inherit hosts nics;
+      script = concatStringsSep "\n" ([
+        "date -s \"@$NTNG_EPOCH\" >/dev/null" # first: the clock matters most
+        "echo ${clone} > /proc/sys/kernel/hostname"
+        "echo ${clone} > /etc/hostname"
+        "echo \"$NTNG_CLONE_ID\" > /run/ntng/clone-id"
+      ] ++ (if nics == "" then [ ] else [ nics ]) ++ map (h: "echo '${h}' >> /etc/hosts") hosts);
+    };
+
   # The clone's launch spec and plan.  snapshot: this module's `snapshot` result for the origin;
   # nodes/hosts: the network plan's (nodes with earlier clones; hosts of the declared nodes).
   plan = { spec, clone, snapshot, ram ? false, nodes ? { }, hosts ? [ ] }:
@@ -76,7 +105,7 @@ let
       throw "clone name ${toJSON clone} is invalid: use a letter then letters, digits, - or _ (at most 31 characters)"
     else if !(elem "clone" caps.features) then
       throw "clone ${toJSON clone}: backend ${backend} cannot clone: ${(capabilities.effective backend { backdoor = { }; }).why.clone or "no clone feature"}"
-    else { interfaces = new; plan = builders.${backend}.launch cloneSpec; };
+    else { interfaces = new; identity = identity { inherit clone; interfaces = new; }; plan = builders.${backend}.launch cloneSpec; };
 in {
-  inherit snapshot interfaces kernelParams plan;
+  inherit snapshot interfaces kernelParams identity plan;
 }

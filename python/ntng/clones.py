@@ -22,9 +22,7 @@ from .snapshots import (
     SnapshotError,
     check_name,
     clone_plan,
-    identity_script,
     layout,
-    nics_script,
 )
 
 if TYPE_CHECKING:
@@ -107,24 +105,26 @@ def restore(m: Session, snap: Snapshot) -> None:
 
 def adopt_identity(m: Session, started: float) -> None:
     """Right after the clone's first hello: hostname, id, clock and hosts entry (an IDENTITY
-    request, set by the agent itself), then its NICs (one `ip -batch` command)."""
+    request, set by the agent itself), then its NICs (one `ip -batch` command).  What to say
+    is nixlib's (plan["clone"]["identity"]); only the clock and the clone id are the runner's."""
     assert m.client is not None
     clone: dict[str, Any] = m.plan["clone"]
-    nics = [(i["guestName"], i) for i in m.plan.get("interfaces", [])]
-    hosts = [(i["ipv4"], m.name) for i in m.plan.get("interfaces", [])[:1]]
+    identity: dict[str, Any] = clone["identity"]
     t0 = time.monotonic()
     assert m.client.agent is not None  # adopt_identity runs right after the hello
+    env: list[dict[str, str]] = []
     if "identity" in m.client.agent.capabilities:
         # The agent sets clock, hostname and files itself; only NICs need a process (`ip`).
-        ident = P.Identity(m.name, clone["id"], time.time_ns(), [f"{a} {n}" for a, n in hosts])
+        ident = P.Identity(identity["hostname"], clone["id"], time.time_ns(), list(identity["hosts"]))
         try:
             m.client.set_identity(ident)
         except RemoteError as e:
             raise SnapshotError(f"{m.name}: giving the clone its identity failed: {e}") from None
-        script = "\n".join(nics_script(nics))
-    else:  # an older agent: one shell command does it all
-        script = identity_script(m.name, clone["id"], time.time(), nics, hosts)
-    res = m.client.execute(P.Exec(argv=["sh", "-euc", script]), wait=60) if script else None
+        script: str = identity["nics"]
+    else:  # an older agent: one shell script does it all, the run-time values in its environment
+        script = identity["script"]
+        env = [{"key": "NTNG_EPOCH", "value": f"{time.time():.6f}"}, {"key": "NTNG_CLONE_ID", "value": clone["id"]}]
+    res = m.client.execute(P.Exec(argv=["sh", "-euc", script], env=env), wait=60) if script else None
     m.log(f"hello {t0 - started:.2f}s after the restore began; identity set in {time.monotonic() - t0:.2f}s")
     if res is not None and res.status != 0:
         raise SnapshotError(f"{m.name}: giving the clone its identity failed (exit {res.status}): "

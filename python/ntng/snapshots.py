@@ -81,7 +81,8 @@ def layout(plan: dict[str, Any], name: str, resume: bool = True) -> dict[str, An
 
 def clone_plan(snap: Snapshot, clone: str, network: dict[str, Any] | None = None) -> dict[str, Any]:
     """The launch plan of clone `clone` of `snap` (nixlib's clone.plan; `network`: the run's
-    network plan, with earlier clones), with a fresh clone id.  Its NICs: plan["interfaces"]."""
+    network plan, with earlier clones), with a fresh clone id.  Its NICs: plan["interfaces"];
+    what it is told after the restore: plan["clone"]["identity"] (nixlib's clone.identity)."""
     check_name("clone name", clone)
     if "launchSpec" not in snap.plan:
         raise SnapshotError(f"{clone}: the plan of {snap.origin} has no launchSpec (made by an older nixlib?)")
@@ -91,41 +92,8 @@ def clone_plan(snap: Snapshot, clone: str, network: dict[str, Any] | None = None
         "ram": snap.ram is not None, "nodes": net.get("nodes", {}), "hosts": net.get("hosts", []),
     })
     plan: dict[str, Any] = made["plan"]
-    plan["clone"] = {"snapshot": snap.name, "origin": snap.origin, "id": f"{clone}-{uuid.uuid4().hex[:12]}"}
+    # The id is random (one per start_from_snapshot); the identity (hostname, hosts entry, the
+    # NICs' `ip` commands) is nixlib's.
+    plan["clone"] = {"snapshot": snap.name, "origin": snap.origin, "id": f"{clone}-{uuid.uuid4().hex[:12]}",
+                     "identity": made["identity"]}
     return plan
-
-
-def identity_script(hostname: str, clone_id: str, epoch: float,
-                     nics: list[tuple[str, dict[str, Any]]] | None = None,
-                     hosts: list[tuple[str, str]] | None = None) -> str:
-    """Shell run in a clone right after its restore: its own hostname, clone id, addresses and
-    MACs (virtio-net migrates the origin's MAC, so the guest keeps it unless told), and the
-    host's time (the guest clock stood still from the snapshot on).
-    `nics`: (guest device name, new interface plan); `hosts`: (address, name) to add."""
-    # Few processes: each exec is slow in a freshly restored TCG guest (its translation cache
-    # is empty), so builtins where possible and one `ip -batch` for all the NICs.
-    lines = [
-        f"date -s @{epoch:.6f} >/dev/null",
-        f"echo {hostname} > /proc/sys/kernel/hostname",
-        f"echo {hostname} > /etc/hostname",  # /run/ntng: made in the origin before the snapshot
-        f"echo {clone_id} > /run/ntng/clone-id",
-    ]
-    lines += nics_script(nics)
-    for address, name in hosts or []:
-        lines.append(f"echo '{address} {name}' >> /etc/hosts")
-    return "\n".join(lines)
-
-
-def nics_script(nics: list[tuple[str, dict[str, Any]]] | None) -> list[str]:
-    """Shell lines giving a clone's NICs their own MACs and addresses (one `ip -batch`)."""
-    batch = []
-    for dev, nic in nics or []:
-        batch += [
-            f"link set dev {dev} down",
-            f"link set dev {dev} address {nic['mac']}",
-            f"addr flush dev {dev}",
-            f"addr add {nic['ipv4']}/{nic['prefixLength4']} dev {dev}",
-            f"addr add {nic['ipv6']}/{nic['prefixLength6']} dev {dev} nodad",
-            f"link set dev {dev} up",
-        ]
-    return ["ip -batch - <<'EOF'", *batch, "EOF"] if batch else []

@@ -187,19 +187,6 @@ def test_other_backends_snapshot_but_cannot_clone(backend: str) -> None:
         caps.require(plan, "clone", "start_from_snapshot")
 
 
-def test_identity_script() -> None:
-    nic = {"mac": "52:54:00:aa:bb:cc", "ipv4": "192.168.1.3", "prefixLength4": 24,
-           "ipv6": "2001:db8:1::3", "prefixLength6": 64}
-    script = snapshots.identity_script("c1", "c1-1234", 1700000000.25, [("eth0", nic)], [("192.168.1.3", "c1")])
-    lines = script.splitlines()
-    assert lines[0] == "date -s @1700000000.250000 >/dev/null"  # first: the clock matters most
-    assert "echo c1 > /proc/sys/kernel/hostname" in lines and "echo c1-1234 > /run/ntng/clone-id" in lines
-    batch = lines[lines.index("ip -batch - <<'EOF'") + 1:lines.index("EOF")]  # one process for all NICs
-    assert batch[:2] == ["link set dev eth0 down", "link set dev eth0 address 52:54:00:aa:bb:cc"]
-    assert "addr add 192.168.1.3/24 dev eth0" in batch and batch[-1] == "link set dev eth0 up"
-    assert "echo '192.168.1.3 c1' >> /etc/hosts" in lines
-
-
 def test_driver_refuses_bad_clone_requests_before_starting_anything(tmp_path: Path) -> None:
     from ntng.driver import Driver
     from ntng.testspec import TestSpec
