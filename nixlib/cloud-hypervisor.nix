@@ -106,6 +106,7 @@ let
       name = n.name;
       inherit backend;
       inherit (n) accel memory cores bootTimeout kernel; # kernel: for the runner's KVM probe
+      inherit (n) stateDir; # the node's folder of sockets and files, made private before the VMM starts
       prepare = [
         # Cloud Hypervisor replaces a leftover API socket itself, but binds the vsock one.
         ([ "rm" "-f" p.api ] ++ (if vsock n then [ p.vsock ] else [ ]))

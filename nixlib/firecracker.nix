@@ -122,6 +122,7 @@ let
       name = n.name;
       inherit backend;
       inherit (n) accel memory cores bootTimeout kernel; # kernel: for the runner's KVM probe
+      inherit (n) stateDir; # the node's folder of sockets and files, made private before the VMM starts
       prepare = [
         # Firecracker refuses to start on a leftover API socket, and to bind a leftover vsock one.
         [ "rm" "-f" p.api p.vsock ]

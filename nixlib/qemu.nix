@@ -169,6 +169,7 @@ let
       name = n.name;
       backend = "qemu";
       inherit (n) accel memory cores;
+      inherit (n) stateDir; # the node's folder of sockets and files, made private before the VMM starts
       prepare = [
         (if n.restore == null then [ n.qemuImg "create" "-q" "-f" "qcow2" "-F" n.imageFormat "-b" n.image p.disk ]
          else [ n.qemuImg "create" "-q" "-f" "qcow2" "-F" "qcow2" "-b" n.restore.disk p.disk ])

@@ -67,7 +67,7 @@ class AgentVmm(VmmProcess):
 
 
 def plan(state: Path) -> dict[str, Any]:
-    return {"backend": "agent-vmm", "files": {"disk": str(state / "disk.img"), "stderr": str(state / "vmm.stderr")}, "sockets": {},
+    return {"backend": "agent-vmm", "stateDir": str(state), "files": {"disk": str(state / "disk.img"), "stderr": str(state / "vmm.stderr")}, "sockets": {},
             "prepare": [], "backdoor": {"transport": "fd"}}
 
 

@@ -42,7 +42,7 @@ FC, CH = "firecracker.launch", "cloudHypervisor.launch"
 # The keys every backend's plan has (QEMU's too: nixlib/qemu.nix).
 COMMON_KEYS = {"name", "backend", "accel", "memory", "cores", "prepare", "helpers", "argv", "writeFiles",
                "api", "sockets", "files", "backdoor", "console", "interfaces", "capabilities", "bootTimeout", "kernel",
-               "restartOnReboot", "shares", "launchSpec"}
+               "restartOnReboot", "shares", "launchSpec", "stateDir"}
 
 
 # --- the specifications (tests/fakevmm/vmmspec.py) ---------------------------------------------
@@ -161,6 +161,7 @@ def common_checks(spec: dict[str, Any], plan: Plan, backend: str, extra_key: str
     assert plan["interfaces"] == [{**i, "link": "host"} for i in spec["interfaces"]]
     assert all(h["name"].startswith("virtiofsd-") for h in plan["helpers"])  # only for shares
     assert spec["backdoor"]["transport"] in plan["capabilities"]["transports"]
+    assert plan["stateDir"] == spec["stateDir"]
     state = spec["stateDir"] + "/"
     owned = [*plan["sockets"].values(), *plan["files"].values(), *plan["writeFiles"],
              *(h["waitFor"] for h in plan["helpers"])]

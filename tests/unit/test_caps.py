@@ -103,7 +103,7 @@ def test_only_the_outermost_call_on_a_machine_is_checked(tmp_path: Path) -> None
 
 
 def test_hand_made_plan_without_capabilities_is_not_judged(tmp_path: Path) -> None:
-    m = Machine("x", {"files": {"disk": str(tmp_path / "disk")}}, tmp_path, boot_timeout=1)
+    m = Machine("x", {"files": {"disk": str(tmp_path / "disk")}, "stateDir": str(tmp_path)}, tmp_path, boot_timeout=1)
     assert m.get_console_log() == ""
 
 

@@ -83,7 +83,7 @@ def wait_received(client: QMPClient, n: int) -> None:
 
 def test_monitor_command_goes_through_human_monitor_command(pair: tuple[QMPClient, FakeQMP], tmp_path: Path) -> None:
     client, server = pair
-    backend = QemuBackend("m", {"files": {"disk": str(tmp_path / "disk")}})
+    backend = QemuBackend("m", {"files": {"disk": str(tmp_path / "disk")}, "stateDir": str(tmp_path)})
     backend.qmp = client
     assert backend.monitor_command("info status") == "VM status: running\r\n"
     assert server.received[-1]["execute"] == "human-monitor-command"

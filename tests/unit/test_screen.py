@@ -108,7 +108,7 @@ def test_missing_tesseract_names_the_package(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def machine(tmp_path: Path, display: bool) -> Machine:
-    plan = {"files": {"disk": str(tmp_path / "state" / "disk.qcow2")}, "display": display}
+    plan = {"files": {"disk": str(tmp_path / "state" / "disk.qcow2")}, "stateDir": str(tmp_path / "state"), "display": display}
     return Machine("web", plan, tmp_path / "out", 10.0, log=lambda _m: None)
 
 

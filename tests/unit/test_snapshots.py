@@ -38,7 +38,7 @@ def test_clone_plan_moves_every_path_and_keeps_the_device_list(net_spec: Any) ->
     ifaces = plan["interfaces"]
     text = repr(plan["argv"]) + repr(plan["sockets"]) + repr(plan["files"])
     assert f"{ROOT}/b/" not in text and f"{ROOT}/c1/qmp.sock" in text
-    assert plan["files"]["disk"] == f"{ROOT}/c1/disk.qcow2"
+    assert plan["files"]["disk"] == f"{ROOT}/c1/disk.qcow2" and plan["stateDir"] == f"{ROOT}/c1"
     # Same devices in the same order: QEMU loads device state only into the same shape.
     devices = [a.split(",")[0] for a in plan["argv"] if a.startswith(("virtio", "virtserialport"))]
     assert devices == [a.split(",")[0] for a in origin["argv"] if a.startswith(("virtio", "virtserialport"))]

@@ -38,7 +38,7 @@ class VmmProcess(ConsoleLines):
         self.keep_disk = keep_disk
         self.proc: subprocess.Popen[bytes] | None = None
         self.helpers: list[subprocess.Popen[bytes]] = []  # side processes of the plan (virtiofsd, ...)
-        self.state_dir = Path(plan["files"]["disk"]).parent
+        self.state_dir = Path(plan["stateDir"])  # nixlib names it
         self._init_console()
 
     @property
