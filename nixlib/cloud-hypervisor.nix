@@ -107,6 +107,7 @@ let
       inherit backend;
       inherit (n) accel memory cores bootTimeout kernel; # kernel: for the runner's KVM probe
       inherit (n) stateDir; # the node's folder of sockets and files, made private before the VMM starts
+      artifacts = node.artifacts n.name; # in the run's folder: console.log, journal.log
       prepare = [
         # Cloud Hypervisor replaces a leftover API socket itself, but binds the vsock one.
         ([ "rm" "-f" p.api ] ++ (if vsock n then [ p.vsock ] else [ ]))

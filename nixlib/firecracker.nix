@@ -123,6 +123,7 @@ let
       inherit backend;
       inherit (n) accel memory cores bootTimeout kernel; # kernel: for the runner's KVM probe
       inherit (n) stateDir; # the node's folder of sockets and files, made private before the VMM starts
+      artifacts = node.artifacts n.name; # in the run's folder: console.log, journal.log
       prepare = [
         # Firecracker refuses to start on a leftover API socket, and to bind a leftover vsock one.
         [ "rm" "-f" p.api p.vsock ]

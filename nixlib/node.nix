@@ -56,6 +56,13 @@ let
     vhost = false;
   };
 
+  # The runner's artifacts of node `name` in the run's folder (the runner puts that folder in
+  # place of shares.nix's @artifacts@ marker): the console as it arrived, the journal at the end.
+  artifacts = name: {
+    consoleLog = "${shares.artifactsMarker}/${name}/console.log";
+    journal = "${shares.artifactsMarker}/${name}/journal.log";
+  };
+
   baseKernelParams = [ "root=/dev/vda" "rw" "console=ttyS0,115200" "panic=-1" "quiet"
     "systemd.show_status=auto" "net.ifnames=0" ];
 
@@ -177,5 +184,5 @@ let
         capabilities = capabilities.effective backend n;
       });
 in {
-  inherit defaults normalise baseKernelParams capabilities userOptions;
+  inherit defaults normalise baseKernelParams capabilities userOptions artifacts;
 }

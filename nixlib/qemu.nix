@@ -170,6 +170,7 @@ let
       backend = "qemu";
       inherit (n) accel memory cores;
       inherit (n) stateDir; # the node's folder of sockets and files, made private before the VMM starts
+      artifacts = node.artifacts n.name; # in the run's folder: console.log, journal.log
       prepare = [
         (if n.restore == null then [ n.qemuImg "create" "-q" "-f" "qcow2" "-F" n.imageFormat "-b" n.image p.disk ]
          else [ n.qemuImg "create" "-q" "-f" "qcow2" "-F" "qcow2" "-b" n.restore.disk p.disk ])

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import caps
+from . import caps, testspec
 from . import protocol as P
 from .errors import RemoteError
 from .snapshots import (
@@ -85,7 +85,9 @@ def start_clones(driver: Driver, snap: Snapshot, names: list[str]) -> list[Machi
     origin = next(m for m in driver.machines if m.name == snap.origin)
     clones = []
     for name in names:
-        plan = clone_plan(snap, name, driver.network.plan)
+        # Its artifacts (nixlib's @artifacts@ marker) live in this run's folder, as the nodes'.
+        plan = testspec.substitute(clone_plan(snap, name, driver.network.plan), testspec.ARTIFACTS_MARKER,
+                                   str(driver.out_dir))
         if plan.get("interfaces"):
             driver.network.add_clone(name, plan["interfaces"])
         m = driver.new_machine(name, plan, origin.boot_timeout, restore_from=snap)

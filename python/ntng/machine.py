@@ -249,7 +249,7 @@ class Machine:
         self.session.wait_for_shutdown(timeout)
 
     def save_journal(self, timeout: float = 20) -> Path | None:
-        """Artifact: this boot's journal in out_dir/<machine>/journal.log.  Best effort and
+        """Artifact: this boot's journal (the plan's artifacts.journal: out_dir/<machine>/journal.log).  Best effort and
         bounded; the agent is asked directly (no callbacks: a failed test must still get it)."""
         if self.client is None or not self.is_up() or not self.backend.alive():
             return None
@@ -259,7 +259,7 @@ class Machine:
         except Exception as e:
             self.log(f"journal not saved: {e}")
             return None
-        path = self.out_dir / self.name / "journal.log"
+        path = Path(self.plan["artifacts"]["journal"])  # nixlib names it
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(res.stdout)
         return path

@@ -81,7 +81,7 @@ class Session:
                                          keep_disk=self.keep_state or self._disk_made)
             self._disk_made = True
             self.backend.console_callbacks.append(self._on_console)
-            self.backend.console_artifact = self.out_dir / self.name / "console.log"
+            self.backend.console_artifact = Path(self.plan["artifacts"]["consoleLog"])  # nixlib names it
             if restore_from is not None:
                 self._identity_due = time.monotonic()
                 clones.restore(self, restore_from)

@@ -68,7 +68,8 @@ class AgentVmm(VmmProcess):
 
 def plan(state: Path) -> dict[str, Any]:
     return {"backend": "agent-vmm", "stateDir": str(state), "files": {"disk": str(state / "disk.img"), "stderr": str(state / "vmm.stderr")}, "sockets": {},
-            "prepare": [], "backdoor": {"transport": "fd"}}
+            "prepare": [], "backdoor": {"transport": "fd"},
+            "artifacts": {"consoleLog": str(state / "out" / "console.log"), "journal": str(state / "out" / "journal.log")}}
 
 
 def make(machine_name: str, plan: dict[str, Any], preexec: Callable[[], None] | None = None,

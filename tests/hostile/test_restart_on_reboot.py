@@ -83,7 +83,7 @@ def test_a_vmm_that_exits_for_a_reboot_is_started_again(tmp_path: Path, made: li
         assert "first run" not in m.get_console_log()  # the kept lines are the new run's
     finally:
         m.release()
-    console = (tmp_path / "out" / "m" / "console.log").read_text()
+    console = (tmp_path / "state" / "out" / "console.log").read_text()  # silent_vmm.plan's artifacts
     assert console.index("first run") < console.index("second run")  # console.log goes on
 
 

@@ -77,3 +77,6 @@ def test_clone_plan_carries_the_identity_of_its_own_interfaces() -> None:
     assert made["identity"] == identity(made["interfaces"])
     assert made["identity"]["hosts"] == [f"{made['interfaces'][0]['ipv4']} c1"] == ["192.168.1.3 c1"]
     assert f"address {made['interfaces'][0]['mac']}" in made["identity"]["nics"]
+    # Its own files: state directory and artifacts are the clone's, not the origin's.
+    assert made["plan"]["stateDir"] == "/s/c1" and origin["stateDir"] == "/s/b"
+    assert made["plan"]["artifacts"]["consoleLog"] == "@artifacts@/c1/console.log"

@@ -170,6 +170,8 @@ def test_nodes_get_distinct_cids_and_state_dirs(mixed: Spec) -> None:
     for name, p in mixed["nodes"].items():
         paths = [*p["sockets"].values(), *p["files"].values(), *p.get("writeFiles", {})]  # QEMU: none
         assert p["stateDir"] == f"{DEFAULTS['stateRoot']}/{name}"  # backends/vmm.py makes it private
+        # The runner's artifacts, in the run's folder (the driver replaces the marker).
+        assert p["artifacts"] == {"consoleLog": f"@artifacts@/{name}/console.log", "journal": f"@artifacts@/{name}/journal.log"}
         assert all(path.startswith(p["stateDir"] + "/") for path in paths), (name, paths)
         owned[name] = set(paths)
         assert p["files"]["disk"] in {a for cmd in p["prepare"] for a in cmd}

@@ -42,7 +42,7 @@ FC, CH = "firecracker.launch", "cloudHypervisor.launch"
 # The keys every backend's plan has (QEMU's too: nixlib/qemu.nix).
 COMMON_KEYS = {"name", "backend", "accel", "memory", "cores", "prepare", "helpers", "argv", "writeFiles",
                "api", "sockets", "files", "backdoor", "console", "interfaces", "capabilities", "bootTimeout", "kernel",
-               "restartOnReboot", "shares", "launchSpec", "stateDir"}
+               "restartOnReboot", "shares", "launchSpec", "stateDir", "artifacts"}
 
 
 # --- the specifications (tests/fakevmm/vmmspec.py) ---------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import thirdparty
 
-from ntng import backends, nixeval, snapshots, vsock
+from ntng import backends, nixeval, snapshots, testspec, vsock
 from ntng.client import BackdoorClient
 from ntng.errors import BackdoorError, MissingCapability, SetupError, WaitTimeout
 from ntng.machine import Machine
@@ -71,7 +71,9 @@ class Env:
         spec = {"name": name, "kernel": str(self.kernel), "image": str(self.image),
                 "stateDir": str(self.root / "state" / name), **over}
         plan: dict[str, Any] = nixeval.call(LAUNCH[backend], spec)
-        return plan
+        # The artifacts go to out/ (the driver puts the run's folder in place of the marker).
+        out: dict[str, Any] = testspec.substitute(plan, testspec.ARTIFACTS_MARKER, str(self.root / "out"))
+        return out
 
     def journal(self, vmm: str | None = None) -> list[dict[str, Any]]:
         if not self.journal_path.exists():
@@ -649,19 +651,16 @@ time.sleep(600)
 
 
 def test_cloud_hypervisor_starts_a_virtiofsd_per_share_before_the_vmm(env: Env) -> None:
-    from ntng import testspec
-
     fake = env.root / "bin" / "virtiofsd"
     fake.write_text(f"#!/bin/sh\nexec {sys.executable} -c '{FAKE_VIRTIOFSD}' \"$@\"\n")
     fake.chmod(0o755)
     plan = env.plan("cloud-hypervisor", virtiofsd=str(fake), shareArtifacts=True,
                     sharedDirs={"data": {"source": str(env.root), "target": "/mnt/data", "type": "virtiofs"}})
-    plan = testspec.substitute(plan, testspec.ARTIFACTS_MARKER, str(env.root / "run"))
     b = backends.make("m", plan)
     try:
         b.start()
         assert [h.poll() for h in b.helpers] == [None, None]
-        assert (env.root / "run" / "m-shared").is_dir()  # the artifacts share's host folder
+        assert (env.root / "out" / "m-shared").is_dir()  # the artifacts share's host folder
         create = next(e["body"] for e in env.journal("cloud-hypervisor") if e["path"].endswith("vm.create"))
         assert [f["tag"] for f in create["fs"]] == ["data", "shared"] and create["memory"]["shared"] is True
         helpers = list(b.helpers)
