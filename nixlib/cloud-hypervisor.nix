@@ -96,6 +96,17 @@ let
     ++ (if vsock n then [ "--vsock" "cid=${toString n.backdoor.guestCid},socket=${p.vsock}" ] else [ ])
     ++ builtins.concatMap (f: [ "--fs" "tag=${f.tag},socket=${f.socket},num_queues=${toString f.num_queues},queue_size=${toString f.queue_size}" ]) (fsConfigs n);
 
+  # The calls the runner makes while the VM runs (python/ntng/backends/cloud_hypervisor.py):
+  # whether the VMM answers, pause and resume, the guest's reboot (what ctrl-alt-delete stands
+  # for: there is no keyboard), and the VMM's own shutdown (quit).
+  calls = {
+    ping = { method = "GET"; path = "${apiBase}/vmm.ping"; };
+    pause = { method = "PUT"; path = "${apiBase}/vm.pause"; };
+    resume = { method = "PUT"; path = "${apiBase}/vm.resume"; };
+    reboot = { method = "PUT"; path = "${apiBase}/vm.reboot"; };
+    shutdown = { method = "PUT"; path = "${apiBase}/vmm.shutdown"; };
+  };
+
   launch = spec:
     let
       n = node.normalise (forBackend spec);
@@ -135,6 +146,7 @@ let
           pty = { method = "GET"; path = "${apiBase}/vm.info"; field = [ "config" "console" "file" ]; };
         };
       console = "file";
+      inherit calls;
       restartOnReboot = false; # the VMM reboots the guest itself
       # A virtiofsd per share, listening before the VMM starts (vsock needs none here).
       helpers = shares.helpers { inherit (n) stateDir virtiofsd; } n.sharedDirs;

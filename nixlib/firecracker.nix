@@ -111,6 +111,16 @@ let
     ++ map (i: put "/network-interfaces/${i.iface_id}" i) c."network-interfaces"
     ++ [ (put "/vsock" c.vsock) (put "/actions" { action_type = "InstanceStart"; }) ];
 
+  # The calls the runner makes while the VM runs (python/ntng/backends/firecracker.py): its
+  # state ("Running"/"Paused" in the answer's `state`), pause and resume, and a last metrics
+  # flush before the VMM is stopped.
+  calls = {
+    info = { method = "GET"; path = "/"; };
+    pause = { method = "PATCH"; path = "/vm"; body = { state = "Paused"; }; };
+    resume = { method = "PATCH"; path = "/vm"; body = { state = "Resumed"; }; };
+    flushMetrics = put "/actions" { action_type = "FlushMetrics"; };
+  };
+
   launch = spec:
     let
       n = node.normalise (forBackend spec);
@@ -149,6 +159,7 @@ let
       # The serial console (ttyS0) is the VMM's stdout; its stdin is the guest's serial input.
       console = "stdout";
       restartOnReboot = false; # a guest reboot ends the microVM (reboot=k); "reboot" is no capability
+      inherit calls;
       helpers = [ ]; # no side processes (QEMU needs vhost-device-vsock for vsock)
       shares = [ ]; # no shared directories on Firecracker
       # block/unblock: the host downs the TAP device (Firecracker has no link switch).

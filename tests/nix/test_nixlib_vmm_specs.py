@@ -42,7 +42,7 @@ FC, CH = "firecracker.launch", "cloudHypervisor.launch"
 # The keys every backend's plan has (QEMU's too: nixlib/qemu.nix).
 COMMON_KEYS = {"name", "backend", "accel", "memory", "cores", "prepare", "helpers", "argv", "writeFiles",
                "api", "sockets", "files", "backdoor", "console", "interfaces", "capabilities", "bootTimeout", "kernel",
-               "restartOnReboot", "shares", "launchSpec", "stateDir", "artifacts"}
+               "restartOnReboot", "shares", "launchSpec", "stateDir", "artifacts", "calls"}
 
 
 # --- the specifications (tests/fakevmm/vmmspec.py) ---------------------------------------------
@@ -310,6 +310,25 @@ def test_cloud_hypervisor_api_validates(ch_plans: list[tuple[dict[str, Any], Pla
         schema, required = ch.body_schema(ch.operation(plan["api"][0]["path"], "PUT")[2])
         assert schema == {"$ref": "#/components/schemas/VmConfig"} and required
         assert "body" not in plan["api"][1]
+
+
+@pytest.mark.parametrize(("backend", "names"), [
+    ("firecracker", {"info", "pause", "resume", "flushMetrics"}),
+    ("cloud-hypervisor", {"ping", "pause", "resume", "reboot", "shutdown"}),
+])
+def test_the_runtime_calls_are_the_specs(backend: str, names: set[str],
+                                         fc_plans: list[tuple[dict[str, Any], Plan]],
+                                         ch_plans: list[tuple[dict[str, Any], Plan]]) -> None:
+    """The calls the backends make while the VM runs (pause, resume, ...) are nixlib's and
+    each is an operation of the VMM's API spec with a valid body."""
+    spec = api(backend)
+    for _, plan in fc_plans if backend == "firecracker" else ch_plans:
+        assert set(plan["calls"]) == names
+        for call in plan["calls"].values():
+            spec.check_call(call)
+    if backend == "firecracker":
+        calls = fc_plans[0][1]["calls"]
+        assert calls["pause"]["body"] == {"state": "Paused"} and calls["resume"]["body"] == {"state": "Resumed"}
 
 
 def test_cloud_hypervisor_config_matches_node(ch_plans: list[tuple[dict[str, Any], Plan]]) -> None:

@@ -27,7 +27,6 @@ from .vmm import ApiVmm
 INSTALL_HINT = ('install it (https://github.com/cloud-hypervisor/cloud-hypervisor/releases) '
                 'or use backend = "qemu"')
 ROUTES = ("api", "cli")
-API = "/api/v1"
 
 
 class CloudHypervisorBackend(ApiVmm):
@@ -71,7 +70,7 @@ class CloudHypervisorBackend(ApiVmm):
         self._start_console()
         try:
             self.api.wait_listening(30, self.alive)
-            self.api.request("GET", f"{API}/vmm.ping")
+            self.call("ping")
             for call in calls:
                 self.api.request(call["method"], call["path"], call.get("body"))
             if self.plan["backdoor"]["transport"] == "virtconsole":
@@ -130,18 +129,18 @@ class CloudHypervisorBackend(ApiVmm):
         return ptyrelay.open_pty(self.pty, self.who)
 
     def pause(self) -> None:
-        self.api.request("PUT", f"{API}/vm.pause")
+        self.call("pause")
         self.paused = True
 
     def resume(self) -> None:
-        self.api.request("PUT", f"{API}/vm.resume")
+        self.call("resume")
         self.paused = False
 
     def send_key(self, key: str) -> None:
         """No keyboard; ctrl-alt-delete (what Machine.reboot sends) is the API's reboot."""
         if key != "ctrl-alt-delete":
             raise self._lacks("keys", f"send_key({key!r})")
-        self.api.request("PUT", f"{API}/vm.reboot")
+        self.call("reboot")
 
     def snapshot_save(self, layout: dict[str, Any], resume: bool = True) -> tuple[int, int]:
         """Snapshot (nixlib's vm.snapshot call) with a copy of the disk as it is then; Cloud
@@ -166,7 +165,7 @@ class CloudHypervisorBackend(ApiVmm):
         """Like pulling the plug: the VMM shuts down at once (killed if it does not)."""
         if self.alive():
             try:
-                self.api.request("PUT", f"{API}/vmm.shutdown", timeout=5)
+                self.call("shutdown", timeout=5)
             except SetupError:
                 pass
         if self.wait_exit(10) is None:

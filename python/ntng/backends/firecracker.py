@@ -69,7 +69,7 @@ class FirecrackerBackend(ApiVmm):
             self.api.wait_listening(30, self.alive)
             for call in calls:
                 self.api.request(call["method"], call["path"], call.get("body"))
-            state = self.api.request("GET", "/")["state"]
+            state = self.call("info")["state"]
         except SetupError as e:
             if self.wait_exit(1) is not None:  # it died (or is dying): say why
                 raise SetupError(f"{e}\n{self._exit_report()}") from None
@@ -114,11 +114,11 @@ class FirecrackerBackend(ApiVmm):
         return vsock.connect_hybrid(bd["uds"], bd["port"], timeout=timeout, alive=self.alive)
 
     def pause(self) -> None:
-        self.api.request("PATCH", "/vm", {"state": "Paused"})
+        self.call("pause")
         self.paused = True
 
     def resume(self) -> None:
-        self.api.request("PATCH", "/vm", {"state": "Resumed"})
+        self.call("resume")
         self.paused = False
 
     def snapshot_save(self, layout: dict[str, Any], resume: bool = True) -> tuple[int, int]:
@@ -150,7 +150,7 @@ class FirecrackerBackend(ApiVmm):
         """Stop the VM and clean up (process, sockets, console); safe to call twice."""
         if self.alive():
             try:  # the metrics file is written every 60 s: get the last numbers in
-                self.api.request("PUT", "/actions", {"action_type": "FlushMetrics"}, timeout=1)
+                self.call("flushMetrics", timeout=1)
             except SetupError:
                 pass
         self.kill()

@@ -232,6 +232,11 @@ class ApiVmm(VmmProcess):
         self.api = UnixHttpClient(plan["sockets"]["api"], self.who)
         self.paused = False
 
+    def call(self, name: str, timeout: float | None = None) -> Any:
+        """Make the plan's API call `name` (nixlib's `calls`: method, path and body); the answer."""
+        c = self.plan["calls"][name]
+        return self.api.request(c["method"], c["path"], c.get("body"), timeout=timeout)
+
 
 def copy_disk(source: Path, target: Path, who: str) -> None:
     """A disk image copied as the plan's prepare step does it (sparse, CoW where possible);
