@@ -218,15 +218,20 @@ let
   # Snapshot `name` of a node (python/ntng/backends/qemu_migrate.py writes it: the migration
   # stream, the RAM file where guest RAM is a memfd, the frozen disk, a note).  QEMU is driven
   # over QMP, so there are no API calls; a clone restores it (clone.nix).
+  # `migrate`: the migration URIs of QMP's migrate (save) and migrate-incoming (restore).
   snapshot = { spec, name, resume ? true }:
-    let directory = "${dirOf spec.stateDir}/snapshots/${name}"; in {
-      inherit directory;
+    let
+      directory = "${dirOf spec.stateDir}/snapshots/${name}";
       files = {
         memory = "${directory}/memory";
         ram = "${directory}/ram";
         disk = "${directory}/disk.qcow2";
         note = "${directory}/ntng-snapshot.json";
       };
+      quote = s: "'${builtins.replaceStrings [ "'" ] [ "'\\''" ] s}'"; # for QEMU's exec: (sh -c)
+    in {
+      inherit directory files;
+      migrate = { save = "exec:cat > ${quote files.memory}"; restore = "exec:cat ${quote files.memory}"; };
       save = [ ];
       restore = [ ];
     };

@@ -18,13 +18,6 @@ from typing import Any
 from . import nixeval
 from .errors import TestScriptError
 
-# The files of a QEMU snapshot directory, as nixlib/qemu.nix's `snapshot` names them (a nix test
-# checks they agree): backends/qemu_migrate.py writes and reads them by these names.
-MEMORY = "memory"  # QEMU's migration stream: device state, and RAM unless RAM is a file
-RAM = "ram"  # guest RAM (where the origin's RAM was a memfd): clones map it copy-on-write
-DISK = "disk.qcow2"  # the origin's overlay as it was, read-only: the clones' backing file
-NOTE = "ntng-snapshot.json"
-
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,30}")
 
 

@@ -1,10 +1,12 @@
 """Snapshots and clones, the pure parts: a clone's plan from its origin's (real nixlib plans,
-nixlib/clone.nix), its NICs, the identity script, and the errors for what cannot be snapshotted."""
+nixlib/clone.nix), its NICs, the QEMU snapshot files, and the errors for what cannot be snapshotted."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -151,14 +153,47 @@ def test_a_clone_of_a_networked_node_needs_the_network_plan(net_spec: Any) -> No
         snapshots.clone_plan(snap_of(net_spec["nodes"]["b"]), "c1", None)
 
 
-def test_the_qemu_snapshot_layout_names_the_files_qemu_migrate_writes() -> None:
-    """qemu_migrate writes snapshots.MEMORY/RAM/DISK/NOTE into the layout's directory."""
+def test_the_qemu_snapshot_layout_names_the_files_and_the_migration_uris() -> None:
+    """qemu_migrate writes and reads the layout's files; QEMU runs the URIs with sh -c."""
     plan = spec({"a": {}})["nodes"]["a"]
     where = snapshots.layout(plan, "s")
     assert where["directory"] == f"{ROOT}/snapshots/s" and where["save"] == where["restore"] == []
-    directory = Path(where["directory"])
-    assert where["files"] == {"memory": str(directory / snapshots.MEMORY), "ram": str(directory / snapshots.RAM),
-                              "disk": str(directory / snapshots.DISK), "note": str(directory / snapshots.NOTE)}
+    d = where["directory"]
+    assert where["files"] == {"memory": f"{d}/memory", "ram": f"{d}/ram", "disk": f"{d}/disk.qcow2",
+                              "note": f"{d}/ntng-snapshot.json"}
+    assert where["migrate"] == {"save": f"exec:cat > '{d}/memory'", "restore": f"exec:cat '{d}/memory'"}
+
+
+class RecordingQMP:
+    """Runs migrate's exec: URI as QEMU does (sh -c, the stream on its stdin); records the rest."""
+
+    name = "m"
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[str, dict[str, Any]]] = []
+
+    def command(self, execute: str, **args: Any) -> Any:
+        self.commands.append((execute, args))
+        if execute == "migrate":
+            subprocess.run(["sh", "-c", args["uri"].removeprefix("exec:")], input=b"STREAM", check=True, timeout=30)
+        return {"status": "completed"} if execute == "query-migrate" else {}
+
+
+def test_qemu_migrate_saves_into_the_layouts_files(tmp_path: Path) -> None:
+    """Paths with a quote and a space: the URI is nixlib's, quoted for the shell QEMU runs."""
+    from ntng.backends import qemu_migrate
+
+    origin = spec({"a": {}})["nodes"]["a"]
+    launch_spec = {**origin["launchSpec"], "stateDir": str(tmp_path / "it's here" / "a")}
+    where = nixeval.call("clone.snapshot", {"spec": launch_spec, "name": "s"})
+    disk = tmp_path / "disk.qcow2"
+    disk.write_bytes(b"DISK")
+    qmp = RecordingQMP()
+    size, ram = qemu_migrate.save(qmp, where, disk, "a")  # type: ignore[arg-type]
+    assert (size, ram) == (6, 0) and Path(where["files"]["memory"]).read_bytes() == b"STREAM"
+    assert Path(where["files"]["disk"]).read_bytes() == b"DISK"
+    assert json.loads(Path(where["files"]["note"]).read_text())["disk"] == str(disk)
+    assert ("migrate", {"uri": where["migrate"]["save"]}) in qmp.commands and qmp.commands[-1][0] == "cont"
 
 
 @pytest.mark.parametrize("name", ["", "1abc", "has space", "x" * 40, "a/b"])

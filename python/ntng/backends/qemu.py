@@ -48,13 +48,13 @@ class QemuBackend(VmmProcess):
                              "only with `restore`)")
         self._launch(argv)
         ram = self.plan.get("restoreRam") or {}
-        qemu_migrate.restore(self.qmp_client(), Path(layout["directory"]), self.machine_name,
+        qemu_migrate.restore(self.qmp_client(), layout, self.machine_name,
                              Path(ram["path"]) if ram.get("kind") == "file" else None)
 
     def snapshot_save(self, layout: dict[str, Any], resume: bool = True) -> tuple[int, int]:
         """Freeze this VM into the layout's directory (qemu_migrate.save); the stream's size, RAM copied."""
         memfd_ram = (self.plan.get("ram") or {}).get("kind") == "memfd"
-        return qemu_migrate.save(self.qmp_client(), Path(layout["directory"]), Path(self.plan["files"]["disk"]),
+        return qemu_migrate.save(self.qmp_client(), layout, Path(self.plan["files"]["disk"]),
                                  self.machine_name, ram_pid=self.pid if memfd_ram else None,
                                  resume=resume)
 

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import snapshots
 from ..errors import SetupError
 from .vmm import copy_disk
 
@@ -90,48 +88,51 @@ def copy_sparse(source: Path, target: Path) -> int:
     return copied
 
 
-def save(qmp: QMPClient, directory: Path, disk: Path, who: str, *, ram_pid: int | None = None,
+def save(qmp: QMPClient, layout: dict[str, Any], disk: Path, who: str, *, ram_pid: int | None = None,
          resume: bool = True) -> tuple[int, int]:
-    """Freeze the running VM behind `qmp` into `directory` (memory stream, RAM file where the
-    RAM is a memfd of QEMU process `ram_pid`, read-only copy of `disk`, a note naming machine
-    `who`).  Returns the stream's size and the RAM bytes copied."""
-    directory.mkdir(parents=True)
-    memory = directory / snapshots.MEMORY
+    """Freeze the running VM behind `qmp` into nixlib's snapshot `layout` (its files: memory
+    stream, RAM file where the RAM is a memfd of QEMU process `ram_pid`, read-only copy of
+    `disk`, a note naming machine `who`; its migrate URI).  The stream's size and the RAM bytes
+    copied."""
+    Path(layout["directory"]).mkdir(parents=True)
+    files = {k: Path(v) for k, v in layout["files"].items()}
+    memory = files["memory"]
     ram_copied = 0
     qmp.command("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
     _ignore_shared(qmp, ram_pid is not None)
     qmp.command("stop")
     try:
-        qmp.command("migrate", uri=f"exec:cat > {shlex.quote(str(memory))}")
+        qmp.command("migrate", uri=layout["migrate"]["save"])
         try:
             wait_migration(qmp, f"saving the VM state to {memory}")
         except SetupError:
             qmp.command("migrate_cancel")  # a timed-out migration must not go on behind `cont`
             raise
         if ram_pid is not None:
-            ram_copied = copy_sparse(find_memfd(ram_pid), directory / snapshots.RAM)
-        copy_disk(disk, directory / snapshots.DISK, who)
-        os.chmod(directory / snapshots.DISK, 0o444)  # a base now: nothing may write to it
+            ram_copied = copy_sparse(find_memfd(ram_pid), files["ram"])
+        copy_disk(disk, files["disk"], who)
+        os.chmod(files["disk"], 0o444)  # a base now: nothing may write to it
         note = {"backend": "qemu", "machine": who, "disk": str(disk)}
-        (directory / snapshots.NOTE).write_text(json.dumps(note, indent=2) + "\n")
+        files["note"].write_text(json.dumps(note, indent=2) + "\n")
     finally:
         if resume:
             qmp.command("cont")  # also from postmigrate: the disk is taken back
     return memory.stat().st_size, ram_copied
 
 
-def restore(qmp: QMPClient, directory: Path, who: str, ram_file: Path | None = None,
+def restore(qmp: QMPClient, layout: dict[str, Any], who: str, ram_file: Path | None = None,
             timeout: float = MIGRATE_TIMEOUT) -> None:
-    """Load `directory`'s memory stream into a QEMU started with `-incoming defer` (behind
-    `qmp`), run it.  `ram_file`: the snapshot's RAM file the clone maps (the stream has no RAM)."""
-    memory = directory / snapshots.MEMORY
+    """Load the memory stream of nixlib's snapshot `layout` into a QEMU started with
+    `-incoming defer` (behind `qmp`), run it.  `ram_file`: the snapshot's RAM file the clone
+    maps (the stream has no RAM)."""
+    memory = Path(layout["files"]["memory"])
     if not memory.exists():
-        raise SetupError(f"{who}: {directory} holds no snapshot ({memory} is missing)")
+        raise SetupError(f"{who}: {layout['directory']} holds no snapshot ({memory} is missing)")
     if ram_file is not None:
         if not ram_file.exists():
             raise SetupError(f"{who}: the snapshot's RAM file {ram_file} is missing")
         _ignore_shared(qmp, True)
-    qmp.command("migrate-incoming", uri=f"exec:cat {shlex.quote(str(memory))}")
+    qmp.command("migrate-incoming", uri=layout["migrate"]["restore"])
     wait_migration(qmp, f"restoring from {memory}", timeout)
     if (qmp.command("query-status") or {}).get("status") != "running":
         qmp.command("cont")
