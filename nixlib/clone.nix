@@ -22,7 +22,13 @@ let
   backendOf = spec: spec.backend or "qemu";
 
   # Where snapshot `name` of the node with launch spec `spec` lives, and its calls.
-  snapshot = { spec, name, resume ? true }: builders.${backendOf spec}.snapshot { inherit spec name resume; };
+  # guestPrepare: commands run in the guest before it is saved, so its clones need not run
+  # them (an exec in a freshly restored TCG guest is slow): the folder `identity` writes to.
+  snapshot = { spec, name, resume ? true }:
+    builders.${backendOf spec}.snapshot { inherit spec name resume; } // {
+      guestPrepare = if elem "clone" capabilities.backends.${backendOf spec}.features
+        then [ [ "mkdir" "-p" "/run/ntng" ] ] else [ ];
+    };
 
   # nodes: the network plan's nodes (with earlier clones); the clone's interfaces.
   interfaces = { nodes, origin, clone }:

@@ -44,9 +44,8 @@ def take(m: Machine, name: str) -> Snapshot:
     shutil.rmtree(directory, ignore_errors=True)  # left by an earlier -K run
     m.connect()
     assert m.client is not None
-    if "clone" in (caps.backend_of(m.plan) or ("", []))[1]:
-        # Made now, not in each clone: an exec in a freshly restored TCG guest is slow.
-        m.client.execute(P.Exec(argv=["mkdir", "-p", "/run/ntng"]), wait=60)
+    for argv in where["guestPrepare"]:  # nixlib's: what its clones need made before
+        m.client.execute(P.Exec(argv=argv), wait=60)
     m.log(f"snapshot {name!r}: pausing and saving the VM state")
     t0 = time.monotonic()
     try:

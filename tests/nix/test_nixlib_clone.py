@@ -80,3 +80,14 @@ def test_clone_plan_carries_the_identity_of_its_own_interfaces() -> None:
     # Its own files: state directory and artifacts are the clone's, not the origin's.
     assert made["plan"]["stateDir"] == "/s/c1" and origin["stateDir"] == "/s/b"
     assert made["plan"]["artifacts"]["consoleLog"] == "@artifacts@/c1/console.log"
+
+
+def test_a_snapshot_of_a_node_that_can_clone_makes_the_folder_the_identity_writes_to() -> None:
+    defaults = {"kernel": "/k", "image": "/img.raw", "imageFormat": "raw", "stateRoot": "/s"}
+    nodes = nixeval.call("testSpec", {"header": {"nodes": {"q": {}, "f": {"backend": "firecracker"}}},
+                                      "defaults": defaults})["nodes"]
+    q = nixeval.call("clone.snapshot", {"spec": nodes["q"]["launchSpec"], "name": "s"})
+    f = nixeval.call("clone.snapshot", {"spec": nodes["f"]["launchSpec"], "name": "s"})
+    assert q["guestPrepare"] == [["mkdir", "-p", "/run/ntng"]]
+    assert "> /run/ntng/clone-id" in identity([])["script"]  # the folder made before the snapshot
+    assert f["guestPrepare"] == []  # Firecracker cannot clone: nothing to prepare
