@@ -42,6 +42,8 @@ let
     # Guest-side name: interfaces are matched by MAC in the guest; ethN is the order the
     # backends create the NICs in, for users who want a name.
     guestName = "eth${toString i}";
+    # The guest's IFB device for in-guest impairment of its ingress (python/ntng/netem.py).
+    guestIfb = "ifb-eth${toString i}";
     ipv4 = ipv4 vlan number;
     prefixLength4 = 24;
     ipv6 = ipv6 vlan number;

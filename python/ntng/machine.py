@@ -906,7 +906,7 @@ class Machine:
                     self.network.impair(self.name, i["vlan"], this, d)
                 else:
                     # Guest view: "in" (towards the guest) is the guest's ingress.
-                    self.succeed("\n".join(netem.guest_tc_commands(i["guestName"], this, d)))
+                    self.succeed("\n".join(netem.guest_tc_commands(i["guestName"], this, d, i["guestIfb"])))
 
     def forward_port(self, host_port: int = 8080, guest_port: int = 80) -> None:
         """Forward TCP 127.0.0.1:host_port on the host to guest_port of this machine."""

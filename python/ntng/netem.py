@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import errno
-import hashlib
 import math
 import os
 import re
@@ -257,34 +256,23 @@ def _guest_drain(dev: str) -> str:
     )
 
 
-def guest_ifb_name(ifname: str) -> str:
-    """The IFB device that carries `ifname`'s ingress impairment: `ifb-<ifname>`.
-
-    Names that don't fit in 15 characters get a short hash instead of a plain cut, so two long
-    names with a common prefix don't share (and fight over) one IFB.
-    """
-    name = f"ifb-{ifname}"
-    if len(name) <= IFNAMSIZ:
-        return name
-    digest = hashlib.sha1(ifname.encode()).hexdigest()[:4]
-    return f"ifb-{ifname[:6]}-{digest}"
-
-
-def guest_tc_commands(ifname: str, imp: Impairment | None, direction: str) -> list[str]:
+def guest_tc_commands(ifname: str, imp: Impairment | None, direction: str, ifb: str) -> list[str]:
     """Shell commands (run as root in the guest, in order) that make `imp` the impairment of
-    `direction` on guest interface `ifname`; None or a no-op impairment removes it.
+    `direction` on guest interface `ifname`; None or a no-op impairment removes it.  `ifb`:
+    the IFB device that carries its ingress (the interface plan's guestIfb, nixlib's).
 
     "out" shapes the guest's egress with a root netem qdisc; "in" redirects the guest's ingress
     to an IFB device and shapes that.  Reapplying replaces the parameters in place.
     """
     check_direction(direction)
-    if not _valid_ifname(ifname):
-        raise ImpairmentError(
-            f"interface name must be 1 to {IFNAMSIZ} characters from [A-Za-z0-9_.+-], got {ifname!r}"
-        )
+    for name in (ifname, ifb):
+        if not _valid_ifname(name):
+            raise ImpairmentError(
+                f"interface name must be 1 to {IFNAMSIZ} characters from [A-Za-z0-9_.+-], got {name!r}"
+            )
     active = _active(imp)
     dev = shlex.quote(ifname)
-    ifb = shlex.quote(guest_ifb_name(ifname))
+    ifb = shlex.quote(ifb)
     cmds: list[str] = []
     if direction in ("out", "both"):
         if active is None:

@@ -81,6 +81,7 @@ def check_plan(nodes: Nodes, p: Plan) -> None:
         assert [i["vlan"] for i in ifs] == vs, name  # one interface per vlan, in the node's order
         for k, (i, v) in enumerate(zip(ifs, vs, strict=True)):
             assert i["guestName"] == f"eth{k}" and i["bridge"] == f"ntng-br{v}"
+            assert i["guestIfb"] == f"ifb-eth{k}" and IFNAME.fullmatch(i["guestIfb"])  # in-guest impairment
             assert i["ipv4"] == f"192.168.{v}.{number}" and i["prefixLength4"] == 24
             assert i["ipv6"] == f"2001:db8:{v}::{number}" and i["prefixLength6"] == 64
             assert ipaddress.ip_address(i["ipv4"]) in ipaddress.ip_network(p["vlans"][str(v)]["subnet4"])

@@ -38,7 +38,6 @@ from ntng.netem import (
     apply_host,
     backlog_packets,
     check_direction,
-    guest_ifb_name,
     guest_tc_commands,
     host_netem_options,
     host_netem_supported,
@@ -290,43 +289,41 @@ CLEAR_IN = [
 
 
 def test_guest_commands_exact() -> None:
-    assert guest_tc_commands("eth1", FULL, "out") == OUT
-    assert guest_tc_commands("eth1", FULL, "in") == IN
-    assert guest_tc_commands("eth1", FULL, "both") == OUT + IN
-    assert guest_tc_commands("eth1", Impairment(delay_ms=20), "out") == [
+    assert guest_tc_commands("eth1", FULL, "out", "ifb-eth1") == OUT
+    assert guest_tc_commands("eth1", FULL, "in", "ifb-eth1") == IN
+    assert guest_tc_commands("eth1", FULL, "both", "ifb-eth1") == OUT + IN
+    assert guest_tc_commands("eth1", Impairment(delay_ms=20), "out", "ifb-eth1") == [
         "tc qdisc replace dev eth1 root netem limit 10000 delay 20ms corrupt 0% reorder 0% rate 0bit"
     ]
-    assert guest_tc_commands("eth1", Impairment(loss=0.5, limit=100), "out") == [
+    assert guest_tc_commands("eth1", Impairment(loss=0.5, limit=100), "out", "ifb-eth1") == [
         "tc qdisc replace dev eth1 root netem limit 100 loss 0.5% corrupt 0% reorder 0% rate 0bit"
     ]
 
 
 @pytest.mark.parametrize("imp", [None, Impairment(), Impairment(limit=3)])
 def test_guest_commands_clear(imp: Impairment | None) -> None:
-    assert guest_tc_commands("eth1", imp, "out") == CLEAR_OUT
-    assert guest_tc_commands("eth1", imp, "in") == CLEAR_IN
-    assert guest_tc_commands("eth1", imp, "both") == CLEAR_OUT + CLEAR_IN
+    assert guest_tc_commands("eth1", imp, "out", "ifb-eth1") == CLEAR_OUT
+    assert guest_tc_commands("eth1", imp, "in", "ifb-eth1") == CLEAR_IN
+    assert guest_tc_commands("eth1", imp, "both", "ifb-eth1") == CLEAR_OUT + CLEAR_IN
 
 
-def test_guest_ifb_names_fit_and_differ() -> None:
-    assert guest_ifb_name("eth1") == "ifb-eth1"
-    assert guest_ifb_name("enp0s20f0u1") == "ifb-enp0s20f0u1"  # exactly 15
-    long1, long2 = guest_ifb_name("enp0s20f0u1u2"), guest_ifb_name("enp0s20f0u1u3")
-    assert len(long1) == len(long2) == 15 and long1 != long2 and long1.startswith("ifb-enp0s2")
-    assert guest_tc_commands("enp0s20f0u1u2", Impairment(loss=1), "in")[1].endswith(f"{long1} type ifb")
+def test_guest_commands_use_the_planned_ifb_and_check_its_name() -> None:
+    assert guest_tc_commands("eth1", Impairment(loss=1), "in", "ifb-x")[1].endswith("ifb-x type ifb")
+    with pytest.raises(ImpairmentError, match="interface name must be 1 to 15 characters"):
+        guest_tc_commands("eth1", FULL, "in", "ifb;reboot")
 
 
 @pytest.mark.parametrize("ifname", ["", "a" * 16, "eth 1", "eth/1", "eth:1", "..", "$(reboot)", "a;b"])
 def test_guest_rejects_bad_interface_names(ifname: str) -> None:
     with pytest.raises(ImpairmentError, match="interface name must be 1 to 15 characters"):
-        guest_tc_commands(ifname, FULL, "out")
+        guest_tc_commands(ifname, FULL, "out", "ifb-eth1")
 
 
 def test_guest_rejects_bad_direction_and_type() -> None:
     with pytest.raises(ImpairmentError, match="direction must be one of"):
-        guest_tc_commands("eth1", FULL, "up")
+        guest_tc_commands("eth1", FULL, "up", "ifb-eth1")
     with pytest.raises(ImpairmentError, match="expected an Impairment or None, got dict"):
-        guest_tc_commands("eth1", {"loss": 5}, "out")  # type: ignore[arg-type]
+        guest_tc_commands("eth1", {"loss": 5}, "out", "ifb-eth1")  # type: ignore[arg-type]
 
 
 _TIME = re.compile(r"(\d+(?:\.\d+)?)ms")
@@ -715,17 +712,17 @@ def run_guest(ns: str, command: str) -> None:
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(imp=impairments())
 def test_real_tc_accepts_every_netem_option(guest_ns: str, imp: Impairment) -> None:
-    run_guest(guest_ns, guest_tc_commands("eth1", imp, "out")[0] if not imp.is_noop else "true")
+    run_guest(guest_ns, guest_tc_commands("eth1", imp, "out", "ifb-eth1")[0] if not imp.is_noop else "true")
 
 
 def test_guest_commands_work_on_a_real_kernel(guest_ns: str) -> None:
     for _ in range(2):  # idempotent: the second round replaces in place
-        for command in guest_tc_commands("eth1", FULL, "both"):
+        for command in guest_tc_commands("eth1", FULL, "both", "ifb-eth1"):
             run_guest(guest_ns, command)
     shown = in_netns(guest_ns, "tc filter show dev eth1 ingress").stdout
     assert shown.count("mirred (Egress Redirect to device ifb-eth1)") == 1
     assert ",UP" in in_netns(guest_ns, "ip -br link show dev ifb-eth1").stdout
-    for command in guest_tc_commands("eth1", None, "both") * 2:
+    for command in guest_tc_commands("eth1", None, "both", "ifb-eth1") * 2:
         run_guest(guest_ns, command)
     assert "ingress" not in in_netns(guest_ns, "tc qdisc show dev eth1").stdout
     assert in_netns(guest_ns, "ip link show dev ifb-eth1").returncode != 0
