@@ -199,7 +199,7 @@ def test_the_flake_package_takes_pyprojects_dependencies_and_the_tools_lists_pat
     assert set(app["toolPackages"]) == wrapped
     path = app["path"].split(":")
     assert len(path) == len(wrapped) and all(p.endswith("/bin") for p in path)
-    for pkg in ("qemu_kvm", "nix", "vde2", "vhost-device-vsock", "virtiofsd", "tesseract"):
+    for pkg in ("qemu_kvm", "nix", "vde2", "vhost-device-vsock", "virtiofsd", "tesseract4"):
         assert pkg in wrapped
 
 

@@ -52,7 +52,7 @@ let
     vde2 = pkg "vde2" "2.3.3" { };
     vhost-device-vsock = pkg "vhost-device-vsock" "0.2.0" { };
     virtiofsd = pkg "virtiofsd" "1.13.0" { };
-    tesseract = pkg "tesseract" "5.5.0" { };
+    tesseract4 = pkg "tesseract" "4.1.3" { };
     debootstrap = pkg "debootstrap" "1.0.138" { };
     # For nixlib/pkgs/agent.nix: the environment's name lists the packages asked for.
     python3 = pkg "python3" "3.12.8" {
