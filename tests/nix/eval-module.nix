@@ -51,9 +51,4 @@ in
   config = { inherit (cfg) ntng systemd boot networking documentation system; }
     # (A removed option throws when read.)
     // { services = cfg.services // { journald = removeAttrs cfg.services.journald (lib.optional (journald != "journald") "extraConfig"); }; };
-  # Every declared option (name -> file:line of its first declaration), for docs/nixos-fidelity.md.
-  declarations = lib.listToAttrs (map (o: {
-    name = lib.showOption o.loc;
-    value = map (p: "${toString p.file}:${toString p.line}") (o.declarationPositions or [ ]);
-  }) options);
 }
