@@ -7,5 +7,6 @@
   qemu = import ./qemu.nix;
   firecracker = import ./firecracker.nix;
   cloudHypervisor = import ./cloud-hypervisor.nix;
+  nspawn = import ./nspawn.nix;
   testSpec = import ./test.nix;
 }
