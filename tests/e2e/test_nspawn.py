@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, make_driver
 
+from helpers import ROOT, make_driver
 from ntng.caps import MissingCapability
 from ntng.driver import Driver
 from ntng.errors import AgentRestarted

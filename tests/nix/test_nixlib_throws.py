@@ -103,6 +103,7 @@ def pattern(template: str) -> re.Pattern[str]:
 # --- the cases ----------------------------------------------------------------------------------
 
 Q, FC, CH, NET, TS = "qemu.launch", "firecracker.launch", "cloudHypervisor.launch", "network.plan", "testSpec"
+NS = "nspawn.launch"
 BASE = {"name": "m", "kernel": "/k", "image": "/i", "stateDir": "/s/m"}
 DEFAULTS = {"kernel": "/k", "image": "/i", "stateRoot": "/s"}
 
@@ -213,7 +214,7 @@ CASES: dict[Key, Call | Callable[[], Call]] = {
     ("node.nix", "tscKhz must be a positive integer (kHz) or null"): node(Q, tscKhz=0),
     ("node.nix", "bootTimeout must be a positive number of seconds or null"): node(Q, bootTimeout=-1),
     ("node.nix", "backdoor must be an attribute set ({ transport = ...; })"): node(Q, backdoor="vsock"),
-    ("node.nix", 'backdoor.transport must be "virtio-serial", "virtconsole" or "vsock", got …'):
+    ("node.nix", 'backdoor.transport must be "virtio-serial", "virtconsole", "vsock" or "unix" (containers), got …'):
         node(Q, backdoor={"transport": "pigeon"}),
     ("node.nix", "backdoor.transport: backend … lacks the … transport (it has: …)"):
         node(Q, backdoor={"transport": "virtconsole"}),
@@ -241,6 +242,14 @@ CASES: dict[Key, Call | Callable[[], Call]] = {
         node(FC, backend="qemu"),
     ("firecracker.nix", "cpu …: a QEMU CPU model, backend … has none (leave cpu = null)"): node(FC, cpu="host"),
     ("firecracker.nix", "cores must be at most 32 for backend … (its vcpu_count limit), got …"): node(FC, cores=33),
+
+    ("nspawn.nix", "node '…': backend … is not … (nspawn.launch builds container plans only; use ….launch)"):
+        node(NS, backend="qemu"),
+    ("nspawn.nix", "cpu …: a QEMU CPU model; a container runs on the host's CPU (leave cpu = null)"): node(NS, cpu="host"),
+    ("nspawn.nix", "kernelParams …: backend … lacks kernel parameters (a container shares the host's kernel); only "
+                   "systemd.* and ntng.* words reach its init"): node(NS, kernelParams=["mitigations=off"]),
+    ("node.nix", "interfaces: backend … has no networking"):
+        node(NS, interfaces=[{"tap": "t0", "mac": "52:54:00:12:34:56"}]),
 
     ("cloud-hypervisor.nix", "node '…': backend … is not … (cloudHypervisor.launch builds Cloud Hypervisor plans "
                              "only; use ….launch)"): node(CH, backend="firecracker"),
@@ -298,17 +307,16 @@ EXEMPT: dict[Key, str] = {
     ("node.nix", "node '…': …"): WRAPPER,
     ("firecracker.nix", "node '…': …"): WRAPPER,
     ("cloud-hypervisor.nix", "node '…': …"): WRAPPER,
+    ("nspawn.nix", "node '…': …"): WRAPPER,
     ("shares.nix", "node '…': …"): WRAPPER,
     ("node.nix", ""): "`check name (isAttrs caps) \"\"` only forces caps, which throws 'unknown backend' itself",
     ("mkTest.nix", 'mkTest …: accel must be "kvm" or "tcg", got …'): MKTEST,
     ("mkTest.nix", 'mkTest …: accel = "tcg" needs QEMU nodes only (this test uses …); Firecracker and Cloud '
                    'Hypervisor need KVM'): MKTEST,
-    ("node.nix", "interfaces: backend … has no networking"):
-        "every backend in capabilities.nix offers networks; the check is for one that would not",
 }
 
 # Messages of `fail`/`check` sites in these files get the node's name put in front.
-NODE_PREFIXED = {"node.nix", "firecracker.nix", "cloud-hypervisor.nix", "shares.nix"}
+NODE_PREFIXED = {"node.nix", "firecracker.nix", "cloud-hypervisor.nix", "shares.nix", "nspawn.nix"}
 
 
 def test_scanner() -> None:
