@@ -25,13 +25,13 @@
     shareTypes = [ "virtiofs" ];
   };
   # systemd-nspawn containers: the host's kernel (no kernel parameters, no sch_netem unless
-  # the host has it), no screen or keyboard, no snapshots; the console is read-only (the
+  # the host has it: impairment is refused at start otherwise), a veth per NIC, no screen or keyboard, no snapshots; the console is read-only (the
   # container's output: send_console is refused); a guest reboot ends nspawn, the runner
   # starts it again on the same writable layer.  The backdoor is a unix socket in a folder
   # bind-mounted from the state directory.
   nspawn = {
     transports = [ "unix" ];
-    features = [ "reboot" "console" ];
+    features = [ "networks" "reboot" "console" ];
     machineTypes = [ "container" ];
     shareTypes = [ ];
   };

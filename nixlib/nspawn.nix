@@ -56,6 +56,13 @@ let
       || fail n "kernelParams ${concatStringsSep " " user}: backend ${backend} lacks kernel parameters (a container shares the host's kernel); only systemd.* and ntng.* words reach its init")
   ];
 
+  # The container's end of a NIC's veth pair: made in the test's network namespace beside the
+  # host end (named as a VM's tap, on the vlan's bridge), moved into the container's namespace
+  # by the runner once its init exists, found and renamed there by its MAC (ntng-net waits for
+  # it).  Not nspawn's --network-interface: nspawn looks the device up in /sys, which shows the
+  # host's namespace, not the test's.  15 bytes at most, like every interface name.
+  peerName = tap: "nc" + substring 0 12 (builtins.hashString "sha256" "ntng-veth/${tap}");
+
   # nspawn --machine: the container's name and the base of its veths' names (vb-<name>).
   machineName = name: substring 0 64 name;
 
@@ -107,8 +114,10 @@ let
       helpers = [ ];
       shares = [ ];
       missing = nspawnMissing;
-      inherit (n) interfaces capabilities;
+      # Each NIC is a veth pair: `tap` the host end (on `bridge`), `peer` the container's.
+      interfaces = map (i: i // { peer = peerName i.tap; }) n.interfaces;
+      inherit (n) capabilities;
     };
 in {
-  inherit launch paths guestFolder;
+  inherit launch paths guestFolder peerName;
 }

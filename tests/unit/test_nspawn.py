@@ -123,7 +123,7 @@ def test_the_plan_boots_the_images_tree_on_the_nodes_own_layer() -> None:
     assert any(w.startswith("ntng.if=") for w in tail)
     assert not [w for w in tail if w.startswith(("root=", "console=", "panic="))]
     assert p["restartOnReboot"] is True and p["rebootExitStatus"] == 133
-    assert p["capabilities"]["features"] == ["reboot", "console"]
+    assert p["capabilities"]["features"] == ["networks", "reboot", "console"]
 
 
 def test_a_tree_can_be_named_and_the_plan_keeps_the_runs_accelerator() -> None:

@@ -15,25 +15,29 @@ poweroff SIGRTMIN+4 (systemd's signals for them).
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from .. import backdoorkey, paths
+from .. import backdoorkey, netem, paths
 from ..client import connect_unix
 from ..errors import SetupError
+from ..network import CapabilityMissing
 from .vmm import VmmProcess
 
 # systemd (PID 1) runs ctrl-alt-del.target on SIGINT and powers off on SIGRTMIN+4.
 CTRL_ALT_DEL = signal.SIGINT
 POWEROFF = signal.SIGRTMIN + 4
 CONSOLE_JOIN_TIMEOUT = 2.0
+NETNS_TIMEOUT = 10.0  # making a node's veths takes milliseconds
 
 
 class NspawnBackend(VmmProcess):
@@ -64,8 +68,14 @@ class NspawnBackend(VmmProcess):
             raise SetupError(f"{self.machine_name}: no root tree with an init at {tree}: rebuild the "
                              "guest image (`ntng image build`), which keeps the tree for containers")
         self._prepare_folders()
+        if self.plan["interfaces"]:
+            if any(i.get("impairment") for i in self.plan["interfaces"]):
+                self._in_test_netns(self._check_netem)
+            self._in_test_netns(self._make_veths)
         self._spawn(self.plan["argv"], self.plan["missing"], stdout=subprocess.PIPE)
         self._start_console()
+        if self.plan["interfaces"]:
+            self._in_test_netns(self._move_peers)
 
     def _prepare_folders(self) -> None:
         """Private state and backdoor folders, the upper layer fresh unless kept (-K, or a
@@ -85,6 +95,114 @@ class NspawnBackend(VmmProcess):
         if self.layer.is_dir():
             for work in self.layer.glob(".#*"):
                 shutil.rmtree(work, ignore_errors=True)
+
+    # -- NICs: a veth pair per interface, in the test's network namespace ------------------------
+
+    def _in_test_netns(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on a thread of its own inside the test's network namespace (the Machine's
+        preexec enters it; setns moves only the calling thread), where the bridges are."""
+        errors: list[BaseException] = []
+
+        def inside() -> None:
+            try:
+                if self.preexec is not None:
+                    self.preexec()
+                fn()
+            except BaseException as e:  # handed to the caller
+                errors.append(e)
+
+        t = threading.Thread(target=inside, name=f"netns-{self.machine_name}", daemon=True)
+        t.start()
+        t.join(NETNS_TIMEOUT)
+        if t.is_alive():
+            raise SetupError(f"{self.machine_name}: making its veths took over {NETNS_TIMEOUT:.0f}s")
+        if errors:
+            raise errors[0]
+
+    def _make_veths(self) -> None:
+        """Host end named as a VM's tap (what counters, block and impairment act on), on the
+        vlan's bridge; the container's end (the plan's MAC) is moved in by nspawn.  The network
+        made a TAP by that name, and a previous start's pair may still be going away: both are
+        replaced."""
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        with IPRoute() as ipr:
+            for i in self.plan["interfaces"]:
+                host, peer = i["tap"], i["peer"]
+                try:
+                    for name in (host, peer):
+                        for index in ipr.link_lookup(ifname=name):
+                            ipr.link("del", index=index)
+                    self._add_veth(ipr, host, peer, i["mac"])
+                    bridge = ipr.link_lookup(ifname=i["bridge"])
+                    if not bridge:
+                        raise SetupError(f"{self.machine_name}: no bridge {i['bridge']} for vlan {i['vlan']}: "
+                                         "is the test's network up?")
+                    ipr.link("set", index=ipr.link_lookup(ifname=host)[0], master=bridge[0], state="up")
+                except NetlinkError as e:
+                    raise SetupError(f"{self.machine_name}: cannot make veth {host}/{peer} on "
+                                     f"{i['bridge']}: {e}") from None
+
+    def _move_peers(self) -> None:
+        """Hand the container its ends once its init runs in a network namespace of its own
+        (nspawn's first child is still in ours: it is not the container yet)."""
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        ours = os.stat("/proc/thread-self/ns/net").st_ino
+        deadline = time.monotonic() + NETNS_TIMEOUT
+        while True:
+            init = self.container_init()
+            if init is not None and _netns_inode(init) not in (None, ours):
+                break
+            if not self.alive():
+                raise SetupError(f"{self.machine_name}: nspawn exited before its container ran: "
+                                 f"{self.stderr_tail()}")
+            if time.monotonic() > deadline:
+                raise SetupError(f"{self.machine_name}: no container init in a network namespace of "
+                                 f"its own within {NETNS_TIMEOUT:.0f}s")
+            time.sleep(0.005)
+        with IPRoute() as ipr:
+            for i in self.plan["interfaces"]:
+                try:
+                    ipr.link("set", index=ipr.link_lookup(ifname=i["peer"])[0], net_ns_pid=init)
+                except (NetlinkError, IndexError) as e:
+                    raise SetupError(f"{self.machine_name}: cannot move {i['peer']} into the container: "
+                                     f"{e}") from None
+
+    def _check_netem(self) -> None:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            if not netem.host_netem_supported(ipr):
+                self.check_guest_impairment()
+
+    def check_guest_impairment(self) -> None:
+        """The Machine asks before it impairs a link inside the guest (the host has no
+        sch_netem): a container shares the host's kernel, so its tc has none either."""
+        raise CapabilityMissing(
+            f"{self.machine_name}: impairment needs sch_netem in the host's kernel, which a container "
+            "shares, and this host has none (modprobe sch_netem; or make the node a VM: "
+            'backend = "qemu")')
+
+    @staticmethod
+    def _add_veth(ipr: Any, host: str, peer: str, mac: str) -> None:
+        """A dying network namespace frees its veths asynchronously: retry a name still taken."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        deadline = time.monotonic() + NETNS_TIMEOUT
+        while True:
+            try:
+                ipr.link("add", ifname=host, kind="veth", peer={"ifname": peer, "address": mac})
+                return
+            except NetlinkError as e:
+                if e.code != errno.EEXIST or time.monotonic() > deadline:
+                    raise
+                for name in (host, peer):
+                    for index in ipr.link_lookup(ifname=name):
+                        ipr.link("del", index=index)
+                time.sleep(0.05)
 
     # -- console: nspawn's stdout -------------------------------------------------------------
 
@@ -169,7 +287,31 @@ class NspawnBackend(VmmProcess):
         raise self._lacks("screenshot", "a screenshot")
 
     def set_link(self, netdev: str, up: bool) -> None:
-        raise self._lacks("link", f"setting {netdev} {'up' if up else 'down'}")
+        """block()/unblock(): the host end of NIC net<n> down or up (the container's end loses
+        its carrier, as a VM's NIC does with QEMU's set_link)."""
+        from pyroute2 import IPRoute
+
+        ifaces = self.plan["interfaces"]
+        n = int(netdev.removeprefix("net")) if netdev.removeprefix("net").isdigit() else -1
+        if not 0 <= n < len(ifaces):
+            raise SetupError(f"{self.machine_name}: no NIC {netdev} (it has {len(ifaces)})")
+        host = ifaces[n]["tap"]
+
+        def flip() -> None:
+            with IPRoute() as ipr:
+                found = ipr.link_lookup(ifname=host)
+                if not found:
+                    raise SetupError(f"{self.machine_name}: veth {host} is gone (is the container running?)")
+                ipr.link("set", index=found[0], state="up" if up else "down")
+
+        self._in_test_netns(flip)
+
+
+def _netns_inode(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
 
 
 def _children(pid: int) -> list[int]:
