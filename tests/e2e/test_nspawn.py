@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,6 +79,10 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except (OSError, IndexError):
         return True
+
+
+def by_name(d: Driver) -> dict[str, Machine]:
+    return {m.name: m for m in d.machines}
 
 
 def mounts_under(path: Path) -> list[str]:
@@ -227,3 +232,82 @@ def test_containers_die_with_a_killed_runner(tmp_path: Path, guest_image: GuestI
     finally:
         child.kill()
         child.wait()
+
+
+# --- networks --------------------------------------------------------------------------------
+
+TWO = ('#: nodes.a = { backend = "nspawn"; vlans = [ 1 ]; };\n'
+       '#: nodes.b = { backend = "nspawn"; vlans = [ 1 ]; };\n')
+
+
+def test_containers_on_a_vlan_reach_each_other_by_name_and_the_host_sees_the_link(
+        tmp_path: Path, guest_image: GuestImage) -> None:
+    d = make_driver(tmp_path, TWO)
+    a, b = (by_name(d)[n] for n in ("a", "b"))
+    try:
+        d.start_all()
+        assert a.succeed("cat /sys/class/net/eth0/address").strip() == a.plan["interfaces"][0]["mac"]
+        a.succeed("ping -c 1 -W 5 b")
+        b.succeed("ping -c 1 -W 5 a")
+        # The host ends are the plan's tap names, on the vlan's bridge: counters there.
+        b.succeed("nc -lk -p 5000 >/dev/null 2>&1 </dev/null &")
+        b.wait_for_open_port(5000)
+        before = a.link_counters()
+        a.succeed("head -c 1000000 /dev/urandom | nc -N b 5000")
+        assert 1_000_000 <= (a.link_counters() - before).tx_bytes < 1_200_000
+        a.block()
+        a.fail("ping -c 1 -W 2 b")
+        a.unblock()
+        a.wait_until_succeeds("ping -c 1 -W 2 b", timeout=30)
+        b.succeed("mkdir -p /srv/www && echo hello-from-b > /srv/www/index.html",
+                  "python3 -m http.server 8000 -d /srv/www >/dev/null 2>&1 </dev/null &")
+        b.wait_for_open_port(8000)
+        b.forward_port(18125, 8000)
+        body = urllib.request.urlopen("http://127.0.0.1:18125/index.html", timeout=30).read()
+        assert body == b"hello-from-b\n"
+        a.reboot()  # a new pair for the new container, on the same bridge
+        b.succeed("ping -c 1 -W 5 a")
+        if not a.network.host_impairment():
+            with pytest.raises(CapabilityMissing, match="sch_netem"):
+                a.impair(delay=50)
+    finally:
+        d.release()
+
+
+def test_a_declared_impairment_without_sch_netem_is_refused_at_start(
+        tmp_path: Path, guest_image: GuestImage) -> None:
+    d = make_driver(tmp_path, '#: nodes.a = { backend = "nspawn"; vlans = [ 1 ]; '
+                              'impairments = [ { vlan = 1; delay = 20; } ]; };\n')
+    try:
+        if d.network.host_impairment():
+            pytest.skip("this host has sch_netem: the impairment is applied on the host end")
+        with pytest.raises(CapabilityMissing, match="sch_netem"):
+            d.machines[0].start()
+    finally:
+        d.release()
+
+
+MIXED = ('#: nodes.vm = { vlans = [ 1 ]; memory = 512; };\n'
+         '#: nodes.box = { backend = "nspawn"; vlans = [ 1 ]; };\n')
+
+
+def test_a_vm_and_a_container_on_one_vlan_reach_each_other_by_name(
+        tmp_path: Path, guest_image: GuestImage) -> None:
+    d = make_driver(tmp_path, MIXED)
+    box, vm = (by_name(d)[n] for n in ("box", "vm"))
+    assert (box.plan["backend"], vm.plan["backend"]) == ("nspawn", "qemu")
+    try:
+        d.start_all()
+        vm.succeed("ping -c 1 -W 5 box")
+        box.succeed("ping -c 1 -W 5 vm")
+        data = tmp_path / "blob"
+        data.write_bytes(os.urandom(200_000))
+        box.copy_to_machine(data, "/root/blob")
+        # -k: wait_for_open_port's probe is a connection of its own
+        vm.succeed("nc -lk -p 6000 > /root/blob </dev/null 2>/dev/null &")
+        vm.wait_for_open_port(6000)
+        box.succeed("nc -N vm 6000 < /root/blob")
+        vm.wait_until_succeeds(f"test $(stat -c %s /root/blob) = {len(data.read_bytes())}", timeout=30)
+        assert vm.succeed("sha256sum /root/blob").split()[0] == box.succeed("sha256sum /root/blob").split()[0]
+    finally:
+        d.release()
