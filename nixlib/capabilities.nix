@@ -31,8 +31,8 @@
   # bind-mounted from the state directory.
   nspawn = {
     transports = [ "unix" ];
-    features = [ "networks" "reboot" "console" ];
+    features = [ "sharedDirs" "networks" "reboot" "console" ];
     machineTypes = [ "container" ];
-    shareTypes = [ ];
+    shareTypes = [ "9p" "virtiofs" ]; # accepted as declared for a VM; made bind mounts (nspawn.nix)
   };
 }

@@ -63,6 +63,14 @@ let
   # host's namespace, not the test's.  15 bytes at most, like every interface name.
   peerName = tap: "nc" + substring 0 12 (builtins.hashString "sha256" "ntng-veth/${tap}");
 
+  # sharedDirs (any type: 9p and virtiofs are the VMs' ways) are bind mounts, read-only where
+  # asked.  nspawn splits --bind on ':', so a path must not hold one.
+  bindArg = s: "--bind${if s.readOnly then "-ro" else ""}=${s.source}:${s.target}";
+  shareChecks = n: map (s:
+    (match "[^:]*" s.source != null && match "[^:]*" s.target != null)
+      || fail n "sharedDirs.${s.tag}: backend ${backend} bind-mounts shares and cannot take a ':' in their paths (${s.source}, ${s.target})")
+    n.sharedDirs;
+
   # nspawn --machine: the container's name and the base of its veths' names (vb-<name>).
   machineName = name: substring 0 64 name;
 
@@ -71,10 +79,11 @@ let
       n = node.normalise (forBackend spec);
       p = paths n;
       tree = spec.tree or "${dirOf n.image}/tree";
-      # node.nix puts ntng.backdoor=unix:${guestFolder} in kernelParams (backdoorParam).
-      initArgs = filter forInit n.kernelParams;
+      # node.nix puts ntng.backdoor=unix:${guestFolder} in kernelParams (backdoorParam).  No
+      # ntng.share=: the shares are bind mounts already, nothing for ntng-shares to mount.
+      initArgs = filter (p: forInit p && match "ntng\\.share=.*" p == null) n.kernelParams;
     in
-    builtins.deepSeq (checks n) {
+    builtins.deepSeq (checks n ++ shareChecks n) {
       name = n.name;
       inherit backend tree;
       inherit (n) accel memory cores bootTimeout kernel;
@@ -96,7 +105,7 @@ let
         "--bind=${p.folder}:${guestFolder}"
         "--console=read-only" # the container's /dev/console is a pty nspawn copies to stdout
         "--private-network" # its own network namespace: only lo, unless the test gives it NICs
-      ] ++ n.extraArgs ++ initArgs;
+      ] ++ map bindArg n.sharedDirs ++ n.extraArgs ++ initArgs;
       sockets = { inherit (p) backdoor; };
       files = { inherit (p) consoleLog disk layer; };
       backdoor = {
@@ -112,7 +121,7 @@ let
       restartOnReboot = true;
       rebootExitStatus = 133;
       helpers = [ ];
-      shares = [ ];
+      shares = n.sharedDirs; # for the runner: the artifacts share's folder, copies via="share"
       missing = nspawnMissing;
       # Each NIC is a veth pair: `tap` the host end (on `bridge`), `peer` the container's.
       interfaces = map (i: i // { peer = peerName i.tap; }) n.interfaces;

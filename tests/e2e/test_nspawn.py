@@ -311,3 +311,28 @@ def test_a_vm_and_a_container_on_one_vlan_reach_each_other_by_name(
         assert vm.succeed("sha256sum /root/blob").split()[0] == box.succeed("sha256sum /root/blob").split()[0]
     finally:
         d.release()
+
+
+# --- shared directories ----------------------------------------------------------------------
+
+def test_shared_dirs_are_bind_mounts_read_only_where_asked(tmp_path: Path, guest_image: GuestImage) -> None:
+    ro, rw = tmp_path / "ro", tmp_path / "rw"
+    ro.mkdir()
+    rw.mkdir()
+    (ro / "given").write_text("from the host\n")
+    d = make_driver(tmp_path, '#: nodes.box = { backend = "nspawn"; shareArtifacts = true; sharedDirs = {\n'
+                              f'#:   ro = {{ source = "{ro}"; target = "/mnt/ro"; readOnly = true; }};\n'
+                              f'#:   rw = {{ source = "{rw}"; target = "/mnt/rw"; }};\n'
+                              '#: }; };\n')
+    m = d.machines[0]
+    try:
+        assert m.succeed("cat /mnt/ro/given") == "from the host\n"
+        m.fail("touch /mnt/ro/nope")
+        m.succeed("echo from the container > /mnt/rw/made")
+        assert (rw / "made").read_text() == "from the container\n"
+        m.succeed("mkdir -p /root/res && echo r > /root/res/f")
+        m.copy_from_machine("/root/res", "via-share", via="share")
+        assert (m.out_dir / "via-share/res/f").read_text() == "r\n"
+    finally:
+        d.release()
+    assert not mounts_under(ro) and not mounts_under(rw)

@@ -248,6 +248,8 @@ CASES: dict[Key, Call | Callable[[], Call]] = {
     ("nspawn.nix", "cpu …: a QEMU CPU model; a container runs on the host's CPU (leave cpu = null)"): node(NS, cpu="host"),
     ("nspawn.nix", "kernelParams …: backend … lacks kernel parameters (a container shares the host's kernel); only "
                    "systemd.* and ntng.* words reach its init"): node(NS, kernelParams=["mitigations=off"]),
+    ("nspawn.nix", "sharedDirs.…: backend … bind-mounts shares and cannot take a ':' in their paths (…, …)"):
+        node(NS, sharedDirs={"a": {"source": "/a:b", "target": "/b"}}),
 
     ("cloud-hypervisor.nix", "node '…': backend … is not … (cloudHypervisor.launch builds Cloud Hypervisor plans "
                              "only; use ….launch)"): node(CH, backend="firecracker"),

@@ -123,7 +123,17 @@ def test_the_plan_boots_the_images_tree_on_the_nodes_own_layer() -> None:
     assert any(w.startswith("ntng.if=") for w in tail)
     assert not [w for w in tail if w.startswith(("root=", "console=", "panic="))]
     assert p["restartOnReboot"] is True and p["rebootExitStatus"] == 133
-    assert p["capabilities"]["features"] == ["networks", "reboot", "console"]
+    assert p["capabilities"]["features"] == ["sharedDirs", "networks", "reboot", "console"]
+
+
+def test_shared_dirs_are_bind_mounts_and_ntng_shares_has_nothing_to_mount() -> None:
+    p = plan(sharedDirs={"ro": {"source": "/h/ro", "target": "/mnt/ro", "readOnly": True},
+                         "rw": {"source": "/h/rw", "target": "/mnt/rw"}}, shareArtifacts=True)
+    argv = p["argv"]
+    assert "--bind-ro=/h/ro:/mnt/ro" in argv and "--bind=/h/rw:/mnt/rw" in argv
+    assert "--bind=@artifacts@/c-shared:/tmp/shared" in argv  # the runner fills in its folder
+    assert not [w for w in argv if w.startswith("ntng.share=")]
+    assert [s["tag"] for s in p["shares"]] == ["ro", "rw", "shared"]
 
 
 def test_a_tree_can_be_named_and_the_plan_keeps_the_runs_accelerator() -> None:
@@ -135,7 +145,7 @@ def test_a_tree_can_be_named_and_the_plan_keeps_the_runs_accelerator() -> None:
     ({"kernelParams": ["mitigations=off"]}, "backend nspawn lacks kernel parameters"),
     ({"requires": ["snapshot"]}, "requires snapshot, which backend nspawn lacks"),
     ({"display": True}, "display: backend nspawn lacks the screenshot capability"),
-    ({"sharedDirs": {"a": {"source": "/a", "target": "/b"}}}, "backend nspawn lacks the sharedDirs capability"),
+    ({"sharedDirs": {"a": {"source": "/a:b", "target": "/b"}}}, "cannot take a ':' in their paths"),
 ])
 def test_what_a_container_cannot_do_is_refused_by_the_plan(over: dict[str, Any], message: str) -> None:
     with pytest.raises(NixEvalError, match=message):

@@ -68,6 +68,7 @@ class NspawnBackend(VmmProcess):
             raise SetupError(f"{self.machine_name}: no root tree with an init at {tree}: rebuild the "
                              "guest image (`ntng image build`), which keeps the tree for containers")
         self._prepare_folders()
+        self._make_share_folders()  # a bind mount's source must exist
         if self.plan["interfaces"]:
             if any(i.get("impairment") for i in self.plan["interfaces"]):
                 self._in_test_netns(self._check_netem)
