@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, make_driver
+from helpers import ROOT, make_driver, run_cli
+from ntng import runner
 from ntng.caps import MissingCapability
 from ntng.driver import Driver
 from ntng.errors import AgentRestarted
@@ -52,6 +53,8 @@ def box(driver: Driver) -> Machine:
     first = time.monotonic() - t0
     print(f"measured: nspawn container start → first command {first:.2f}s")
     assert first < FIRST_COMMAND_WITHIN
+    m.wait_for_unit("multi-user.target")
+    print(f"measured: an idle Debian container's RSS (all its processes): {container_rss_kib(m) / 1024:.0f} MiB")
     return m
 
 
@@ -63,6 +66,24 @@ def container_processes(m: Machine) -> list[int]:
     pids = [backend.proc.pid]
     init = backend.container_init()  # type: ignore[attr-defined]
     return pids + ([init] if init else [])
+
+
+def container_rss_kib(m: Machine) -> int:
+    """VmRSS summed over the processes in the container's PID namespace (shared pages count
+    once per process: an upper bound)."""
+    init = m.backend.container_init()  # type: ignore[attr-defined]
+    ns = os.readlink(f"/proc/{init}/ns/pid")
+    total = 0
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.readlink(proc / "ns/pid") != ns:
+                continue
+            for line in (proc / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
 
 
 def gone(pids: list[int], within: float = 10.0) -> bool:
@@ -297,7 +318,15 @@ def test_a_vm_and_a_container_on_one_vlan_reach_each_other_by_name(
     box, vm = (by_name(d)[n] for n in ("box", "vm"))
     assert (box.plan["backend"], vm.plan["backend"]) == ("nspawn", "qemu")
     try:
-        d.start_all()
+        t0 = time.monotonic()
+        box.start()
+        vm.start()
+        box.succeed("true")
+        t_box = time.monotonic() - t0
+        vm.succeed("true")
+        t_vm = time.monotonic() - t0
+        print(f"measured: start → first command, side by side in one run: container {t_box:.1f}s, "
+              f"{vm.plan['accel'].upper()} VM {t_vm:.1f}s")
         vm.succeed("ping -c 1 -W 5 box")
         box.succeed("ping -c 1 -W 5 vm")
         data = tmp_path / "blob"
@@ -336,3 +365,38 @@ def test_shared_dirs_are_bind_mounts_read_only_where_asked(tmp_path: Path, guest
     finally:
         d.release()
     assert not mounts_under(ro) and not mounts_under(rw)
+
+
+# --- -K: the writable layer is kept like a VM's disk -----------------------------------------
+
+KEEP = """\
+#: nodes.machine = { backend = "nspawn"; };
+import os
+if os.environ.get("NTNG_TEST_PHASE") == "write":
+    machine.succeed("echo from-the-last-run > /root/kept")
+else:
+    print("KEPT:", machine.execute("cat /root/kept")[1].strip() or "nothing")
+machine.shutdown()
+"""
+
+
+def test_keep_state_keeps_the_upper_layer_across_runs(tmp_path: Path, guest_image: GuestImage,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    script = tmp_path / "kept.py"
+    script.write_text(KEEP)
+    state = runner.kept_state_dir(script)
+    try:
+        monkeypatch.setenv("NTNG_TEST_PHASE", "write")
+        r = run_cli("run", str(script), "-K", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert (state / "machine/layer/upper/root/kept").exists()
+        monkeypatch.setenv("NTNG_TEST_PHASE", "read")
+        r = run_cli("run", str(script), "-K", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "KEPT: from-the-last-run" in r.stdout + r.stderr
+        r = run_cli("run", str(script), cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "KEPT: nothing" in r.stdout + r.stderr
+        assert not (guest_image.tree / "root/kept").exists()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
