@@ -364,7 +364,7 @@ def test_shared_dirs_are_bind_mounts_read_only_where_asked(tmp_path: Path, guest
         assert (m.out_dir / "via-share/res/f").read_text() == "r\n"
     finally:
         d.release()
-    assert not mounts_under(ro) and not mounts_under(rw)
+    assert not mounts_under(ro) and not mounts_under(rw)  # release() waits for the container's end
 
 
 # --- -K: the writable layer is kept like a VM's disk -----------------------------------------

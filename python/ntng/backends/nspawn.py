@@ -31,7 +31,7 @@ from .. import backdoorkey, netem, paths
 from ..client import connect_unix
 from ..errors import SetupError
 from ..network import CapabilityMissing
-from .vmm import VmmProcess
+from .vmm import KILL_REAP_TIMEOUT, VmmProcess
 
 # systemd (PID 1) runs ctrl-alt-del.target on SIGINT and powers off on SIGRTMIN+4.
 CTRL_ALT_DEL = signal.SIGINT
@@ -256,7 +256,15 @@ class NspawnBackend(VmmProcess):
         self.kill()
 
     def kill(self) -> None:
+        """SIGKILL unshare and nspawn (their session): the end of nspawn's PID namespace kills
+        the container.  Waits (bounded) until its processes are gone, so that its mounts are
+        gone too when this returns."""
+        init = self.container_init()
         super().kill()
+        if init is not None:
+            deadline = time.monotonic() + KILL_REAP_TIMEOUT
+            while _running(init) and time.monotonic() < deadline:
+                time.sleep(0.01)
         self._remove_sockets()
 
     def release(self) -> None:
@@ -306,6 +314,14 @@ class NspawnBackend(VmmProcess):
                 ipr.link("set", index=found[0], state="up" if up else "down")
 
         self._in_test_netns(flip)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie (a dead init waiting for its reaper)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _netns_inode(pid: int) -> int | None:
