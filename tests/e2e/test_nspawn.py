@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, make_driver, run_cli
+from helpers import ROOT, make_driver, ntng_run, run_cli
 from ntng import runner
 from ntng.caps import MissingCapability
 from ntng.driver import Driver
@@ -400,3 +400,18 @@ def test_keep_state_keeps_the_upper_layer_across_runs(tmp_path: Path, guest_imag
         assert not (guest_image.tree / "root/kept").exists()
     finally:
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_the_two_node_demo_runs_unchanged_with_both_nodes_as_containers(
+        tmp_path: Path, guest_image: GuestImage) -> None:
+    demo = (ROOT / "examples/two_nodes.py").read_text()
+    script = tmp_path / "two_nodes.py"
+    script.write_text(demo.replace("#: nodes.server = {", '#: nodes.server = { backend = "nspawn";')
+                      .replace("#: nodes.client = {", '#: nodes.client = { backend = "nspawn";'))
+    assert script.read_text().count('backend = "nspawn"') == 2
+    t0 = time.monotonic()
+    r = ntng_run(script)
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "5 MB travel server -> client" in r.stderr + r.stdout
+    print(f"measured: examples/two_nodes.py with both nodes as containers: {took:.1f}s (ntng run, wall)")
