@@ -38,7 +38,12 @@ FIRST_COMMAND_WITHIN = 10.0  # seconds; measured ~0.8 s here (a TCG VM: ~20 s)
 
 
 @pytest.fixture(scope="module")
-def driver(tmp_path_factory: pytest.TempPathFactory, guest_image: GuestImage) -> Iterator[Driver]:
+def module_start() -> float:
+    return time.time()
+
+
+@pytest.fixture(scope="module")
+def driver(module_start: float, tmp_path_factory: pytest.TempPathFactory, guest_image: GuestImage) -> Iterator[Driver]:
     d = make_driver(tmp_path_factory.mktemp("nspawn"), SCRIPT)
     yield d
     d.release()
@@ -415,3 +420,10 @@ def test_the_two_node_demo_runs_unchanged_with_both_nodes_as_containers(
     assert r.returncode == 0, r.stderr[-3000:]
     assert "5 MB travel server -> client" in r.stderr + r.stdout
     print(f"measured: examples/two_nodes.py with both nodes as containers: {took:.1f}s (ntng run, wall)")
+
+
+def test_no_container_of_this_module_wrote_to_the_cache(module_start: float, guest_image: GuestImage) -> None:
+    """Last here: every container above booted the cache's tree; none changed a file of it."""
+    r = subprocess.run(["find", str(guest_image.tree), "-xdev", "-newermt", f"@{module_start - 1:.0f}",
+                        "-print", "-quit"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "", r.stdout + r.stderr
