@@ -166,3 +166,12 @@ def test_a_missing_tree_is_a_setup_error_naming_the_rebuild(tmp_path: Path) -> N
     p = plan(stateDir=str(tmp_path / "c"), image=str(tmp_path / "img/root.ext4"))
     with pytest.raises(SetupError, match="ntng image build"):
         backends.make("c", p).start()
+
+
+def test_a_runner_that_is_not_root_is_told_before_anything_is_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # this test host runs as root
+    b = backends.make("c", plan(stateDir=str(tmp_path / "c")))
+    with pytest.raises(SetupError, match="need root"):
+        b.start()
+    assert not (tmp_path / "c").exists()

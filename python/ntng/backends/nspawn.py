@@ -61,6 +61,9 @@ class NspawnBackend(VmmProcess):
     # -- starting -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        if os.geteuid() != 0:
+            raise SetupError(f"{self.machine_name}: container nodes (backend nspawn) need root: "
+                             "systemd-nspawn makes namespaces and mounts; run as root or use a VM node")
         for tool in self.plan["checkBinaries"]:
             self._check_binary(tool["path"], tool["missing"])
         tree = Path(self.plan["tree"])
