@@ -63,6 +63,14 @@ in
     nixpkgs = "cloud-hypervisor"; wrapped = false;
     neededFor = "Cloud Hypervisor nodes (Debian: its GitHub releases)";
   };
+  systemd-nspawn = tool {
+    nixpkgs = "systemd"; debian = [ "systemd-container" ];
+    neededFor = "container nodes (backend = \"nspawn\")";
+  };
+  unshare = tool {
+    nixpkgs = "util-linux"; debian = [ "util-linux" ];
+    neededFor = "container nodes: each container's PID namespace ends with its systemd-nspawn";
+  };
   debootstrap = tool {
     nixpkgs = "debootstrap"; debian = [ "debootstrap" ]; wrapped = false; paths = [ "/usr/sbin/debootstrap" ];
     neededFor = "building the Debian guest image (ntng image build; not for mkTest)";

@@ -2,8 +2,9 @@
 
 Two cache levels under the user's cache dir, each keyed by a hash of its inputs:
   rootfs-<h>/  the debootstrapped tree (minutes; changes only with the package list or suite)
-  image-<h>/   root.ext4 + vmlinuz + vmlinux + initrd.img (seconds; changes with the agent or
-               config)
+  image-<h>/   root.ext4 + vmlinuz + vmlinux + initrd.img, and tree/ (the configured root tree
+               root.ext4 is made from, which containers boot) (seconds; changes with the agent
+               or config)
 root.ext4 is a raw, sparse ext4 file system made by nixlib/scripts/mkext4.sh and vmlinux the
 ELF kernel made by nixlib/scripts/extract-vmlinux.sh: the same artefacts, from the same scripts,
 that the Nix derivations make for Firecracker-shaped VMs.  A VM never writes to root.ext4: each
@@ -45,6 +46,12 @@ class GuestImage:
     vmlinux: Path  # the same kernel as an ELF file (Firecracker, QEMU microvm)
     initrd: Path
     directory: Path
+
+    @property
+    def tree(self) -> Path:
+        """The configured root tree root.ext4 was made from, for containers (backend nspawn):
+        read-only to them (an overlay's lower layer), never written."""
+        return self.directory / "tree"
 
     @classmethod
     def load(cls, directory: Path) -> GuestImage:
@@ -277,7 +284,8 @@ def build(force: bool = False) -> GuestImage:
     scripts = paths.nixlib_dir() / "scripts"
     _run([str(scripts / "extract-vmlinux.sh"), str(tmp / "vmlinuz"), str(tmp / "vmlinux")], log)
     _run([str(scripts / "mkext4.sh"), str(tree), str(tmp / "root.ext4"), IMAGE_SIZE, "ntng"], log)
-    shutil.rmtree(tree)
+    # The tree stays for containers (~0.9 GB beside root.ext4): they boot it as an overlay's
+    # lower layer; a loop mount of root.ext4 instead would need a mount left on the host.
     (tmp / "manifest.json").write_text(json.dumps(
         {"key": key, "rootfs": rootfs.name, "kernel": kernels[-1].name, "packages": PACKAGES}, indent=1))
     (tmp / "root.ext4").chmod(0o444)
