@@ -76,7 +76,8 @@ let
   userOptions = [ "memory" "cores" "accel" "backend" "machineType" "cpu" "kernel" "initrd"
     "kernelParams" "image" "imageFormat" "allowReboot" "display" "aslr" "bootTimeout" "extraArgs"
     "extraSerialPorts" "backdoor" "vlans" "impairments" "requires" "sharedDirs" "shareArtifacts"
-    "qemuBinary" "qemuImg" "firecrackerBinary" "cloudHypervisorBinary" "vhostDeviceVsock" "virtiofsd" ];
+    "qemuBinary" "qemuImg" "firecrackerBinary" "cloudHypervisorBinary" "vhostDeviceVsock" "virtiofsd"
+    "nspawnBinary" "unshareBinary" ];
   internalOptions = [ "name" "stateDir" "tscKhz" "interfaces" "restore" ];
   known = userOptions ++ internalOptions;
   # Every default is one or the other (a new option must be put in one list).

@@ -123,7 +123,7 @@ def test_the_plan_boots_the_images_tree_on_the_nodes_own_layer() -> None:
     assert any(w.startswith("ntng.if=") for w in tail)
     assert not [w for w in tail if w.startswith(("root=", "console=", "panic="))]
     assert p["restartOnReboot"] is True and p["rebootExitStatus"] == 133
-    assert p["capabilities"]["features"] == ["sharedDirs", "networks", "reboot", "console"]
+    assert p["capabilities"]["features"] == ["sharedDirs", "networks", "block", "reboot", "console"]
 
 
 def test_shared_dirs_are_bind_mounts_and_ntng_shares_has_nothing_to_mount() -> None:
