@@ -42,6 +42,13 @@ FW_CFG_ROOT = "/sys/firmware/qemu_fw_cfg"
 FW_CFG_KEY = f"{FW_CFG_ROOT}/by_name/opt/org.ntng/backdoor-key/raw"
 FW_CFG_MODULE = "qemu_fw_cfg"
 MAX_KEY_BYTES = 4096  # read no more of a key file than this (the runner writes 32 bytes)
+# A container (systemd-nspawn) has no kernel command line of its own: /proc/cmdline is the
+# host's, and systemd reads its own arguments instead when this file says it runs in one.
+CONTAINER_MARKER = "/run/systemd/container"
+# The container transport (`ntng.backdoor=unix:<folder>`): the runner bind-mounts a private
+# folder of its state directory at <folder>; the agent listens there and finds the run's key.
+FOLDER_SOCKET = "backdoor.sock"
+FOLDER_KEY = "backdoor-key"
 
 
 def log(msg: str) -> None:
@@ -782,6 +789,31 @@ def run_on_socket(path: str, key_file: str | None = None) -> None:
     accept_forever(srv, time.time_ns(), key_file)
 
 
+def run_on_folder(folder: str, key_file: str | None = None) -> None:
+    """Listen on <folder>/backdoor.sock, the folder bind-mounted from the run's private state
+    directory (a container); the key is <folder>/backdoor-key when the runner put one there.
+    A restarted agent replaces the socket its predecessor left: the host connects anew."""
+    started_ns = time.time_ns()
+    while not os.path.isdir(folder):
+        time.sleep(0.05)
+    in_folder = os.path.join(folder, FOLDER_KEY)
+    key = key_file or (in_folder if os.path.exists(in_folder) else None)
+    log(f"backdoor key: {key}" if key else "no backdoor key: sessions are not authenticated")
+    path = os.path.join(folder, FOLDER_SOCKET)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o077)  # the folder is private already; the socket is too
+    try:
+        srv.bind(path)
+    finally:
+        os.umask(old)
+    log(f"serving on {path}")
+    accept_forever(srv, started_ns, key)
+
+
 def run_on_vsock(port: int, key_file: str | None = None) -> None:
     """Listen on AF_VSOCK: the host reaches it through vhost-vsock or a hybrid vsock socket."""
     started_ns = time.time_ns()
@@ -804,18 +836,28 @@ def from_cmdline(cmdline: str) -> tuple[str, str]:
     for word in cmdline.split():
         if word.startswith("ntng.backdoor="):
             transport, _, where = word.partition("=")[2].partition(":")
-            if transport in ("virtio-serial", "vsock", "virtconsole") and where and (
+            if transport in ("virtio-serial", "vsock", "virtconsole", "unix") and where and (
                 transport != "vsock" or where.isdigit()
-            ):
+            ) and (transport != "unix" or where.startswith("/")):
                 return transport, where
             log(f"ignoring malformed {word!r}")
     return "virtio-serial", DEFAULT_PORT_NAME
 
 
-def run_from_cmdline(key_file: str | None = None) -> None:
+def read_cmdline() -> str:
+    """The kernel command line, or in a container init's arguments (as systemd reads them)."""
+    if os.path.exists(CONTAINER_MARKER):
+        with open("/proc/1/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
     with open("/proc/cmdline") as f:
-        transport, where = from_cmdline(f.read())
-    if transport == "vsock":
+        return f.read()
+
+
+def run_from_cmdline(key_file: str | None = None) -> None:
+    transport, where = from_cmdline(read_cmdline())
+    if transport == "unix":
+        run_on_folder(where, key_file)
+    elif transport == "vsock":
         run_on_vsock(int(where), key_file)
     elif transport == "virtconsole":
         run_on_device(f"/dev/{where}", key_file)

@@ -2,7 +2,7 @@
 # virtio-serial port or a console device such as /dev/hvc0 ("virtconsole"), or on an AF_VSOCK
 # port, never on an IP network.
 # Mirrors backdoor/debian/ntng-backdoor.service and journald-console.conf of the Debian image.
-{ config, lib, pkgs, ... }:
+{ config, lib, pkgs, options, ... }:
 let
   inherit (lib) mkOption types;
   cfg = config.ntng.backdoor;
@@ -16,6 +16,8 @@ let
   # agent starts from the root file system.  (No fw_cfg on Firecracker or Cloud Hypervisor: the
   # module loads, finds no device, and the agent serves without a key.)
   keyModules = [ "qemu_fw_cfg" ];
+  # journald.conf [Journal]: the journal on the serial console the runner streams.
+  journalConsole = { ForwardToConsole = "yes"; TTYPath = "/dev/ttyS0"; MaxLevelConsole = "info"; };
   listenArgs =
     if vsock then "--vsock-port ${toString cfg.port}"
     else if device then "--device ${cfg.port}"
@@ -109,10 +111,10 @@ in
     # (QEMU q35/microvm, Firecracker, Cloud Hypervisor) has that UART, while hvc0 exists only with
     # a virtconsole at port 0, and the last console= becomes /dev/console.
     boot.kernelParams = [ "console=ttyS0,115200" ];
-    services.journald.extraConfig = ''
-      ForwardToConsole=yes
-      TTYPath=/dev/ttyS0
-      MaxLevelConsole=info
-    '';
+    # The newest nixpkgs declares services.journald.settings and has removed extraConfig (defining
+    # it fails evaluation); older ones have extraConfig only.  Whichever this NixOS declares.
+    services.journald = if options.services.journald ? settings
+      then { settings.Journal = journalConsole; }
+      else { extraConfig = lib.concatStrings (lib.mapAttrsToList (k: v: "${k}=${v}\n") journalConsole); };
   };
 }

@@ -22,11 +22,11 @@ in
   networking.usePredictableInterfaceNames = mkDefault false;
   systemd.services.systemd-networkd-wait-online.enable = mkDefault false;
 
-  # Headless: the only interactive console is the serial one (ttyS0), logged in as root for
-  # `driverInteractive`; no getty on virtual terminals nobody sees.
+  # The serial console (ttyS0) is logged in as root for `driverInteractive`.  The virtual
+  # terminals keep their gettys, as on NixOS test nodes (nixpkgs' nixos/tests/login.nix waits for
+  # agetty on tty1 and switches VTs); on a node with a display modules/vm.nix turns the autologin
+  # off so that they show a login prompt, as there.
   services.getty.autologinUser = mkDefault "root";
-  systemd.services."getty@tty1".enable = mkDefault false;
-  systemd.services."autovt@".enable = mkDefault false;
 
   # A failing boot must stay reachable through the backdoor, not sit in an emergency shell.
   systemd.enableEmergencyMode = mkDefault false;

@@ -114,6 +114,10 @@ in
     boot.initrd.kernelModules = lib.optional
       (config.ntng.vm.backend == "firecracker" || config.ntng.vm.machineType == "microvm") "virtio_mmio";
 
+    # What is on the screen is NixOS': a login prompt on the VT gettys (test-node.nix's
+    # autologin is for the serial console of headless nodes).  Above mkDefault, below a node's own.
+    services.getty.autologinUser = lib.mkIf config.ntng.vm.display (lib.mkOverride 900 null);
+
     ntng.vm.nodeOptions = {
       memory = config.virtualisation.memorySize;
       inherit (config.virtualisation) cores vlans;

@@ -33,6 +33,18 @@ let
       machineTypes = [ "pc" ];
       shareTypes = [ "virtiofs" ];
     };
+    # systemd-nspawn containers: the host's kernel (no kernel parameters, no sch_netem unless the
+    # host has it: impairment is refused at start otherwise), a veth per NIC (block: the host
+    # downs its end), no screen or keyboard, no snapshots; the console is read-only (the
+    # container's output); a guest reboot ends nspawn, the runner starts it again on the same
+    # writable layer.  The backdoor is a unix socket in a folder bind-mounted from the state
+    # directory.
+    nspawn = {
+      transports = [ "unix" ];
+      features = [ "sharedDirs" "networks" "block" "reboot" "console" ];
+      machineTypes = [ "container" ];
+      shareTypes = [ "9p" "virtiofs" ]; # accepted as declared for a VM; made bind mounts (nspawn.nix)
+    };
   };
 
   # Why a backend lacks a feature, where that is not obvious (said in the runner's error).
@@ -42,6 +54,8 @@ let
     firecracker.clone = noClone;
     cloud-hypervisor.clone = noClone;
     cloud-hypervisor.consoleInput = "its serial console is a file the VMM writes (output only)";
+    nspawn.snapshot = "a container has no VM state to save (it runs on the host's kernel)";
+    nspawn.consoleInput = "a container's console is its output, read-only";
   };
 
   # What one node (node.nix's normalised record) can do: its backend's features, less those its

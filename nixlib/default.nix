@@ -7,6 +7,7 @@
   qemu = import ./qemu.nix;
   firecracker = import ./firecracker.nix;
   cloudHypervisor = import ./cloud-hypervisor.nix;
+  nspawn = import ./nspawn.nix;
   testSpec = import ./test.nix;
   clone = import ./clone.nix;
 }

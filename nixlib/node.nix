@@ -19,6 +19,8 @@ let
     cloudHypervisorBinary = "cloud-hypervisor";
     vhostDeviceVsock = "vhost-device-vsock"; # QEMU's hybrid vsock (Debian package vhost-device-vsock)
     virtiofsd = "/usr/lib/qemu/virtiofsd"; # virtiofs shares (Debian package qemu-system-common)
+    nspawnBinary = "systemd-nspawn"; # containers (Debian package systemd-container)
+    unshareBinary = "unshare"; # a container's PID namespace dies with nspawn (util-linux)
     imageFormat = "qcow2"; # of `image`; Firecracker and Cloud Hypervisor need "raw"
     initrd = null;
     kernelParams = [ ];
@@ -73,6 +75,7 @@ let
     virtio-serial = "virtio-serial:${b.portName}";
     vsock = "vsock:${toString b.vsockPort}";
     virtconsole = "virtconsole:hvc0";
+    unix = "unix:/run/ntng-host"; # a container's bind-mounted folder (nspawn.nix: guestFolder)
   }.${b.transport};
 
   # The options users set (`#:` lines, mkTest's nodes): an unknown option's error lists these,
@@ -80,7 +83,8 @@ let
   userOptions = [ "memory" "cores" "accel" "backend" "machineType" "cpu" "kernel" "initrd"
     "kernelParams" "image" "imageFormat" "allowReboot" "display" "aslr" "bootTimeout" "extraArgs"
     "extraSerialPorts" "backdoor" "vlans" "impairments" "requires" "sharedDirs" "shareArtifacts"
-    "qemuBinary" "qemuImg" "firecrackerBinary" "cloudHypervisorBinary" "vhostDeviceVsock" "virtiofsd" ];
+    "qemuBinary" "qemuImg" "firecrackerBinary" "cloudHypervisorBinary" "vhostDeviceVsock" "virtiofsd"
+    "nspawnBinary" "unshareBinary" ];
   internalOptions = [ "name" "stateDir" "tscKhz" "interfaces" "restore" ];
   known = userOptions ++ internalOptions;
   # Every default is one or the other (a new option must be put in one list).
@@ -104,13 +108,14 @@ let
         else fail name "unknown backend ${toJSON backend} (known: ${list backends})";
       unknown = filter (k: !(elem k known)) (attrNames spec);
       # Firecracker and Cloud Hypervisor run on KVM only: their accel defaults to kvm.
-      n0 = defaults // { accel = if backend == "qemu" then defaults.accel else "kvm"; } // spec;
+      # A container (nspawn) has no accelerator: whatever the run chose is kept.
+      n0 = defaults // { accel = if backend == "qemu" || backend == "nspawn" then defaults.accel else "kvm"; } // spec;
       n = n0 // {
         inherit name; # a missing name is this message, not Nix's "attribute 'name' missing"
         machineType = if n0.machineType == null then builtins.head caps.machineTypes else n0.machineType;
         backdoor = backdoorDefaults backend // (if isAttrs n0.backdoor then n0.backdoor else { });
       };
-      executables = [ "qemuBinary" "qemuImg" "firecrackerBinary" "cloudHypervisorBinary" "vhostDeviceVsock" "virtiofsd" ];
+      executables = [ "qemuBinary" "qemuImg" "firecrackerBinary" "cloudHypervisorBinary" "vhostDeviceVsock" "virtiofsd" "nspawnBinary" "unshareBinary" ];
       notStrings = filter (k: !(isString n.${k})) executables;
       missing = filter (f: !(elem f (capabilities.effective backend n).features)) (if isList n.requires then n.requires else [ ]);
       checks = [
@@ -120,7 +125,7 @@ let
         (check name (n.memory >= 128 && n.memory <= 65536) "memory must be between 128 and 65536 MiB, got ${toJSON n.memory}")
         (check name (isInt n.cores && n.cores >= 1 && n.cores <= 64) "cores must be an integer from 1 to 64, got ${toJSON n.cores}")
         (check name (elem n.accel [ "kvm" "tcg" ]) "accel must be \"kvm\" or \"tcg\", got ${toJSON n.accel}")
-        (check name (backend == "qemu" || n.accel == "kvm")
+        (check name (backend == "qemu" || backend == "nspawn" || n.accel == "kvm")
           "accel: backend ${backend} needs KVM, it has no TCG (use backend = \"qemu\" with machineType = \"microvm\" for the same shape without KVM)")
         (check name (elem n.machineType caps.machineTypes) "machineType ${toJSON n.machineType} is not offered by backend ${backend} (it has: ${list caps.machineTypes})")
         (check name (notStrings == [ ]) "${list notStrings}: expected the path or name of an executable (a string)")
@@ -150,7 +155,7 @@ let
         (check name (n.tscKhz == null || (isInt n.tscKhz && n.tscKhz > 0)) "tscKhz must be a positive integer (kHz) or null")
         (check name (n.bootTimeout == null || (isInt n.bootTimeout && n.bootTimeout > 0)) "bootTimeout must be a positive number of seconds or null")
         (check name (isAttrs n0.backdoor) "backdoor must be an attribute set ({ transport = ...; })")
-        (check name (elem n.backdoor.transport [ "virtio-serial" "virtconsole" "vsock" ]) "backdoor.transport must be \"virtio-serial\", \"virtconsole\" or \"vsock\", got ${toJSON n.backdoor.transport}")
+        (check name (elem n.backdoor.transport [ "virtio-serial" "virtconsole" "vsock" "unix" ]) "backdoor.transport must be \"virtio-serial\", \"virtconsole\", \"vsock\" or \"unix\" (containers), got ${toJSON n.backdoor.transport}")
         (check name (elem n.backdoor.transport caps.transports) "backdoor.transport: backend ${backend} lacks the ${n.backdoor.transport} transport (it has: ${list caps.transports})")
         (check name (isString n.backdoor.portName && builtins.match "[a-z0-9.-]+" n.backdoor.portName != null)
           "backdoor.portName must be a port name (lower-case letters, digits, dots, dashes), got ${toJSON n.backdoor.portName}")

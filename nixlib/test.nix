@@ -14,6 +14,7 @@ let
     qemu = import ./qemu.nix;
     firecracker = import ./firecracker.nix;
     cloud-hypervisor = import ./cloud-hypervisor.nix;
+    nspawn = import ./nspawn.nix;
   };
 
   knownTop = [ "nodes" "name" "globalTimeout" "skipLint" "skipTypeCheck" "backend" ];

@@ -49,8 +49,10 @@ in
     paths = [ "/usr/lib/qemu/virtiofsd" "/usr/libexec/virtiofsd" ];
     neededFor = "virtiofs shared directories (9p needs nothing extra)";
   };
+  # tesseract4, as the NixOS driver: nixpkgs' plain `tesseract` is tesseract3, which has no LSTM
+  # model for screen.py's `--oem 1` (docs/nixos-fidelity.md).
   tesseract = tool {
-    nixpkgs = "tesseract"; debian = [ "tesseract-ocr" "tesseract-ocr-eng" ];
+    nixpkgs = "tesseract4"; debian = [ "tesseract-ocr" "tesseract-ocr-eng" ];
     neededFor = "OCR: get_screen_text, wait_for_text";
   };
   firecracker = tool {
@@ -60,6 +62,14 @@ in
   cloud-hypervisor = tool {
     nixpkgs = "cloud-hypervisor"; wrapped = false;
     neededFor = "Cloud Hypervisor nodes (Debian: its GitHub releases)";
+  };
+  systemd-nspawn = tool {
+    nixpkgs = "systemd"; debian = [ "systemd-container" ];
+    neededFor = "container nodes (backend = \"nspawn\")";
+  };
+  unshare = tool {
+    nixpkgs = "util-linux"; debian = [ "util-linux" ];
+    neededFor = "container nodes: each container's PID namespace ends with its systemd-nspawn";
   };
   debootstrap = tool {
     nixpkgs = "debootstrap"; debian = [ "debootstrap" ]; wrapped = false; paths = [ "/usr/sbin/debootstrap" ];

@@ -2,8 +2,9 @@
 
 Two cache levels under the user's cache dir, each keyed by a hash of its inputs:
   rootfs-<h>/  the debootstrapped tree (minutes; changes only with the package list or suite)
-  image-<h>/   root.ext4 + vmlinuz + vmlinux + initrd.img (seconds; changes with the agent or
-               config)
+  image-<h>/   root.ext4 + vmlinuz + vmlinux + initrd.img, and tree/ (the configured root tree
+               root.ext4 is made from, which containers boot) (seconds; changes with the agent
+               or config)
 root.ext4 is a raw, sparse ext4 file system made by nixlib/scripts/mkext4.sh and vmlinux the
 ELF kernel made by nixlib/scripts/extract-vmlinux.sh: the same artefacts, from the same scripts,
 that the Nix derivations make for Firecracker-shaped VMs.  A VM never writes to root.ext4: each
@@ -45,6 +46,12 @@ class GuestImage:
     vmlinux: Path  # the same kernel as an ELF file (Firecracker, QEMU microvm)
     initrd: Path
     directory: Path
+
+    @property
+    def tree(self) -> Path:
+        """The configured root tree root.ext4 was made from, for containers (backend nspawn):
+        read-only to them (an overlay's lower layer), never written."""
+        return self.directory / "tree"
 
     @classmethod
     def load(cls, directory: Path) -> GuestImage:
@@ -204,13 +211,14 @@ def configure(root: Path) -> None:
     subprocess.run(["chroot", str(root), "passwd", "-d", "root"], check=True, capture_output=True)
     for unit in ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer",
                  "e2scrub_reap.service", "fstrim.timer", "systemd-timesyncd.service",
-                 "man-db.timer", "getty@tty1.service", "dpkg-db-backup.timer",
+                 "man-db.timer", "dpkg-db-backup.timer",
                  "systemd-tmpfiles-clean.timer", "proc-sys-fs-binfmt_misc.automount",
                  "systemd-binfmt.service", "systemd-pcrphase.service",
                  "systemd-pcrphase-sysinit.service", "modprobe@dm_mod.service",
                  "modprobe@drm.service", "modprobe@efi_pstore.service"):
         (units / unit).unlink(missing_ok=True)
         (units / unit).symlink_to("/dev/null")
+    _nixos_vt_gettys(root)
     (root / "etc/modules-load.d/ntng.conf").write_text("virtio_console\nvirtio_rng\n")
     # A small initrd boots much faster under TCG than Debian's "most" (36 MB): only what
     # mounting the root disk needs.
@@ -222,6 +230,30 @@ def configure(root: Path) -> None:
     # The agent starts before anything else: precompiled bytecode saves seconds under TCG.
     subprocess.run(["chroot", str(root), "python3", "-m", "compileall", "-q", "/usr/lib/ntng-backdoor"],
                    check=True, capture_output=True)
+
+
+# NixOS' getty.nix command line for the VT gettys: the tty is on it (Debian's passes "-" and sets
+# TTYPath), so nixos/tests/login.nix's `pgrep -f 'agetty.*tty1'` finds them.  Only on nodes with
+# a display (the runner adds console=tty0 there): on a headless node nobody sees the VTs, and
+# tty1 stays free for a test's own reader.
+NIXOS_VT_GETTY = """[Unit]
+ConditionKernelCommandLine=console=tty0
+
+[Service]
+ExecStart=
+ExecStart=-/sbin/agetty --noclear --keep-baud %I 115200,38400,9600 $TERM
+"""
+
+
+def _nixos_vt_gettys(root: Path) -> None:
+    """VT gettys as on NixOS test nodes with a display (tty1, and more on a VT switch), and bash
+    as new users' shell (NixOS' default; Debian's useradd gives /bin/sh): login.nix's steps run unchanged."""
+    dropin = root / "etc/systemd/system/getty@.service.d"
+    dropin.mkdir(parents=True, exist_ok=True)
+    (dropin / "nixos-vt-getty.conf").write_text(NIXOS_VT_GETTY)
+    useradd = root / "etc/default/useradd"
+    if useradd.exists():
+        useradd.write_text(re.sub(r"(?m)^#?\s*SHELL=.*$", "SHELL=/bin/bash", useradd.read_text()))
 
 
 def build(force: bool = False) -> GuestImage:
@@ -252,7 +284,8 @@ def build(force: bool = False) -> GuestImage:
     scripts = paths.nixlib_dir() / "scripts"
     _run([str(scripts / "extract-vmlinux.sh"), str(tmp / "vmlinuz"), str(tmp / "vmlinux")], log)
     _run([str(scripts / "mkext4.sh"), str(tree), str(tmp / "root.ext4"), IMAGE_SIZE, "ntng"], log)
-    shutil.rmtree(tree)
+    # The tree stays for containers (~0.9 GB beside root.ext4): they boot it as an overlay's
+    # lower layer; a loop mount of root.ext4 instead would need a mount left on the host.
     (tmp / "manifest.json").write_text(json.dumps(
         {"key": key, "rootfs": rootfs.name, "kernel": kernels[-1].name, "packages": PACKAGES}, indent=1))
     (tmp / "root.ext4").chmod(0o444)

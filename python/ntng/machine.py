@@ -895,6 +895,8 @@ class Machine:
         if not ifaces:
             raise RequestedAssertionFailed(f"{self.name}: has no network interfaces to impair (declare vlans)")
         host = self.network.host_impairment()
+        if not host and hasattr(self.backend, "check_guest_impairment"):
+            self.backend.check_guest_impairment()  # a container: the guest's kernel is the host's
         for i in ifaces:
             what = imp.describe() if imp else "none"
             self.log(f"impairment on vlan {i['vlan']} ({direction}): {what}"

@@ -133,7 +133,7 @@ def tesseract_path() -> str:
     if exe is None:
         raise OcrUnavailable(
             f"OCR needs tesseract, which is not on PATH: apt-get install {OCR_PACKAGE} "
-            "(Nix: pkgs.tesseract; the NixOS driver's enableOCR)")
+            "(Nix: pkgs.tesseract4; the NixOS driver's enableOCR)")
     return exe
 
 

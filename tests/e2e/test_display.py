@@ -74,6 +74,34 @@ def test_without_tesseract_the_error_names_the_package(vm: Machine, monkeypatch:
     vm.screenshot("still-works")  # a screenshot needs no OCR
 
 
+def test_nixos_login_test_steps_on_the_virtual_terminals(vm: Machine) -> None:
+    """nixpkgs' nixos/tests/login.nix, its VT part: agetty on tty1, alt-f2 starts one on tty2,
+    log in there.  (The VT number from sysfs: the image has no fgconsole.)"""
+    t0 = time.monotonic()
+    vm.wait_for_unit("getty@tty1.service", timeout=60)
+    vm.wait_until_succeeds("pgrep -f 'agetty.*tty1'", timeout=60)
+    vm.succeed("useradd -m alice", "(echo foobar; echo foobar) | passwd alice")
+    vm.fail("pgrep -f 'agetty.*tty2'")
+    vm.send_key("alt-f2")
+    vm.wait_until_succeeds("[ $(cat /sys/class/tty/tty0/active) = tty2 ]", timeout=30)
+    vm.wait_for_unit("getty@tty2.service", timeout=30)
+    vm.wait_until_succeeds("pgrep -f 'agetty.*tty2'", timeout=30)
+    vm.wait_until_tty_matches("2", "login: ", timeout=30)
+    vm.send_chars("alice\n")
+    vm.wait_until_tty_matches("2", "login: alice", timeout=30)
+    vm.wait_until_succeeds("pgrep login", timeout=30)
+    vm.wait_until_tty_matches("2", "Password: ", timeout=30)
+    vm.send_chars("foobar\n")
+    vm.wait_until_succeeds("pgrep -u alice bash", timeout=30)
+    vm.send_chars("touch done\n")
+    vm.wait_for_file("/home/alice/done", timeout=30)
+    vm.send_chars("exit\n")
+    vm.wait_until_fails("pgrep -u alice bash", timeout=30)
+    vm.send_key("alt-f1")  # back to the console the other tests read
+    vm.wait_until_succeeds("[ $(cat /sys/class/tty/tty0/active) = tty1 ]", timeout=30)
+    print(f"login.nix steps: {time.monotonic() - t0:.1f}s")
+
+
 def test_the_run_folder_holds_console_journal_screenshots_and_copies(driver: Driver, vm: Machine) -> None:
     vm.succeed("echo kept > /root/artifact.txt")
     vm.copy_from_machine("/root/artifact.txt", "copied")

@@ -35,6 +35,8 @@ let
     backdoor = c.ntng.backdoor // { package = pathOf c.ntng.backdoor.package; };
     backdoorUnit = c.systemd.services.ntng-backdoor or null;
     serialGettys = lib.filterAttrs (n: _: lib.hasPrefix "serial-getty@" n) c.systemd.services;
+    vtGettys = lib.filterAttrs (n: _: lib.hasPrefix "getty@" n || lib.hasPrefix "autovt@" n) c.systemd.services;
+    inherit (c.services.getty) autologinUser;
     kernelParams = c.boot.kernelParams;
     kernelModules = c.boot.kernelModules;
     initrdKernelModules = c.boot.initrd.kernelModules;

@@ -1,7 +1,8 @@
 # Evaluate modules/<entry>.nix with nixpkgs' lib.evalModules, the NixOS stand-ins and a fake pkgs:
 #   nix-instantiate --eval --strict --json --readonly-mode tests/nix/eval-module.nix \
-#     --argstr libPath $NIXPKGS_LIB --argstr entry test-node --argstr config '<json module>'
-{ libPath, entry ? "test-node", config ? "{}" }:
+#     --argstr libPath $NIXPKGS_LIB --argstr entry test-node --argstr config '<json module>' \
+#     [--argstr journald journald-settings]   # services.journald as the newest nixpkgs declares it
+{ libPath, entry ? "test-node", config ? "{}", journald ? "journald" }:
 let
   lib = import libPath;
   modulesDir = toString ../../modules;
@@ -30,6 +31,7 @@ let
   eval = lib.evalModules {
     modules = [
       ./nixos-stand-ins.nix
+      (./fake-nixpkgs/nixos/modules + "/${journald}.nix")
       (../../modules + "/${entry}.nix")
       { _file = "user-config"; imports = [ (builtins.fromJSON config) ]; }
       { _module.args.pkgs = pkgs; }
@@ -46,5 +48,7 @@ in
   failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) cfg.assertions);
   setByModules = map (o: lib.showOption o.loc) (lib.filter fromModules options);
   agent = { inherit (agent) name; script = agent.script or null; env = agent.env or null; };
-  config = { inherit (cfg) ntng systemd boot services networking documentation system; };
+  config = { inherit (cfg) ntng systemd boot networking documentation system; }
+    # (A removed option throws when read.)
+    // { services = cfg.services // { journald = removeAttrs cfg.services.journald (lib.optional (journald != "journald") "extraConfig"); }; };
 }

@@ -26,21 +26,22 @@ class EvalError(Exception):
 
 
 @functools.cache
-def _evaluate(entry: str, config_json: str) -> Any:
+def _evaluate(entry: str, config_json: str, journald: str = "journald") -> Any:
     # --readonly-mode: source paths in the agent package are hashed, not copied to the store.
     cmd = ["nix-instantiate", "--eval", "--strict", "--json", "--readonly-mode",
            "--option", "build-users-group", "", str(HERE / "eval-module.nix"),
            "--argstr", "libPath", NIXPKGS_LIB, "--argstr", "entry", entry,
-           "--argstr", "config", config_json]
+           "--argstr", "config", config_json, "--argstr", "journald", journald]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
         raise EvalError(r.stderr)
     return json.loads(r.stdout)
 
 
-def evaluate(config: dict[str, Any] | None = None, entry: str = "test-node") -> Any:
-    """Evaluate modules/<entry>.nix plus the user module `config`."""
-    return _evaluate(entry, json.dumps(config or {}, sort_keys=True))
+def evaluate(config: dict[str, Any] | None = None, entry: str = "test-node", journald: str = "journald") -> Any:
+    """Evaluate modules/<entry>.nix plus the user module `config`; `journald` picks the stand-in
+    for services.journald (journald: extraConfig; journald-settings: the newest nixpkgs')."""
+    return _evaluate(entry, json.dumps(config or {}, sort_keys=True), journald)
 
 
 def backdoor(**options: Any) -> dict[str, Any]:
@@ -194,6 +195,43 @@ def test_console_and_journal_on_ttyS0() -> None:
     assert unit(evaluate())["serviceConfig"]["StandardOutput"] == "journal+console"
 
 
+def test_journal_console_with_the_newest_nixpkgs_journald_settings() -> None:
+    # The newest nixpkgs removed services.journald.extraConfig (defining it fails evaluation) for
+    # settings.Journal: the module must use whichever the NixOS it is imported into declares.
+    config = evaluate(journald="journald-settings")["config"]
+    assert config["services"]["journald"]["settings"]["Journal"] == {
+        "ForwardToConsole": "yes", "TTYPath": "/dev/ttyS0", "MaxLevelConsole": "info"}
+    assert evaluate(journald="journald-settings")["failedAssertions"] == []
+    # What NixOS says of a definition of the removed option (the stand-in is lib.mkRemovedOptionModule).
+    failed = evaluate({"services": {"journald": {"extraConfig": "Storage=volatile"}}},
+                      journald="journald-settings")["failedAssertions"]
+    assert len(failed) == 1 and "Use services.journald.settings.Journal instead" in failed[0], failed
+
+
+@pytest.mark.parametrize(("config", "option"), [
+    # Each value has the right shape for a loose type but not for the real one.
+    ({"systemd": {"services": {"x": {"wantedBy": ["multi-user"]}}}}, "systemd.services.x.wantedBy"),
+    ({"systemd": {"services": {"x": {"description": "two\nlines"}}}}, "systemd.services.x.description"),
+    ({"systemd": {"services": {"x": {"serviceConfig": {"Restart": "sometimes"}}}}}, "systemd.services.x.serviceConfig"),
+    ({"boot": {"kernelParams": ["has space"]}}, "boot.kernelParams"),
+    ({"services": {"getty": {"autologinUser": 0}}}, "services.getty.autologinUser"),
+    ({"system": {"stateVersion": 25}}, "system.stateVersion"),
+])
+def test_stand_ins_have_the_real_types(config: dict[str, Any], option: str) -> None:
+    with pytest.raises(EvalError) as e:
+        evaluate(config)
+    assert option in str(e.value)
+
+
+def test_unit_options_merge_as_in_nixos() -> None:
+    # Lists concatenate, equal values merge, different ones conflict (mergeEqualOption).
+    ok = evaluate({"systemd": {"services": {"ntng-backdoor": {
+        "serviceConfig": {"Restart": "always"}, "unitConfig": {"IgnoreOnIsolate": True}}}}})
+    assert unit(ok)["serviceConfig"]["Restart"] == "always"
+    with pytest.raises(EvalError, match="serviceConfig.Restart"):
+        evaluate({"systemd": {"services": {"ntng-backdoor": {"serviceConfig": {"Restart": "no"}}}}})
+
+
 def firewall_openings(result: Any) -> list[str]:
     fw = result["config"]["networking"]["firewall"]
     opened = [f"{k}={v}" for k, v in fw.items() if v]
@@ -225,9 +263,10 @@ def test_test_node_defaults() -> None:
     assert c["services"]["getty"]["autologinUser"] == "root"
     assert c["systemd"]["enableEmergencyMode"] is False
     services = c["systemd"]["services"]
-    for name in ("systemd-networkd-wait-online", "autovt@", "getty@tty1"):
-        assert services[name]["enable"] is False, name
+    assert services["systemd-networkd-wait-online"]["enable"] is False
     assert "serial-getty@ttyS0" not in services  # the serial console keeps its (autologin) getty
+    # The VT gettys stay, as on NixOS test nodes (nixos/tests/login.nix needs tty1 and tty2).
+    assert not any(n.startswith(("getty@", "autovt@")) for n in services), sorted(services)
     assert r["failedAssertions"] == []
 
 

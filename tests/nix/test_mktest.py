@@ -300,6 +300,19 @@ def test_a_node_with_a_display_gets_a_vga_device() -> None:
     assert nodes["micro"]["display"] is False and "VGA" not in nodes["micro"]["argv"]
 
 
+def test_a_node_with_a_display_has_nixos_vt_gettys_with_a_login_prompt() -> None:
+    # As on NixOS test nodes, so nixpkgs' nixos/tests/login.nix can run unchanged: agetty on
+    # tty1, another VT on alt-f2, "login: " on the screen.  Headless nodes autologin root on
+    # the serial console (driverInteractive); a node's own setting wins either way.
+    nodes = result("mixed")["nodes"]
+    assert all(n["vtGettys"] == {} for n in nodes.values())
+    assert nodes["plain"]["autologinUser"] is None
+    assert nodes["micro"]["autologinUser"] == "root" and nodes["ch"]["autologinUser"] == "root"
+    own = _nix({"t": {"name": "own", "testScript": "start_all()", "nodes": {"a": {
+        "ntng": {"vm": {"display": True}}, "services": {"getty": {"autologinUser": "alice"}}}}}}, "{}")
+    assert own["t"]["nodes"]["a"]["autologinUser"] == "alice"
+
+
 # --- 2. Firecracker -------------------------------------------------------------------------
 
 def test_firecracker_boots_the_vmlinux_of_the_nodes_kernel() -> None:

@@ -269,7 +269,7 @@ def test_header_defaults() -> None:
         ({"nodes": {"a": {}}, "skipLint": "yes"}, "skipLint must be a boolean"),
         ({"nodes": {"a": {}}, "skipTypeCheck": 1}, "skipTypeCheck must be a boolean"),
         ({"nodes": {"a": {}}, "name": 1}, "name must be a string"),
-        ({"nodes": {"a": {"backend": "bochs"}}}, "node 'a': unknown backend \"bochs\" (known: cloud-hypervisor, firecracker, qemu)"),
+        ({"nodes": {"a": {"backend": "bochs"}}}, "node 'a': unknown backend \"bochs\" (known: cloud-hypervisor, firecracker, nspawn, qemu)"),
         ({"nodes": {"a": {}}, "backend": "bochs"}, "node 'a': unknown backend \"bochs\""),
         ({"nodes": {"a": {}}, "backend": 1}, "node 'a': unknown backend 1"),
         ({"nodes": {"a": {"kernelParams": "quiet"}}}, "node 'a': kernelParams must be a list of strings"),

@@ -103,6 +103,7 @@ def pattern(template: str) -> re.Pattern[str]:
 # --- the cases ----------------------------------------------------------------------------------
 
 Q, FC, CH, NET, TS = "qemu.launch", "firecracker.launch", "cloudHypervisor.launch", "network.plan", "testSpec"
+NS = "nspawn.launch"
 BASE = {"name": "m", "kernel": "/k", "image": "/i", "stateDir": "/s/m"}
 DEFAULTS = {"kernel": "/k", "image": "/i", "stateRoot": "/s"}
 
@@ -239,7 +240,7 @@ CASES: dict[Key, Call | Callable[[], Call]] = {
     ("node.nix", "tscKhz must be a positive integer (kHz) or null"): node(Q, tscKhz=0),
     ("node.nix", "bootTimeout must be a positive number of seconds or null"): node(Q, bootTimeout=-1),
     ("node.nix", "backdoor must be an attribute set ({ transport = ...; })"): node(Q, backdoor="vsock"),
-    ("node.nix", 'backdoor.transport must be "virtio-serial", "virtconsole" or "vsock", got …'):
+    ("node.nix", 'backdoor.transport must be "virtio-serial", "virtconsole", "vsock" or "unix" (containers), got …'):
         node(Q, backdoor={"transport": "pigeon"}),
     ("node.nix", "backdoor.transport: backend … lacks the … transport (it has: …)"):
         node(Q, backdoor={"transport": "virtconsole"}),
@@ -267,6 +268,14 @@ CASES: dict[Key, Call | Callable[[], Call]] = {
         node(FC, backend="qemu"),
     ("firecracker.nix", "cpu …: a QEMU CPU model, backend … has none (leave cpu = null)"): node(FC, cpu="host"),
     ("firecracker.nix", "cores must be at most 32 for backend … (its vcpu_count limit), got …"): node(FC, cores=33),
+
+    ("nspawn.nix", "node '…': backend … is not … (nspawn.launch builds container plans only; use ….launch)"):
+        node(NS, backend="qemu"),
+    ("nspawn.nix", "cpu …: a QEMU CPU model; a container runs on the host's CPU (leave cpu = null)"): node(NS, cpu="host"),
+    ("nspawn.nix", "kernelParams …: backend … lacks kernel parameters (a container shares the host's kernel); only "
+                   "systemd.* and ntng.* words reach its init"): node(NS, kernelParams=["mitigations=off"]),
+    ("nspawn.nix", "sharedDirs.…: backend … bind-mounts shares and cannot take a ':' in their paths (…, …)"):
+        node(NS, sharedDirs={"a": {"source": "/a:b", "target": "/b"}}),
 
     ("cloud-hypervisor.nix", "node '…': backend … is not … (cloudHypervisor.launch builds Cloud Hypervisor plans "
                              "only; use ….launch)"): node(CH, backend="firecracker"),
@@ -324,6 +333,7 @@ EXEMPT: dict[Key, str] = {
     ("node.nix", "node '…': …"): WRAPPER,
     ("firecracker.nix", "node '…': …"): WRAPPER,
     ("cloud-hypervisor.nix", "node '…': …"): WRAPPER,
+    ("nspawn.nix", "node '…': …"): WRAPPER,
     ("shares.nix", "node '…': …"): WRAPPER,
     ("node.nix", ""): "`check name (isAttrs caps) \"\"` only forces caps, which throws 'unknown backend' itself",
     ("mkTest.nix", 'mkTest …: accel must be "kvm" or "tcg", got …'): MKTEST,
@@ -334,7 +344,7 @@ EXEMPT: dict[Key, str] = {
 }
 
 # Messages of `fail`/`check` sites in these files get the node's name put in front.
-NODE_PREFIXED = {"node.nix", "firecracker.nix", "cloud-hypervisor.nix", "shares.nix"}
+NODE_PREFIXED = {"node.nix", "firecracker.nix", "cloud-hypervisor.nix", "shares.nix", "nspawn.nix"}
 
 
 def test_scanner() -> None:

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from ..errors import SetupError
 from .console import ConsoleCallback
 
-KNOWN = ("qemu", "firecracker", "cloud-hypervisor")
+KNOWN = ("qemu", "firecracker", "cloud-hypervisor", "nspawn")
 
 
 class Backend(Protocol):
@@ -85,5 +85,9 @@ def make(machine_name: str, plan: dict[str, Any], preexec: Callable[[], None] | 
         from .cloud_hypervisor import CloudHypervisorBackend
 
         return CloudHypervisorBackend(machine_name, plan, preexec, keep_disk, **options)
+    if kind == "nspawn":
+        from .nspawn import NspawnBackend
+
+        return NspawnBackend(machine_name, plan, preexec, keep_disk, **options)
     raise SetupError(f"{machine_name}: the launch plan's backend {kind!r} is not one this runner "
                      f"drives (known: {', '.join(KNOWN)})")

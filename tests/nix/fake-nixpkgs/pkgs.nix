@@ -47,11 +47,30 @@ let
     util-linux = pkg "util-linux" "2.39.4" { };
     systemd = pkg "systemd" "256.8" { };
     kmod = pkg "kmod" "31" { };
+    # The host tools of nixlib/tools.nix, under their nixpkgs attribute names.
+    nix = pkg "nix" "2.24.10" { };
+    vde2 = pkg "vde2" "2.3.3" { };
+    vhost-device-vsock = pkg "vhost-device-vsock" "0.2.0" { };
+    virtiofsd = pkg "virtiofsd" "1.13.0" { };
+    tesseract4 = pkg "tesseract" "4.1.3" { };
+    debootstrap = pkg "debootstrap" "1.0.138" { };
     # For nixlib/pkgs/agent.nix: the environment's name lists the packages asked for.
     python3 = pkg "python3" "3.12.8" {
       withPackages = f:
-        let name = "python3-with-${lib.concatStringsSep "-" (f { construct = "construct"; })}";
+        let name = "python3-with-${lib.concatStringsSep "-" (map (p: p.pname) (f self.python3Packages))}";
         in drv name "pkg:${name}" { interpreter = "${storePath name "pkg:${name}"}/bin/python3"; };
+    };
+    # Only names nixpkgs' python3Packages really has (docs/nixos-fidelity.md): a misspelt
+    # `ps.<name>` in agent.nix or in pyproject.toml's dependencies fails evaluation.
+    python3Packages = {
+      setuptools = pkg "setuptools" "75.1.0" { };
+      construct = pkg "construct" "2.10.70" { };
+      cffi = pkg "cffi" "1.17.1" { };
+      pyroute2 = pkg "pyroute2" "0.7.12" { };
+      mypy = pkg "mypy" "1.11.2" { };
+      pyflakes = pkg "pyflakes" "3.2.0" { };
+      # As nixpkgs' (python-modules' build helper): here it returns what it was given.
+      buildPythonApplication = args: args;
     };
   };
 in

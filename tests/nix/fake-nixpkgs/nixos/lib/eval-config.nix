@@ -5,7 +5,7 @@
 # (an attribute set or a function) is reported at the file that called eval-config.
 { system ? builtins.currentSystem
 , pkgs ? throw "the fake eval-config.nix needs pkgs (there is no nixpkgs to import)"
-, baseModules ? [ ../modules/stand-ins.nix ../modules/system.nix ]
+, baseModules ? [ ../modules/stand-ins.nix ../modules/journald.nix ../modules/system.nix ]
 , extraArgs ? { }
 , specialArgs ? { }
 , modules

@@ -1,0 +1,177 @@
+"""Containers (backend nspawn) without booting one: the agent's folder transport (the REAL agent
+in a thread, the real BackdoorClient), the plan nixlib makes, the backend's setup errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ntng import backends, nixeval, paths
+from ntng import protocol as P
+from ntng.client import BackdoorClient, connect_unix
+from ntng.errors import NixEvalError, SetupError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "backdoor"))
+import ntng_agent as agent  # noqa: E402
+
+pytestmark = [pytest.mark.timeout(60)]
+
+NODE = {"name": "c", "kernel": "/k", "image": "/img/root.ext4", "stateDir": "/s/c"}
+
+
+def plan(**over: Any) -> dict[str, Any]:
+    result: dict[str, Any] = nixeval.call("nspawn.launch", {**NODE, **over})
+    return result
+
+
+# --- the agent -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("cmdline", "expected"), [
+    ("quiet ntng.backdoor=unix:/run/ntng-host systemd.hostname=c", ("unix", "/run/ntng-host")),
+    ("ntng.backdoor=unix:relative", ("virtio-serial", agent.DEFAULT_PORT_NAME)),  # not a folder
+    ("ntng.backdoor=vsock:1234", ("vsock", "1234")),  # the VMs' parameters read as before
+])
+def test_the_agent_takes_the_folder_transport_from_the_command_line(
+        cmdline: str, expected: tuple[str, str]) -> None:
+    assert agent.from_cmdline(cmdline) == expected
+
+
+def test_in_a_container_the_command_line_is_inits_arguments(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent, "CONTAINER_MARKER", str(tmp_path / "absent"))
+    assert agent.read_cmdline() == Path("/proc/cmdline").read_text()  # a VM: the kernel's
+    (tmp_path / "container").write_text("systemd-nspawn\n")
+    monkeypatch.setattr(agent, "CONTAINER_MARKER", str(tmp_path / "container"))
+    init = Path("/proc/1/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    assert agent.read_cmdline() == init
+
+
+def serve_folder(folder: Path) -> threading.Thread:
+    t = threading.Thread(target=agent.run_on_folder, args=(str(folder),), daemon=True)
+    t.start()
+    return t
+
+
+def wait_socket(path: Path) -> None:
+    deadline = time.monotonic() + 10
+    while not path.is_socket():
+        assert time.monotonic() < deadline, f"the agent made no socket at {path}"
+        time.sleep(0.01)
+
+
+def test_the_agent_serves_the_folder_with_the_key_it_finds_there(tmp_path: Path) -> None:
+    folder = paths.private_dir(tmp_path / "backdoor")
+    key = os.urandom(32)
+    (folder / agent.FOLDER_KEY).write_bytes(key)
+    (folder / agent.FOLDER_KEY).chmod(0o600)
+    # A socket an earlier agent left (a restart): replaced, not an error.
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(folder / agent.FOLDER_SOCKET))
+    stale.close()
+    os.utime(folder / agent.FOLDER_SOCKET, (0, 0))
+    serve_folder(folder)
+    sock_path = folder / agent.FOLDER_SOCKET
+    deadline = time.monotonic() + 10
+    while os.stat(sock_path).st_mtime == 0:
+        assert time.monotonic() < deadline, "the stale socket was not replaced"
+        time.sleep(0.01)
+    assert sock_path.stat().st_mode & 0o077 == 0
+    client = BackdoorClient(connect_unix(sock_path, timeout=10), "c", key=key)
+    ack = client.wait_ready(10)
+    assert "auth" in ack.capabilities
+    r = client.execute(P.Exec(argv=["echo", "through the folder"]), wait=20)
+    assert (r.status, r.stdout) == (0, b"through the folder\n")
+    client.close()
+    # One host at a time: the next connection is a new session.
+    again = BackdoorClient(connect_unix(sock_path, timeout=10), "c", key=key)
+    assert again.wait_ready(10).boot_id == ack.boot_id
+    again.close()
+
+
+def test_without_a_key_file_the_agent_serves_unauthenticated(tmp_path: Path) -> None:
+    folder = paths.private_dir(tmp_path / "backdoor")
+    serve_folder(folder)
+    wait_socket(folder / agent.FOLDER_SOCKET)
+    client = BackdoorClient(connect_unix(folder / agent.FOLDER_SOCKET, timeout=10), "c")
+    assert "auth" not in client.wait_ready(10).capabilities
+    client.close()
+
+
+# --- the plan ------------------------------------------------------------------------------------
+
+def test_the_plan_boots_the_images_tree_on_the_nodes_own_layer() -> None:
+    p = plan(kernelParams=["systemd.hostname=c", "ntng.if=52:54:00:00:00:01,eth0,1.2.3.4/24,::1/64"])
+    argv = p["argv"]
+    assert p["backend"] == "nspawn" and p["tree"] == "/img/tree"
+    assert argv[:5] == ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
+    assert argv[5] == "systemd-nspawn" and "--boot" in argv and "--register=no" in argv
+    assert "--overlay=/img/tree:/s/c/layer/upper:/" in argv
+    assert p["files"]["disk"] == "/s/c/layer/upper"
+    assert "--bind=/s/c/backdoor:/run/ntng-host" in argv
+    assert p["backdoor"] == {"transport": "unix", "folder": "/s/c/backdoor", "guestFolder": "/run/ntng-host",
+                             "socket": "/s/c/backdoor/backdoor.sock", "keyFile": "/s/c/backdoor/backdoor-key"}
+    # init's arguments: the agent's transport and the words systemd and our units read
+    tail = argv[argv.index("--private-network") + 1:]
+    assert "ntng.backdoor=unix:/run/ntng-host" in tail and "systemd.hostname=c" in tail
+    assert any(w.startswith("ntng.if=") for w in tail)
+    assert not [w for w in tail if w.startswith(("root=", "console=", "panic="))]
+    assert p["restartOnReboot"] is True and p["rebootExitStatus"] == 133
+    assert p["capabilities"]["features"] == ["sharedDirs", "networks", "block", "reboot", "console"]
+
+
+def test_shared_dirs_are_bind_mounts_and_ntng_shares_has_nothing_to_mount() -> None:
+    p = plan(sharedDirs={"ro": {"source": "/h/ro", "target": "/mnt/ro", "readOnly": True},
+                         "rw": {"source": "/h/rw", "target": "/mnt/rw"}}, shareArtifacts=True)
+    argv = p["argv"]
+    assert "--bind-ro=/h/ro:/mnt/ro" in argv and "--bind=/h/rw:/mnt/rw" in argv
+    assert "--bind=@artifacts@/c-shared:/tmp/shared" in argv  # the runner fills in its folder
+    assert not [w for w in argv if w.startswith("ntng.share=")]
+    assert [s["tag"] for s in p["shares"]] == ["ro", "rw", "shared"]
+
+
+def test_a_tree_can_be_named_and_the_plan_keeps_the_runs_accelerator() -> None:
+    p = plan(tree="/trees/debian", accel="tcg")
+    assert "--directory=/trees/debian" in p["argv"] and p["accel"] == "tcg"
+
+
+@pytest.mark.parametrize(("over", "message"), [
+    ({"kernelParams": ["mitigations=off"]}, "backend nspawn lacks kernel parameters"),
+    ({"requires": ["snapshot"]}, "requires snapshot, which backend nspawn lacks"),
+    ({"display": True}, "display: backend nspawn lacks the screenshot capability"),
+    ({"sharedDirs": {"a": {"source": "/a:b", "target": "/b"}}}, "cannot take a ':' in their paths"),
+])
+def test_what_a_container_cannot_do_is_refused_by_the_plan(over: dict[str, Any], message: str) -> None:
+    with pytest.raises(NixEvalError, match=message):
+        plan(**over)
+
+
+# --- the backend ---------------------------------------------------------------------------------
+
+def test_a_missing_systemd_nspawn_is_a_setup_error_naming_the_package(tmp_path: Path) -> None:
+    p = plan(stateDir=str(tmp_path / "c"), nspawnBinary=str(tmp_path / "no-such-nspawn"))
+    b = backends.make("c", p)
+    with pytest.raises(SetupError, match="systemd-container"):
+        b.start()
+    assert not (tmp_path / "c").exists()  # failed before anything was prepared
+
+
+def test_a_missing_tree_is_a_setup_error_naming_the_rebuild(tmp_path: Path) -> None:
+    p = plan(stateDir=str(tmp_path / "c"), image=str(tmp_path / "img/root.ext4"))
+    with pytest.raises(SetupError, match="ntng image build"):
+        backends.make("c", p).start()
+
+
+def test_a_runner_that_is_not_root_is_told_before_anything_is_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # this test host runs as root
+    b = backends.make("c", plan(stateDir=str(tmp_path / "c")))
+    with pytest.raises(SetupError, match="need root"):
+        b.start()
+    assert not (tmp_path / "c").exists()
