@@ -88,6 +88,8 @@ let
       name = n.name;
       inherit backend tree;
       inherit (n) accel memory cores bootTimeout kernel;
+      inherit (n) stateDir; # the node's folder of sockets and files, made private before the VMM starts
+      artifacts = node.artifacts n.name; # in the run's folder: console.log, journal.log
       machine = machineName n.name;
       prepare = [ ];
       writeFiles = { };

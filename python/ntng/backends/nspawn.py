@@ -47,8 +47,6 @@ class NspawnBackend(VmmProcess):
     def __init__(self, machine_name: str, plan: dict[str, Any],
                  preexec: Callable[[], None] | None = None, keep_disk: bool = False) -> None:
         super().__init__(machine_name, plan, preexec, keep_disk)
-        # The node's state folder (VmmProcess takes the disk's parent: here the layer folder).
-        self.state_dir = Path(plan["files"]["consoleLog"]).parent
         self.layer = Path(plan["files"]["layer"])
         self.upper = Path(plan["files"]["disk"])
         self._console_thread: threading.Thread | None = None
