@@ -40,8 +40,9 @@ let
   net = net0 // {
     mode = networkMode;
     vlans = mapAttrs (v: plan: plan // (if networkMode == "vde"
-      then { vdeSocket = vdeSocket plan.vlan; vdeSwitch = network.vdeSwitchArgv (vdeSocket plan.vlan); }
-      else { vdeSocket = null; vdeSwitch = null; })) net0.vlans;
+      # vdeReady: the control socket vde_switch makes in its folder once it serves.
+      then { vdeSocket = vdeSocket plan.vlan; vdeSwitch = network.vdeSwitchArgv (vdeSocket plan.vlan); vdeReady = "${vdeSocket plan.vlan}/ctl"; }
+      else { vdeSocket = null; vdeSwitch = null; vdeReady = null; })) net0.vlans;
     nodes = mapAttrs (name: map (i: i // { vdeSocket = if networkMode == "vde" then vdeSocket i.vlan else null; })) net0.nodes;
   };
 

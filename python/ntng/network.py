@@ -258,19 +258,19 @@ class VdeNetwork(Network):
             exe = shutil.which(argv[0])
             if exe is None:
                 raise SetupError(f"rootless networking needs {argv[0]}: apt-get install vde2 (or run ./setup.sh)")
-            sock = Path(vlan["vdeSocket"])
+            ready = Path(vlan["vdeReady"])  # nixlib's: the switch's control socket
             # stdin stays open: vde_switch reads commands from it and quits at EOF.
             proc = pdeathsig.spawn([exe, *argv[1:]],
                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, start_new_session=True)
             self.switches.append(proc)
             deadline = time.monotonic() + 10
-            while not (sock / "ctl").exists():
+            while not ready.exists():
                 if proc.poll() is not None:
                     err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
                     raise SetupError(f"network: vde_switch for vlan {vlan['vlan']} exited: {err or '(no output)'}")
                 if time.monotonic() > deadline:
-                    raise SetupError(f"network: vde_switch for vlan {vlan['vlan']} made no {sock}/ctl in 10s")
+                    raise SetupError(f"network: vde_switch for vlan {vlan['vlan']} made no {ready} in 10s")
                 time.sleep(0.02)
         self.log(f"ntng: network: rootless, {len(self.switches)} vde_switch(es)")
 

@@ -132,7 +132,7 @@ def test_spec_top_level(mixed: Spec) -> None:
     net = mixed["network"]
     assert net["mode"] == "tap"
     assert net["hosts"] == plan["hosts"] and net["hostsFile"] == plan["hostsFile"]
-    assert {v: {k: x for k, x in p.items() if k not in ("vdeSocket", "vdeSwitch")} for v, p in net["vlans"].items()} == plan["vlans"]
+    assert {v: {k: x for k, x in p.items() if k not in ("vdeSocket", "vdeSwitch", "vdeReady")} for v, p in net["vlans"].items()} == plan["vlans"]
     assert {n: [{k: x for k, x in i.items() if k != "vdeSocket"} for i in ifs] for n, ifs in net["nodes"].items()} == plan["nodes"]
 
 
@@ -154,6 +154,7 @@ def test_vde_mode_puts_nics_on_switch_sockets() -> None:
     for i in s["network"]["nodes"]["server"]:
         sock = f"{DEFAULTS['stateRoot']}/vde{i['vlan']}"
         assert i["vdeSocket"] == sock and s["network"]["vlans"][str(i["vlan"])]["vdeSocket"] == sock
+        assert s["network"]["vlans"][str(i["vlan"])]["vdeReady"] == f"{sock}/ctl"  # vde_switch's control socket
         assert f"sock={sock}" in argv
 
 

@@ -103,7 +103,7 @@ def test_vde_network_runs_one_switch_per_vlan(tmp_path: Path) -> None:
     try:
         assert len(net.switches) == 2 and all(proc.poll() is None for proc in net.switches)
         for v in ("1", "2"):
-            assert (Path(p["vlans"][v]["vdeSocket"]) / "ctl").is_socket()
+            assert Path(p["vlans"][v]["vdeReady"]).is_socket() and p["vlans"][v]["vdeReady"].startswith(p["vlans"][v]["vdeSocket"] + "/")
         with pytest.raises(errors.MissingCapability, match=r"a: forward_port needs TAP networking"):
             net.check_forwarding("a")
     finally:

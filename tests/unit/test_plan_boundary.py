@@ -30,7 +30,7 @@ PROGRAMS = {"qemu-system-x86_64", "qemu-img", "firecracker", "cloud-hypervisor",
 FSTRING_ANYWHERE = re.compile(r"/api/v1|link set dev |addr (add|flush) |exec:cat|/run/ntng")
 FSTRING_BEFORE_VALUE = re.compile(r"(^|[^A-Za-z])(net|tap|ifb-|br)$")  # f"net{n}", f"ifb-{dev}"
 FSTRING_AFTER_VALUE = re.compile(r"^\.(sock|stderr|log|qcow2|raw|key|pid)\b")  # f"{name}.sock"
-NODE_FILE = re.compile(r"^[\w.-]+\.(sock|stderr|log|qcow2|raw|key)$|^(memory|ram|vmstate|ntng-snapshot\.json)$")
+NODE_FILE = re.compile(r"^[\w.-]+\.(sock|stderr|log|qcow2|raw|key)$|^(memory|ram|vmstate|ntng-snapshot\.json|ctl)$")
 
 # module (relative to python/ntng) -> rules that do not apply there, and why.
 ALLOWED: dict[str, set[str]] = {
