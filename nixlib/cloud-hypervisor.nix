@@ -123,7 +123,7 @@ let
         # Cloud Hypervisor replaces a leftover API socket itself, but binds the vsock one.
         ([ "rm" "-f" p.api ] ++ (if vsock n then [ p.vsock ] else [ ]))
         # A private writable disk: the base image stays untouched (sparse, CoW where possible).
-        [ "cp" "--sparse=always" "--reflink=auto" n.image p.disk ]
+        (node.copyArgv n.image p.disk)
       ];
       argv = [ n.cloudHypervisorBinary ] ++ apiSocket ++ n.extraArgs;
       cliArgv = [ n.cloudHypervisorBinary ] ++ apiSocket ++ cliArgs n p ++ n.extraArgs;
@@ -163,12 +163,15 @@ let
     let
       n = node.normalise (forBackend spec);
       directory = "${dirOf n.stateDir}/snapshots/${name}";
-    in {
-      inherit directory;
       files = {
         disk = "${directory}/disk.raw";
         note = "${directory}/ntng-snapshot.json";
       };
+      disk = (paths n).disk;
+    in {
+      inherit directory files;
+      # The disk as it was when the snapshot was written, and put back before a restore.
+      copyDisk = { save = node.copyArgv disk files.disk; restore = node.copyArgv files.disk disk; };
       save = [{ method = "PUT"; path = "${apiBase}/vm.snapshot"; body = { destination_url = "file://${directory}"; }; }];
       restore = [{ method = "PUT"; path = "${apiBase}/vm.restore"; body = { source_url = "file://${directory}"; inherit resume; }; }];
     };

@@ -138,7 +138,7 @@ let
         # Firecracker refuses to start on a leftover API socket, and to bind a leftover vsock one.
         [ "rm" "-f" p.api p.vsock ]
         # A private writable disk: the base image stays untouched (sparse, CoW where possible).
-        [ "cp" "--sparse=always" "--reflink=auto" n.image p.disk ]
+        (node.copyArgv n.image p.disk)
         # Firecracker before 1.14 opens the log and metrics files without creating them.
         [ "touch" p.log p.metrics ]
       ];
@@ -193,6 +193,8 @@ let
       });
     in {
       inherit directory files;
+      # The disk as it was when the snapshot was written, and put back before a restore.
+      copyDisk = { save = node.copyArgv p.disk files.disk; restore = node.copyArgv files.disk p.disk; };
       save = [ (put "/snapshot/create" { snapshot_type = "Full"; snapshot_path = files.vmstate; mem_file_path = files.memory; }) ];
       restore = [ (put "/logger" c.logger) (put "/metrics" c.metrics) (put "/snapshot/load" load) ];
     };

@@ -65,6 +65,10 @@ let
     journal = "${shares.artifactsMarker}/${name}/journal.log";
   };
 
+  # A disk image copied: sparse, CoW where the file system can (a node's private disk, and a
+  # snapshot's copy of it).
+  copyArgv = source: target: [ "cp" "--sparse=always" "--reflink=auto" source target ];
+
   baseKernelParams = [ "root=/dev/vda" "rw" "console=ttyS0,115200" "panic=-1" "quiet"
     "systemd.show_status=auto" "net.ifnames=0" ];
 
@@ -189,5 +193,5 @@ let
         capabilities = capabilities.effective backend n;
       });
 in {
-  inherit defaults normalise baseKernelParams capabilities userOptions artifacts;
+  inherit defaults normalise baseKernelParams capabilities userOptions artifacts copyArgv;
 }

@@ -231,6 +231,9 @@ let
       quote = s: "'${builtins.replaceStrings [ "'" ] [ "'\\''" ] s}'"; # for QEMU's exec: (sh -c)
     in {
       inherit directory files;
+      # The origin's overlay as it was (then made read-only: the clones' backing file); a clone
+      # restores onto an overlay of it, nothing is copied back.
+      copyDisk = { save = node.copyArgv (paths spec).disk files.disk; restore = null; };
       migrate = { save = "exec:cat > ${quote files.memory}"; restore = "exec:cat ${quote files.memory}"; };
       save = [ ];
       restore = [ ];

@@ -91,3 +91,20 @@ def test_a_snapshot_of_a_node_that_can_clone_makes_the_folder_the_identity_write
     assert q["guestPrepare"] == [["mkdir", "-p", "/run/ntng"]]
     assert "> /run/ntng/clone-id" in identity([])["script"]  # the folder made before the snapshot
     assert f["guestPrepare"] == []  # Firecracker cannot clone: nothing to prepare
+
+
+def test_snapshot_layouts_copy_the_plans_disk_with_nixlibs_command() -> None:
+    """The runner copies no disk by an argv of its own: save (and, where drives are restored at
+    their old paths, restore) are the layout's copyDisk, between the plan's disk and the layout's."""
+    defaults = {"kernel": "/k", "image": "/img.raw", "imageFormat": "raw", "stateRoot": "/s"}
+    nodes = nixeval.call("testSpec", {"header": {"nodes": {"q": {}, "f": {"backend": "firecracker"},
+                                                           "c": {"backend": "cloud-hypervisor"}}},
+                                      "defaults": defaults})["nodes"]
+    cp = ["cp", "--sparse=always", "--reflink=auto"]
+    for name, plan in nodes.items():
+        layout = nixeval.call("clone.snapshot", {"spec": plan["launchSpec"], "name": "s"})
+        disk, saved = plan["files"]["disk"], layout["files"]["disk"]
+        assert layout["copyDisk"]["save"] == [*cp, disk, saved], name
+        # QEMU clones boot an overlay on the saved disk; FC and CH load drives at their old paths.
+        assert layout["copyDisk"]["restore"] == (None if name == "q" else [*cp, saved, disk]), name
+        assert [*cp, plan["launchSpec"]["image"], disk] in plan["prepare"] or name == "q"

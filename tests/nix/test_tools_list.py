@@ -139,7 +139,7 @@ def test_every_program_nixlibs_plans_name_is_in_the_tools_list(tools: dict[str, 
     keys = re.search(r"executables = \[([^]]*)\]", (ROOT / "nixlib/node.nix").read_text())
     assert keys, "nixlib/node.nix: no `executables = [ ... ]` list"
     names = {Path(defaults[k.strip('"')]).name for k in keys.group(1).split()}
-    for plan in ("qemu.nix", "firecracker.nix", "cloud-hypervisor.nix"):
+    for plan in ("qemu.nix", "firecracker.nix", "cloud-hypervisor.nix", "node.nix"):  # node.nix: copyArgv
         for m in re.finditer(r'\[ "([a-z][a-z0-9_.-]*)" ', (ROOT / "nixlib" / plan).read_text()):
             if m.group(1) in ("rm", "cp", "touch"):  # prepare steps; other literals are QEMU flags
                 names.add(m.group(1))

@@ -26,7 +26,7 @@ PACKAGE = Path(ntng.__file__).parent
 # Programs whose argv is the plan's (nixlib's VMM argv, prepare steps, helpers, the identity and
 # tc commands are rendered there or come from the plan's records).
 PROGRAMS = {"qemu-system-x86_64", "qemu-img", "firecracker", "cloud-hypervisor", "vde_switch",
-            "vhost-device-vsock", "virtiofsd", "ip", "tc", "rm", "touch", "mkdir"}
+            "vhost-device-vsock", "virtiofsd", "ip", "tc", "cp", "rm", "touch", "mkdir"}
 FSTRING_ANYWHERE = re.compile(r"/api/v1|link set dev |addr (add|flush) |exec:cat|/run/ntng")
 FSTRING_BEFORE_VALUE = re.compile(r"(^|[^A-Za-z])(net|tap|ifb-|br)$")  # f"net{n}", f"ifb-{dev}"
 FSTRING_AFTER_VALUE = re.compile(r"^\.(sock|stderr|log|qcow2|raw|key|pid)\b")  # f"{name}.sock"

@@ -186,8 +186,11 @@ def test_qemu_migrate_saves_into_the_layouts_files(tmp_path: Path) -> None:
     origin = spec({"a": {}})["nodes"]["a"]
     launch_spec = {**origin["launchSpec"], "stateDir": str(tmp_path / "it's here" / "a")}
     where = nixeval.call("clone.snapshot", {"spec": launch_spec, "name": "s"})
-    disk = tmp_path / "disk.qcow2"
+    disk = tmp_path / "it's here" / "a" / "disk.qcow2"  # the plan's disk, copied by nixlib's copyDisk
+    disk.parent.mkdir(parents=True)
     disk.write_bytes(b"DISK")
+    assert where["copyDisk"] == {"save": ["cp", "--sparse=always", "--reflink=auto", str(disk), where["files"]["disk"]],
+                                 "restore": None}
     qmp = RecordingQMP()
     size, ram = qemu_migrate.save(qmp, where, disk, "a")  # type: ignore[arg-type]
     assert (size, ram) == (6, 0) and Path(where["files"]["memory"]).read_bytes() == b"STREAM"

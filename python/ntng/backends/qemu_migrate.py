@@ -110,7 +110,7 @@ def save(qmp: QMPClient, layout: dict[str, Any], disk: Path, who: str, *, ram_pi
             raise
         if ram_pid is not None:
             ram_copied = copy_sparse(find_memfd(ram_pid), files["ram"])
-        copy_disk(disk, files["disk"], who)
+        copy_disk(layout["copyDisk"]["save"], who)
         os.chmod(files["disk"], 0o444)  # a base now: nothing may write to it
         note = {"backend": "qemu", "machine": who, "disk": str(disk)}
         files["note"].write_text(json.dumps(note, indent=2) + "\n")

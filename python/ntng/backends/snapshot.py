@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 def save_disk(backend: VmmProcess, layout: dict[str, Any]) -> None:
     """After the VMM wrote its files (the VM still paused): the disk and the note."""
     disk = Path(backend.plan["files"]["disk"])
-    backend.copy_disk(disk, Path(layout["files"]["disk"]))
+    backend.copy_disk(layout["copyDisk"]["save"])
     note = {"backend": backend.name, "machine": backend.machine_name, "disk": str(disk)}
     Path(layout["files"]["note"]).write_text(json.dumps(note, indent=2) + "\n")
 
@@ -43,7 +43,7 @@ def restore_disk(backend: VmmProcess, layout: dict[str, Any]) -> None:
             f"{backend.machine_name}: the snapshot in {directory} is of machine {note.get('machine')!r}, "
             f"whose disk was {note.get('disk')}; {backend.name} restores drives at the paths they "
             f"had, so load it into a machine with that disk path (this one's is {disk})")
-    backend.copy_disk(Path(layout["files"]["disk"]), Path(disk))
+    backend.copy_disk(layout["copyDisk"]["restore"])
 
 
 def saved_bytes(layout: dict[str, Any], *keys: str) -> int:

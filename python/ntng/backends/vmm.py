@@ -192,9 +192,11 @@ class VmmProcess(ConsoleLines):
             kill_group(proc)
         self.helpers = []
 
-    def copy_disk(self, source: Path, target: Path) -> None:
-        """A disk image copied as the plan's prepare step does it (sparse, CoW where possible)."""
-        copy_disk(source, target, self.machine_name)
+    def copy_disk(self, argv: list[str]) -> None:
+        """A disk image copied by nixlib's command (a snapshot layout's copyDisk); the state
+        directory made first (a restore may come before the first start)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        copy_disk(argv, self.machine_name)
 
 
     def _remove_sockets(self) -> None:
@@ -238,14 +240,12 @@ class ApiVmm(VmmProcess):
         return self.api.request(c["method"], c["path"], c.get("body"), timeout=timeout)
 
 
-def copy_disk(source: Path, target: Path, who: str) -> None:
-    """A disk image copied as the plan's prepare step does it (sparse, CoW where possible);
-    `who` (the machine) names it in the error."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(source), str(target)],
-                       capture_output=True, text=True, timeout=600)
+def copy_disk(argv: list[str], who: str) -> None:
+    """Run nixlib's disk copy `argv` (a snapshot layout's copyDisk: cp, sparse, CoW where
+    possible); `who` (the machine) names it in the error."""
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
-        raise SetupError(f"{who}: copying {source} to {target} failed: {r.stderr.strip()}")
+        raise SetupError(f"{who}: `{' '.join(argv)}` failed: {r.stderr.strip()}")
 
 
 def kill_group(proc: subprocess.Popen[bytes]) -> None:
