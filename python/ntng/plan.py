@@ -97,6 +97,7 @@ class PtyLookup(TypedDict):
 class Backdoor(TypedDict):
     transport: Literal["virtio-serial", "vsock", "virtconsole"]
     guestCid: NotRequired[int]
+    cid: NotRequired[int]  # QEMU with backdoor.vhost: AF_VSOCK to this CID
     vsockPort: NotRequired[int]
     vhost: NotRequired[bool]
     portName: NotRequired[str]
@@ -125,12 +126,10 @@ class Files(TypedDict):
     metrics: NotRequired[str]  # Firecracker's metrics
 
 
-class Sockets(TypedDict, total=False):
-    qmp: str
-    console: str
-    backdoor: str
-    vsock: str
-    api: str
+# Sockets by role: qmp, console, backdoor (QEMU virtio-serial), vsock (hybrid vsock), api
+# (Firecracker, Cloud Hypervisor), "port:<name>" (QEMU's extra serial ports): a plain mapping,
+# since those last keys are the user's names.
+Sockets = dict[str, str]
 
 
 class Helper(TypedDict):
@@ -202,14 +201,17 @@ class Spec(TypedDict):
 
     name: str
     globalTimeout: int
-    skipLint: bool
-    skipTypeCheck: bool
+    skipLint: NotRequired[bool]  # mkTest's (the runner does not read them)
+    skipTypeCheck: NotRequired[bool]
     nodeNames: list[str]
     nodes: dict[str, NodePlan]
     network: NetworkPlan
 
 
 # --- snapshots and clones (nixlib/clone.nix) -------------------------------------------------------
+
+SnapshotFile = Literal["disk", "note", "memory", "ram", "vmstate"]
+
 
 class SnapshotFiles(TypedDict):
     disk: str
@@ -269,9 +271,17 @@ def clone_plan(value: object, where: str) -> ClonePlan:
     return validate(value, ClonePlan, where)
 
 
-def socket_paths(plan: NodePlan) -> list[str]:
-    """Every socket the plan names (the state directory is cleared of them around a run)."""
-    return [path for path in plan["sockets"].values() if isinstance(path, str)]
+def no_network() -> NetworkPlan:
+    """The network plan of a test without vlans."""
+    return NetworkPlan(mode="tap", nodes={}, vlans={}, hosts=[], hostsFile="")
+
+
+def vsock_port(backdoor: Backdoor, node: str) -> int:
+    """The vsock port of a backdoor on vsock (`port` is null only on Cloud Hypervisor's virtconsole)."""
+    port = backdoor.get("port")
+    if port is None:
+        raise PlanError(f"node {node}: its plan's backdoor ({backdoor['transport']}) names no vsock port")
+    return port
 
 
 def _describe(value: object) -> str:
