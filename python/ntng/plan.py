@@ -290,6 +290,8 @@ def _describe(value: object) -> str:
 
 
 def _name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

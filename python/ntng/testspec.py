@@ -166,12 +166,8 @@ def read_spec_file(spec_path: Path) -> plan_types.Spec:
 def first_kernel(spec_dir: Path) -> Path:
     """A kernel of the test, for the KVM boot probe."""
     path = spec_file(spec_dir, "kvm")
-    try:
-        plans = json.loads(path.read_text())["nodes"].values()
-    except (OSError, ValueError, KeyError, AttributeError) as e:
-        raise TestScriptError(f"{path}: not a test spec ({e!r})") from None
-    for plan in plans:
-        if isinstance(plan, dict) and isinstance(plan.get("kernel"), str):
+    for plan in read_spec_file(path)["nodes"].values():
+        if plan["kernel"] is not None:
             return Path(plan["kernel"])
     raise TestScriptError(f"{path}: no node with a kernel to probe KVM with")
 

@@ -50,7 +50,7 @@ def test_a_prebuilt_spec_loads_typed_with_the_state_root_filled_in(tmp_path: Pat
     (lambda d: d["nodes"]["a"].update(backend="xen"),
      "nodes.a.backend: expected one of 'qemu', 'firecracker', 'cloud-hypervisor', got str 'xen'"),
     (lambda d: d["network"]["vlans"]["1"].update(members="a"), "network.vlans['1'].members: expected a list"),
-    (lambda d: d["nodes"]["b"]["backdoor"].update(port="1234"), "nodes.b.backdoor.port: expected int or NoneType"),
+    (lambda d: d["nodes"]["b"]["backdoor"].update(port="1234"), "nodes.b.backdoor.port: expected int or null"),
 ])
 def test_a_bad_prebuilt_spec_names_the_file_and_the_field(tmp_path: Path, spec_json: dict[str, Any],
                                                           change: Any, message: str) -> None:
@@ -93,3 +93,14 @@ def test_extra_keys_pass_at_run_time_and_fail_when_strict(spec_json: dict[str, A
     assert plan.validate(node, plan.NodePlan, "a") is node  # the same dict: nothing converted
     with pytest.raises(PlanError, match=r"^a: field\(s\) future not in NodePlan"):
         plan.validate(node, plan.NodePlan, "a", strict=True)
+
+
+def test_the_kvm_probe_kernel_comes_from_the_typed_spec(tmp_path: Path, spec_json: dict[str, Any]) -> None:
+    data = copy.deepcopy(spec_json)
+    data["nodes"]["a"]["kernel"] = None  # a disk boot: no kernel to probe with
+    write_spec(tmp_path, data)
+    assert testspec.first_kernel(tmp_path) == Path(data["nodes"]["b"]["kernel"])
+    data["nodes"]["b"]["kernel"] = 7
+    write_spec(tmp_path, data)
+    with pytest.raises(TestScriptError, match=r"not a test spec: nodes.b.kernel: expected str or null, got int 7"):
+        testspec.first_kernel(tmp_path)
