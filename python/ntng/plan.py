@@ -3,8 +3,8 @@
 (nixlib/clone.nix).
 
 They are TypedDicts, so a plan stays the dict nixlib's JSON gave (nothing is converted) and mypy
-checks every read.  Each is validated once, where the runner gets it (testspec.load and
-load_prebuilt, snapshots.layout and clone_plan, accel's probe): a value of the wrong shape is a
+checks every read.  Each is validated once, where the runner gets it (testspec.load,
+testspec.read_spec_file for mkTest's spec files, snapshots.layout and clone_plan, accel's probe): a value of the wrong shape is a
 PlanError naming where it came from and the field's path, never a KeyError deep inside a run.
 Keys nixlib adds that are not typed here pass at run time (strict=False);
 tests/nix/test_plan_types.py evaluates every builder with strict=True, so they cannot drift.
@@ -251,16 +251,12 @@ def validate(value: object, tp: type[T], where: str, *, strict: bool = False) ->
     problem = _check(value, tp, strict)
     if problem is not None:
         path, msg = problem
-        raise PlanError(f"{where}: {path or 'the plan'}: {msg}" if path else f"{where}: {msg}")
+        raise PlanError(f"{where}: {path}: {msg}" if path else f"{where}: {msg}")
     return typing.cast(T, value)
 
 
 def spec(value: object, where: str) -> Spec:
     return validate(value, Spec, where)
-
-
-def node_plan(value: object, where: str) -> NodePlan:
-    return validate(value, NodePlan, where)
 
 
 def snapshot_layout(value: object, where: str) -> SnapshotLayout:
