@@ -13,6 +13,7 @@ A leaf module: it imports nothing from ntng but errors.
 """
 
 # No `from __future__ import annotations`: TypedDict sees NotRequired only in evaluated annotations.
+import functools
 import types
 import typing
 from typing import Any, Literal, NotRequired, TypedDict, TypeVar, Union
@@ -345,7 +346,7 @@ def _check(value: object, tp: Any, strict: bool) -> tuple[str, str] | None:
 def _check_record(value: object, tp: Any, strict: bool) -> tuple[str, str] | None:
     if not isinstance(value, dict):
         return "", f"expected an object ({tp.__name__}), got {_describe(value)}"
-    hints = typing.get_type_hints(tp)
+    hints = _hints(tp)
     missing = sorted(k for k in tp.__required_keys__ if k not in value)
     if missing:
         return "", f"missing field(s) {', '.join(missing)} ({tp.__name__})"
@@ -357,6 +358,12 @@ def _check_record(value: object, tp: Any, strict: bool) -> tuple[str, str] | Non
         if k in value and (p := _check(value[k], field, strict)) is not None:
             return _key(k) + _join(p[0]), p[1]
     return None
+
+
+@functools.cache
+def _hints(tp: Any) -> dict[str, Any]:
+    """A TypedDict's fields (cached: resolving them costs more than checking a plan)."""
+    return typing.get_type_hints(tp)
 
 
 def _key(k: object) -> str:
