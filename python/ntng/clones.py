@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import caps
 from . import protocol as P
@@ -109,7 +109,7 @@ def adopt_identity(m: Session, started: float) -> None:
     """Right after the clone's first hello: hostname, id, clock and hosts entry (an IDENTITY
     request, set by the agent itself), then its NICs (one `ip -batch` command)."""
     assert m.client is not None
-    clone: dict[str, Any] = m.plan["clone"]
+    clone = m.plan["clone"]
     nics = [(i["guestName"], i) for i in m.plan.get("interfaces", [])]
     hosts = [(i["ipv4"], m.name) for i in m.plan.get("interfaces", [])[:1]]
     t0 = time.monotonic()

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import SetupError
+from ..plan import SnapshotFile, SnapshotLayout
 
 if TYPE_CHECKING:
     from .vmm import VmmProcess
 
 
-def save_disk(backend: VmmProcess, layout: dict[str, Any]) -> None:
+def save_disk(backend: VmmProcess, layout: SnapshotLayout) -> None:
     """After the VMM wrote its files (the VM still paused): the disk and the note."""
     disk = Path(backend.plan["files"]["disk"])
     backend.copy_disk(disk, Path(layout["files"]["disk"]))
@@ -27,7 +28,7 @@ def save_disk(backend: VmmProcess, layout: dict[str, Any]) -> None:
     Path(layout["files"]["note"]).write_text(json.dumps(note, indent=2) + "\n")
 
 
-def restore_disk(backend: VmmProcess, layout: dict[str, Any]) -> None:
+def restore_disk(backend: VmmProcess, layout: SnapshotLayout) -> None:
     """Before the VMM loads the snapshot: check it is this machine's, put its disk in place."""
     directory, note_path = layout["directory"], Path(layout["files"]["note"])
     try:
@@ -46,6 +47,7 @@ def restore_disk(backend: VmmProcess, layout: dict[str, Any]) -> None:
     backend.copy_disk(Path(layout["files"]["disk"]), Path(disk))
 
 
-def saved_bytes(layout: dict[str, Any], *keys: str) -> int:
+def saved_bytes(layout: SnapshotLayout, *keys: SnapshotFile) -> int:
     """The size of the layout's files `keys` (what snapshot_save reports)."""
-    return sum(Path(layout["files"][k]).stat().st_size for k in keys if Path(layout["files"][k]).exists())
+    paths = [Path(layout["files"][k]) for k in keys]
+    return sum(p.stat().st_size for p in paths if p.exists())
