@@ -43,6 +43,7 @@ class Interface(TypedDict):
     vdeSocket: NotRequired[str | None]  # in the test spec's network plan
     link: NotRequired[Literal["vmm", "host"]]  # in launch plans
     netdev: NotRequired[str]  # QEMU's launch plans
+    peer: NotRequired[str]  # nspawn: the container's end of the veth pair (`tap`: the host's)
 
 
 class Vlan(TypedDict):
@@ -96,7 +97,7 @@ class PtyLookup(TypedDict):
 
 
 class Backdoor(TypedDict):
-    transport: Literal["virtio-serial", "vsock", "virtconsole"]
+    transport: Literal["virtio-serial", "vsock", "virtconsole", "unix"]
     guestCid: NotRequired[int]
     cid: NotRequired[int]  # QEMU with backdoor.vhost: AF_VSOCK to this CID
     vsockPort: NotRequired[int]
@@ -107,6 +108,8 @@ class Backdoor(TypedDict):
     uds: NotRequired[str]  # hybrid vsock: the unix socket the runner connects to
     port: NotRequired[int | None]  # hybrid vsock port (None: Cloud Hypervisor's virtconsole)
     pty: NotRequired[PtyLookup]  # Cloud Hypervisor's virtconsole
+    folder: NotRequired[str]  # nspawn: the host folder bind-mounted at guestFolder (socket, key)
+    guestFolder: NotRequired[str]
 
 
 class Capabilities(TypedDict):
@@ -125,12 +128,18 @@ class Files(TypedDict):
     stderr: str  # the VMM's stdout and stderr
     log: NotRequired[str]  # Firecracker's logger
     metrics: NotRequired[str]  # Firecracker's metrics
+    layer: NotRequired[str]  # nspawn: the overlay's folder (upper = `disk`, and its work folder)
 
 
 # Sockets by role: qmp, console, backdoor (QEMU virtio-serial), vsock (hybrid vsock), api
 # (Firecracker, Cloud Hypervisor), "port:<name>" (QEMU's extra serial ports): a plain mapping,
 # since those last keys are the user's names.
 Sockets = dict[str, str]
+
+
+class CheckBinary(TypedDict):
+    path: str
+    missing: str  # what to install
 
 
 class Helper(TypedDict):
@@ -168,7 +177,7 @@ class CloneInfo(TypedDict):
 
 class NodePlan(TypedDict):
     name: str
-    backend: Literal["qemu", "firecracker", "cloud-hypervisor"]
+    backend: Literal["qemu", "firecracker", "cloud-hypervisor", "nspawn"]
     accel: str
     memory: int
     cores: int
@@ -195,6 +204,12 @@ class NodePlan(TypedDict):
     apiRoute: NotRequired[ApiRoute]  # Firecracker
     cliArgv: NotRequired[list[str]]  # Cloud Hypervisor's route without the API
     clone: NotRequired[CloneInfo]  # the runner's, on clones
+    tree: NotRequired[str]  # nspawn: the image's root tree, the overlay's read-only lower layer
+    machine: NotRequired[str]  # nspawn --machine
+    checkBinaries: NotRequired[list[CheckBinary]]  # nspawn: looked for before anything is made
+    folders: NotRequired[list[str]]  # nspawn: made 0700 by the runner before the start
+    missing: NotRequired[str]  # nspawn: what to install when systemd-nspawn is missing
+    rebootExitStatus: NotRequired[int]  # nspawn's exit status on a guest reboot
 
 
 class Spec(TypedDict):

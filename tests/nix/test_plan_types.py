@@ -1,7 +1,7 @@
 """nixlib's output and python/ntng/plan.py's types agree.
 
 Every builder is evaluated through the real nixlib (a test spec with QEMU q35/pc/microvm,
-Firecracker and Cloud Hypervisor nodes on every transport, with vlans, impairments, 9p and
+Firecracker, Cloud Hypervisor and nspawn nodes on every transport, with vlans, impairments, 9p and
 virtiofs shares, a display, extra serial ports and a disk boot; a VDE-mode spec; the snapshot
 layout of each backend; a networked clone plan; the KVM probe) and validated with strict=True:
 a missing field, a wrong type or a key nixlib adds that plan.py does not declare fails here.
@@ -39,6 +39,7 @@ NODES: dict[str, Any] = {
     "fc": {"backend": "firecracker", "vlans": [1]},
     "ch": {"backend": "cloud-hypervisor", "vlans": [2], "sharedDirs": {"fast": SHARES["fast"]}},
     "chvsock": {"backend": "cloud-hypervisor", "backdoor": {"transport": "vsock"}},
+    "box": {"backend": "nspawn", "vlans": [1], "sharedDirs": {"nine": SHARES["nine"]}},
 }
 
 
@@ -75,8 +76,8 @@ def clone() -> plan.ClonePlan:
 
 def test_every_builder_gives_a_plan_of_the_typed_shape() -> None:
     spec = kvm_spec()
-    assert {p["backend"] for p in spec["nodes"].values()} == {"qemu", "firecracker", "cloud-hypervisor"}
-    assert {p["backdoor"]["transport"] for p in spec["nodes"].values()} == {"virtio-serial", "vsock", "virtconsole"}
+    assert {p["backend"] for p in spec["nodes"].values()} == {"qemu", "firecracker", "cloud-hypervisor", "nspawn"}
+    assert {p["backdoor"]["transport"] for p in spec["nodes"].values()} == {"virtio-serial", "vsock", "virtconsole", "unix"}
     assert vde_spec()["network"]["mode"] == "vde"
     assert clone()["plan"]["restoreArgv"]
 

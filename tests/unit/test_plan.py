@@ -48,7 +48,7 @@ def test_a_prebuilt_spec_loads_typed_with_the_state_root_filled_in(tmp_path: Pat
     (lambda d: d["nodes"]["b"]["files"].pop("disk"), "nodes.b.files: missing field(s) disk (Files)"),
     (lambda d: d["nodes"]["a"]["interfaces"][0].update(mac=5), "nodes.a.interfaces[0].mac: expected str, got int 5"),
     (lambda d: d["nodes"]["a"].update(backend="xen"),
-     "nodes.a.backend: expected one of 'qemu', 'firecracker', 'cloud-hypervisor', got str 'xen'"),
+     "nodes.a.backend: expected one of 'qemu', 'firecracker', 'cloud-hypervisor', 'nspawn', got str 'xen'"),
     (lambda d: d["network"]["vlans"]["1"].update(members="a"), "network.vlans['1'].members: expected a list"),
     (lambda d: d["nodes"]["b"]["backdoor"].update(port="1234"), "nodes.b.backdoor.port: expected int or null"),
 ])
