@@ -129,6 +129,7 @@ let
       # Each NIC is a veth pair: `tap` the host end (on `bridge`), `peer` the container's.
       interfaces = map (i: i // { peer = peerName i.tap; link = "host"; }) n.interfaces;
       inherit (n) capabilities;
+      launchSpec = spec // { inherit backend; };
     };
 in {
   inherit launch paths guestFolder peerName;

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import nixeval, paths
 from .errors import SetupError
+from .plan import ProbePlan, validate
 
 PROBE_TIMEOUT = 20.0  # a working KVM finishes the probe in about a second
 CACHE_TTL = 3600.0
@@ -50,7 +51,8 @@ def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
         return False, problem
     from .pdeathsig import preexec  # cffi: not for `ntng check`, which only asks kvm_unusable_reason
 
-    spec = nixeval.call("qemu.probe", {"kernel": str(kernel), "accel": "kvm"})
+    spec = validate(nixeval.call("qemu.probe", {"kernel": str(kernel), "accel": "kvm"}), ProbePlan,
+                    "nixlib's qemu.probe")
     t0 = time.monotonic()
     try:
         proc = subprocess.Popen(spec["argv"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

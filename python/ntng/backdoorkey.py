@@ -7,22 +7,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from . import protocol as P
 from .errors import SetupError
+from .plan import NodePlan
 
 KEY_BYTES = 32  # the HMAC-SHA256 key size: longer adds nothing, shorter weakens it
 _MAX_READ = 4096  # a key file is KEY_BYTES long; never read a planted large file whole
 
 
-def key_file(plan: dict[str, Any]) -> Path | None:
+def key_file(plan: NodePlan) -> Path | None:
     """Where the plan keeps the node's key; None: its VMM has no way to hand one to the guest."""
     path = plan.get("backdoor", {}).get("keyFile")
     return None if path is None else Path(path)
 
 
-def write(plan: dict[str, Any]) -> None:
+def write(plan: NodePlan) -> None:
     """A fresh key for this start of the VMM (new at every start: crash(), -K runs)."""
     path = key_file(plan)
     if path is None:
@@ -37,7 +37,7 @@ def write(plan: dict[str, Any]) -> None:
         raise SetupError(f"cannot write the backdoor key {path}: {e.strerror or e}") from None
 
 
-def read(plan: dict[str, Any]) -> bytes | None:
+def read(plan: NodePlan) -> bytes | None:
     """The key the runner wrote for the plan's node, or None when the plan has none."""
     path = key_file(plan)
     if path is None:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from .errors import MissingCapability
+from .plan import NodePlan
 
 __all__ = ["METHOD_CAPABILITY", "MissingCapability", "guard_methods", "lacking", "lacks_message", "require"]
 
@@ -44,7 +45,7 @@ METHOD_CAPABILITY: dict[str, str] = {
 }
 
 
-def backend_of(plan: dict[str, Any]) -> tuple[str, list[str]] | None:
+def backend_of(plan: NodePlan) -> tuple[str, list[str]] | None:
     """(backend, features) of a node's launch plan; None for a plan without them (hand-made)."""
     caps = plan.get("capabilities")
     if not isinstance(caps, dict) or not isinstance(caps.get("features"), list):
@@ -52,7 +53,7 @@ def backend_of(plan: dict[str, Any]) -> tuple[str, list[str]] | None:
     return str(plan.get("backend", "?")), [str(f) for f in caps["features"]]
 
 
-def lacking(plan: dict[str, Any], method: str) -> str | None:
+def lacking(plan: NodePlan, method: str) -> str | None:
     """The capability `method` needs that the plan's backend lacks, if any."""
     need = METHOD_CAPABILITY.get(method)
     have = backend_of(plan)
@@ -61,14 +62,14 @@ def lacking(plan: dict[str, Any], method: str) -> str | None:
     return need
 
 
-def lacks_message(what: str, plan: dict[str, Any], capability: str) -> str:
+def lacks_message(what: str, plan: NodePlan, capability: str) -> str:
     backend, features = backend_of(plan) or ("?", [])
     why = plan.get("capabilities", {}).get("why", {}).get(capability)  # nixlib says why, if not obvious
     return (f'{what}: backend {backend} lacks capability "{capability}" '
             f"(it has: {', '.join(features) or 'none'})" + (f": {why}" if why else ""))
 
 
-def require(plan: dict[str, Any], capability: str, what: str) -> None:
+def require(plan: NodePlan, capability: str, what: str) -> None:
     """MissingCapability unless the node's effective features (nixlib) include `capability`;
     for what is not a Machine method (guard_methods covers those)."""
     have = backend_of(plan)

@@ -12,14 +12,13 @@ import builtins
 import dataclasses
 import functools
 import importlib.util
-import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from . import accel, api_names, caps, netem, testspec, typecheck
 from .api_names import pythonize_name
 from .errors import SetupError, TestScriptError
+from .plan import NetworkPlan, NodePlan
 
 ERROR, WARNING, NOTE = "error", "warning", "note"
 
@@ -106,7 +105,7 @@ def lint(path: Path, script: str, node_names: list[str]) -> list[Finding]:
     return sorted(findings, key=lambda f: f.line)
 
 
-def declared_impairments(net: dict[str, Any], where: str) -> None:
+def declared_impairments(net: NetworkPlan, where: str) -> None:
     """network.declared_impairments' checks, through netem alone (network imports netns, cffi):
     a bad value is the script's error.  tests/unit/test_check_lint.py keeps the two in step."""
     for node, ifaces in net["nodes"].items():
@@ -122,12 +121,12 @@ def declared_impairments(net: dict[str, Any], where: str) -> None:
             netem.Impairment.from_mapping({k: v for k, v in decl.items() if k != "direction"}, where=ctx)
 
 
-def node_plans_of(path: Path, spec_dir: Path | None) -> dict[str, dict[str, Any]]:
+def node_plans_of(path: Path, spec_dir: Path | None) -> dict[str, NodePlan]:
     """Each node's launch plan (it names the backend and its capabilities), in declaration order,
     for the accelerator the node would get: Firecracker and Cloud Hypervisor nodes KVM (they have
     no TCG), QEMU nodes what they declare (TCG when they do not: the plan is the same shape)."""
     if spec_dir is not None:
-        data = json.loads(testspec.spec_file(spec_dir, "kvm").read_text())
+        data = testspec.read_spec_file(testspec.spec_file(spec_dir, "kvm"))
         declared_impairments(data["network"], str(path))
         return {name: data["nodes"][name] for name in data["nodeNames"]}
     # Validate the `#:` node declarations through nixlib; no file needs to exist for that.
@@ -136,7 +135,7 @@ def node_plans_of(path: Path, spec_dir: Path | None) -> dict[str, dict[str, Any]
     return {name: spec.plans[name] for name in spec.node_names}
 
 
-def accel_notes(script: str, plans: dict[str, dict[str, Any]], prebuilt: bool) -> list[Finding]:
+def accel_notes(script: str, plans: dict[str, NodePlan], prebuilt: bool) -> list[Finding]:
     """A note for each node that needs KVM when this machine cannot give it.  In a prebuilt
     (mkTest) spec every node is planned for KVM, but a QEMU node also has its TCG spec."""
     kvm_nodes = [n for n, plan in plans.items()
@@ -180,7 +179,7 @@ def check(path: Path, spec_dir: Path | None = None, type_check: bool = True) -> 
 _LIST_GLOBALS = ("machines", "machines_qemu")  # every node, in Driver.machines' (sorted) order
 
 
-def machine_uses(tree: ast.AST, plans: dict[str, dict[str, Any]]) -> list[Finding]:
+def machine_uses(tree: ast.AST, plans: dict[str, NodePlan]) -> list[Finding]:
     """`<node>.<method>` where the node is statically known (its global, `machine` for a lone
     node, `machines[i]`, a loop variable over `machines` or over a list of node globals): an
     error for a method Machine does not have and for one the node's backend lacks."""
@@ -212,7 +211,7 @@ def machine_uses(tree: ast.AST, plans: dict[str, dict[str, Any]]) -> list[Findin
 class _Resolver:
     """Which nodes an expression stands for, where that is plain from the script's text."""
 
-    def __init__(self, tree: ast.AST, plans: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, tree: ast.AST, plans: dict[str, NodePlan]) -> None:
         rebound = _bound_names(tree)
         names = {pythonize_name(n): n for n in plans} | ({"machine": next(iter(plans))} if len(plans) == 1 else {})
         # A script that assigns a node's name itself (or `machines`) makes it anything.

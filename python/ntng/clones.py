@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import caps, testspec
 from . import protocol as P
@@ -109,8 +109,8 @@ def adopt_identity(m: Session, started: float) -> None:
     request, set by the agent itself), then its NICs (one `ip -batch` command).  What to say
     is nixlib's (plan["clone"]["identity"]); only the clock and the clone id are the runner's."""
     assert m.client is not None
-    clone: dict[str, Any] = m.plan["clone"]
-    identity: dict[str, Any] = clone["identity"]
+    clone = m.plan["clone"]
+    identity = clone["identity"]
     t0 = time.monotonic()
     assert m.client.agent is not None  # adopt_identity runs right after the hello
     env: list[dict[str, str]] = []

@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 from . import accel, image, network, nixeval, paths
 from .errors import EXIT_OK, EXIT_SETUP, NtngError, SetupError
+from .plan import NodePlan
 
 OK, MISSING, DEGRADED = "ok", "missing", "degraded"
 DISTRIBUTION = "nixos-test-ng"
@@ -248,7 +249,7 @@ def qemu_version() -> str | None:
 OCR_METHODS = ("get_screen_text", "get_screen_text_variants", "wait_for_text")
 
 
-def _program_uses(plans: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+def _program_uses(plans: dict[str, NodePlan]) -> dict[str, list[str]]:
     """Each program the plans start (argv[0]) → why, one line per use."""
     uses: dict[str, list[str]] = {}
     for node, plan in plans.items():

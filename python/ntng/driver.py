@@ -31,6 +31,7 @@ from .errors import (
     TestScriptError,
 )
 from .machine import Machine
+from .plan import NodePlan
 from .polling import PollingCondition, polling_condition_factory
 from .report import EventLog
 from .retry import retry
@@ -119,7 +120,7 @@ class Driver:
     def log(self, msg: str) -> None:
         self._log(msg)
 
-    def new_machine(self, name: str, plan: dict[str, Any], boot_timeout: float | None = None,
+    def new_machine(self, name: str, plan: NodePlan, boot_timeout: float | None = None,
                     restore_from: Snapshot | None = None) -> Machine:
         """A Machine of this run, made with all it needs from the driver: the checks before
         each command (polling conditions, detections, the global timeout), failure detection,

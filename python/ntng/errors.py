@@ -129,3 +129,8 @@ class MissingCapability(TestScriptError):
 
 class RequestedAssertionFailed(TestFailure):
     """Same name as the NixOS driver's: a test assertion failed."""
+
+
+class PlanError(SetupError):
+    """A plan from nixlib (or a spec file) is not of the shape python/ntng/plan.py types: the
+    message names where it came from, the field's path and what was expected."""

@@ -33,6 +33,7 @@ from .errors import (
 )
 from .keys import key_for
 from .network import LinkCounters, Network
+from .plan import Interface, NodePlan, no_network
 from .portforward import PortForward
 from .report import EventLog
 from .retry import retry
@@ -82,7 +83,7 @@ class Machine:
     def __init__(
         self,
         name: str,
-        plan: dict[str, Any],
+        plan: NodePlan,
         out_dir: Path,
         boot_timeout: float,
         log: Callable[[str], None] | None = None,
@@ -107,7 +108,7 @@ class Machine:
         self.callbacks = callbacks or []
         self.events = events if events is not None else EventLog(None)
         self._log = log or stderr_log
-        self.network = network if network is not None else Network({"nodes": {}, "vlans": {}}, self._log)
+        self.network = network if network is not None else Network(no_network(), self._log)
         self.watcher = watcher
         self.declared_impairments: Impairments = dict(declared_impairments or {})
         self._global_deadline = global_deadline or (lambda: None)
@@ -850,7 +851,7 @@ class Machine:
 
     # -- network ------------------------------------------------------------------------------
 
-    def _vlans(self, vlan: int | None) -> list[dict[str, Any]]:
+    def _vlans(self, vlan: int | None) -> list[Interface]:
         return self.network.interfaces(self.name) if vlan is None else [self.network.interface(self.name, vlan)]
 
     def block(self) -> None:

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from . import netem, pdeathsig
-from .errors import MissingCapability, SetupError, TestScriptError
+from .errors import MissingCapability, PlanError, SetupError, TestScriptError
 from .netns import CAP_NET_ADMIN, CAP_SYS_ADMIN, NetNamespace, has_capability
+from .plan import Interface, NetworkPlan
 
 Log = Callable[[str], None]
 
@@ -67,14 +68,14 @@ class Network:
 
     mode = "none"
 
-    def __init__(self, plan: dict[str, Any], log: Log) -> None:
+    def __init__(self, plan: NetworkPlan, log: Log) -> None:
         self.plan = plan
         self.log = log
 
-    def interfaces(self, node: str) -> list[dict[str, Any]]:
+    def interfaces(self, node: str) -> list[Interface]:
         return list(self.plan["nodes"].get(node, []))
 
-    def interface(self, node: str, vlan: int | None) -> dict[str, Any]:
+    def interface(self, node: str, vlan: int | None) -> Interface:
         ifaces = self.interfaces(node)
         if node not in self.plan["nodes"]:
             raise TestScriptError(f"no node called {node!r} (nodes: {', '.join(sorted(self.plan['nodes']))})")
@@ -90,13 +91,13 @@ class Network:
     def start(self) -> None:
         pass
 
-    def add_clone(self, clone: str, ifaces: list[dict[str, Any]]) -> None:
+    def add_clone(self, clone: str, ifaces: list[Interface]) -> None:
         """A clone's NICs (nixlib's clone.plan: the origin's vlans, its own taps, MACs and
         addresses), made and known to interface()/counters() like a declared node's."""
         self._add_links(ifaces)
         self.plan["nodes"][clone] = ifaces
 
-    def _add_links(self, ifaces: list[dict[str, Any]]) -> None:
+    def _add_links(self, ifaces: list[Interface]) -> None:
         pass  # VDE: the clone's NICs plug into the vlans' switches themselves
 
     def preexec(self) -> Callable[[], None] | None:
@@ -132,7 +133,7 @@ class Network:
 class TapNetwork(Network):
     mode = "tap"
 
-    def __init__(self, plan: dict[str, Any], log: Log) -> None:
+    def __init__(self, plan: NetworkPlan, log: Log) -> None:
         super().__init__(plan, log)
         self.ns: NetNamespace | None = None
         self.ipr: Any = None
@@ -173,7 +174,7 @@ class TapNetwork(Network):
     def _add_tap(self, name: str) -> None:
         self.ipr.link("add", ifname=name, kind="tuntap", mode="tap")
 
-    def _add_links(self, ifaces: list[dict[str, Any]]) -> None:
+    def _add_links(self, ifaces: list[Interface]) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
 
         for i in ifaces:
@@ -248,17 +249,20 @@ class TapNetwork(Network):
 class VdeNetwork(Network):
     mode = "vde"
 
-    def __init__(self, plan: dict[str, Any], log: Log) -> None:
+    def __init__(self, plan: NetworkPlan, log: Log) -> None:
         super().__init__(plan, log)
         self.switches: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> None:
         for vlan in self.plan["vlans"].values():
-            argv = vlan["vdeSwitch"]  # nixlib's (network.nix vdeSwitchArgv)
+            # nixlib's: network.nix vdeSwitchArgv, and the control socket the switch makes when ready
+            argv, ready_path = vlan["vdeSwitch"], vlan["vdeReady"]
+            if argv is None or ready_path is None:
+                raise PlanError(f"vlan {vlan['vlan']}: the network plan names no vde_switch (not a VDE plan)")
             exe = shutil.which(argv[0])
             if exe is None:
                 raise SetupError(f"rootless networking needs {argv[0]}: apt-get install vde2 (or run ./setup.sh)")
-            ready = Path(vlan["vdeReady"])  # nixlib's: the switch's control socket
+            ready = Path(ready_path)
             # stdin stays open: vde_switch reads commands from it and quits at EOF.
             proc = pdeathsig.spawn([exe, *argv[1:]],
                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -285,7 +289,7 @@ class VdeNetwork(Network):
         self.switches = []
 
 
-def declared_impairments(plan: dict[str, Any], where: str) -> dict[tuple[str, int], tuple[netem.Impairment, str]]:
+def declared_impairments(plan: NetworkPlan, where: str) -> dict[tuple[str, int], tuple[netem.Impairment, str]]:
     """The impairments a test declares on its nodes' links (nodes.<n>.impairments), checked:
     a bad value is the script's error before any VM starts."""
     out = {}
@@ -305,7 +309,7 @@ def declared_impairments(plan: dict[str, Any], where: str) -> dict[tuple[str, in
     return out
 
 
-def make(plan: dict[str, Any], log: Log) -> Network:
+def make(plan: NetworkPlan, log: Log) -> Network:
     """The network for a test spec's plan (a test without vlans gets a Network that has none)."""
     if not plan.get("vlans"):
         return Network(plan, log)

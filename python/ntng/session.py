@@ -15,13 +15,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from . import backdoorkey, backends, clones
 from . import protocol as P
 from .client import BackdoorClient
 from .errors import BackdoorError, BootError, ConnectionLost, WaitTimeout
 from .network import Network
+from .plan import NodePlan
 from .report import EventLog
 from .retry import PROGRESS_EVERY
 from .snapshots import Snapshot
@@ -34,7 +34,7 @@ def stderr_log(msg: str) -> None:
 
 
 class Session:
-    def __init__(self, name: str, plan: dict[str, Any], out_dir: Path, boot_timeout: float, *,
+    def __init__(self, name: str, plan: NodePlan, out_dir: Path, boot_timeout: float, *,
                  log: Log, events: EventLog, network: Network, keep_state: bool,
                  restore_from: Snapshot | None, on_console: Callable[[str], None],
                  on_new_boot: Callable[[], None]) -> None:

@@ -12,10 +12,11 @@ import shutil
 import stat
 import uuid
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from . import safepath
 from .errors import TestFailure
+from .plan import NodePlan, Share
 
 VIAS = ("protocol", "share")
 
@@ -33,7 +34,7 @@ def check_via(via: str, what: str) -> None:
         raise ValueError(f"{what}: via must be one of {', '.join(map(repr, VIAS))}, got {via!r}")
 
 
-def writable_share(plan: dict[str, Any], node: str) -> dict[str, Any]:
+def writable_share(plan: NodePlan, node: str) -> Share:
     """The artifacts share ("shared") if there is one, else the first writable share."""
     rw = [s for s in plan.get("shares", []) if not s.get("readOnly")]
     rw.sort(key=lambda s: s["tag"] != "shared")
@@ -68,7 +69,7 @@ def _remove_stage(share_fd: int, stage: str) -> None:
     shutil.rmtree(stage, dir_fd=share_fd, ignore_errors=True)  # fd-based: follows no symlink
 
 
-def to_guest(vm: Shell, share: dict[str, Any], source: Path, target: str) -> None:
+def to_guest(vm: Shell, share: Share, source: Path, target: str) -> None:
     """Host file or directory `source` to `target` in the guest (a directory's contents go into
     `target`, as with the protocol copy)."""
     name = safepath.source_name(str(source), "copy_from_host")
@@ -112,7 +113,7 @@ def _put_tree(source: Path, parent_fd: int, name: str) -> None:
         os.close(fd)
 
 
-def from_guest(vm: Shell, share: dict[str, Any], source: str, dest_root: Path) -> list[str]:
+def from_guest(vm: Shell, share: Share, source: str, dest_root: Path) -> list[str]:
     """Guest file or directory `source` into dest_root/basename(source).  What lands on the host
     is copied by the host through dir fds: only folders and regular files, never through a
     symlink, without setuid/setgid/sticky or group/world-write bits.  Returns what was skipped

@@ -13,10 +13,11 @@ import dataclasses
 import re
 import uuid
 from pathlib import Path
-from typing import Any
 
 from . import nixeval
+from . import plan as plan_types
 from .errors import TestScriptError
+from .plan import NetworkPlan, NodePlan, SnapshotLayout
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,30}")
 
@@ -31,8 +32,8 @@ class Snapshot:
 
     name: str
     origin: str  # the machine it was taken of
-    layout: dict[str, Any] = dataclasses.field(repr=False)  # nixlib's clone.snapshot: directory, files, calls
-    plan: dict[str, Any] = dataclasses.field(repr=False)  # the origin's launch plan
+    layout: SnapshotLayout = dataclasses.field(repr=False)  # nixlib's clone.snapshot: directory, files, calls
+    plan: NodePlan = dataclasses.field(repr=False)  # the origin's launch plan
     save_seconds: float = 0.0  # the origin was paused this long
     memory_bytes: int = 0  # the migration stream (QEMU), the VMM's state files (Firecracker, CH)
     ram_bytes: int = 0  # guest RAM written to a file of its own (0: the RAM is in the stream)
@@ -63,28 +64,26 @@ def check_name(what: str, name: str) -> None:
                             "(at most 31 characters)")
 
 
-def layout(plan: dict[str, Any], name: str, resume: bool = True) -> dict[str, Any]:
+def layout(plan: NodePlan, name: str, resume: bool = True) -> SnapshotLayout:
     """nixlib's snapshot layout for snapshot `name` of the node whose launch plan is `plan`."""
     if "launchSpec" not in plan:
         raise SnapshotError(f"{plan.get('name', '?')}: the plan has no launchSpec (made by an older nixlib?)")
-    result: dict[str, Any] = nixeval.call("clone.snapshot", {"spec": plan["launchSpec"], "name": name,
-                                                             "resume": resume})
-    return result
+    result = nixeval.call("clone.snapshot", {"spec": plan["launchSpec"], "name": name, "resume": resume})
+    return plan_types.snapshot_layout(result, f"{plan['name']}: nixlib's clone.snapshot {name!r}")
 
 
-def clone_plan(snap: Snapshot, clone: str, network: dict[str, Any] | None = None) -> dict[str, Any]:
+def clone_plan(snap: Snapshot, clone: str, network: NetworkPlan | None = None) -> NodePlan:
     """The launch plan of clone `clone` of `snap` (nixlib's clone.plan; `network`: the run's
     network plan, with earlier clones), with a fresh clone id.  Its NICs: plan["interfaces"];
     what it is told after the restore: plan["clone"]["identity"] (nixlib's clone.identity)."""
     check_name("clone name", clone)
     if "launchSpec" not in snap.plan:
         raise SnapshotError(f"{clone}: the plan of {snap.origin} has no launchSpec (made by an older nixlib?)")
-    net = network or {}
-    made: dict[str, Any] = nixeval.call("clone.plan", {
-        "spec": snap.plan["launchSpec"], "clone": clone, "snapshot": snap.layout,
-        "ram": snap.ram is not None, "nodes": net.get("nodes", {}), "hosts": net.get("hosts", []),
-    })
-    plan: dict[str, Any] = made["plan"]
+    made = plan_types.clone_plan(nixeval.call("clone.plan", {
+        "spec": snap.plan["launchSpec"], "clone": clone, "snapshot": snap.layout, "ram": snap.ram is not None,
+        "nodes": network["nodes"] if network else {}, "hosts": network["hosts"] if network else [],
+    }), f"{clone}: nixlib's clone.plan of {snap.origin}")
+    plan = made["plan"]
     # The id is random (one per start_from_snapshot); the identity (hostname, hosts entry, the
     # NICs' `ip` commands) is nixlib's.
     plan["clone"] = {"snapshot": snap.name, "origin": snap.origin, "id": f"{clone}-{uuid.uuid4().hex[:12]}",

@@ -18,11 +18,16 @@ import difflib
 import json
 import re
 import tempfile
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import nixeval
-from .errors import NixEvalError, TestScriptError
+from . import plan as plan_types
+from .errors import NixEvalError, PlanError, TestScriptError
+from .plan import NetworkPlan, NodePlan
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -32,8 +37,8 @@ class TestSpec:
     name: str
     global_timeout: float
     node_names: list[str]
-    plans: dict[str, dict[str, Any]]
-    network: dict[str, Any] = dataclasses.field(default_factory=lambda: {"nodes": {}, "vlans": {}, "mode": "tap"})
+    plans: dict[str, NodePlan]
+    network: NetworkPlan = dataclasses.field(default_factory=plan_types.no_network)
 
 
 def read_script(path: Path) -> str:
@@ -73,14 +78,15 @@ def load(path: Path, defaults: dict[str, Any], show_trace: bool = False) -> Test
         )
         if stderr is not None:
             raise _header_error(path, header, stderr, show_trace)
+    spec = plan_types.spec(data, f"{path}: nixlib's test spec")
     return TestSpec(
         script_path=path,
         script=script,
-        name=data["name"] if data["name"] != "test" else path.stem,
-        global_timeout=float(data["globalTimeout"]),
-        node_names=data["nodeNames"],
-        plans=data["nodes"],
-        network=data["network"],
+        name=spec["name"] if spec["name"] != "test" else path.stem,
+        global_timeout=float(spec["globalTimeout"]),
+        node_names=spec["nodeNames"],
+        plans=spec["nodes"],
+        network=spec["network"],
     )
 
 
@@ -102,13 +108,18 @@ STATE_ROOT_MARKER = "@stateRoot@"
 ARTIFACTS_MARKER = "@artifacts@"  # nixlib/shares.nix: the run's artifact folder
 
 
-def substitute(value: Any, marker: str, replacement: str) -> Any:
+def substitute(value: T, marker: str, replacement: str) -> T:
+    """`value` with `marker` replaced in every string (the same JSON shape: a plan stays a plan)."""
+    return typing.cast(T, _substitute(value, marker, replacement))
+
+
+def _substitute(value: object, marker: str, replacement: str) -> object:
     if isinstance(value, str):
         return value.replace(marker, replacement)
     if isinstance(value, list):
-        return [substitute(v, marker, replacement) for v in value]
+        return [_substitute(v, marker, replacement) for v in value]
     if isinstance(value, dict):
-        return {k: substitute(v, marker, replacement) for k, v in value.items()}
+        return {k: _substitute(v, marker, replacement) for k, v in value.items()}
     return value
 
 
@@ -128,34 +139,35 @@ def spec_file(spec_dir: Path, accel: str) -> Path:
 def load_prebuilt(path: Path, spec_path: Path, state_root: Path) -> TestSpec:
     """A spec nixlib evaluated at build time (mkTest): only the state directory is filled in."""
     script = read_script(path)
+    spec = substitute(read_spec_file(spec_path), STATE_ROOT_MARKER, str(state_root))
+    return TestSpec(
+        script_path=path,
+        script=script,
+        name=spec["name"],
+        global_timeout=float(spec["globalTimeout"]),
+        node_names=list(spec["nodeNames"]),
+        plans=dict(spec["nodes"]),
+        network=spec["network"],
+    )
+
+
+def read_spec_file(spec_path: Path) -> plan_types.Spec:
+    """A spec file nixlib evaluated (mkTest's spec-<accel>.json), validated."""
     try:
         data = json.loads(spec_path.read_text())
     except (OSError, ValueError) as e:
         raise TestScriptError(f"{spec_path}: not a readable test spec: {e}") from None
-    data = substitute(data, STATE_ROOT_MARKER, str(state_root))
     try:
-        return TestSpec(
-            script_path=path,
-            script=script,
-            name=data["name"],
-            global_timeout=float(data["globalTimeout"]),
-            node_names=list(data["nodeNames"]),
-            plans=dict(data["nodes"]),
-            network=dict(data["network"]),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise TestScriptError(f"{spec_path}: not a test spec (missing or bad {e})") from None
+        return plan_types.spec(data, str(spec_path))
+    except PlanError as e:  # a file given on the command line: the user's to fix (exit 2)
+        raise TestScriptError(f"{spec_path}: not a test spec: {str(e).removeprefix(f'{spec_path}: ')}") from None
 
 
 def first_kernel(spec_dir: Path) -> Path:
     """A kernel of the test, for the KVM boot probe."""
     path = spec_file(spec_dir, "kvm")
-    try:
-        plans = json.loads(path.read_text())["nodes"].values()
-    except (OSError, ValueError, KeyError, AttributeError) as e:
-        raise TestScriptError(f"{path}: not a test spec ({e!r})") from None
-    for plan in plans:
-        if isinstance(plan, dict) and isinstance(plan.get("kernel"), str):
+    for plan in read_spec_file(path)["nodes"].values():
+        if plan["kernel"] is not None:
             return Path(plan["kernel"])
     raise TestScriptError(f"{path}: no node with a kernel to probe KVM with")
 

@@ -130,3 +130,14 @@ def test_no_import_cycle() -> None:
     assert "ntng.machine" in graph and "ntng.backends.qemu" in graph  # the scan found the package
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " → ".join(cycle or [])
+
+
+# Leaf modules (docs/architecture.md, "Import rules"): what many import, importing (almost) nothing.
+LEAVES = {"ntng.errors": set(), "ntng.protocol": set(), "ntng.api_names": set(),
+          "ntng.plan": {"ntng.errors"}, "ntng.retry": {"ntng.errors"}}
+
+
+def test_leaf_modules_stay_leaves() -> None:
+    graph = import_graph()
+    wrong = {m: sorted(graph[m] - allowed) for m, allowed in LEAVES.items() if graph[m] - allowed}
+    assert not wrong, f"leaf modules importing more of ntng than they may: {wrong}"

@@ -19,6 +19,7 @@ from typing import Any
 
 from .. import vsock
 from ..errors import SetupError
+from ..plan import ApiCall, NodePlan, PtyLookup, SnapshotLayout, vsock_port
 from ..unixhttp import ApiError
 from . import ptyrelay, snapshot
 from .console import follow_file
@@ -33,7 +34,7 @@ class CloudHypervisorBackend(ApiVmm):
     name = "cloud-hypervisor"
     ROUTES = ROUTES
 
-    def __init__(self, machine_name: str, plan: dict[str, Any],
+    def __init__(self, machine_name: str, plan: NodePlan,
                  preexec: Callable[[], None] | None = None, keep_disk: bool = False,
                  route: str | None = None) -> None:
         super().__init__(machine_name, plan, preexec, keep_disk, route)
@@ -50,16 +51,16 @@ class CloudHypervisorBackend(ApiVmm):
             self._launch(self.plan["cliArgv"], [])
         self.paused = False
 
-    def snapshot_restore(self, layout: dict[str, Any]) -> None:
+    def snapshot_restore(self, layout: SnapshotLayout) -> None:
         """Start from a snapshot_save() layout instead of booting: a fresh VMM and nixlib's
         restore call (vm.restore) on a copy of the snapshot's disk (Cloud Hypervisor restores the
         devices at the paths they had, so this must be the machine the snapshot was taken of)."""
         self._check_binary(self.plan["argv"][0], INSTALL_HINT)
         snapshot.restore_disk(self, layout)
         self._launch(self.plan["argv"], layout["restore"], keep=True)
-        self.paused = not all(c.get("body", {}).get("resume", True) for c in layout["restore"])
+        self.paused = not all((c.get("body") or {}).get("resume", True) for c in layout["restore"])
 
-    def _launch(self, argv: list[str], calls: list[dict[str, Any]], keep: bool | None = None) -> None:
+    def _launch(self, argv: list[str], calls: list[ApiCall], keep: bool | None = None) -> None:
         self._check_binary(argv[0], INSTALL_HINT)
         self._prepare("coreutils", skip_disk_steps=True, keep=keep)
         # The VMM writes the serial console anew: an old file must not pass for this boot's.
@@ -80,7 +81,7 @@ class CloudHypervisorBackend(ApiVmm):
                 raise SetupError(f"{e}\ncloud-hypervisor exited: {self.stderr_tail()}") from None
             raise
 
-    def _lookup(self, where: dict[str, Any], timeout: float = 10.0) -> str:
+    def _lookup(self, where: PtyLookup, timeout: float = 10.0) -> str:
         """A string field of an API answer (the pty's path in vm.info).  With the command-line
         route the VM is created by the VMM itself, a moment after the API is up: 404 is retried."""
         deadline = time.monotonic() + timeout
@@ -123,7 +124,8 @@ class CloudHypervisorBackend(ApiVmm):
     def connect_backdoor(self, timeout: float) -> socket.socket:
         bd = self.plan["backdoor"]
         if bd["transport"] == "vsock":
-            return vsock.connect_hybrid(bd["uds"], bd["port"], timeout=timeout, alive=self.alive)
+            return vsock.connect_hybrid(bd["uds"], vsock_port(bd, self.machine_name), timeout=timeout,
+                                        alive=self.alive)
         if self.pty is None:
             raise SetupError(f"{self.who}: the VM is not running (no virtio-console pty)")
         return ptyrelay.open_pty(self.pty, self.who)
@@ -142,7 +144,7 @@ class CloudHypervisorBackend(ApiVmm):
             raise self._lacks("keys", f"send_key({key!r})")
         self.call("reboot")
 
-    def snapshot_save(self, layout: dict[str, Any], resume: bool = True) -> tuple[int, int]:
+    def snapshot_save(self, layout: SnapshotLayout, resume: bool = True) -> tuple[int, int]:
         """Snapshot (nixlib's vm.snapshot call) with a copy of the disk as it is then; Cloud
         Hypervisor needs the VM paused: a running one is paused for it (and resumed after
         unless resume=False).  (bytes of the VMM's files, 0: guest RAM is among them)."""
@@ -158,7 +160,7 @@ class CloudHypervisorBackend(ApiVmm):
         finally:
             if was_running and resume:
                 self.resume()
-        own = {Path(p) for p in layout["files"].values()}
+        own = {Path(p) for p in layout["files"].values() if isinstance(p, str)}
         return sum(f.stat().st_size for f in directory.iterdir() if f.is_file() and f not in own), 0
 
     def quit(self) -> None:

@@ -22,6 +22,7 @@ from typing import IO, Any
 
 from .. import vsock
 from ..errors import SetupError
+from ..plan import ApiCall, NodePlan, SnapshotLayout, vsock_port
 from . import snapshot
 from .vmm import ApiVmm
 
@@ -33,7 +34,7 @@ class FirecrackerBackend(ApiVmm):
     name = "firecracker"
     ROUTES = ROUTES
 
-    def __init__(self, machine_name: str, plan: dict[str, Any],
+    def __init__(self, machine_name: str, plan: NodePlan,
                  preexec: Callable[[], None] | None = None, keep_disk: bool = False,
                  route: str | None = None) -> None:
         super().__init__(machine_name, plan, preexec, keep_disk, route)
@@ -48,7 +49,7 @@ class FirecrackerBackend(ApiVmm):
         else:
             self._launch(self.plan["apiRoute"]["argv"], {}, self.plan["apiRoute"]["api"])
 
-    def snapshot_restore(self, layout: dict[str, Any]) -> None:
+    def snapshot_restore(self, layout: SnapshotLayout) -> None:
         """Start from a snapshot_save() layout instead of booting: a fresh Firecracker on a copy
         of the snapshot's disk, then nixlib's restore calls (logger, metrics, /snapshot/load with
         this plan's vsock socket and TAP devices; drives keep their paths, so this must be the
@@ -57,7 +58,7 @@ class FirecrackerBackend(ApiVmm):
         snapshot.restore_disk(self, layout)
         self._launch(self.plan["apiRoute"]["argv"], {}, layout["restore"], keep=True)
 
-    def _launch(self, argv: list[str], write_files: dict[str, Any], calls: list[dict[str, Any]],
+    def _launch(self, argv: list[str], write_files: dict[str, Any], calls: list[ApiCall],
                 keep: bool | None = None) -> None:
         self._check_binary(argv[0], INSTALL_HINT)
         self._prepare("coreutils", skip_disk_steps=True, keep=keep)
@@ -111,7 +112,7 @@ class FirecrackerBackend(ApiVmm):
 
     def connect_backdoor(self, timeout: float) -> socket.socket:
         bd = self.plan["backdoor"]
-        return vsock.connect_hybrid(bd["uds"], bd["port"], timeout=timeout, alive=self.alive)
+        return vsock.connect_hybrid(bd["uds"], vsock_port(bd, self.machine_name), timeout=timeout, alive=self.alive)
 
     def pause(self) -> None:
         self.call("pause")
@@ -121,7 +122,7 @@ class FirecrackerBackend(ApiVmm):
         self.call("resume")
         self.paused = False
 
-    def snapshot_save(self, layout: dict[str, Any], resume: bool = True) -> tuple[int, int]:
+    def snapshot_save(self, layout: SnapshotLayout, resume: bool = True) -> tuple[int, int]:
         """Full snapshot (nixlib's save calls) with a copy of the disk as it is then; Firecracker
         needs the VM paused: a running one is paused for it (and resumed after unless
         resume=False).  (vmstate bytes, guest memory bytes)."""

@@ -30,6 +30,7 @@ from typing import IO, Any
 from .. import backdoorkey, netem, paths
 from ..client import connect_unix
 from ..errors import MissingCapability, SetupError
+from ..plan import NodePlan, SnapshotLayout
 from .vmm import KILL_REAP_TIMEOUT, VmmProcess
 
 # systemd (PID 1) runs ctrl-alt-del.target on SIGINT and powers off on SIGRTMIN+4.
@@ -44,7 +45,7 @@ class NspawnBackend(VmmProcess):
     # The socket's connection ends with the agent (a reboot, a restart): the next one is new.
     reconnects = True
 
-    def __init__(self, machine_name: str, plan: dict[str, Any],
+    def __init__(self, machine_name: str, plan: NodePlan,
                  preexec: Callable[[], None] | None = None, keep_disk: bool = False) -> None:
         super().__init__(machine_name, plan, preexec, keep_disk)
         self.layer = Path(plan["files"]["layer"])
@@ -292,10 +293,10 @@ class NspawnBackend(VmmProcess):
     def screendump(self, path: Path, fmt: str = "ppm") -> None:
         raise self._lacks("screenshot", "a screenshot")
 
-    def snapshot_save(self, layout: dict[str, Any], resume: bool = True) -> tuple[int, int]:
+    def snapshot_save(self, layout: SnapshotLayout, resume: bool = True) -> tuple[int, int]:
         raise self._lacks("snapshot", "snapshot()")
 
-    def snapshot_restore(self, layout: dict[str, Any]) -> None:
+    def snapshot_restore(self, layout: SnapshotLayout) -> None:
         raise self._lacks("snapshot", "a restore")
 
     def set_link(self, netdev: str, up: bool) -> None:

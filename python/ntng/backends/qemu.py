@@ -15,6 +15,7 @@ from typing import Any
 from .. import vsock
 from ..client import connect_unix
 from ..errors import SetupError
+from ..plan import NodePlan, SnapshotLayout, vsock_port
 from ..qmp import EventFilter, QMPClient
 from . import qemu_migrate
 from .vmm import VmmProcess
@@ -28,7 +29,7 @@ MONITOR_COMMAND_TIMEOUT = 300.0
 class QemuBackend(VmmProcess):
     name = "qemu"
 
-    def __init__(self, machine_name: str, plan: dict[str, Any],
+    def __init__(self, machine_name: str, plan: NodePlan,
                  preexec: Callable[[], None] | None = None, keep_disk: bool = False) -> None:
         super().__init__(machine_name, plan, preexec, keep_disk)
         self.qmp: QMPClient | None = None
@@ -40,20 +41,21 @@ class QemuBackend(VmmProcess):
     def start(self) -> None:
         self._launch(self.plan["argv"])
 
-    def snapshot_restore(self, layout: dict[str, Any]) -> None:
+    def snapshot_restore(self, layout: SnapshotLayout) -> None:
         """Start from a snapshot instead of booting (the plan is a clone's: nixlib clone.plan)."""
         argv = self.plan.get("restoreArgv")
         if not argv:
             raise SetupError(f"{self.machine_name}: this plan is not a clone's (nixlib gives restoreArgv "
                              "only with `restore`)")
         self._launch(argv)
-        ram = self.plan.get("restoreRam") or {}
+        ram = self.plan.get("restoreRam")
         qemu_migrate.restore(self.qmp_client(), layout, self.machine_name,
-                             Path(ram["path"]) if ram.get("kind") == "file" else None)
+                             Path(ram["path"]) if ram and ram["kind"] == "file" else None)
 
-    def snapshot_save(self, layout: dict[str, Any], resume: bool = True) -> tuple[int, int]:
+    def snapshot_save(self, layout: SnapshotLayout, resume: bool = True) -> tuple[int, int]:
         """Freeze this VM into the layout's directory (qemu_migrate.save); the stream's size, RAM copied."""
-        memfd_ram = (self.plan.get("ram") or {}).get("kind") == "memfd"
+        ram = self.plan.get("ram")
+        memfd_ram = ram is not None and ram["kind"] == "memfd"
         return qemu_migrate.save(self.qmp_client(), layout, Path(self.plan["files"]["disk"]),
                                  self.machine_name, ram_pid=self.pid if memfd_ram else None,
                                  resume=resume)
@@ -93,9 +95,11 @@ class QemuBackend(VmmProcess):
     def connect_backdoor(self, timeout: float) -> socket.socket:
         backdoor = self.plan["backdoor"]
         if backdoor["transport"] == "vsock" and "cid" in backdoor:  # backdoor.vhost: AF_VSOCK
-            return vsock.connect_vsock(backdoor["cid"], backdoor["port"], timeout=timeout, alive=self.alive)
+            return vsock.connect_vsock(backdoor["cid"], vsock_port(backdoor, self.machine_name),
+                                       timeout=timeout, alive=self.alive)
         if backdoor["transport"] == "vsock":
-            return vsock.connect_hybrid(backdoor["uds"], backdoor["port"], timeout=timeout, alive=self.alive)
+            return vsock.connect_hybrid(backdoor["uds"], vsock_port(backdoor, self.machine_name),
+                                        timeout=timeout, alive=self.alive)
         return connect_unix(self.plan["sockets"]["backdoor"], timeout=timeout, alive=self.alive)
 
     def exited_for_reboot(self) -> bool:

@@ -23,6 +23,7 @@ from ..errors import SetupError
 from .vmm import copy_disk
 
 if TYPE_CHECKING:
+    from ..plan import SnapshotLayout
     from ..qmp import QMPClient
 
 MIGRATE_TIMEOUT = 300.0
@@ -88,14 +89,14 @@ def copy_sparse(source: Path, target: Path) -> int:
     return copied
 
 
-def save(qmp: QMPClient, layout: dict[str, Any], disk: Path, who: str, *, ram_pid: int | None = None,
+def save(qmp: QMPClient, layout: SnapshotLayout, disk: Path, who: str, *, ram_pid: int | None = None,
          resume: bool = True) -> tuple[int, int]:
     """Freeze the running VM behind `qmp` into nixlib's snapshot `layout` (its files: memory
     stream, RAM file where the RAM is a memfd of QEMU process `ram_pid`, read-only copy of
     `disk`, a note naming machine `who`; its migrate URI).  The stream's size and the RAM bytes
     copied."""
     Path(layout["directory"]).mkdir(parents=True)
-    files = {k: Path(v) for k, v in layout["files"].items()}
+    files = {k: Path(str(v)) for k, v in layout["files"].items()}
     memory = files["memory"]
     ram_copied = 0
     qmp.command("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
@@ -120,7 +121,7 @@ def save(qmp: QMPClient, layout: dict[str, Any], disk: Path, who: str, *, ram_pi
     return memory.stat().st_size, ram_copied
 
 
-def restore(qmp: QMPClient, layout: dict[str, Any], who: str, ram_file: Path | None = None,
+def restore(qmp: QMPClient, layout: SnapshotLayout, who: str, ram_file: Path | None = None,
             timeout: float = MIGRATE_TIMEOUT) -> None:
     """Load the memory stream of nixlib's snapshot `layout` into a QEMU started with
     `-incoming defer` (behind `qmp`), run it.  `ram_file`: the snapshot's RAM file the clone

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import SetupError
+from ..plan import SnapshotFile, SnapshotLayout
 
 if TYPE_CHECKING:
     from .vmm import VmmProcess
 
 
-def save_disk(backend: VmmProcess, layout: dict[str, Any]) -> None:
+def save_disk(backend: VmmProcess, layout: SnapshotLayout) -> None:
     """After the VMM wrote its files (the VM still paused): the disk and the note."""
     disk = Path(backend.plan["files"]["disk"])
     backend.copy_disk(layout["copyDisk"]["save"])
@@ -27,7 +28,7 @@ def save_disk(backend: VmmProcess, layout: dict[str, Any]) -> None:
     Path(layout["files"]["note"]).write_text(json.dumps(note, indent=2) + "\n")
 
 
-def restore_disk(backend: VmmProcess, layout: dict[str, Any]) -> None:
+def restore_disk(backend: VmmProcess, layout: SnapshotLayout) -> None:
     """Before the VMM loads the snapshot: check it is this machine's, put its disk in place."""
     directory, note_path = layout["directory"], Path(layout["files"]["note"])
     try:
@@ -43,9 +44,13 @@ def restore_disk(backend: VmmProcess, layout: dict[str, Any]) -> None:
             f"{backend.machine_name}: the snapshot in {directory} is of machine {note.get('machine')!r}, "
             f"whose disk was {note.get('disk')}; {backend.name} restores drives at the paths they "
             f"had, so load it into a machine with that disk path (this one's is {disk})")
-    backend.copy_disk(layout["copyDisk"]["restore"])
+    copy = layout["copyDisk"]["restore"]
+    if copy is None:
+        raise SetupError(f"{backend.machine_name}: {directory}: nixlib's layout puts no disk back (a QEMU snapshot?)")
+    backend.copy_disk(copy)
 
 
-def saved_bytes(layout: dict[str, Any], *keys: str) -> int:
+def saved_bytes(layout: SnapshotLayout, *keys: SnapshotFile) -> int:
     """The size of the layout's files `keys` (what snapshot_save reports)."""
-    return sum(Path(layout["files"][k]).stat().st_size for k in keys if Path(layout["files"][k]).exists())
+    paths = [Path(layout["files"][k]) for k in keys]
+    return sum(p.stat().st_size for p in paths if p.exists())

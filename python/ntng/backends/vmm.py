@@ -17,6 +17,7 @@ from typing import Any
 
 from .. import backdoorkey, paths, pdeathsig
 from ..errors import MissingCapability, SetupError
+from ..plan import NodePlan
 from ..unixhttp import UnixHttpClient
 from .console import ConsoleLines
 
@@ -30,7 +31,7 @@ KILL_REAP_TIMEOUT = 5.0
 class VmmProcess(ConsoleLines):
     name = "vmm"  # the backend's name, as in plan["backend"]
 
-    def __init__(self, machine_name: str, plan: dict[str, Any],
+    def __init__(self, machine_name: str, plan: NodePlan,
                  preexec: Callable[[], None] | None = None, keep_disk: bool = False) -> None:
         self.machine_name = machine_name
         self.plan = plan
@@ -222,7 +223,7 @@ class ApiVmm(VmmProcess):
 
     ROUTES: tuple[str, ...] = ()
 
-    def __init__(self, machine_name: str, plan: dict[str, Any],
+    def __init__(self, machine_name: str, plan: NodePlan,
                  preexec: Callable[[], None] | None = None, keep_disk: bool = False,
                  route: str | None = None) -> None:
         super().__init__(machine_name, plan, preexec, keep_disk)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable
-from typing import Any
+
+from ..plan import NodePlan
 
 # QEMU itself per VM beyond the guest's memory: mostly TCG's translation cache; measured here
 # up to 927 MiB RSS for a 512 MiB guest under TCG (less under KVM, but the budget is a ceiling).
@@ -23,7 +24,7 @@ class Budget:
     memory_mib: int
 
 
-def test_memory_mib(plans: Iterable[dict[str, Any]]) -> int:
+def test_memory_mib(plans: Iterable[NodePlan]) -> int:
     """What one test needs while it runs: its VMs' memory and overhead, and its runner."""
     return RUNNER_MIB + sum(int(p.get("memory", 1024)) + VM_OVERHEAD_MIB for p in plans)
 
