@@ -175,3 +175,25 @@ def test_a_runner_that_is_not_root_is_told_before_anything_is_made(
     with pytest.raises(SetupError, match="need root"):
         b.start()
     assert not (tmp_path / "c").exists()
+
+
+# --- log lines name the container backend --------------------------------------------------------
+
+def test_log_lines_name_a_container_as_one(tmp_path: Path) -> None:
+    b = backends.make("c", plan(stateDir=str(tmp_path / "c")))
+    assert b.title == "systemd-nspawn"  # "systemd-nspawn running (pid …)", "… exited"
+    assert backends.noun(b.name) == "container" and backends.noun("qemu") == "vm"
+
+
+def test_a_kept_container_layer_is_reported_as_reused(tmp_path: Path) -> None:
+    from ntng.runner import kept_machines_found
+
+    assert not kept_machines_found(tmp_path)
+    (tmp_path / "c" / "layer" / "upper").mkdir(parents=True)
+    assert not kept_machines_found(tmp_path)  # an empty layer keeps nothing
+    (tmp_path / "c" / "layer" / "upper" / "etc").mkdir()
+    assert kept_machines_found(tmp_path)
+    vms = tmp_path / "vms"
+    (vms / "vm").mkdir(parents=True)
+    (vms / "vm" / "disk.qcow2").write_bytes(b"")
+    assert kept_machines_found(vms)

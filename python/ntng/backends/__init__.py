@@ -13,6 +13,12 @@ from ..errors import SetupError
 from .console import ConsoleCallback
 
 KNOWN = ("qemu", "firecracker", "cloud-hypervisor", "nspawn")
+NOUNS = {"nspawn": "container"}  # what a machine of this backend is called in log lines
+
+
+def noun(backend: str) -> str:
+    """"vm", or "container" for nspawn: "starting container"."""
+    return NOUNS.get(backend, "vm")
 
 
 class Backend(Protocol):
