@@ -197,3 +197,34 @@ def test_a_kept_container_layer_is_reported_as_reused(tmp_path: Path) -> None:
     (vms / "vm").mkdir(parents=True)
     (vms / "vm" / "disk.qcow2").write_bytes(b"")
     assert kept_machines_found(vms)
+
+
+# --- image pruning spares a running container's tree ---------------------------------------------
+
+def test_pruning_images_keeps_one_whose_tree_a_running_container_boots(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from ntng import image
+
+    monkeypatch.setenv("NTNG_CACHE", str(tmp_path))
+    dirs = [tmp_path / f"image-{i}" for i in range(image.KEEP_IMAGES + 3)]
+    for age, d in enumerate(dirs):  # dirs[0] the oldest
+        (d / "tree").mkdir(parents=True)
+        os.utime(d, (1_000_000 + age, 1_000_000 + age))
+    busy, idle = dirs[0], dirs[1]
+    # A stand-in for systemd-nspawn: its argv names the busy image's tree as overlay lower layer.
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                             f"--overlay={busy / 'tree'}:{tmp_path / 'upper'}:/"])
+    try:
+        deadline = time.monotonic() + 10
+        while busy / "tree" not in image.trees_in_use() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        image.prune_images(keep=dirs[-1])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert busy.exists(), "the tree of a running container was removed"
+    assert not idle.exists()  # the other old ones go as before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [busy.name] + [d.name for d in dirs[-image.KEEP_IMAGES:]])
