@@ -228,3 +228,27 @@ def test_pruning_images_keeps_one_whose_tree_a_running_container_boots(
     assert not idle.exists()  # the other old ones go as before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [busy.name] + [d.name for d in dirs[-image.KEEP_IMAGES:]])
+
+
+# --- a NixOS system as a container (mkTest; nothing NixOS boots here: the plan is checked) ------
+
+def test_a_nixos_init_boots_from_a_root_folder_with_the_store_read_only(tmp_path: Path) -> None:
+    init = "/nix/store/00000000000000000000000000000000-nixos-system-c/init"
+    p = plan(stateDir=str(tmp_path / "c"), init=init, kernel=init, image=str(Path(init).parent),
+             kernelParams=["ntng.backdoor=unix:/run/ntng-host"])
+    argv = p["argv"]
+    root = p["files"]["disk"]
+    assert root == str(tmp_path / "c/layer/root") and p["tree"] is None and p["init"] == init
+    assert f"--directory={root}" in argv and "--bind-ro=/nix/store" in argv
+    assert "--boot" not in argv and not any(a.startswith("--overlay") for a in argv)
+    # The init is nspawn's command, PID 1; its arguments follow it (systemd reads them).
+    assert argv[argv.index(init) + 1:][-1] == "ntng.backdoor=unix:/run/ntng-host"
+    assert argv.index(init) > argv.index("--private-network")  # options first, then the command
+    # The runner makes the skeleton nspawn and stage 2 need in the fresh root.
+    b = backends.make("c", p)
+    b._make_root_skeleton()  # type: ignore[attr-defined]
+    assert (tmp_path / "c/layer/root/usr/bin").is_dir() and (tmp_path / "c/layer/root/etc/os-release").exists()
+    assert os.stat(tmp_path / "c/layer/root").st_mode & 0o777 == 0o755
+    assert os.stat(tmp_path / "c/layer/root/root").st_mode & 0o777 == 0o700
+    with pytest.raises(SetupError, match="no NixOS init at"):
+        b._check_root()  # type: ignore[attr-defined]
