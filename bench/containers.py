@@ -4,9 +4,13 @@
   boot      start → first command returned, for a container node and a QEMU node started
             together (both boot at once, as in a test's start_all), then each alone
   rtt       succeed("true") round trips on each
-  rss       an idle container's processes (VmRSS summed) vs the QEMU process
+  rss       an idle container's processes (VmRSS summed), and with unshare and systemd-nspawn
+            (what the suite runner budgets, suite/budget.py CONTAINER_MIB), vs the QEMU process
+  suite     (--suite) `ntng test examples/suite` with its nodes as containers, then as VMs:
+            wall time and the suite's summary line each.  kernel.py stays a VM in both (it
+            checks the VM's vCPU count; a container sees the host's cores).
 
-Usage: .venv/bin/python bench/containers.py [--rounds 50] [--accel auto|kvm|tcg]
+Usage: .venv/bin/python bench/containers.py [--rounds 50] [--accel auto|kvm|tcg] [--suite]
 Prints a markdown table.  Not a test: numbers vary with the machine and the accelerator.
 """
 
@@ -14,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +32,7 @@ from ntng import runner  # noqa: E402
 from ntng.driver import Driver  # noqa: E402
 from ntng.machine import Machine  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 HEADER = ('#: nodes.box = { backend = "nspawn"; };\n'
           '#: nodes.vm = { memory = 512; };\n')
 
@@ -54,6 +61,24 @@ def same_pidns(pid: int) -> list[int]:
     return found
 
 
+def suite_run(tmp: Path, containers: bool, accel: str) -> tuple[float, str]:
+    """examples/suite copied, its nodes made containers (all but kernel.py) or left VMs; run
+    by `ntng test` with its default parallelism.  Wall time and the summary line."""
+    kind = "containers" if containers else "vms"
+    suite = tmp / f"suite-{kind}"
+    shutil.copytree(ROOT / "examples/suite", suite)
+    if containers:
+        for test in suite.glob("*.py"):
+            if test.name != "kernel.py":
+                test.write_text(test.read_text().replace("#: nodes.machine = {", '#: nodes.machine = { backend = "nspawn";'))
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "ntng.cli", "test", str(suite), "--accel", accel,
+                        "-o", str(tmp / f"out-{kind}")], capture_output=True, text=True, timeout=3600)
+    took = time.monotonic() - t0
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    return took, f"exit {r.returncode}: {lines[-1] if lines else ''}"
+
+
 def first_command(m: Machine, t0: float) -> float:
     m.succeed("true")
     return time.monotonic() - t0
@@ -72,6 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
+    ap.add_argument("--suite", action="store_true", help="also run examples/suite as containers and as VMs")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="ntng-bench-containers-") as d:
         tmp = Path(d)
@@ -106,8 +132,18 @@ def main() -> None:
             assert init is not None and vm.backend.pid is not None
             rows.append(("idle RSS (MiB; container: its processes, VM: QEMU)",
                          f"{rss_kib(same_pidns(init)) / 1024:.0f}", f"{rss_kib([vm.backend.pid]) / 1024:.0f}"))
+            assert box.backend.proc is not None
+            unshare = box.backend.proc.pid
+            nspawn = [int(c) for c in Path(f"/proc/{unshare}/task/{unshare}/children").read_text().split()]
+            outer = [unshare, *nspawn, *same_pidns(init)]
+            rows.append(("idle RSS with unshare and systemd-nspawn (MiB)", f"{rss_kib(outer) / 1024:.0f}", "–"))
         finally:
             driver.release()
+        if args.suite:
+            for containers in (True, False):
+                took, summary = suite_run(tmp, containers, choice.accel)
+                print(f"examples/suite as {'containers' if containers else 'VMs'}: {took:.1f}s wall; {summary}",
+                      flush=True)
     print(f"| accelerator for the VM: {choice.accel} | container (nspawn) | VM (QEMU) |")
     print("|---|---|---|")
     for what, c, v in rows:

@@ -42,6 +42,7 @@ let
   allShares = lib.mapAttrs (_: lib.filterAttrs (_: v: v != null)) cfg.sharedDirectories // lib.optionalAttrs cfg.mountHostNixStore {
     nix-store = { source = builtins.storeDir; target = "/nix/.ro-store"; securityModel = "none"; type = builtinType; readOnly = true; };
   };
+  container = config.ntng.vm.backend == "nspawn";
   uses = type: lib.any (s: s.type == type) (lib.attrValues allShares) || (type == builtinType && config.ntng.vm.shareArtifacts);
 in
 {
@@ -75,9 +76,9 @@ in
 
   options.ntng.vm = {
     backend = mkOption {
-      type = types.nullOr (types.enum [ "qemu" "firecracker" "cloud-hypervisor" ]);
+      type = types.nullOr (types.enum [ "qemu" "firecracker" "cloud-hypervisor" "nspawn" ]);
       default = null;
-      description = "VMM for this node; null: the test's `backend`.";
+      description = "VMM for this node, or \"nspawn\": a systemd-nspawn container (the host's kernel, /nix/store bind-mounted read-only); null: the test's `backend`.";
     };
     machineType = mkOption {
       type = types.nullOr types.str;
@@ -101,14 +102,18 @@ in
   };
 
   config = {
+    # A container (nspawn) boots no kernel: NixOS' own switch for that (no initrd, no kernel,
+    # no file systems to mount: nspawn gives it its root folder and bind-mounts the shares).
+    boot.isContainer = lib.mkIf container true;
+
     # The whole system lives in the ext4 image on the first virtio disk (every backend has one).
-    fileSystems = { "/" = { device = "/dev/vda"; fsType = "ext4"; }; }
+    fileSystems = lib.mkIf (!container) ({ "/" = { device = "/dev/vda"; fsType = "ext4"; }; }
       // lib.mapAttrs' (tag: s: lib.nameValuePair s.target (mountOf tag s)) allShares
       // lib.optionalAttrs config.ntng.vm.shareArtifacts {
         "/tmp/shared" = mountOf "shared" { type = builtinType; readOnly = false; };
-      };
-    boot.initrd.availableKernelModules = [ "virtio_pci" "virtio_mmio" "virtio_blk" "ext4" ]
-      ++ lib.optionals (uses "9p") [ "9p" "9pnet_virtio" ] ++ lib.optional (uses "virtiofs") "virtiofs";
+      });
+    boot.initrd.availableKernelModules = lib.mkIf (!container) ([ "virtio_pci" "virtio_mmio" "virtio_blk" "ext4" ]
+      ++ lib.optionals (uses "9p") [ "9p" "9pnet_virtio" ] ++ lib.optional (uses "virtiofs") "virtiofs");
     # virtio-mmio devices (Firecracker, microvm) have no modalias for udev to load the driver
     # by, so stage 1 loads it outright; without it the root disk never appears.
     boot.initrd.kernelModules = lib.optional

@@ -38,6 +38,7 @@ let
     virtio-serial = { transport = "virtconsole"; port = "org.ntng.backdoor"; };
     virtconsole = { transport = "virtconsole"; port = "/dev/hvc0"; };
     vsock = { transport = "vsock"; port = 1234; };
+    unix = { transport = "unix"; port = "/run/ntng-host"; }; # nixlib/nspawn.nix's guestFolder
   };
 
   # The plan needs every node's vlans and every node needs its part of the plan: both come
@@ -80,7 +81,24 @@ let
       backdoor.transport = transportOf c;
     };
 
-  records = lib.mapAttrs nodeRecord systems;
+  # A container (ntng.vm.backend = "nspawn"): no kernel, initrd or disk image.  nspawn runs the
+  # system's init as PID 1 in a root folder of its own with the host's /nix/store read-only, as
+  # NixOS' containers do (nixlib/nspawn.nix); `kernel` and `image` name the same system for
+  # node.nix, which wants them.  Only boot.kernelParams reach init (as systemd's arguments): a
+  # word there that needs a kernel is refused by the plan, naming it.
+  containerRecord = s:
+    let c = s.config; init = "${c.system.build.toplevel}/init"; in
+    c.ntng.vm.nodeOptions // {
+      inherit init;
+      kernel = init;
+      image = "${c.system.build.toplevel}";
+      imageFormat = "raw";
+      kernelParams = c.boot.kernelParams;
+      backdoor.transport = transportOf c;
+    };
+
+  records = lib.mapAttrs (nodeName: s:
+    if s.config.ntng.vm.backend == "nspawn" then containerRecord s else nodeRecord nodeName s) systems;
   backends = lib.unique (lib.mapAttrsToList (_: s: s.config.ntng.vm.backend) systems);
   uses = b: builtins.elem b backends;
 
@@ -94,6 +112,9 @@ let
     firecrackerBinary = lib.getExe pkgs.firecracker;
   } // lib.optionalAttrs (uses "cloud-hypervisor") {
     cloudHypervisorBinary = lib.getExe pkgs.cloud-hypervisor;
+  } // lib.optionalAttrs (uses "nspawn") {
+    nspawnBinary = "${pkgs.systemd}/bin/systemd-nspawn";
+    unshareBinary = "${pkgs.util-linux}/bin/unshare";
   };
 
   specFor = accel: import ./test.nix {
@@ -101,7 +122,8 @@ let
     defaults = binaries // { inherit accel; stateRoot = "@stateRoot@"; };
   };
   # TCG is for QEMU only (interactive use on machines without KVM); the Nix build needs KVM.
-  spec = { kvm = specFor "kvm"; } // lib.optionalAttrs (lib.all (b: b == "qemu") backends) { tcg = specFor "tcg"; };
+  # A container has no accelerator: it runs beside TCG QEMU nodes as well.
+  spec = { kvm = specFor "kvm"; } // lib.optionalAttrs (lib.all (b: b == "qemu" || b == "nspawn") backends) { tcg = specFor "tcg"; };
   specFiles = lib.mapAttrs (accel: s: pkgs.writeText "ntng-spec-${name}-${accel}.json" (builtins.toJSON s)) spec;
 
   script = if lib.isFunction testScript

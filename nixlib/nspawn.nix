@@ -8,6 +8,11 @@
 # whose upper layer (`files.disk`, the "disk") is the node's own: the cache is never written,
 # and the upper layer survives crash()/start() and reboots, and with -K the run.
 #
+# A NixOS system (mkTest, `init` given: its toplevel's init) boots instead from an empty root
+# folder of its own (`files.disk`), with the host's /nix/store bind-mounted read-only and the
+# init run as the container's PID 1, as NixOS' own containers do (nixos-containers.nix):
+# stage 2 activates the system there and hands init's arguments to systemd.
+#
 # The backdoor is a unix socket the agent makes in `backdoor.folder`, a private (0700) folder
 # of the state directory bind-mounted at `backdoor.guestFolder`; the run's key is a root-only
 # file there.  The agent learns the folder from init's arguments (`ntng.backdoor=unix:<dir>`):
@@ -26,6 +31,7 @@ let
   paths = n: rec {
     layer = "${n.stateDir}/layer"; # nspawn makes the overlay's work folder here, beside upper
     disk = "${layer}/upper";
+    root = "${layer}/root"; # a NixOS container's root folder (its "disk")
     folder = "${n.stateDir}/backdoor";
     backdoor = "${folder}/backdoor.sock";
     keyFile = "${folder}/backdoor-key";
@@ -40,7 +46,7 @@ let
   # A node description meant for another backend is an error, not something to convert.
   forBackend = spec:
     if !(spec ? backend) || spec.backend == backend
-    then { imageFormat = "raw"; } // removeAttrs spec [ "tree" ] // { inherit backend; }
+    then { imageFormat = "raw"; } // removeAttrs spec [ "tree" "init" ] // { inherit backend; }
     else throw "node '${spec.name or "?"}': backend ${toJSON spec.backend} is not ${backend} (nspawn.launch builds container plans only; use ${spec.backend}.launch)";
 
   # Words of the kernel command line that mean something to a container's init: systemd's
@@ -79,7 +85,15 @@ let
     let
       n = node.normalise (forBackend spec);
       p = paths n;
-      tree = spec.tree or "${dirOf n.image}/tree";
+      init = spec.init or null; # a NixOS system's toplevel/init (mkTest)
+      nixos = init != null;
+      tree = if nixos then null else spec.tree or "${dirOf n.image}/tree";
+      disk = if nixos then p.root else p.disk;
+      # Debian: the image's tree as an overlay's lower layer, booted by nspawn (--boot looks
+      # for its init).  NixOS: the root folder as it is, the store read-only from the host,
+      # the system's init given as the command (PID 1; no --boot: the root has no init).
+      root = if nixos then [ "--directory=${p.root}" "--bind-ro=/nix/store" ]
+        else [ "--boot" "--directory=${tree}" "--overlay=${tree}:${p.disk}:/" ];
       # node.nix puts ntng.backdoor=unix:${guestFolder} in kernelParams (backdoorParam).  No
       # ntng.share=: the shares are bind mounts already, nothing for ntng-shares to mount.
       initArgs = filter (p: forInit p && match "ntng\\.share=.*" p == null) n.kernelParams;
@@ -101,16 +115,24 @@ let
       ];
       folders = [ p.layer p.folder ]; # made by the runner, 0700, before nspawn starts
       argv = [ n.unshareBinary "--pid" "--fork" "--kill-child" "--mount-proc"
-        n.nspawnBinary "--quiet" "--register=no" "--keep-unit" "--boot"
+        n.nspawnBinary "--quiet" "--register=no" "--keep-unit"
         "--machine=${machineName n.name}"
-        "--directory=${tree}"
-        "--overlay=${tree}:${p.disk}:/"
+      ] ++ root ++ [
         "--bind=${p.folder}:${guestFolder}"
         "--console=read-only" # the container's /dev/console is a pty nspawn copies to stdout
         "--private-network" # its own network namespace: only lo, unless the test gives it NICs
-      ] ++ map bindArg n.sharedDirs ++ n.extraArgs ++ initArgs;
+      ] ++ map bindArg n.sharedDirs ++ n.extraArgs ++ (if nixos then [ init ] else [ ]) ++ initArgs;
+      inherit init;
+      # What the runner makes in a fresh NixOS root before nspawn starts (nixos-containers.nix
+      # does the same): nspawn refuses a folder without /usr as a root; the rest is for stage 2.
+      # Folders 0755 (root's home 0700), files empty.  Nothing for a Debian tree.
+      rootSkeleton = if nixos then {
+        folders = [ "usr/bin" "etc" "var/lib" ];
+        private = [ "root" "var/lib/private" ];
+        files = [ "etc/os-release" "etc/machine-id" ];
+      } else null;
       sockets = { inherit (p) backdoor; };
-      files = { inherit (p) consoleLog disk layer stderr; };
+      files = { inherit (p) consoleLog layer stderr; inherit disk; };
       backdoor = {
         transport = "unix";
         inherit (p) folder keyFile;

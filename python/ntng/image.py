@@ -119,6 +119,40 @@ def default_image_dir() -> Path:
     return paths.cache_dir() / f"image-{image_key()[1]}"
 
 
+def prune_images(keep: Path) -> None:
+    """Images are ~2 GB each: keep the few newest (switching between branches or checkouts with
+    different agents should not rebuild every time) and `keep`, drop the rest, but never one
+    whose tree a running container boots."""
+    images = [p for p in paths.cache_dir().glob("image-*") if p.is_dir() and not p.name.endswith(".tmp")]
+    images.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    busy = trees_in_use()
+    for old in images[KEEP_IMAGES:]:
+        if old != keep and (old / "tree") not in busy:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def trees_in_use() -> set[Path]:
+    """The trees running containers boot: the --directory= and --overlay= lower layers in the
+    argv of every process (systemd-nspawn's, nixlib/nspawn.nix).  A VM holds its base image
+    open, so removing that file does not disturb it; an overlay's lower folder removed under a
+    live container would take its files away.  Read from /proc rather than a lock or pid file
+    the runner writes: a container outliving a killed runner still counts, and nothing can go
+    stale.  (mtime alone would not do: find_image touches an image when a run starts, and a
+    -K or interactive run may last longer than a few image builds.)"""
+    found: set[Path] = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        for arg in args:
+            for flag in (b"--directory=", b"--overlay="):
+                if arg.startswith(flag):
+                    first = arg[len(flag):].split(b":")[0]
+                    found.add(Path(os.fsdecode(first)))
+    return found
+
+
 def find_image(explicit: str | None = None) -> GuestImage:
     directory = Path(explicit) if explicit else default_image_dir()
     if not directory.exists():
@@ -291,12 +325,6 @@ def build(force: bool = False) -> GuestImage:
     (tmp / "root.ext4").chmod(0o444)
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
-    # They are ~1 GB each: keep the few newest (switching between branches or checkouts with
-    # different agents should not rebuild every time), drop the rest.
-    images = [p for p in paths.cache_dir().glob("image-*") if p.is_dir() and not p.name.endswith(".tmp")]
-    images.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in images[KEEP_IMAGES:]:
-        if old != out:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_images(keep=out)
     print(f"ntng: guest image ready: {out}", file=sys.stderr)
     return GuestImage.load(out)

@@ -139,6 +139,12 @@ class Files(TypedDict):
 Sockets = dict[str, str]
 
 
+class RootSkeleton(TypedDict):
+    folders: list[str]  # 0755
+    private: list[str]  # 0700
+    files: list[str]  # empty
+
+
 class CheckBinary(TypedDict):
     path: str
     missing: str  # what to install
@@ -227,7 +233,9 @@ class NodePlan(TypedDict):
     apiRoute: NotRequired[ApiRoute]  # Firecracker
     cliArgv: NotRequired[list[str]]  # Cloud Hypervisor's route without the API
     clone: NotRequired[CloneInfo]  # the runner's, on clones
-    tree: NotRequired[str]  # nspawn: the image's root tree, the overlay's read-only lower layer
+    tree: NotRequired[str | None]  # nspawn: the image's root tree, the overlay's lower layer (None: NixOS)
+    init: NotRequired[str | None]  # nspawn, NixOS (mkTest): the system's toplevel/init, run as PID 1
+    rootSkeleton: NotRequired[RootSkeleton | None]  # nspawn, NixOS: made in the fresh root folder
     machine: NotRequired[str]  # nspawn --machine
     checkBinaries: NotRequired[list[CheckBinary]]  # nspawn: looked for before anything is made
     folders: NotRequired[list[str]]  # nspawn: made 0700 by the runner before the start

@@ -100,6 +100,14 @@ def kept_state_dir(script: Path) -> Path:
     return paths.private_dir(paths.cache_dir() / "state" / f"{script.stem}-{key}")
 
 
+def kept_machines_found(state_root: Path) -> bool:
+    """Whether a -K folder holds a machine's disk: a VM's qcow2 overlay, or a container's
+    upper layer with something in it (nixlib's nspawn plan: <node>/layer/upper)."""
+    if any(state_root.glob("*/disk.qcow2")):
+        return True
+    return any(any(upper.iterdir()) for upper in state_root.glob("*/layer/upper") if upper.is_dir())
+
+
 def fresh_state_dir() -> Path:
     """A run's own state folder (0700: it holds the VMs' sockets and the backdoor keys)."""
     return Path(tempfile.mkdtemp(prefix="ntng-run-"))
@@ -137,7 +145,7 @@ def run(opts: RunOptions) -> int:
                 return EXIT_SETUP
             except (ProcessLookupError, ValueError):
                 pass
-        reused = any(state_root.glob("*/disk.qcow2"))
+        reused = kept_machines_found(state_root)
         log(f"ntng: machine state in {state_root}" + (" (reused from the last -K run)" if reused else ""))
     else:
         state_root = fresh_state_dir()

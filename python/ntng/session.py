@@ -72,7 +72,7 @@ class Session:
         with self._start_lock:
             if self.booted:
                 return
-            self.log("starting vm")
+            self.log(f"starting {backends.noun(self.backend.name)}")
             # A clone's first start restores its snapshot; later ones boot its own disk.
             restore_from = None if self._disk_made else self.restore_from
             # The disk survives crash()/shutdown() and start() within a run, as a real one

@@ -315,7 +315,7 @@ MIXED = ('#: nodes.vm = { vlans = [ 1 ]; memory = 512; };\n'
          '#: nodes.box = { backend = "nspawn"; vlans = [ 1 ]; };\n')
 
 
-def test_a_vm_and_a_container_on_one_vlan_reach_each_other_by_name(
+def test_a_vm_and_a_container_on_one_vlan_ping_ssh_and_copy(
         tmp_path: Path, guest_image: GuestImage) -> None:
     d = make_driver(tmp_path, MIXED)
     box, vm = (by_name(d)[n] for n in ("box", "vm"))
@@ -341,6 +341,21 @@ def test_a_vm_and_a_container_on_one_vlan_reach_each_other_by_name(
         box.succeed("nc -N vm 6000 < /root/blob")
         vm.wait_until_succeeds(f"test $(stat -c %s /root/blob) = {len(data.read_bytes())}", timeout=30)
         assert vm.succeed("sha256sum /root/blob").split()[0] == box.succeed("sha256sum /root/blob").split()[0]
+        # ssh with keys, the container logging in to the VM with a fresh key pair, the VM's
+        # host key checked; then a checksummed copy back over ssh.
+        vm.wait_for_unit("ssh.service")
+        box.succeed("ssh-keygen -q -t ed25519 -N '' -f /root/.ssh/id_ed25519")
+        pub = box.succeed("cat /root/.ssh/id_ed25519.pub").strip()
+        vm.succeed(f"install -d -m 700 /root/.ssh && echo '{pub}' >> /root/.ssh/authorized_keys")
+        host_key = " ".join(vm.succeed("cat /etc/ssh/ssh_host_ed25519_key.pub").split()[:2])
+        box.succeed(f"echo 'vm {host_key}' >> /root/.ssh/known_hosts")
+        ssh = "ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o ConnectTimeout=20"
+        assert box.succeed(f"{ssh} vm hostname").strip() == "vm"
+        vm.succeed("head -c 300000 /dev/urandom > /root/back")
+        box.succeed("scp -o BatchMode=yes -o StrictHostKeyChecking=yes vm:/root/back /root/back")
+        assert box.succeed("sha256sum < /root/back") == vm.succeed("sha256sum < /root/back")
+        out = box.fail(f"{ssh} -i /dev/null -o IdentitiesOnly=yes vm true 2>&1")
+        assert "Permission denied (publickey" in out, out
     finally:
         d.release()
 

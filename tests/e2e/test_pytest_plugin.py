@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 MODULE = '''\
-#: nodes.web = { memory = 768; };
+#: nodes.web = { backend = "nspawn"; };
 import pytest
 from ntng.machine import RequestedAssertionFailed
 
@@ -42,5 +42,6 @@ def test_plugin_runs_vm_tests_as_pytest_tests(tmp_path: Path, guest_image: objec
     assert "1 failed, 2 passed" in out, out[-3000:]
     assert "command `echo oops >&2; exit 7` failed (exit code 7)" in out
     assert (tmp_path / "ntng-out" / "test_vm" / "latest" / "events.jsonl").exists()
-    left = subprocess.run(["pgrep", "-f", "qemu-system.*process=ntng-web"], capture_output=True, text=True)
-    assert left.stdout == "", "the module's VM outlived the test run"
+    # The node is a container (issue 17: the plugin needs no VM): none may outlive the run.
+    left = subprocess.run(["pgrep", "-f", "systemd-nspawn.*--machine=web "], capture_output=True, text=True)
+    assert left.stdout == "", "the module's container outlived the test run"

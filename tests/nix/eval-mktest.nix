@@ -38,6 +38,7 @@ let
     vtGettys = lib.filterAttrs (n: _: lib.hasPrefix "getty@" n || lib.hasPrefix "autovt@" n) c.systemd.services;
     inherit (c.services.getty) autologinUser;
     kernelParams = c.boot.kernelParams;
+    isContainer = c.boot.isContainer;
     kernelModules = c.boot.kernelModules;
     initrdKernelModules = c.boot.initrd.kernelModules;
     initrdAvailableKernelModules = c.boot.initrd.availableKernelModules;
@@ -69,7 +70,7 @@ let
       specFiles = lib.mapAttrs (accel: s: pkgs.storePath "ntng-spec-${t.name}-${accel}.json" (builtins.toJSON s)) run.spec;
       nodes = lib.mapAttrs (_: s: nodeInfo s.config) run.nodes;
       driverNodesAreTheNodes = builtins.attrNames run.driver.nodes == builtins.attrNames run.nodes;
-      packages = lib.mapAttrs (_: pathOf) { inherit ntng; inherit (pkgs) qemu_kvm firecracker cloud-hypervisor; }
+      packages = lib.mapAttrs (_: pathOf) { inherit ntng; inherit (pkgs) qemu_kvm firecracker cloud-hypervisor systemd util-linux; }
         // { inherit (pkgs) runtimeShell; };
     };
 in

@@ -102,6 +102,14 @@ SCENARIOS: dict[str, Any] = {
         "name": "chShares", "backend": "cloud-hypervisor", "testScript": "start_all()",
         "nodes": {"a": {"virtualisation": {"mountHostNixStore": True}, "ntng": {"vm": {"shareArtifacts": True}}}},
     },
+    # NixOS containers (issue 17): one container node beside a QEMU VM on a vlan.
+    "container": {
+        "name": "ct", "testScript": "start_all()",
+        "nodes": {"box": {"virtualisation": {"vlans": [1], "sharedDirectories": {
+                              "data": {"source": "/srv/data", "target": "/mnt/data", "readOnly": True}}},
+                          "ntng": {"vm": {"backend": "nspawn"}}},
+                  "vm": {"virtualisation": {"vlans": [1]}}},
+    },
     "function": {
         "name": "fn", "testScript": {"function": "show"},
         "nodes": {"a": {"virtualisation": {"memorySize": 3000}}, "b": {}},
@@ -482,3 +490,45 @@ def test_cloud_hypervisor_shares_are_virtiofs() -> None:
     assert fs["/tmp/shared"]["fsType"] == "virtiofs"
     plan = r["spec"]["kvm"]["nodes"]["a"]
     assert [h["name"] for h in plan["helpers"]] == ["virtiofsd-nix-store", "virtiofsd-shared"]
+
+
+# --- NixOS containers (ntng.vm.backend = "nspawn"): evaluated, never booted here ---------------
+
+def test_a_nixos_container_runs_its_init_with_the_store_read_only() -> None:
+    r = result("container")
+    node, plan = r["nodes"]["box"], r["spec"]["kvm"]["nodes"]["box"]
+    init = f"{node['build']['toplevel']}/init"
+    assert plan["backend"] == "nspawn" and plan["init"] == init and plan["tree"] is None
+    argv = plan["argv"]
+    assert argv.index(init) > argv.index("--bind-ro=/srv/data:/mnt/data")  # the command, after the options
+    assert "--bind-ro=/nix/store" in argv and "--boot" not in argv
+    assert "--directory=@stateRoot@/box/layer/root" in argv and plan["files"]["disk"] == "@stateRoot@/box/layer/root"
+    assert "--bind-ro=/srv/data:/mnt/data" in argv  # shares are bind mounts
+    assert argv[:2] == [f"{r['packages']['util-linux']}/bin/unshare", "--pid"]
+    assert f"{r['packages']['systemd']}/bin/systemd-nspawn" in argv
+    # init's arguments (systemd's, in a container): the agent's folder and nothing for a kernel.
+    args = argv[argv.index(init) + 1:]
+    assert "ntng.backdoor=unix:/run/ntng-host" in args
+    assert all(a.startswith(("systemd.", "ntng.")) or a == "quiet" for a in args), args
+    assert plan["backdoor"]["transport"] == "unix" and plan["backdoor"]["guestFolder"] == "/run/ntng-host"
+    # The system is a container: nothing to mount, no initrd modules, no kernel parameters of
+    # its own; the rootfs image and the kernel are not in the spec (nothing to build for them).
+    assert node["isContainer"] is True and node["fileSystems"] == {}
+    assert node["kernelParams"] == [] and node["initrdAvailableKernelModules"] == []
+    spec_text = json.dumps(r["spec"])
+    assert node["rootfs"]["path"] not in spec_text and node["build"]["kernel"] not in spec_text
+    # The VM beside it is as before; a container runs beside TCG QEMU nodes too.
+    assert r["spec"]["kvm"]["nodes"]["vm"]["backend"] == "qemu" and set(r["spec"]) == {"kvm", "tcg"}
+    assert r["nodes"]["vm"]["isContainer"] is False
+
+
+def test_the_containers_agent_serves_the_folder_init_names() -> None:
+    node = result("container")["nodes"]["box"]
+    assert (node["backdoor"]["transport"], node["backdoor"]["port"]) == ("unix", "/run/ntng-host")
+    unit = node["backdoorUnit"]
+    assert unit["serviceConfig"]["ExecStart"].split()[1:] == ["--from-cmdline"]
+    assert unit["unitConfig"]["ConditionKernelCommandLine"] == "ntng.backdoor=unix:/run/ntng-host"
+    assert "ExecStartPre" not in unit["serviceConfig"]  # no modules to load in a container
+    assert node["kernelModules"] == [] and node["serialGettys"] == {}
+    vm = result("container")["nodes"]["vm"]["backdoorUnit"]
+    assert "ConditionKernelCommandLine" not in vm["unitConfig"]

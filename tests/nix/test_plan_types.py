@@ -40,6 +40,7 @@ NODES: dict[str, Any] = {
     "ch": {"backend": "cloud-hypervisor", "vlans": [2], "sharedDirs": {"fast": SHARES["fast"]}},
     "chvsock": {"backend": "cloud-hypervisor", "backdoor": {"transport": "vsock"}},
     "box": {"backend": "nspawn", "vlans": [1], "sharedDirs": {"nine": SHARES["nine"]}},
+    "nixbox": {"backend": "nspawn", "init": "/nix/store/00000000000000000000000000000000-system/init"},
 }
 
 

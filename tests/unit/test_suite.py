@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from ntng import nixeval
 from ntng.errors import UsageError
 from ntng.suite import budget, discover, output, shard
 from ntng.suite.state import Result, SuiteState
@@ -106,6 +107,18 @@ def test_memory_of_a_test() -> None:
     assert budget.test_memory_mib([]) == budget.RUNNER_MIB
     assert budget.test_memory_mib([{"memory": 512}, {"memory": 1024}]) == (
         budget.RUNNER_MIB + 512 + 1024 + 2 * budget.VM_OVERHEAD_MIB)
+
+
+def test_a_container_is_budgeted_by_its_measured_rss_not_its_memory() -> None:
+    # A real nspawn plan from nixlib: `memory` is not enforced for a container (no VM), so it
+    # does not count; the container's measured footprint does.
+    container = nixeval.call("nspawn.launch", {"name": "c", "kernel": "/k", "image": "/i/root.ext4",
+                                               "stateDir": "/s/c", "memory": 4096})
+    assert container["backend"] == "nspawn" and container["memory"] == 4096
+    assert budget.test_memory_mib([container]) == budget.RUNNER_MIB + budget.CONTAINER_MIB
+    assert budget.test_memory_mib([container, {"memory": 512}]) == (
+        budget.RUNNER_MIB + budget.CONTAINER_MIB + 512 + budget.VM_OVERHEAD_MIB)
+    assert budget.CONTAINER_MIB < 512  # what makes containers worth it here
 
 
 def test_available_memory_leaves_a_reserve() -> None:

@@ -14,6 +14,12 @@ from ..plan import NodePlan, SnapshotLayout
 from .console import ConsoleCallback
 
 KNOWN = ("qemu", "firecracker", "cloud-hypervisor", "nspawn")
+NOUNS = {"nspawn": "container"}  # what a machine of this backend is called in log lines
+
+
+def noun(backend: str) -> str:
+    """"vm", or "container" for nspawn: "starting container"."""
+    return NOUNS.get(backend, "vm")
 
 
 class Backend(Protocol):

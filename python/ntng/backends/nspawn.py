@@ -61,11 +61,9 @@ class NspawnBackend(VmmProcess):
                              "systemd-nspawn makes namespaces and mounts; run as root or use a VM node")
         for tool in self.plan["checkBinaries"]:
             self._check_binary(tool["path"], tool["missing"])
-        tree = Path(self.plan["tree"])
-        if not (tree / "sbin" / "init").exists() and not (tree / "usr" / "sbin" / "init").exists():
-            raise SetupError(f"{self.machine_name}: no root tree with an init at {tree}: rebuild the "
-                             "guest image (`ntng image build`), which keeps the tree for containers")
+        self._check_root()
         self._prepare_folders()
+        self._make_root_skeleton()
         self._make_share_folders()  # a bind mount's source must exist
         if self.plan["interfaces"]:
             if any(i.get("impairment") for i in self.plan["interfaces"]):
@@ -75,6 +73,34 @@ class NspawnBackend(VmmProcess):
         self._start_console()
         if self.plan["interfaces"]:
             self._in_test_netns(self._move_peers)
+
+    def _check_root(self) -> None:
+        """What the container boots exists: a NixOS system's init (mkTest), or the image's tree."""
+        init = self.plan.get("init")
+        if init:
+            if not Path(init).exists():
+                raise SetupError(f"{self.machine_name}: no NixOS init at {init}: "
+                                 "the system is not in this host's /nix/store (build the test's driver)")
+            return
+        tree = Path(self.plan.get("tree") or "")
+        if not (tree / "sbin" / "init").exists() and not (tree / "usr" / "sbin" / "init").exists():
+            raise SetupError(f"{self.machine_name}: no root tree with an init at {tree}: rebuild the "
+                             "guest image (`ntng image build`), which keeps the tree for containers")
+
+    def _make_root_skeleton(self) -> None:
+        """A NixOS container's root folder (nixlib's rootSkeleton; kept ones are left as
+        they are): readable by the container's users, its root's home private."""
+        skeleton = self.plan.get("rootSkeleton")
+        if not skeleton:
+            return
+        self.upper.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.upper.chmod(0o755)
+        for rel in skeleton["folders"]:
+            (self.upper / rel).mkdir(mode=0o755, parents=True, exist_ok=True)
+        for rel in skeleton["private"]:
+            (self.upper / rel).mkdir(mode=0o700, parents=True, exist_ok=True)
+        for rel in skeleton["files"]:
+            (self.upper / rel).touch(exist_ok=True)
 
     def _prepare_folders(self) -> None:
         """Private state and backdoor folders, the upper layer fresh unless kept (-K, or a

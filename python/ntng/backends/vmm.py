@@ -22,7 +22,8 @@ from ..unixhttp import UnixHttpClient
 from .console import ConsoleLines
 
 HELPER_START_TIMEOUT = 10.0
-TITLES = {"qemu": "QEMU", "firecracker": "Firecracker", "cloud-hypervisor": "Cloud Hypervisor"}
+TITLES = {"qemu": "QEMU", "firecracker": "Firecracker", "cloud-hypervisor": "Cloud Hypervisor",
+          "nspawn": "systemd-nspawn"}
 # After SIGKILL a process is gone at once unless it is stuck in the kernel (D state, e.g. on a
 # dead file system); release() does not wait for it longer than this.
 KILL_REAP_TIMEOUT = 5.0

@@ -1,6 +1,8 @@
 """How many tests run at once: at most `jobs` (default: the usable cores) and only while
 their VMs fit in the memory budget (default: what the host has available at the start, less a
-reserve).  A test's need is the sum of its nodes' `memory` plus QEMU's own overhead per VM.
+reserve).  A test's need is the sum of its VM nodes' `memory` plus QEMU's own overhead per VM,
+and a fixed measured footprint per container node (a container has no memory of its own to
+reserve: `memory` is not enforced for it, docs/containers.md).
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ from ..plan import NodePlan
 # QEMU itself per VM beyond the guest's memory: mostly TCG's translation cache; measured here
 # up to 927 MiB RSS for a 512 MiB guest under TCG (less under KVM, but the budget is a ceiling).
 VM_OVERHEAD_MIB = 450
+# A container node (backend nspawn): measured here 2026-12-03, the Debian image's tree booted to
+# multi-user.target and idle for 5 s: 69 MiB VmRSS summed over the container's 7 processes
+# (systemd, journald, the agent, sshd, ...; 42 MiB PSS) plus 9 MiB for unshare and
+# systemd-nspawn, 78 MiB in all.  Rounded up to leave ~50 MiB for what the test itself runs
+# there: unlike a VM's, a container's processes have no guest memory bounding them.
+CONTAINER_MIB = 128
 RUNNER_MIB = 60  # the `ntng run` Python process of each test
 RESERVE_FRACTION = 0.1  # left to the host and whatever else runs on it
 
@@ -25,8 +33,15 @@ class Budget:
 
 
 def test_memory_mib(plans: Iterable[NodePlan]) -> int:
-    """What one test needs while it runs: its VMs' memory and overhead, and its runner."""
-    return RUNNER_MIB + sum(int(p.get("memory", 1024)) + VM_OVERHEAD_MIB for p in plans)
+    """What one test needs while it runs: its VMs' memory and overhead, its containers'
+    measured footprint, and its runner."""
+    return RUNNER_MIB + sum(node_memory_mib(p) for p in plans)
+
+
+def node_memory_mib(plan: NodePlan) -> int:
+    if plan.get("backend") == "nspawn":
+        return CONTAINER_MIB
+    return int(plan.get("memory", 1024)) + VM_OVERHEAD_MIB
 
 
 def usable_cores() -> int:

@@ -63,5 +63,6 @@ in
       initialRamdisk = mkOption { type = types.package; };
       toplevel = mkOption { type = types.package; };
     };
+    boot.isContainer = opt types.bool false; # nixos/modules/virtualisation/nixos-containers.nix
   };
 }

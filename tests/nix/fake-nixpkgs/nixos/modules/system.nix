@@ -16,7 +16,7 @@ let
 in
 {
   config = {
-    boot.kernelParams = [ "loglevel=${toString config.boot.consoleLogLevel}" ];
+    boot.kernelParams = lib.mkIf (!config.boot.isContainer) [ "loglevel=${toString config.boot.consoleLogLevel}" ]; # kernel.nix: boot.kernel.enable
     system.boot.loader.kernelFile = lib.mkDefault pkgs.stdenv.hostPlatform.linux-kernel.target;
 
     system.build.kernel = hashed "linux-${version}-${hostName}" { inherit hostName version; } {

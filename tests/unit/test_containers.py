@@ -175,3 +175,80 @@ def test_a_runner_that_is_not_root_is_told_before_anything_is_made(
     with pytest.raises(SetupError, match="need root"):
         b.start()
     assert not (tmp_path / "c").exists()
+
+
+# --- log lines name the container backend --------------------------------------------------------
+
+def test_log_lines_name_a_container_as_one(tmp_path: Path) -> None:
+    b = backends.make("c", plan(stateDir=str(tmp_path / "c")))
+    assert b.title == "systemd-nspawn"  # "systemd-nspawn running (pid …)", "… exited"
+    assert backends.noun(b.name) == "container" and backends.noun("qemu") == "vm"
+
+
+def test_a_kept_container_layer_is_reported_as_reused(tmp_path: Path) -> None:
+    from ntng.runner import kept_machines_found
+
+    assert not kept_machines_found(tmp_path)
+    (tmp_path / "c" / "layer" / "upper").mkdir(parents=True)
+    assert not kept_machines_found(tmp_path)  # an empty layer keeps nothing
+    (tmp_path / "c" / "layer" / "upper" / "etc").mkdir()
+    assert kept_machines_found(tmp_path)
+    vms = tmp_path / "vms"
+    (vms / "vm").mkdir(parents=True)
+    (vms / "vm" / "disk.qcow2").write_bytes(b"")
+    assert kept_machines_found(vms)
+
+
+# --- image pruning spares a running container's tree ---------------------------------------------
+
+def test_pruning_images_keeps_one_whose_tree_a_running_container_boots(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from ntng import image
+
+    monkeypatch.setenv("NTNG_CACHE", str(tmp_path))
+    dirs = [tmp_path / f"image-{i}" for i in range(image.KEEP_IMAGES + 3)]
+    for age, d in enumerate(dirs):  # dirs[0] the oldest
+        (d / "tree").mkdir(parents=True)
+        os.utime(d, (1_000_000 + age, 1_000_000 + age))
+    busy, idle = dirs[0], dirs[1]
+    # A stand-in for systemd-nspawn: its argv names the busy image's tree as overlay lower layer.
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                             f"--overlay={busy / 'tree'}:{tmp_path / 'upper'}:/"])
+    try:
+        deadline = time.monotonic() + 10
+        while busy / "tree" not in image.trees_in_use() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        image.prune_images(keep=dirs[-1])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert busy.exists(), "the tree of a running container was removed"
+    assert not idle.exists()  # the other old ones go as before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [busy.name] + [d.name for d in dirs[-image.KEEP_IMAGES:]])
+
+
+# --- a NixOS system as a container (mkTest; nothing NixOS boots here: the plan is checked) ------
+
+def test_a_nixos_init_boots_from_a_root_folder_with_the_store_read_only(tmp_path: Path) -> None:
+    init = "/nix/store/00000000000000000000000000000000-nixos-system-c/init"
+    p = plan(stateDir=str(tmp_path / "c"), init=init, kernel=init, image=str(Path(init).parent),
+             kernelParams=["ntng.backdoor=unix:/run/ntng-host"])
+    argv = p["argv"]
+    root = p["files"]["disk"]
+    assert root == str(tmp_path / "c/layer/root") and p["tree"] is None and p["init"] == init
+    assert f"--directory={root}" in argv and "--bind-ro=/nix/store" in argv
+    assert "--boot" not in argv and not any(a.startswith("--overlay") for a in argv)
+    # The init is nspawn's command, PID 1; its arguments follow it (systemd reads them).
+    assert argv[argv.index(init) + 1:][-1] == "ntng.backdoor=unix:/run/ntng-host"
+    assert argv.index(init) > argv.index("--private-network")  # options first, then the command
+    # The runner makes the skeleton nspawn and stage 2 need in the fresh root.
+    b = backends.make("c", p)
+    b._make_root_skeleton()  # type: ignore[attr-defined]
+    assert (tmp_path / "c/layer/root/usr/bin").is_dir() and (tmp_path / "c/layer/root/etc/os-release").exists()
+    assert os.stat(tmp_path / "c/layer/root").st_mode & 0o777 == 0o755
+    assert os.stat(tmp_path / "c/layer/root/root").st_mode & 0o777 == 0o700
+    with pytest.raises(SetupError, match="no NixOS init at"):
+        b._check_root()  # type: ignore[attr-defined]
