@@ -221,10 +221,13 @@ def test_release_leaves_no_process_mount_or_folder(tmp_path: Path, guest_image: 
     m.succeed("true")
     pids = container_processes(m)
     state = Path(m.plan["files"]["consoleLog"]).parent
+    own_cgroups = list(m.backend._cgroups)  # type: ignore[attr-defined]
+    assert own_cgroups and all(c.is_dir() for c in own_cgroups)
     d.release()
     assert gone(pids)
     assert not mounts_under(state)
     assert not list(Path(m.plan["files"]["layer"]).glob(".#*"))
+    assert not any(c.exists() for c in own_cgroups), "the container's cgroups are left"
 
 
 CHILD = textwrap.dedent("""

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from .. import backdoorkey, netem, paths
+from .. import backdoorkey, cgroups, netem, paths
 from ..client import connect_unix
 from ..errors import MissingCapability, SetupError
 from ..plan import NodePlan, SnapshotLayout
@@ -52,6 +52,7 @@ class NspawnBackend(VmmProcess):
         self.upper = Path(plan["files"]["disk"])
         self._console_thread: threading.Thread | None = None
         self._console_copy: IO[bytes] | None = None
+        self._cgroups: list[Path] = []  # this start's own cgroups (cgroups.make)
 
     # -- starting -----------------------------------------------------------------------------
 
@@ -69,10 +70,27 @@ class NspawnBackend(VmmProcess):
             if any(i.get("impairment") for i in self.plan["interfaces"]):
                 self._in_test_netns(self._check_netem)
             self._in_test_netns(self._make_veths)
-        self._spawn(self.plan["argv"], self.plan["missing"], stdout=subprocess.PIPE)
+        self._spawn_in_own_cgroup()
         self._start_console()
         if self.plan["interfaces"]:
             self._in_test_netns(self._move_peers)
+
+    def _spawn_in_own_cgroup(self) -> None:
+        """nspawn in fresh cgroups (ntng/cgroups.py says why), entered before exec."""
+        cgroups.remove(self._cgroups)
+        self._cgroups = cgroups.make(self.plan.get("machine") or self.machine_name)
+        outer, own = self.preexec, self._cgroups
+
+        def preexec() -> None:
+            cgroups.enter(own)
+            if outer is not None:
+                outer()
+
+        self.preexec = preexec
+        try:
+            self._spawn(self.plan["argv"], self.plan["missing"], stdout=subprocess.PIPE)
+        finally:
+            self.preexec = outer
 
     def _check_root(self) -> None:
         """What the container boots exists: a NixOS system's init (mkTest), or the image's tree."""
@@ -304,6 +322,8 @@ class NspawnBackend(VmmProcess):
             self.proc.stdout.close()
         self._remove_work_folders()
         self._remove_sockets()
+        cgroups.remove(self._cgroups)  # after kill(): no process is left in them
+        self._cgroups = []
 
     # -- what a container has not got ---------------------------------------------------------
 
