@@ -163,11 +163,82 @@ def raw_copy(m: Machine, s: socket.socket, nbytes: int) -> tuple[float, float]:
     return up, down
 
 
+def old_agent_client(m: Machine, tmp: Path, ref: str) -> Any:
+    """The agent of git `ref` (and its protocol.py) started in the guest on the raw port, and a
+    client for it: A/B against the image's agent on the same VM, interleaved."""
+    import subprocess
+
+    from ntng.client import BackdoorClient
+
+    root = Path(__file__).resolve().parents[1]
+    old = tmp / "old-agent"
+    old.mkdir(exist_ok=True)
+    for src, name in (("backdoor/ntng_agent.py", "ntng_agent.py"), ("python/ntng/protocol.py", "protocol.py")):
+        data = subprocess.run(["git", "show", f"{ref}:{src}"], cwd=root, check=True,
+                              capture_output=True).stdout
+        (old / name).write_bytes(data)
+        m.connect().put_file(old / name, f"/tmp/old-agent/{name}")
+    m.succeed(f"setsid python3 /tmp/old-agent/ntng_agent.py --device /dev/virtio-ports/{RAW} "
+              "</dev/null >/dev/null 2>&1 &")
+    client = BackdoorClient(connect_unix(m.plan["sockets"][f"port:{RAW}"], 10), name="old-agent",
+                            key=m.connect().key)
+    client.wait_ready(60)
+    return client
+
+
+def breakdown(m: Machine, tmp: Path, rounds: int, ref: str) -> None:
+    """Where succeed("true")'s time goes: the agent's steps timed in the guest, the host's
+    round trips, and (with `ref`) the agent of git `ref` against the image's, interleaved."""
+    from ntng import protocol as P
+
+    steps = Path(__file__).resolve().parent / "agent_steps.py"
+    client = m.connect()
+    client.put_file(steps, "/tmp/agent_steps.py")
+    out = m.succeed(f"python3 /tmp/agent_steps.py {rounds}", timeout=1800)
+    rows = [tuple(line.split("\t")) for line in out.splitlines() if "\t" in line]
+    print_table(("step (in the guest, median)", "ms", ""), [(a, b, "") for a, b in rows])
+    old = old_agent_client(m, tmp, ref) if ref else None
+    req_sh = P.Exec(argv=["bash", "-c", "set -euo pipefail; true"], timeout_ms=900_000)
+    req_true = P.Exec(argv=["true"], timeout_ms=900_000)
+    cases: dict[str, Any] = {
+        "PING": lambda: client.ping(),
+        'succeed("true")': lambda: m.succeed("true"),
+        'EXEC `bash -c` (client.execute)': lambda: client.execute(req_sh),
+        'run(["true"])': lambda: m.run(["true"]),
+        "EXEC /bin/true (client.execute)": lambda: client.execute(req_true),
+    }
+    agent_time: dict[str, list[float]] = {"bash": [], "true": []}
+    if old is not None:
+        cases.update({
+            f"[{ref}] PING": lambda: old.ping(),
+            f"[{ref}] EXEC `bash -c`": lambda: old.execute(req_sh),
+            f"[{ref}] EXEC /bin/true": lambda: old.execute(req_true),
+        })
+    samples: dict[str, list[float]] = {k: [] for k in cases}
+    for fn in cases.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+        agent_time["bash"].append(client.execute(req_sh).duration)
+        agent_time["true"].append(client.execute(req_true).duration)
+    print(f"\nload average: {os.getloadavg()}\n")
+    host_rows = [(k, f"{pct(v, 50) * 1000:.2f}", f"p90 {pct(v, 90) * 1000:.2f}") for k, v in samples.items()]
+    host_rows += [(f"EXIT.duration_us ({k}: agent spawn → EXIT built)", f"{pct(v, 50) * 1000:.2f}", "")
+                  for k, v in agent_time.items()]
+    print_table(("host-side round trip (median)", "ms", ""), host_rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--copy-mb", type=int, default=64)
     ap.add_argument("--accel", default=os.environ.get("NTNG_ACCEL", "auto"))
+    ap.add_argument("--breakdown", action="store_true", help="where a command's time goes (only)")
+    ap.add_argument("--ab", default="", metavar="GIT_REF",
+                    help="with --breakdown: also run the agent of GIT_REF in the guest, interleaved")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ntng-bench-"))
     script = tmp / "bench.py"
@@ -183,6 +254,9 @@ def main() -> None:
         m.succeed("true")
         rows.append(("cold boot → first command", f"{time.perf_counter() - t0:.1f} s", ""))
         m.wait_until_succeeds("systemctl is-system-running | grep -qE 'running|degraded'", 300)
+        if args.breakdown:
+            breakdown(m, tmp, args.rounds, args.ab)
+            return
         client = m.connect()
         ping = pings(client, args.rounds)
         true_cmd = timed(lambda: m.succeed("true"), max(20, args.rounds // 4))
