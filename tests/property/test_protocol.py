@@ -160,6 +160,19 @@ def test_the_fast_ping_codec_is_the_declared_one(data: bytes) -> None:
     assert P.pong_data(decoded) == data
 
 
+@given(code=st.integers(-(2**31), 2**31 - 1), signal=st.integers(0, 255), timed_out=st.booleans(),
+       duration=st.integers(0, 2**64 - 1), rid=U32)
+def test_the_fast_exit_codec_is_the_declared_one(code: int, signal: int, timed_out: bool, duration: int,
+                                                 rid: int) -> None:
+    assert P.exit_frame(rid, code, signal, timed_out, duration) == \
+        P.Exit(code, signal, timed_out, duration).frame(rid)
+
+
+def test_the_fast_exit_codec_refuses_out_of_range_fields() -> None:
+    with pytest.raises(P.FrameError):
+        P.exit_frame(1, 2**31, 0, False, 0)
+
+
 @given(payload=st.binary(max_size=40), rid=U32)
 def test_the_fast_ping_codec_only_accepts_what_the_declared_one_reads_whole(payload: bytes, rid: int) -> None:
     """A malformed PING payload gets None (the agent then answers through the typed path);
