@@ -280,11 +280,10 @@ FLOORS = (
 )
 
 
-def spawn_floors(m: Machine, rounds: int) -> tuple[float, float]:
-    """The in-guest floors (ms): spawning `bash -c 'set -euo pipefail; true'` and /bin/true
-    from a running process (posix_spawn + waitpid), median."""
-    m.succeed(f"cat > /tmp/floors.py <<'EOF'\n{FLOORS}EOF")
-    bash, true = m.succeed(f"python3 /tmp/floors.py {rounds}").split()
+def spawn_floors(m: Machine) -> tuple[float, float]:
+    """One sample of the in-guest floors (ms): spawning `bash -c 'set -euo pipefail; true'`
+    and /bin/true from a running process (posix_spawn + waitpid; median of 3 in one python3)."""
+    bash, true = m.succeed("python3 /tmp/floors.py 3").split()
     return float(bash), float(true)
 
 
@@ -300,7 +299,8 @@ def ratios(m: Machine, client: Any, tmp: Path, rounds: int, copy_mb: int) -> lis
     """Every measure next to its floor or peer on this VM, in one run; round trips interleaved
     (one sample of each per round), so load bursts hit them alike."""
     n = max(20, rounds // 4)
-    floor_bash, floor_true = spawn_floors(m, n)
+    m.succeed(f"cat > /tmp/floors.py <<'EOF'\n{FLOORS}EOF")
+    floors: list[tuple[float, float]] = []
     s = socket_for_shell(m)
     echo_one, raw = raw_echo_fn(m)
     cases: dict[str, Any] = {
@@ -318,8 +318,11 @@ def ratios(m: Machine, client: Any, tmp: Path, rounds: int, copy_mb: int) -> lis
             t0 = time.perf_counter()
             fn()
             samples[k].append(time.perf_counter() - t0)
+        floors.append(spawn_floors(m))  # in the same rounds: the floor sees the same load
     s.close()
     med = {k: pct(v, 50) * 1000 for k, v in samples.items()}
+    floor_bash = pct([b for b, _ in floors], 50)
+    floor_true = pct([t for _, t in floors], 50)
     # Bulk data: protocol copies and stdout, then the raw port both ways.
     nbytes = copy_mb << 20
     src = tmp / "up.bin"
