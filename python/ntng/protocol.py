@@ -381,6 +381,70 @@ class Exec(Message):
     merge_stderr: bool = False
 
 
+    @classmethod
+    def parse(cls, payload: bytes) -> Any:
+        """SCHEMA's reading, hand-written: one EXEC per command, and the compiled construct
+        parser costs 1-2 ms of a command's round trip in a TCG guest (property-tested equal,
+        errors included)."""
+        try:
+            return _parse_exec(payload)
+        except (IndexError, UnicodeDecodeError, ValueError, struct.error) as e:
+            raise FrameError(f"bad EXEC payload: {e}") from None
+
+
+class _Reader:
+    """Cursor over a payload for the hand-written parsers: construct's VarInt, PascalString,
+    Flag and Int32ub, raising IndexError / ValueError on short input."""
+
+    __slots__ = ("buf", "pos")
+
+    def __init__(self, buf: bytes) -> None:
+        self.buf, self.pos = buf, 0
+
+    def varint(self) -> int:
+        n, shift = 0, 0
+        while True:
+            b = self.buf[self.pos]
+            self.pos += 1
+            n |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return n
+
+    def str(self) -> str:
+        n = self.varint()
+        end = self.pos + n
+        if end > len(self.buf):
+            raise ValueError(f"string of {n} bytes past the end of the payload")
+        text = self.buf[self.pos:end].decode("utf-8")
+        self.pos = end
+        return text
+
+    def flag(self) -> bool:
+        b = self.buf[self.pos]
+        self.pos += 1
+        return b != 0
+
+    def u32(self) -> int:
+        (v,) = _U32.unpack_from(self.buf, self.pos)
+        self.pos += 4
+        return int(v)
+
+
+_U32 = struct.Struct(">I")
+
+
+def _parse_exec(payload: bytes) -> Exec:
+    r = _Reader(payload)
+    argv = [r.str() for _ in range(r.varint())]
+    shell = r.str()
+    env = []
+    for _ in range(r.varint()):
+        key = r.str()
+        env.append({"key": key, "value": r.str()})
+    return Exec(argv, shell, env, r.flag(), r.str(), r.str(), r.u32(), r.flag(), r.flag(), r.flag())
+
+
 @dataclasses.dataclass(frozen=True)
 class Identity(Message):
     """A restored clone's own hostname, clone id, clock and /etc/hosts lines, set by the agent

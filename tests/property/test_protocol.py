@@ -192,6 +192,31 @@ def test_the_fast_ping_codec_only_accepts_what_the_declared_one_reads_whole(payl
         assert data is None and P.Ping(declared).payload() != payload  # trailing bytes
 
 
+def _declared_exec(payload: bytes) -> object:
+    """The EXEC the declared (construct) schema reads from payload, or FrameError."""
+    try:
+        c = P.Exec.SCHEMA.parse(payload)
+    except Exception:
+        return P.FrameError
+    return P.Exec(*(P._plain(c[n]) for n in P.Exec.field_names()))
+
+
+@settings(deadline=None)
+@given(data=st.data())
+def test_the_fast_exec_parser_is_the_declared_one(data: st.DataObject) -> None:
+    payload = data.draw(message_strategy(P.Exec)).payload()
+    assert P.Exec.parse(payload) == _declared_exec(payload)
+    cut = data.draw(st.integers(0, len(payload)))
+    flip = data.draw(st.integers(0, max(0, len(payload) - 1)))
+    for damaged in (payload[:cut], payload[:flip] + bytes([payload[flip] ^ 0xFF]) + payload[flip + 1:]
+                    if payload else b""):
+        try:
+            got: object = P.Exec.parse(damaged)
+        except P.FrameError:
+            got = P.FrameError
+        assert got == _declared_exec(damaged)
+
+
 def test_unencodable_header_fields_are_protocol_errors() -> None:
     with pytest.raises(P.FrameError, match="cannot encode frame header"):
         P.encode_frame(P.FrameType.PING, 2**32)
