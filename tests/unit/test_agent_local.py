@@ -56,6 +56,8 @@ class HostConnection(agent.Connection):
             while view:
                 try:
                     view = view[os.write(self.wfd, view) :]
+                except BlockingIOError:  # the agent's reader batches with the fd non-blocking
+                    select.select([], [self.wfd], [], 1.0)
                 except OSError as e:
                     raise agent.Disconnected(str(e)) from None
 
