@@ -562,6 +562,7 @@ class Spawned:
             os.close(fd)
 
 
+_RESTORED_SIGNALS = tuple(getattr(signal, n) for n in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, n))
 F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, named in Python 3.10+
 
 
@@ -613,7 +614,10 @@ def _spawn_fast(argv: list[str], env: dict[str, str], stdin: bool, merge_stderr:
         else:
             err_r, err_w = os.pipe()
             fds += [err_r, err_w]
-        pid = os.posix_spawn(exe, argv, env, setsid=True, file_actions=[
+        # Python ignores SIGPIPE and SIGXFSZ; reset them as Popen(restore_signals=True) does
+        # (else `yes | head` prints "Broken pipe"), and start with no signal blocked.
+        pid = os.posix_spawn(exe, argv, env, setsid=True, setsigdef=_RESTORED_SIGNALS, setsigmask=(),
+                             file_actions=[
             (os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)])
     except BaseException:
         for fd in fds:

@@ -287,6 +287,18 @@ def test_exit_by_signal(client: BackdoorClient) -> None:
     assert not r.timed_out
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["posix_spawn", "popen"])
+def test_commands_start_with_default_sigpipe_and_no_blocked_signals(client: BackdoorClient, fast: bool) -> None:
+    """Python ignores SIGPIPE; a command must not inherit that (`yes | head` would print
+    'Broken pipe' errors instead of ending quietly), on either way the agent starts one (the
+    fast one serves commands run in the agent's own cwd)."""
+    cwd = os.getcwd() if fast else "/tmp"
+    r = client.execute(P.Exec(argv=["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"], cwd=cwd), wait=30)
+    masks = {line.split(":")[0]: int(line.split()[1], 16) for line in r.output.splitlines()}
+    assert not masks["SigIgn"] & (1 << (signal.SIGPIPE - 1)), r.output
+    assert masks["SigBlk"] == 0, r.output
+
+
 def test_signal_frame_reaches_the_process_group(client: BackdoorClient, tmp_path: Path) -> None:
     started = tmp_path / "started"
     results = in_background(lambda: sh(client, f"touch {started}; sleep 30"))
