@@ -144,10 +144,10 @@ def main() -> None:
         ("build EXIT + 2 end-of-stream frames", lambda: (P.Exit(0, 0, False, 1234).frame(7),
                                                        P.encode_frame(12, 7), P.encode_frame(13, 7))),
         ("write one frame (3 syscalls -> 1)", lambda: os.write(wfd, exit_frame)),
-        ("Popen+poll+wait `bash -c` (agent today)", lambda: popen_run(ARGV)),
+        ("Popen+poll+wait `bash -c` (the Popen path)", lambda: popen_run(ARGV)),
         ("posix_spawn+poll+waitpid `bash -c`", lambda: spawn_run(ARGV, BASH)),
         ("floor: posix_spawn `bash -c` + waitpid", lambda: bare_spawn(BASH, ARGV)),
-        ("Popen+poll+wait /bin/true (agent today)", lambda: popen_run(["/bin/true"])),
+        ("Popen+poll+wait /bin/true (the Popen path)", lambda: popen_run(["/bin/true"])),
         ("posix_spawn+poll+waitpid /bin/true", lambda: spawn_run(["true"], "/bin/true")),
         ("floor: posix_spawn /bin/true + waitpid", lambda: bare_spawn("/bin/true", ["true"])),
     ]
