@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import grp
-import hashlib
 import os
 import pty
 import pwd
@@ -34,7 +33,7 @@ except ImportError:  # in the guest: protocol.py sits next to this file
     import protocol as P  # type: ignore[no-redef]
 
 AGENT_VERSION = P.PACKAGE_VERSION
-CAPABILITIES = ["exec", "stdin", "pty", "file-put", "file-get", "signal", "ping", "identity"]
+CAPABILITIES = ["exec", "stdin", "pty", "file-put", "file-get", "signal", "ping", "identity", "crc32"]
 DEFAULT_PORT_NAME = "org.ntng.backdoor"
 # Where QEMU's fw_cfg shows the run's backdoor key (nixlib/qemu.nix: -fw_cfg name=opt/org.ntng/
 # backdoor-key); the qemu_fw_cfg module makes it, readable by root only.
@@ -81,32 +80,64 @@ class Connection:
         """Block for some bytes, then take whatever else is ready (up to n).
 
         A virtio-serial port hands out at most one 4 KiB guest buffer per read(); batching
-        the reads keeps the per-chunk Python work (slow under TCG) off the data path.
+        the reads keeps the per-chunk Python work (slow under TCG) off the data path.  The
+        batch reads without blocking until EAGAIN: one syscall per buffer, not a select too.
         """
         try:
             first = os.read(self.rfd, n)
             if len(first) < PORT_BUFFER:
-                return first  # a short read: nothing else was queued (saves a select per frame)
+                return first  # a short read: nothing else was queued
             parts, size = [first], len(first)
-            while size < n and select.select([self.rfd], [], [], 0)[0]:
-                more = os.read(self.rfd, n - size)
-                if not more:
-                    break
-                parts.append(more)
-                size += len(more)
+            os.set_blocking(self.rfd, False)  # writers on the same fd wait out EAGAIN (below)
+            try:
+                while size < n:
+                    try:
+                        more = os.read(self.rfd, n - size)
+                    except BlockingIOError:
+                        break
+                    if not more:
+                        break
+                    parts.append(more)
+                    size += len(more)
+            finally:
+                os.set_blocking(self.rfd, True)
             return b"".join(parts)
         except OSError:
             return b""
+
+    def _write_some(self, data: Any) -> int:
+        while True:
+            try:
+                return os.write(self.wfd, data)
+            except BlockingIOError:  # the reader's batch made the shared fd non-blocking
+                select.select([], [self.wfd], [], 1.0)
+            except OSError as e:
+                raise Disconnected(str(e)) from None
+
+    def writev(self, parts: list[Any]) -> None:
+        """Send the parts in order (a frame's header, payload view, trailer) with gathering
+        writes; a port takes at most 32 KiB a write, so the parts are advanced, not joined."""
+        with self._lock:
+            views = [memoryview(p) for p in parts if len(p)]
+            while views:
+                try:
+                    n = os.writev(self.wfd, views)
+                except BlockingIOError:
+                    select.select([], [self.wfd], [], 1.0)
+                    continue
+                except OSError as e:
+                    raise Disconnected(str(e)) from None
+                while views and n >= len(views[0]):
+                    n -= len(views[0])
+                    views.pop(0)
+                if views and n:
+                    views[0] = views[0][n:]
 
     def write(self, data: bytes) -> None:
         with self._lock:
             view = memoryview(data)
             while view:
-                try:
-                    n = os.write(self.wfd, view)
-                except OSError as e:
-                    raise Disconnected(str(e)) from None
-                view = view[n:]
+                view = view[self._write_some(view):]
 
 
 class Task:
@@ -132,14 +163,13 @@ class Task:
         view = memoryview(data)
         while view:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            n = self.send_window.take(min(len(view), self.session.chunk), left)
-            part = data if n == len(data) else bytes(view[:n])  # no copy in the common case
-            self.session.send(P.encode_frame(ftype, self.rid, part))
+            n = self.send_window.take(min(len(view), self.session.max_frame), left)
+            self.session.send_payload(ftype, self.rid, view[:n])
             view = view[n:]
 
 
 class ExecTask(Task):
-    def start(self, req: Any) -> None:
+    def start(self, req: Any, flags: int = 0) -> None:
         argv = list(req.argv) if not req.shell else ["/bin/sh", "-c", req.shell]
         env = {} if req.clear_env else dict(os.environ)
         env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
@@ -176,26 +206,28 @@ class ExecTask(Task):
             self.pumps = [self._spawn(self._pump, out, P.FrameType.STDOUT)]
             self._spawn(self._wait)
             return
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE if req.stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT if req.merge_stderr else subprocess.PIPE,
-            cwd=cwd or "/",
-            env=env,
-            start_new_session=True,  # own process group, so a timeout kills all of it
-            bufsize=0,
-            **kwargs,
-        )
+        stdin = req.stdin
+        if not kwargs and (cwd or "/") == os.getcwd():
+            self.proc = _spawn_fast(argv, env, stdin, req.merge_stderr)  # type: ignore[assignment]
+        else:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT if req.merge_stderr else subprocess.PIPE,
+                cwd=cwd or "/",
+                env=env,
+                start_new_session=True,  # own process group, so a timeout kills all of it
+                bufsize=0,
+                **kwargs,
+            )
         if self.proc.stdin is not None:
             self.stdin_queue = queue.SimpleQueue()
             self._spawn(self._feed_stdin, self.proc.stdin)
         self._spawn(self._serve_pipes)
 
-    def _spawn(self, fn: Callable[..., None], *args: Any) -> threading.Thread:
-        t = threading.Thread(target=fn, args=args, daemon=True)
-        t.start()
-        return t
+    def _spawn(self, fn: Callable[..., None], *args: Any) -> threading.Event:
+        return WORKERS.run(fn, *args)
 
     def _pump(self, pipe: Any, ftype: int) -> None:
         try:
@@ -220,6 +252,7 @@ class ExecTask(Task):
         pipes = {pipe.fileno(): (pipe, ftype) for pipe, ftype in outputs if pipe is not None}
         deadline = None if self.timeout is None else self.started + self.timeout
         timed_out = False
+        self.eofs: list[bytes] = []  # end-of-stream frames, sent with the EXIT in one write
         poller = select.poll()
         for fd in pipes:
             poller.register(fd, select.POLLIN)
@@ -238,7 +271,7 @@ class ExecTask(Task):
                 for fd, _ in events:
                     pipe, ftype = pipes[fd]
                     try:
-                        chunk = os.read(fd, self.session.chunk)
+                        chunk = os.read(fd, self.session.max_frame)
                     except OSError:
                         chunk = b""
                     if chunk:
@@ -246,7 +279,7 @@ class ExecTask(Task):
                         continue
                     poller.unregister(fd)
                     del pipes[fd]
-                    self.session.send(P.encode_frame(ftype, self.rid))  # end of stream
+                    self.eofs.append(P.encode_frame(ftype, self.rid))  # end of stream
         except TimeoutError:  # the host granted no credit until the deadline
             timed_out = True
         except (P.ProtocolError, Disconnected):
@@ -276,19 +309,19 @@ class ExecTask(Task):
             self.kill()
             self.proc.wait()
         deadline = None if self.timeout is None else self.started + self.timeout + 5
-        for t in self.pumps:
+        for done in self.pumps:
             # A background child may keep the pipes open; the timeout still bounds the wait.
-            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if t.is_alive():
+            if not done.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
                 timed_out = True
                 self.kill()
                 self.send_window.close("command timed out")
-                t.join()
+                done.wait()
         self._report(timed_out)
 
     def _report(self, timed_out: bool) -> None:
         rc = self.proc.returncode
-        exit_msg = P.Exit(
+        exit_frame = P.exit_frame(
+            self.rid,
             code=rc if rc >= 0 else -1,
             signal=-rc if rc < 0 else 0,
             timed_out=timed_out,
@@ -296,7 +329,9 @@ class ExecTask(Task):
         )
         if getattr(self, "stdin_queue", None) is not None:
             self.stdin_queue.put(b"")  # later STDIN is dropped: end the feeder thread now
-        self.session.finish(self.rid, exit_msg.frame(self.rid))
+        # One write for the end-of-stream frames and the EXIT: each write is a syscall and a
+        # wake-up of the host's reader, which count under TCG.
+        self.session.finish(self.rid, b"".join(getattr(self, "eofs", ())) + exit_frame)
 
     def _feed_stdin(self, pipe: Any) -> None:
         """Write host data to the command; blocking here never stalls the reader thread."""
@@ -349,7 +384,7 @@ class ExecTask(Task):
 
 
 class PutTask(Task):
-    def start(self, req: Any) -> None:
+    def start(self, req: Any, flags: int = 0) -> None:
         self.req = req
         self.fd = -1  # cancel() runs when makedirs/open below fail
         directory = os.path.dirname(req.path) or "."
@@ -357,7 +392,7 @@ class PutTask(Task):
             os.makedirs(directory, exist_ok=True)
         self.tmp = os.path.join(directory, f".{os.path.basename(req.path)}.ntng-{self.rid}")
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        self.hash = hashlib.sha256()
+        self.hash = P.file_checksum(flags)
         self.size = 0
 
     def on_data(self, ftype: int, data: bytes) -> None:
@@ -379,8 +414,8 @@ class PutTask(Task):
             os.unlink(self.tmp)
             raise TaskError(
                 P.ErrorCode.CHECKSUM,
-                f"{self.req.path}: received {self.size} bytes with sha256 {digest.hex()}, "
-                f"expected {self.req.size} bytes with sha256 {self.req.sha256.hex()}",
+                f"{self.req.path}: received {self.size} bytes with {self.hash.name} {digest.hex()}, "
+                f"expected {self.req.size} bytes with {self.hash.name} {self.req.sha256.hex()}",
             )
         os.chmod(self.tmp, self.req.mode)
         if self.req.owner:
@@ -414,24 +449,33 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class GetTask(Task):
-    def start(self, req: Any) -> None:
+    def start(self, req: Any, flags: int = 0) -> None:
         self.file = open(req.path, "rb", buffering=0)  # errors surface as FILE_FAILED
         self.path = req.path
-        threading.Thread(target=self._run, daemon=True).start()
+        self.flags = flags
+        WORKERS.run(self._run)
 
     def _run(self) -> None:
-        h = hashlib.sha256()
+        """Read into one buffer, send each frame with a gathering write: no copy of the data
+        in Python besides the read itself (each copy counts at TCG's memcpy speed)."""
+        h = P.file_checksum(self.flags)
         size = 0
+        buf = memoryview(bytearray(self.session.max_frame))
         try:
             with self.file:
-                mode = os.fstat(self.file.fileno()).st_mode & 0o7777
+                fd = self.file.fileno()
+                mode = os.fstat(fd).st_mode & 0o7777
                 while True:
-                    chunk = self.file.read(self.session.chunk)
-                    if not chunk:
+                    n = self.send_window.take(len(buf))
+                    got = os.readv(fd, [buf[:n]])
+                    if got < n:
+                        self.send_window.grant(n - got)  # credit taken but not used
+                    if not got:
                         break
-                    h.update(chunk)
-                    size += len(chunk)
-                    self.send_data(P.FrameType.FILE_DATA, chunk)
+                    part = buf[:got]
+                    h.update(part)
+                    size += got
+                    self.session.send_payload(P.FrameType.FILE_DATA, self.rid, part)
             self.session.send(P.encode_frame(P.FrameType.FILE_DATA, self.rid))
             done = P.FileDone(size=size, sha256=h.digest(), mode=mode)
             self.session.finish(self.rid, done.frame(self.rid))
@@ -439,6 +483,154 @@ class GetTask(Task):
             self.session.fail(self.rid, P.ErrorCode.FILE_FAILED, f"{self.path}: {e.strerror}")
         except (P.ProtocolError, Disconnected):
             pass
+
+
+class Workers:
+    """Threads kept for the next request: under TCG starting a thread costs ~3-12 ms (stack
+    mmap, clone, the new thread's first run), handing work to an idle one a futex wake-up."""
+
+    MAX_IDLE = 8
+
+    def __init__(self) -> None:
+        self._idle: list[queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...], threading.Event]]] = []
+        self._lock = threading.Lock()
+
+    def run(self, fn: Callable[..., None], *args: Any) -> threading.Event:
+        """Run fn(*args) on an idle worker (or a new one); the event is set when it returns."""
+        done = threading.Event()
+        with self._lock:
+            q = self._idle.pop() if self._idle else None
+        if q is None:
+            q = queue.SimpleQueue()
+            threading.Thread(target=self._work, args=(q,), daemon=True).start()
+        q.put((fn, args, done))
+        return done
+
+    def _work(self, q: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...], threading.Event]]) -> None:
+        while True:
+            fn, args, done = q.get()
+            try:
+                fn(*args)
+            except Exception as e:  # as an uncaught exception in a thread of its own would be
+                log(f"task {fn.__qualname__} failed: {e!r}")
+            finally:
+                done.set()
+            with self._lock:
+                if len(self._idle) >= self.MAX_IDLE:
+                    return
+                self._idle.append(q)
+
+
+WORKERS = Workers()
+
+
+class Spawned:
+    """A command started with posix_spawn: the part of Popen's interface the agent uses."""
+
+    def __init__(self, pid: int, stdin: Any, stdout: Any, stderr: Any) -> None:
+        self.pid, self.stdin, self.stdout, self.stderr = pid, stdin, stdout, stderr
+        self.returncode: int | None = None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is not None:
+            return self.returncode
+        if timeout is not None and not self._exited_within(timeout):
+            raise subprocess.TimeoutExpired(str(self.pid), timeout)
+        _, status = os.waitpid(self.pid, 0)
+        self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def _exited_within(self, timeout: float) -> bool:
+        """Wait on a pidfd (no polling loop as Popen.wait(timeout) has); False: still running."""
+        try:
+            fd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):  # an old kernel: poll the way Popen does
+            end = time.monotonic() + timeout
+            delay = 0.0005
+            while True:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+                    return True
+                if time.monotonic() >= end:
+                    return False
+                time.sleep(min(delay, max(0.0, end - time.monotonic())))
+                delay = min(delay * 2, 0.05)
+        try:
+            return bool(select.select([fd], [], [], max(0.0, timeout))[0])
+        finally:
+            os.close(fd)
+
+
+_RESTORED_SIGNALS = tuple(getattr(signal, n) for n in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, n))
+F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, named in Python 3.10+
+
+
+def _grow_pipe(fd: int) -> None:
+    """A 1 MiB stdout pipe (64 KiB by default): a command printing much fills larger frames,
+    so fewer Python iterations per byte in the agent.  Best effort (pipe-max-size may refuse)."""
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)
+    except OSError:
+        pass
+
+
+def _which(name: str, path: str) -> str:
+    """argv[0] resolved on the command's own PATH, as Popen does (posix_spawnp would use the
+    agent's PATH)."""
+    if "/" in name:
+        return name
+    denied = False
+    for d in path.split(os.pathsep):
+        candidate = os.path.join(d or ".", name)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+        denied = denied or os.path.exists(candidate)
+    if denied:
+        raise PermissionError(13, "Permission denied", name)
+    raise FileNotFoundError(2, "No such file or directory", name)
+
+
+def _spawn_fast(argv: list[str], env: dict[str, str], stdin: bool, merge_stderr: bool) -> Spawned:
+    """posix_spawn (vfork + exec in C) in its own session with pipes: in a TCG guest Popen's
+    Python-side work costs more than the exec (measured in bench/agent_steps.py).  Only for a
+    command in the agent's cwd as the agent's user; our fds are all close-on-exec (PEP 446)."""
+    if not argv:
+        raise OSError("empty argv")
+    exe = _which(argv[0], env.get("PATH", os.defpath))
+    fds: list[int] = []
+    try:
+        if stdin:
+            in_r, in_w = os.pipe()
+            fds += [in_r, in_w]
+        else:
+            in_r = in_w = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            fds.append(in_r)
+        out_r, out_w = os.pipe()
+        fds += [out_r, out_w]
+        _grow_pipe(out_w)
+        if merge_stderr:
+            err_r, err_w = -1, out_w
+        else:
+            err_r, err_w = os.pipe()
+            fds += [err_r, err_w]
+        # Python ignores SIGPIPE and SIGXFSZ; reset them as Popen(restore_signals=True) does
+        # (else `yes | head` prints "Broken pipe"), and start with no signal blocked.
+        pid = os.posix_spawn(exe, argv, env, setsid=True, setsigdef=_RESTORED_SIGNALS, setsigmask=(),
+                             file_actions=[
+            (os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)])
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    for fd in {in_r, out_w, err_w}:
+        os.close(fd)
+    return Spawned(
+        pid,
+        os.fdopen(in_w, "wb", buffering=0) if stdin else None,
+        os.fdopen(out_r, "rb", buffering=0),
+        os.fdopen(err_r, "rb", buffering=0) if err_r >= 0 else None,
+    )
 
 
 class TaskError(Exception):
@@ -477,6 +669,11 @@ class Session:
 
     def send(self, frame: bytes) -> None:
         self.conn.write(frame)
+
+    def send_payload(self, ftype: int, rid: int, payload: memoryview) -> None:
+        """A data frame around `payload` in one gathering write, the payload never copied."""
+        head, trailer = P.frame_parts(ftype, rid, payload)
+        self.conn.writev([head, payload, trailer])
 
     def error(self, rid: int, code: int, message: str) -> None:
         try:
@@ -556,7 +753,7 @@ class Session:
                 )
             new = cls(self, rid)
             self.tasks[rid] = new
-        self._guard(rid, lambda: new.start(msg))  # type: ignore[attr-defined]
+        self._guard(rid, lambda: new.start(msg, frame.flags))  # type: ignore[attr-defined]
 
     def _guard(self, rid: int, fn: Callable[[], None]) -> None:
         try:
@@ -676,7 +873,7 @@ def serve(conn: Connection, started_ns: int, key_file: str | None = None) -> Non
     conn.write(P.announce_bytes(P.Announce(boot_id(), AGENT_VERSION, started_ns)))
     try:
         while True:
-            data = conn.read(P.CHUNK * 4)
+            data = conn.read(P.CHUNK * 16)  # 1 MiB: several maximal frames a batch
             if not data:
                 return
             decoder.feed(data)

@@ -464,7 +464,7 @@ class BackdoorClient:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def _open(self, first: P.Message, timeout: float) -> _Pending:
+    def _open(self, first: P.Message, timeout: float, flags: int = 0) -> _Pending:
         deadline = time.monotonic() + timeout
         ack = self.wait_ready(timeout)
         with self._state:
@@ -476,7 +476,8 @@ class BackdoorClient:
                          queue.SimpleQueue())
             self._pending[rid] = p
         try:
-            self._send(first.frame(rid), deadline, f"the {first.TYPE.name} request")
+            self._send(P.encode_frame(first.TYPE, rid, first.payload(), flags), deadline,
+                       f"the {first.TYPE.name} request")
         except BaseException:
             self._close(p)
             raise
@@ -523,13 +524,14 @@ class BackdoorClient:
         if credit:
             self._send(P.Credit(credit).frame(p.rid), deadline, "CREDIT")
 
-    def _send_stream(self, p: _Pending, ftype: int, chunks: Iterable[bytes], deadline: float) -> None:
+    def _send_stream(self, p: _Pending, ftype: int, chunks: Iterable[bytes], deadline: float,
+                     frame_size: int = P.CHUNK) -> None:
         what = f"{_type_name(ftype)} data of request {p.rid}"
         for chunk in chunks:
             view = memoryview(chunk)
             while view:
-                n = self._take(p, len(view), deadline, what)
-                self._send(P.encode_frame(ftype, p.rid, bytes(view[:n])), deadline, what)
+                n = self._take(p, min(len(view), frame_size), deadline, what)
+                self._send(P.encode_frame(ftype, p.rid, view[:n]), deadline, what)  # type: ignore[arg-type]
                 view = view[n:]
         self._send(P.encode_frame(ftype, p.rid), deadline, what)
 
@@ -660,6 +662,18 @@ class BackdoorClient:
         finally:
             self._close(p)
 
+    def _checksum_flags(self, verify: str, timeout: float) -> int:
+        """FLAG_CRC32 when `verify` is "crc32" and the agent can (else sha256, as always)."""
+        if verify not in P.CHECKSUMS:
+            raise ValueError(f"verify={verify!r}: expected one of {', '.join(P.CHECKSUMS)}")
+        ack = self.wait_ready(timeout)
+        return P.FLAG_CRC32 if verify == "crc32" and "crc32" in ack.capabilities else 0
+
+    def _frame_size(self) -> int:
+        """Bulk data frames as large as both sides take: per-frame work is what costs."""
+        ack = self.agent
+        return min(self.max_frame, ack.max_frame if ack is not None else P.CHUNK)
+
     def put_file(
         self,
         source: Path | str,
@@ -667,27 +681,39 @@ class BackdoorClient:
         mode: int | None = None,
         owner: str = "",
         timeout: float = 900.0,
+        verify: str = "crc32",
     ) -> P.FileDone:
-        """Copy a host file to `target` in the guest, sha256-verified."""
+        """Copy a host file to `target` in the guest, checked end to end: `verify="crc32"`
+        (default: CRC-32 of the whole file, catches corruption on the way) or "sha256" (the
+        agent hashes what it wrote; also stands against deliberate collisions).  The FileDone
+        returned carries the file's sha256 either way (computed on the host, from the bytes
+        the check covered)."""
         deadline = time.monotonic() + timeout
+        flags = self._checksum_flags(verify, timeout)
         size = os.path.getsize(source)
-        digest = _sha256_file(source)
+        sha, crc = _digests_of_file(source)
+        digest = crc.digest() if flags & P.FLAG_CRC32 else sha.digest()
         mode = os.stat(source).st_mode & 0o7777 if mode is None else mode
         fh = open(source, "rb")
         with fh:
-            p = self._open(P.FilePut(str(target), mode, owner, size, digest), timeout)
+            p = self._open(P.FilePut(str(target), mode, owner, size, digest), timeout, flags)
             what = f"the copy to {target} to finish"
             try:
-                chunks = iter(lambda: fh.read(P.CHUNK * 4), b"")
+                chunks = iter(lambda: fh.read(1 << 20), b"")
                 try:
-                    self._send_stream(p, P.FrameType.FILE_DATA, chunks, deadline)
+                    self._send_stream(p, P.FrameType.FILE_DATA, chunks, deadline, self._frame_size())
                 except P.ProtocolError:
                     pass  # send window closed: the reason (ERROR, restart, lost link) is queued
                 f = self._next(p, deadline, what)
                 if f.type != P.FrameType.FILE_DONE:
                     raise self._unexpected(f, p, what)
                 done: P.FileDone = self._parse(P.FileDone, f, p, what)
-                return done
+                if done.sha256 != digest or done.size != size:
+                    raise BackdoorError(
+                        f"{self.name}: the copy to {target} arrived corrupted: the agent wrote "
+                        f"{done.size} bytes with {_check_name(flags)} {done.sha256.hex()}, we sent "
+                        f"{size} bytes with {digest.hex()}")
+                return dataclasses.replace(done, sha256=sha.digest())
             finally:
                 self._close(p)
 
@@ -697,21 +723,24 @@ class BackdoorClient:
         target: Path | str,
         timeout: float = 900.0,
         max_size: int = DEFAULT_MAX_FILE_SIZE,
+        verify: str = "crc32",
     ) -> P.FileDone:
-        """Copy a guest file to a host path; the sha256 is checked on arrival.
+        """Copy a guest file to a host path, checked on arrival (`verify`: see put_file); the
+        FileDone returned carries the sha256 of the bytes written, computed on the host.
 
         The guest's mode is applied without setuid/setgid/sticky and group/world write bits
         (& 0o755); the data goes to a new private file next to `target` (never through a
         symlink) renamed over it.  More than `max_size` bytes raise FileTooLarge."""
         deadline = time.monotonic() + timeout
         target = Path(target)
-        p = self._open(P.FileGet(source), timeout)
+        flags = self._checksum_flags(verify, timeout)
+        p = self._open(P.FileGet(source), timeout, flags)
         what = f"{source} to arrive"
         try:
             fd, tmp = _create_partial(target)
             try:
                 with os.fdopen(fd, "wb") as out:
-                    done = self._receive_file(p, out, source, deadline, max_size, what)
+                    done = self._receive_file(p, out, source, deadline, max_size, what, flags)
                     os.fchmod(out.fileno(), done.mode & SAFE_MODE_BITS)
                 os.replace(tmp, target)
                 return done
@@ -722,8 +751,9 @@ class BackdoorClient:
             self._close(p)
 
     def _receive_file(self, p: _Pending, out: Any, source: str, deadline: float,
-                      max_size: int, what: str) -> P.FileDone:
-        h = hashlib.sha256()
+                      max_size: int, what: str, flags: int = 0) -> P.FileDone:
+        h = P.file_checksum(flags)
+        sha = hashlib.sha256() if flags & P.FLAG_CRC32 else h
         size = 0
         while True:
             f = self._next(p, deadline, what)
@@ -737,6 +767,8 @@ class BackdoorClient:
                         "max_size= if the file is meant to be that big")
                 out.write(f.payload)
                 h.update(f.payload)
+                if sha is not h:
+                    sha.update(f.payload)
                 size += len(f.payload)
                 self._consumed(p, len(f.payload), deadline)
             elif f.type == P.FrameType.FILE_DONE:
@@ -746,10 +778,10 @@ class BackdoorClient:
                 raise self._unexpected(f, p, what)
         if done.size != size or done.sha256 != h.digest():
             raise BackdoorError(
-                f"{self.name}: {source} arrived corrupted: got {size} bytes sha256 "
-                f"{h.hexdigest()}, agent sent {done.size} bytes sha256 {done.sha256.hex()}"
+                f"{self.name}: {source} arrived corrupted: got {size} bytes {_check_name(flags)} "
+                f"{h.digest().hex()}, agent sent {done.size} bytes {_check_name(flags)} {done.sha256.hex()}"
             )
-        return done
+        return dataclasses.replace(done, sha256=sha.digest())
 
 
 _DATA_ANSWERS = frozenset({P.FrameType.STDOUT, P.FrameType.STDERR, P.FrameType.FILE_DATA})
@@ -781,12 +813,18 @@ def _create_partial(target: Path) -> tuple[int, Path]:
             continue
 
 
-def _sha256_file(path: Path | str) -> bytes:
-    h = hashlib.sha256()
+def _digests_of_file(path: Path | str) -> tuple[Any, P.Crc32]:
+    """(sha256, CRC-32) of a host file, one read."""
+    sha, crc = hashlib.sha256(), P.Crc32()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.digest()
+            sha.update(chunk)
+            crc.update(chunk)
+    return sha, crc
+
+
+def _check_name(flags: int) -> str:
+    return "crc32" if flags & P.FLAG_CRC32 else "sha256"
 
 
 def _describe(req: P.Exec) -> str:

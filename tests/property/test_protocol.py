@@ -160,6 +160,19 @@ def test_the_fast_ping_codec_is_the_declared_one(data: bytes) -> None:
     assert P.pong_data(decoded) == data
 
 
+@given(code=st.integers(-(2**31), 2**31 - 1), signal=st.integers(0, 255), timed_out=st.booleans(),
+       duration=st.integers(0, 2**64 - 1), rid=U32)
+def test_the_fast_exit_codec_is_the_declared_one(code: int, signal: int, timed_out: bool, duration: int,
+                                                 rid: int) -> None:
+    assert P.exit_frame(rid, code, signal, timed_out, duration) == \
+        P.Exit(code, signal, timed_out, duration).frame(rid)
+
+
+def test_the_fast_exit_codec_refuses_out_of_range_fields() -> None:
+    with pytest.raises(P.FrameError):
+        P.exit_frame(1, 2**31, 0, False, 0)
+
+
 @given(payload=st.binary(max_size=40), rid=U32)
 def test_the_fast_ping_codec_only_accepts_what_the_declared_one_reads_whole(payload: bytes, rid: int) -> None:
     """A malformed PING payload gets None (the agent then answers through the typed path);
@@ -177,6 +190,31 @@ def test_the_fast_ping_codec_only_accepts_what_the_declared_one_reads_whole(payl
         assert P.Ping(declared).payload() == payload or payload[0] & 0x80  # non-minimal VarInt
     else:
         assert data is None and P.Ping(declared).payload() != payload  # trailing bytes
+
+
+def _declared_exec(payload: bytes) -> object:
+    """The EXEC the declared (construct) schema reads from payload, or FrameError."""
+    try:
+        c = P.Exec.SCHEMA.parse(payload)
+    except Exception:
+        return P.FrameError
+    return P.Exec(*(P._plain(c[n]) for n in P.Exec.field_names()))
+
+
+@settings(deadline=None)
+@given(data=st.data())
+def test_the_fast_exec_parser_is_the_declared_one(data: st.DataObject) -> None:
+    payload = data.draw(message_strategy(P.Exec)).payload()
+    assert P.Exec.parse(payload) == _declared_exec(payload)
+    cut = data.draw(st.integers(0, len(payload)))
+    flip = data.draw(st.integers(0, max(0, len(payload) - 1)))
+    for damaged in (payload[:cut], payload[:flip] + bytes([payload[flip] ^ 0xFF]) + payload[flip + 1:]
+                    if payload else b""):
+        try:
+            got: object = P.Exec.parse(damaged)
+        except P.FrameError:
+            got = P.FrameError
+        assert got == _declared_exec(damaged)
 
 
 def test_unencodable_header_fields_are_protocol_errors() -> None:

@@ -56,8 +56,13 @@ class HostConnection(agent.Connection):
             while view:
                 try:
                     view = view[os.write(self.wfd, view) :]
+                except BlockingIOError:  # the agent's reader batches with the fd non-blocking
+                    select.select([], [self.wfd], [], 1.0)
                 except OSError as e:
                     raise agent.Disconnected(str(e)) from None
+
+    def writev(self, parts: list[bytes]) -> None:  # data frames: the same "nothing once dead"
+        self.write(b"".join(parts))
 
     def kill(self) -> None:
         with self._lock:
@@ -280,6 +285,18 @@ def test_exit_by_signal(client: BackdoorClient) -> None:
     assert r.stdout == b"before\n"
     assert r.signal == signal.SIGTERM and r.status == 128 + signal.SIGTERM
     assert not r.timed_out
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["posix_spawn", "popen"])
+def test_commands_start_with_default_sigpipe_and_no_blocked_signals(client: BackdoorClient, fast: bool) -> None:
+    """Python ignores SIGPIPE; a command must not inherit that (`yes | head` would print
+    'Broken pipe' errors instead of ending quietly), on either way the agent starts one (the
+    fast one serves commands run in the agent's own cwd)."""
+    cwd = os.getcwd() if fast else "/tmp"
+    r = client.execute(P.Exec(argv=["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"], cwd=cwd), wait=30)
+    masks = {line.split(":")[0]: int(line.split()[1], 16) for line in r.output.splitlines()}
+    assert not masks["SigIgn"] & (1 << (signal.SIGPIPE - 1)), r.output
+    assert masks["SigBlk"] == 0, r.output
 
 
 def test_signal_frame_reaches_the_process_group(client: BackdoorClient, tmp_path: Path) -> None:

@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Where a command's time goes inside the guest: each step the agent takes for one EXEC, timed
+on its own (median of N), next to the in-guest spawn floors.  Runs IN the guest, next to the
+agent's modules: `python3 agent_steps.py [N] [agent_dir]`; prints `step<TAB>ms` lines.
+bench/backdoor.py copies it in and runs it (--breakdown).  stdlib only.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+N = int(sys.argv[1]) if len(sys.argv) > 1 else 30
+sys.path.insert(0, sys.argv[2] if len(sys.argv) > 2 else "/usr/lib/ntng-backdoor")
+import protocol as P  # noqa: E402
+
+SCRIPT = "set -euo pipefail; true"
+ARGV = ["bash", "-c", SCRIPT]
+BASH = "/bin/bash"
+
+
+def median(fn: Callable[[], object], n: int = N) -> float:
+    fn()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    out.sort()
+    return out[len(out) // 2] * 1000
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    return e
+
+
+def popen_run(argv: list[str]) -> None:
+    """What the agent did per command: Popen with pipes, a poll loop to EOF, wait."""
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd="/", env=env(), start_new_session=True, bufsize=0)
+    pump([p.stdout.fileno(), p.stderr.fileno()])  # type: ignore[union-attr]
+    p.stdout.close()  # type: ignore[union-attr]
+    p.stderr.close()  # type: ignore[union-attr]
+    p.wait()
+
+
+def pump(fds: list[int]) -> None:
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    left = set(fds)
+    while left:
+        for fd, _ in poller.poll():
+            if not os.read(fd, 65536):
+                poller.unregister(fd)
+                left.discard(fd)
+
+
+def spawn_run(argv: list[str], path: str) -> None:
+    """posix_spawn with pipes (file actions), setsid, read to EOF, waitpid."""
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    null = os.open("/dev/null", os.O_RDONLY)
+    pid = os.posix_spawn(path, argv, env(), setsid=True, file_actions=[
+        (os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, w1, 1), (os.POSIX_SPAWN_DUP2, w2, 2)])
+    for fd in (null, w1, w2):
+        os.close(fd)
+    pump([r1, r2])
+    os.close(r1)
+    os.close(r2)
+    os.waitpid(pid, 0)
+
+
+def bare_spawn(path: str, argv: list[str]) -> None:
+    os.waitpid(os.posix_spawn(path, argv, os.environ), 0)
+
+
+def thread_roundtrip() -> None:
+    t = threading.Thread(target=lambda: None, daemon=True)
+    t.start()
+    t.join()
+
+
+class LocalAgent:
+    """The agent itself, on a unix socket in the guest: its round trip without the transport
+    and the host."""
+
+    def __init__(self, agent_dir: str) -> None:
+        import socket
+        path = f"/tmp/agent-steps-{os.getpid()}.sock"
+        self.proc = subprocess.Popen([sys.executable, f"{agent_dir}/ntng_agent.py", "--unix", path],
+                                     stderr=subprocess.DEVNULL)
+        while not os.path.exists(path):
+            time.sleep(0.05)
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+        self.decoder = P.Decoder()
+        self.rid = 0
+        self.sock.sendall(P.Hello(2, P.VERSION, b"n" * 16).frame(0))
+        self.until(P.FrameType.HELLO_ACK)
+
+    def until(self, ftype: int) -> P.Frame:
+        while True:
+            for ev in self.decoder.events():
+                if isinstance(ev, P.Frame) and ev.type == ftype:
+                    return ev
+            self.decoder.feed(self.sock.recv(1 << 20))
+
+    def exec(self, argv: list[str]) -> None:
+        self.rid += 1
+        self.sock.sendall(P.Exec(argv=argv, timeout_ms=900_000).frame(self.rid))
+        self.until(P.FrameType.EXIT)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.kill()
+
+
+def main() -> None:
+    req = P.Exec(argv=ARGV, timeout_ms=900_000)
+    frame = req.frame(7)
+    exit_frame = P.Exit(0, 0, False, 1234).frame(7)
+
+    def decode() -> None:
+        d = P.Decoder()
+        d.feed(frame)
+        for _ in d.events():
+            pass
+
+    f = P.Frame(P.FrameType.EXEC, 7, frame[P.HEADER_SIZE:-P.TRAILER_SIZE])
+    wfd = os.open("/dev/null", os.O_WRONLY)
+    steps = [
+        ("decode EXEC frame (Decoder)", decode),
+        ("parse EXEC payload (construct, compiled)", lambda: P.parse_message(f)),
+        ("environment dict", env),
+        ("thread start + join", thread_roundtrip),
+        ("build EXIT + 2 end-of-stream frames", lambda: (P.Exit(0, 0, False, 1234).frame(7),
+                                                       P.encode_frame(12, 7), P.encode_frame(13, 7))),
+        ("write one frame (3 syscalls -> 1)", lambda: os.write(wfd, exit_frame)),
+        ("Popen+poll+wait `bash -c` (the Popen path)", lambda: popen_run(ARGV)),
+        ("posix_spawn+poll+waitpid `bash -c`", lambda: spawn_run(ARGV, BASH)),
+        ("floor: posix_spawn `bash -c` + waitpid", lambda: bare_spawn(BASH, ARGV)),
+        ("Popen+poll+wait /bin/true (the Popen path)", lambda: popen_run(["/bin/true"])),
+        ("posix_spawn+poll+waitpid /bin/true", lambda: spawn_run(["true"], "/bin/true")),
+        ("floor: posix_spawn /bin/true + waitpid", lambda: bare_spawn("/bin/true", ["true"])),
+    ]
+    agent = LocalAgent(sys.argv[2] if len(sys.argv) > 2 else "/usr/lib/ntng-backdoor")
+    steps += [
+        ("agent round trip on a unix socket: EXEC `bash -c` -> EXIT", lambda: agent.exec(ARGV)),
+        ("agent round trip on a unix socket: EXEC /bin/true -> EXIT", lambda: agent.exec(["true"])),
+    ]
+    # Interleaved rounds: every step is measured in each round, the medians taken over rounds,
+    # so a burst of host load hits all steps alike.
+    samples: dict[str, list[float]] = {name: [] for name, _ in steps}
+    for _, fn in steps:
+        fn()
+    for _ in range(N):
+        for name, fn in steps:
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    for name, _ in steps:
+        s = sorted(samples[name])
+        print(f"{name}\t{s[len(s) // 2] * 1000:.3f}")
+    agent.close()
+
+
+if __name__ == "__main__":
+    main()
