@@ -845,7 +845,7 @@ class Machine:
         return self.connect().put_file(Path(source), target, mode=mode)
 
     def get_file(self, source: str, target: str | Path) -> P.FileDone:
-        """Extension: one guest file to a host path, sha256-verified."""
+        """Extension: one guest file to a host path, checked end to end (CRC-32 by default)."""
         return self.connect().get_file(source, target)
 
 
