@@ -137,6 +137,7 @@ class Session:
         says hello; raises WaitTimeout, ConnectionLost or BackdoorError."""
         deadline = t0 + self.boot_timeout
         next_progress = t0 + PROGRESS_EVERY
+        next_hello = t0 + HELLO_AGAIN_AFTER
         while True:
             self.follow_reboot()
             if self.client is None:
@@ -148,6 +149,7 @@ class Session:
                     raise
                 self.client = BackdoorClient(sock, self.name, on_restart=self._on_agent_restart,
                                              key=backdoorkey.read(self.plan))
+                next_hello = time.monotonic() + HELLO_AGAIN_AFTER
             if not self.backend.alive():
                 if self.follow_reboot():
                     continue
@@ -158,6 +160,12 @@ class Session:
             except WaitTimeout:
                 if time.monotonic() >= deadline:
                     raise
+                if time.monotonic() >= next_hello:
+                    # Connected, but no answer: say HELLO again (a new session, which the
+                    # protocol allows at any time).  A HELLO the agent missed, e.g. one read
+                    # while it was still starting, would otherwise cost the whole boot timeout.
+                    next_hello = time.monotonic() + HELLO_AGAIN_AFTER
+                    self.client.hello()
             except ConnectionLost:
                 # vsock: the agent we reached went away (a reboot, a restart): reach the next
                 if not self.backend.reconnects or time.monotonic() >= deadline:
@@ -279,3 +287,6 @@ class Session:
 
 
 HELLO = "the backdoor agent's hello"
+# A connected agent that has not answered our HELLO within this long is sent another one: cheap
+# (one frame), and an agent answers the newest HELLO only.
+HELLO_AGAIN_AFTER = 10.0
