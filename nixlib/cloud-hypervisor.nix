@@ -162,16 +162,15 @@ let
   snapshot = { spec, name, resume ? true }:
     let
       n = node.normalise (forBackend spec);
-      directory = "${dirOf n.stateDir}/snapshots/${name}";
+      inherit (node.snapshotPlace n.stateDir name) directory note;
       files = {
         disk = "${directory}/disk.raw";
-        note = "${directory}/ntng-snapshot.json";
+        inherit note;
       };
-      disk = (paths n).disk;
     in {
       inherit directory files;
       # The disk as it was when the snapshot was written, and put back before a restore.
-      copyDisk = { save = node.copyArgv disk files.disk; restore = node.copyArgv files.disk disk; };
+      copyDisk = node.diskRoundTrip (paths n).disk files.disk;
       save = [{ method = "PUT"; path = "${apiBase}/vm.snapshot"; body = { destination_url = "file://${directory}"; }; }];
       restore = [{ method = "PUT"; path = "${apiBase}/vm.restore"; body = { source_url = "file://${directory}"; inherit resume; }; }];
     };

@@ -176,12 +176,12 @@ let
       n = node.normalise (forBackend spec);
       p = paths n;
       c = config n p;
-      directory = "${dirOf n.stateDir}/snapshots/${name}";
+      inherit (node.snapshotPlace n.stateDir name) directory note;
       files = {
         vmstate = "${directory}/vmstate";
         memory = "${directory}/memory";
         disk = "${directory}/disk.raw";
-        note = "${directory}/ntng-snapshot.json";
+        inherit note;
       };
       load = {
         snapshot_path = files.vmstate;
@@ -194,7 +194,7 @@ let
     in {
       inherit directory files;
       # The disk as it was when the snapshot was written, and put back before a restore.
-      copyDisk = { save = node.copyArgv p.disk files.disk; restore = node.copyArgv files.disk p.disk; };
+      copyDisk = node.diskRoundTrip p.disk files.disk;
       save = [ (put "/snapshot/create" { snapshot_type = "Full"; snapshot_path = files.vmstate; mem_file_path = files.memory; }) ];
       restore = [ (put "/logger" c.logger) (put "/metrics" c.metrics) (put "/snapshot/load" load) ];
     };

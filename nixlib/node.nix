@@ -69,6 +69,16 @@ let
   # snapshot's copy of it).
   copyArgv = source: target: [ "cp" "--sparse=always" "--reflink=auto" source target ];
 
+  # Where snapshot `name` of the node whose state folder is `stateDir` goes (beside the nodes'
+  # folders, so that it outlives a node's restart), and its note.  Every backend's `snapshot`.
+  snapshotPlace = stateDir: name: rec {
+    directory = "${dirOf stateDir}/snapshots/${name}";
+    note = "${directory}/ntng-snapshot.json";
+  };
+  # A disk saved with the snapshot and put back before a restore (backends that restore a VM
+  # into the machine it was taken of, at the paths it had).
+  diskRoundTrip = disk: saved: { save = copyArgv disk saved; restore = copyArgv saved disk; };
+
   baseKernelParams = [ "root=/dev/vda" "rw" "console=ttyS0,115200" "panic=-1" "quiet"
     "systemd.show_status=auto" "net.ifnames=0" ];
 
@@ -193,5 +203,6 @@ let
         capabilities = capabilities.effective backend n;
       });
 in {
-  inherit defaults normalise baseKernelParams capabilities userOptions artifacts copyArgv;
+  inherit defaults normalise baseKernelParams capabilities userOptions artifacts copyArgv
+    snapshotPlace diskRoundTrip;
 }

@@ -221,12 +221,12 @@ let
   # `migrate`: the migration URIs of QMP's migrate (save) and migrate-incoming (restore).
   snapshot = { spec, name, resume ? true }:
     let
-      directory = "${dirOf spec.stateDir}/snapshots/${name}";
+      inherit (node.snapshotPlace spec.stateDir name) directory note;
       files = {
         memory = "${directory}/memory";
         ram = "${directory}/ram";
         disk = "${directory}/disk.qcow2";
-        note = "${directory}/ntng-snapshot.json";
+        inherit note;
       };
       quote = s: "'${builtins.replaceStrings [ "'" ] [ "'\\''" ] s}'"; # for QEMU's exec: (sh -c)
     in {
