@@ -12,13 +12,11 @@ enforces it).
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from .. import vsock
 from ..errors import SetupError
@@ -38,8 +36,6 @@ class FirecrackerBackend(ApiVmm):
                  preexec: Callable[[], None] | None = None, keep_disk: bool = False,
                  route: str | None = None) -> None:
         super().__init__(machine_name, plan, preexec, keep_disk, route)
-        self._console_thread: threading.Thread | None = None
-        self._console_copy: IO[bytes] | None = None
 
     # -- starting -----------------------------------------------------------------------------
 
@@ -65,7 +61,7 @@ class FirecrackerBackend(ApiVmm):
         for path, content in write_files.items():
             Path(path).write_text(json.dumps(content, indent=2) + "\n")
         self._spawn(argv, INSTALL_HINT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self._start_console()
+        self._pump_stdout_console()
         try:
             self.api.wait_listening(30, self.alive)
             for call in calls:
@@ -85,16 +81,7 @@ class FirecrackerBackend(ApiVmm):
             log_tail = "(none)"
         return f"firecracker exited: {self.stderr_tail()}\nits log {log}: {log_tail}"
 
-    # -- console: the VMM's stdout and stdin ---------------------------------------------------
-
-    def _start_console(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        copy = self._console_copy = open(self.plan["files"]["consoleLog"], "wb", buffering=0)
-        self._console_thread = threading.Thread(
-            target=self._pump_console, args=(lambda: os.read(fd, 65536), copy.write),
-            name=f"console-{self.machine_name}", daemon=True)
-        self._console_thread.start()
+    # -- console: the VMM's stdin (its stdout: VmmProcess._pump_stdout_console) ---------------
 
     def send_console(self, chars: str) -> None:
         if self.proc is None or self.proc.stdin is None or not self.alive():
@@ -160,10 +147,7 @@ class FirecrackerBackend(ApiVmm):
                 self.proc.stdin.close()
             except OSError:
                 pass
-        if self._console_thread is not None:
-            self._console_thread.join(2)
-        if self._console_copy is not None:
-            self._console_copy.close()
+        self._end_stdout_console(2)
         self._remove_sockets()
 
     # -- what Firecracker has not got ----------------------------------------------------------

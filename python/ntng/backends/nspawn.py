@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from .. import backdoorkey, cgroups, netem, paths
 from ..client import connect_unix
@@ -50,8 +50,6 @@ class NspawnBackend(VmmProcess):
         super().__init__(machine_name, plan, preexec, keep_disk)
         self.layer = Path(plan["files"]["layer"])
         self.upper = Path(plan["files"]["disk"])
-        self._console_thread: threading.Thread | None = None
-        self._console_copy: IO[bytes] | None = None
         self._cgroups: list[Path] = []  # this start's own cgroups (cgroups.make)
 
     # -- starting -----------------------------------------------------------------------------
@@ -71,7 +69,7 @@ class NspawnBackend(VmmProcess):
                 self._in_test_netns(self._check_netem)
             self._in_test_netns(self._make_veths)
         self._spawn_in_own_cgroup()
-        self._start_console()
+        self._pump_stdout_console()
         if self.plan["interfaces"]:
             self._in_test_netns(self._move_peers)
 
@@ -247,17 +245,6 @@ class NspawnBackend(VmmProcess):
                         ipr.link("del", index=index)
                 time.sleep(0.05)
 
-    # -- console: nspawn's stdout -------------------------------------------------------------
-
-    def _start_console(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        copy = self._console_copy = open(self.plan["files"]["consoleLog"], "wb", buffering=0)
-        self._console_thread = threading.Thread(
-            target=self._pump_console, args=(lambda: os.read(fd, 65536), copy.write),
-            name=f"console-{self.machine_name}", daemon=True)
-        self._console_thread.start()
-
     # -- the running container ----------------------------------------------------------------
 
     def connect_backdoor(self, timeout: float) -> socket.socket:
@@ -314,10 +301,7 @@ class NspawnBackend(VmmProcess):
         the upper layer stays for a restart (the run's state folder goes at the run's end, or
         stays with -K).  Safe to call twice."""
         self.kill()
-        if self._console_thread is not None:
-            self._console_thread.join(CONSOLE_JOIN_TIMEOUT)
-        if self._console_copy is not None:
-            self._console_copy.close()
+        self._end_stdout_console(CONSOLE_JOIN_TIMEOUT)
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
         self._remove_work_folders()

@@ -10,10 +10,11 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .. import backdoorkey, paths, pdeathsig
 from ..errors import MissingCapability, SetupError
@@ -41,6 +42,8 @@ class VmmProcess(ConsoleLines):
         self.proc: subprocess.Popen[bytes] | None = None
         self.helpers: list[subprocess.Popen[bytes]] = []  # side processes of the plan (virtiofsd, ...)
         self.state_dir = Path(plan["stateDir"])  # nixlib names it
+        self._console_thread: threading.Thread | None = None
+        self._console_copy: IO[bytes] | None = None  # consoleLog, where stdout is the console
         self._init_console()
 
     @property
@@ -132,6 +135,24 @@ class VmmProcess(ConsoleLines):
                 self.proc = pdeathsig.spawn(argv, then=self.preexec, start_new_session=True, **popen)
         except FileNotFoundError:
             raise SetupError(f"{self.machine_name}: {argv[0]} not found: {missing}") from None
+
+    def _pump_stdout_console(self) -> None:
+        """The VMM's stdout is the console (Firecracker's serial, nspawn's read-only console):
+        split into lines, and copied as it came to the plan's consoleLog."""
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        copy = self._console_copy = open(self.plan["files"]["consoleLog"], "wb", buffering=0)
+        self._console_thread = threading.Thread(
+            target=self._pump_console, args=(lambda: os.read(fd, 65536), copy.write),
+            name=f"console-{self.machine_name}", daemon=True)
+        self._console_thread.start()
+
+    def _end_stdout_console(self, join_timeout: float) -> None:
+        """After the VMM ended: the pump's last lines, then the copy closed."""
+        if self._console_thread is not None:
+            self._console_thread.join(join_timeout)
+        if self._console_copy is not None:
+            self._console_copy.close()
 
     def _make_share_folders(self) -> None:
         """The artifacts share's host folder is new each run; QEMU's 9p server needs it to exist."""
