@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from doctor_host import stand_in_host
 
 from ntng import accel, cli, doctor
 from ntng.errors import EXIT_OK, EXIT_SETUP
@@ -26,29 +27,8 @@ QEMU_ABORT = ("qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69\n"
 def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """PATH = a folder with this machine's copy of every listed tool but the ones a test drops;
     sbin and the list's off-PATH locations are ignored, so only PATH decides."""
-    tools = doctor.load_tools()
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    for name in tools:
-        real = shutil.which(name)
-        if real:
-            (bindir / name).symlink_to(real)
-        elif tools[name].required:  # a stand-in: doctor only looks for it
-            (bindir / name).write_text("#!/bin/sh\n")
-            (bindir / name).chmod(0o755)
-    (bindir / "virtiofsd").unlink(missing_ok=True)
-    monkeypatch.setenv("PATH", str(bindir))
-    monkeypatch.setattr(doctor, "SBIN", ())
-    monkeypatch.setattr(doctor, "load_tools", lambda: {
-        n: doctor.Tool(**{**t.__dict__, "paths": ()}) for n, t in tools.items()})
-    monkeypatch.setenv("NTNG_CACHE", str(tmp_path / "cache"))
-    # No boot probe, no namespaces: those parts have their own tests.
-    monkeypatch.setattr(doctor, "kvm_part", lambda kernel: doctor.Part(doctor.OK, "KVM", "stand-in"))
-    monkeypatch.setattr(doctor, "network_parts", lambda _netem: [])
-
-    def drop(*names: str) -> None:
-        for name in names:
-            (bindir / name).unlink(missing_ok=True)
+    drop = stand_in_host(tmp_path, monkeypatch)
+    drop("virtiofsd")
     return drop
 
 

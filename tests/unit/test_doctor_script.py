@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from doctor_host import stand_in_host
 
 from ntng import cli, doctor, network
 from ntng.errors import EXIT_OK, EXIT_SETUP
@@ -23,27 +24,7 @@ KVM_REASONS = ("QEMU was killed by SIGABRT (it aborted on an internal check)",
 def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """PATH = this machine's copy of every listed tool (a stand-in for absent required ones) but
     the ones a test drops; the list's off-PATH locations and sbin are ignored."""
-    tools = doctor.load_tools()
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    for name in tools:
-        real = shutil.which(name)
-        if real:
-            (bindir / name).symlink_to(real)
-        elif tools[name].required:
-            (bindir / name).write_text("#!/bin/sh\n")
-            (bindir / name).chmod(0o755)
-    monkeypatch.setenv("PATH", str(bindir))
-    monkeypatch.setattr(doctor, "SBIN", ())
-    monkeypatch.setattr(doctor, "load_tools", lambda: {
-        n: doctor.Tool(**{**t.__dict__, "paths": ()}) for n, t in tools.items()})
-    monkeypatch.setenv("NTNG_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(doctor, "kvm_part", lambda kernel: doctor.Part(doctor.OK, "KVM", "stand-in"))
-    monkeypatch.setattr(doctor, "network_parts", lambda _netem: [])
-
-    def drop(*names: str) -> None:
-        for name in names:
-            (bindir / name).unlink(missing_ok=True)
+    drop = stand_in_host(tmp_path, monkeypatch)
     return drop
 
 
