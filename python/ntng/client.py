@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from . import protocol as P
 from .errors import (
@@ -147,7 +147,7 @@ class BackdoorClient:
         # notice (or is just starting), its ANNOUNCE reaches us before any answer to this
         # HELLO, and we say hello again then.
         try:
-            self.hello()
+            self.hello(unless="started")
         except NtngError:
             pass  # a lost or stuck link is reported by the reader or the next call
 
@@ -226,9 +226,17 @@ class BackdoorClient:
             pass
         self._fail_all(exc)
 
-    def hello(self, deadline: float | None = None) -> None:
-        """Start a new session (called on every ANNOUNCE; callable by hand to resync)."""
+    def hello(self, deadline: float | None = None, unless: Literal["started", "answered"] | None = None) -> None:
+        """Start a new session (called on every ANNOUNCE; callable by hand to resync).
+
+        `unless`: checked and acted on under one lock, so that a session the reader thread
+        started, or the agent answered, meanwhile is not replaced (the agent would answer both
+        HELLOs and the second answer would look like an agent restart): "started" skips when
+        any HELLO was sent (the constructor's, racing the reader's answer to an ANNOUNCE),
+        "answered" when the current one was acknowledged (a resend after a silent agent)."""
         with self._state:
+            if unless == "started" and self._nonce or unless == "answered" and self.agent is not None:
+                return
             self._nonce = os.urandom(16)
             self._challenge = self._refusal = None
             nonce = self._nonce

@@ -165,7 +165,7 @@ class Session:
                     # protocol allows at any time).  A HELLO the agent missed, e.g. one read
                     # while it was still starting, would otherwise cost the whole boot timeout.
                     next_hello = time.monotonic() + HELLO_AGAIN_AFTER
-                    self.client.hello()
+                    self.client.hello(unless="answered")
             except ConnectionLost:
                 # vsock: the agent we reached went away (a reboot, a restart): reach the next
                 if not self.backend.reconnects or time.monotonic() >= deadline:

@@ -453,6 +453,35 @@ def test_ping(client: BackdoorClient) -> None:
     assert all(0 <= t < 5 for t in rtts)
 
 
+def test_a_late_constructor_hello_does_not_replace_the_readers_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The constructor's HELLO races the reader's answer to the agent's ANNOUNCE.  Under load
+    (seen in CI) the reader's session was acknowledged first and the constructor's HELLO then
+    started a second one, reported as an agent restart.  The constructor's HELLO is delayed
+    here so the reader always wins."""
+    host, guest = socket.socketpair()
+    local = LocalAgent(guest)
+    local.start()  # its ANNOUNCE is queued before the client exists
+    original = BackdoorClient.hello
+    main = threading.current_thread()
+
+    def late_in_constructor(self: BackdoorClient, *args: object, **kw: object) -> None:
+        if threading.current_thread() is main:
+            _wait_for(lambda: self.agent is not None)
+        original(self, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BackdoorClient, "hello", late_in_constructor)
+    restarts: list[object] = []
+    client = BackdoorClient(host, name="local", on_restart=lambda new, old: restarts.append(new))
+    try:
+        first = client.wait_ready(10)
+        assert sh(client, "true").status == 0  # the agent has answered every HELLO by now
+        assert restarts == [] and client.agent is first
+    finally:
+        client.close()
+        local.stop()
+        guest.close()
+
+
 def test_agent_restart_fails_pending_requests(pair: tuple[BackdoorClient, LocalAgent], tmp_path: Path) -> None:
     client, local = pair
     started = tmp_path / "started"
