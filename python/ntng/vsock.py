@@ -18,39 +18,46 @@ from pathlib import Path
 from .client import connect_unix
 from .errors import BackdoorError, ConnectionLost, WaitTimeout
 
-ATTEMPT_TIMEOUT = 2.0  # one CONNECT handshake; a listening guest answers in milliseconds
+ATTEMPT_TIMEOUT = 2.0  # one AF_VSOCK connect; a listening guest answers in milliseconds
 RETRY_DELAY = 0.1
 MAX_REPLY = 64  # "OK 4294967295\n" fits many times over
+ALIVE_EVERY = 1.0  # how often a CONNECT waiting for its answer checks that the VMM still runs
 
 
 class HandshakeRefused(BackdoorError):
     """The multiplexer answered CONNECT with something other than OK."""
 
 
-def _read_line(sock: socket.socket, deadline: float) -> bytes:
+def _read_line(sock: socket.socket, deadline: float, alive: Callable[[], bool] | None) -> bytes:
     """Read up to a newline (or EOF) byte by byte: nothing after it may be consumed, since the
-    guest's first bytes follow the OK line on the same stream."""
+    guest's first bytes follow the OK line on the same stream.  Returns what came by `deadline`;
+    raises ConnectionLost when `alive` says the VMM is gone."""
     line = b""
     while not line.endswith(b"\n") and len(line) < MAX_REPLY:
         left = deadline - time.monotonic()
         if left <= 0:
             break
-        sock.settimeout(left)
+        sock.settimeout(min(left, ALIVE_EVERY))
         try:
             byte = sock.recv(1)
         except TimeoutError:
-            break
+            if alive is not None and not alive():
+                raise ConnectionLost("the VMM exited while a vsock CONNECT waited for its answer") from None
+            continue
         if not byte:
             break
         line += byte
     return line
 
 
-def hybrid_handshake(sock: socket.socket, port: int, timeout: float = ATTEMPT_TIMEOUT) -> bool:
-    """Ask for guest `port` on a connected hybrid vsock socket.  True when the guest accepted;
-    False when nobody listens there yet (closed or silent); HandshakeRefused for anything else."""
+def hybrid_handshake(sock: socket.socket, port: int, deadline: float,
+                     alive: Callable[[], bool] | None = None) -> bool:
+    """Ask for guest `port` on a connected hybrid vsock socket and wait for the answer, until
+    `deadline`.  True when the guest accepted; False when nobody listens there yet (the
+    multiplexer closed the connection, or said nothing by the deadline); HandshakeRefused for
+    anything else."""
     sock.sendall(f"CONNECT {port}\n".encode())
-    line = _read_line(sock, time.monotonic() + timeout)
+    line = _read_line(sock, deadline, alive)
     if line.startswith(b"OK ") and line.endswith(b"\n"):
         sock.settimeout(None)
         return True
@@ -62,12 +69,21 @@ def hybrid_handshake(sock: socket.socket, port: int, timeout: float = ATTEMPT_TI
 def connect_hybrid(
     uds: Path | str, port: int, timeout: float, alive: Callable[[], bool] | None = None
 ) -> socket.socket:
-    """A stream to the guest process listening on vsock `port`, through hybrid socket `uds`."""
+    """A stream to the guest process listening on vsock `port`, through hybrid socket `uds`.
+
+    A CONNECT is never given up while it may still be answered, only when the multiplexer
+    closes it (nobody listens yet: try again), the VMM is gone, or `timeout` has passed.
+    vhost-device-vsock 0.3 panics when a guest accepts a connection whose host end was closed
+    meanwhile (it writes the OK to that socket and unwraps the EPIPE): its vsock thread dies and
+    no later CONNECT is ever answered.  Measured: a host that closed its attempt 2 s after
+    CONNECT, while a loaded TCG guest was still accepting, lost the backdoor for the rest of
+    the VM's life.  A queued CONNECT does reach the guest once its driver is up: the multiplexer
+    then answers it, or closes it when the guest resets it."""
     deadline = time.monotonic() + timeout
     while True:
         sock = connect_unix(uds, timeout=max(0.1, deadline - time.monotonic()), alive=alive)
         try:
-            if hybrid_handshake(sock, port, min(ATTEMPT_TIMEOUT, max(0.1, deadline - time.monotonic()))):
+            if hybrid_handshake(sock, port, deadline, alive):
                 return sock
         except OSError:
             pass  # reset while the multiplexer found nobody listening: try again

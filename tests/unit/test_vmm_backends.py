@@ -26,7 +26,7 @@ import thirdparty
 
 from ntng import backends, nixeval, snapshots, testspec, vsock
 from ntng.client import BackdoorClient
-from ntng.errors import BackdoorError, MissingCapability, SetupError, WaitTimeout
+from ntng.errors import BackdoorError, ConnectionLost, MissingCapability, SetupError, WaitTimeout
 from ntng.machine import Machine
 from ntng.unixhttp import ApiError, UnixHttpClient
 
@@ -567,6 +567,51 @@ def test_hybrid_vsock_times_out_clearly(env: Env) -> None:
     with pytest.raises(WaitTimeout, match=r"waiting for a guest listener on vsock port 7 \(hybrid socket .*v.sock\)"):
         vsock.connect_hybrid(path, 7, 1, lambda: True)
     assert time.monotonic() - t0 < 5
+    srv.close()
+
+
+def test_hybrid_vsock_waits_for_a_late_answer_instead_of_closing(env: Env) -> None:
+    """A guest that accepts late (a loaded TCG guest: seen in CI) is answered on the connection
+    that asked: vhost-device-vsock 0.3 panics, and the backdoor is gone for good, when it writes
+    that OK to a host socket that was closed meanwhile.  This multiplexer answers after 3 s
+    and records whether the host hung up first."""
+    path = str(env.root / "v.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(4)
+    hung_up: list[bool] = []
+
+    def late() -> None:
+        conn, _ = srv.accept()
+        conn.recv(64)
+        time.sleep(3)
+        try:
+            conn.sendall(b"OK 1025\n")
+            conn.settimeout(5)
+            hung_up.append(conn.recv(1) == b"")  # the host closes only after the test below
+        except OSError:
+            hung_up.append(True)
+        conn.close()
+
+    answerer = threading.Thread(target=late, daemon=True)
+    answerer.start()
+    sock = vsock.connect_hybrid(path, 1234, 15, lambda: True)
+    sock.sendall(b"x")
+    answerer.join(10)
+    sock.close()
+    srv.close()
+    assert hung_up == [False], "the host closed its CONNECT before the multiplexer answered"
+
+
+def test_hybrid_vsock_stops_waiting_when_the_vmm_exits(env: Env) -> None:
+    path = str(env.root / "v.sock")
+    srv = serve_once(path, b"")  # never answers
+    running = [True]
+    threading.Timer(1.0, lambda: running.__setitem__(0, False)).start()
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionLost, match="exited"):
+        vsock.connect_hybrid(path, 7, 60, lambda: running[0])
+    assert time.monotonic() - t0 < 4
     srv.close()
 
 
