@@ -538,6 +538,12 @@ class BackdoorClient:
         for chunk in chunks:
             view = memoryview(chunk)
             while view:
+                # SEND_GRACE is for the frame under way, not for each frame after the
+                # deadline: else a guest taking bytes slowly stretched a call by one grace
+                # per frame its credit allowed (seen in CI: a 6 s put_file took 9.6 s).
+                if time.monotonic() >= deadline:
+                    raise WaitTimeout(f"{self.name}: {what} was not all sent by the call's deadline: "
+                                      "the guest takes the data too slowly or stopped taking it")
                 n = self._take(p, min(len(view), frame_size), deadline, what)
                 self._send(P.encode_frame(ftype, p.rid, view[:n]), deadline, what)  # type: ignore[arg-type]
                 view = view[n:]

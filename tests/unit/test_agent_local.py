@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from ntng import protocol as P
-from ntng.client import BackdoorClient, ExecResult, _Pending
-from ntng.errors import AgentRestarted, RemoteError
+from ntng.client import SEND_GRACE, BackdoorClient, ExecResult, _Pending
+from ntng.errors import AgentRestarted, NtngError, RemoteError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "backdoor"))
 import ntng_agent as agent  # noqa: E402
@@ -565,3 +565,42 @@ def test_identity_is_set_by_the_agent_without_a_process(
     with pytest.raises(RemoteError, match="setting the clone's identity: Is a directory"):
         client.set_identity(P.Identity("c8", "c8-1", now, []))
     assert sh(client, "true").status == 0
+
+
+class SlowConnection(HostConnection):
+    """An agent that, once `slow` is set, takes 48 KiB every 0.5 s: a guest that takes data,
+    but slowly (a loaded TCG guest)."""
+
+    slow = threading.Event()
+
+    def read(self, n: int) -> bytes:
+        if self.slow.is_set():
+            time.sleep(0.5)
+            n = min(n, 48 * 1024)
+        return super().read(n)
+
+
+def test_a_slow_guest_does_not_stretch_put_file_past_its_timeout(tmp_path: Path) -> None:
+    """SEND_GRACE is given to the frame under way, not again to every frame after the deadline
+    (seen in CI: put_file(timeout=6) took 9.6 s into a guest that was being stopped)."""
+    host, guest = socket.socketpair()
+    local = LocalAgent(guest)
+    local.conn = SlowConnection(guest)
+    local.thread = threading.Thread(target=agent.serve, args=(local.conn, time.time_ns()), daemon=True)
+    local.thread.start()
+    client = BackdoorClient(host, name="slow")
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(8 * MiB))
+    try:
+        client.wait_ready(10)
+        SlowConnection.slow.set()
+        t0 = time.monotonic()
+        with pytest.raises(NtngError):
+            client.put_file(big, str(tmp_path / "copy"), timeout=2.0)
+        took = time.monotonic() - t0
+        assert took < 2.0 + SEND_GRACE + 0.5, f"put_file(timeout=2) took {took:.1f}s"
+    finally:
+        SlowConnection.slow.clear()
+        client.close()
+        local.stop()
+        guest.close()
