@@ -156,11 +156,13 @@ def test_env(client: BackdoorClient) -> None:
     r = sh(client, 'printf "%s,%s" "$NTNG_A" "$NTNG_B"', env=env)
     assert r.stdout == "one two,ü".encode()
     os.environ["NTNG_INHERITED"] = "yes"
+    agent._AGENT_ENV.clear()  # the agent reads its environment once; this one changed it
     try:
         assert sh(client, 'echo "$NTNG_INHERITED"').stdout == b"yes\n"
         r = client.execute(P.Exec(argv=["env"], clear_env=True, env=[{"key": "ONLY", "value": "1"}]))
     finally:
         del os.environ["NTNG_INHERITED"]
+        agent._AGENT_ENV.clear()
     lines = sorted(r.stdout.decode().splitlines())
     assert "ONLY=1" in lines and not any(x.startswith("NTNG_INHERITED=") for x in lines)
     assert [x for x in lines if not x.startswith(("ONLY=", "PATH="))] == []
@@ -604,3 +606,24 @@ def test_a_slow_guest_does_not_stretch_put_file_past_its_timeout(tmp_path: Path)
         client.close()
         local.stop()
         guest.close()
+
+
+def test_a_command_served_inline_does_not_delay_the_next_request(client: BackdoorClient) -> None:
+    """A plain command runs on the agent's reader thread until the host sends anything: the
+    next request then moves it to a worker, and is answered at once."""
+    slow = in_background(lambda: sh(client, "sleep 3; echo slow"))
+    time.sleep(0.5)  # the slow command is being served inline by now
+    t0 = time.monotonic()
+    assert sh(client, "echo quick").stdout == b"quick\n"
+    assert time.monotonic() - t0 < 2.0
+    r = slow.get(timeout=10)
+    assert isinstance(r, ExecResult) and r.stdout == b"slow\n" and r.status == 0
+
+
+def test_a_command_that_closes_its_output_early_is_still_reaped(client: BackdoorClient) -> None:
+    """Its output ends long before it exits: the inline path hands the wait to a worker."""
+    t0 = time.monotonic()
+    r = sh(client, "echo early; exec >&- 2>&-; sleep 2; exit 3")
+    assert (r.stdout, r.status) == (b"early\n", 3)
+    assert 2.0 <= time.monotonic() - t0 < 6.0
+    assert sh(client, "echo after").stdout == b"after\n"
