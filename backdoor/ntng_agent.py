@@ -67,6 +67,7 @@ class Disconnected(Exception):
 
 
 PORT_BUFFER = 4096  # what a virtio-serial port hands out per read when more is queued
+READ_BUFFER = P.CHUNK * 16  # 1 MiB: several maximal frames a batch
 
 
 class Connection:
@@ -75,33 +76,36 @@ class Connection:
     def __init__(self, rfd: int, wfd: int) -> None:
         self.rfd, self.wfd = rfd, wfd
         self._lock = threading.Lock()
+        # Reads land in one buffer kept for the connection: os.read(fd, 1 MiB) allocates (mmap)
+        # and frees 1 MiB per call, which in a TCG guest cost ~0.6 ms per PING (measured).
+        self._rview = memoryview(bytearray(READ_BUFFER))
 
     def read(self, n: int) -> bytes:
-        """Block for some bytes, then take whatever else is ready (up to n).
+        """Block for some bytes, then take whatever else is ready (up to n, at most
+        READ_BUFFER).
 
         A virtio-serial port hands out at most one 4 KiB guest buffer per read(); batching
         the reads keeps the per-chunk Python work (slow under TCG) off the data path.  The
         batch reads without blocking until EAGAIN: one syscall per buffer, not a select too.
         """
+        view = self._rview[:n]
         try:
-            first = os.read(self.rfd, n)
-            if len(first) < PORT_BUFFER:
-                return first  # a short read: nothing else was queued
-            parts, size = [first], len(first)
+            size = os.readv(self.rfd, [view])
+            if size < PORT_BUFFER:
+                return bytes(view[:size])  # a short read: nothing else was queued
             os.set_blocking(self.rfd, False)  # writers on the same fd wait out EAGAIN (below)
             try:
                 while size < n:
                     try:
-                        more = os.read(self.rfd, n - size)
+                        more = os.readv(self.rfd, [view[size:]])
                     except BlockingIOError:
                         break
                     if not more:
                         break
-                    parts.append(more)
-                    size += len(more)
+                    size += more
             finally:
                 os.set_blocking(self.rfd, True)
-            return b"".join(parts)
+            return bytes(view[:size])
         except OSError:
             return b""
 
@@ -998,7 +1002,7 @@ def serve(conn: Connection, started_ns: int, key_file: str | None = None) -> Non
     conn.write(P.announce_bytes(P.Announce(boot_id(), AGENT_VERSION, started_ns)))
     try:
         while True:
-            data = conn.read(P.CHUNK * 16)  # 1 MiB: several maximal frames a batch
+            data = conn.read(READ_BUFFER)
             if not data:
                 return
             decoder.feed(data)

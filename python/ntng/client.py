@@ -265,12 +265,15 @@ class BackdoorClient:
 
     def _read_loop(self) -> None:
         decoder = P.Decoder(self.max_frame)
+        # One receive buffer for the connection (the decoder copies out of it): recv(1 MiB)
+        # allocated and freed 1 MiB per call.
+        buf = memoryview(bytearray(1 << 20))
         try:
             while self._closed is None:
-                data = self.sock.recv(1 << 20)  # close() and _abort() wake it with shutdown()
-                if not data:
+                n = self.sock.recv_into(buf)  # close() and _abort() wake it with shutdown()
+                if not n:
                     raise ConnectionLost(f"{self.name}: the VM closed the backdoor connection")
-                decoder.feed(data)
+                decoder.feed(buf[:n])
                 for ev in decoder.events():
                     if isinstance(ev, P.Garbage):
                         self._garbage(ev, decoder)

@@ -705,7 +705,7 @@ class Decoder:
     def buffered(self) -> int:
         return len(self._buf)
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._buf += data
 
     def events(self) -> Iterator[Frame | Garbage]:
