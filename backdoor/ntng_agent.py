@@ -161,7 +161,7 @@ class Task:
     def cancel(self) -> None:
         self.send_window.close("connection closed")
 
-    def send_data(self, ftype: int, data: bytes, deadline: float | None = None) -> None:
+    def send_data(self, ftype: int, data: bytes | memoryview, deadline: float | None = None) -> None:
         """Send data under flow control, cut into frames that fit the credit (TimeoutError
         when the peer grants none until `deadline`)."""
         view = memoryview(data)
@@ -338,12 +338,14 @@ class ExecTask(Task):
                         size = min(size, self.send_window.credit)
                         if size <= 0:
                             return False
+                    view = _thread_buffer(self.session.max_frame)[:size]
                     try:
-                        chunk = os.read(fd, size)
+                        got = os.readv(fd, [view])
                     except OSError:
-                        chunk = b""
-                    if chunk:
-                        if len(chunk) == PIPE_DEFAULT and fd not in self.grown:
+                        got = 0
+                    if got:
+                        chunk = view[:got]  # sent (copied into the kernel) before the next read
+                        if got == PIPE_DEFAULT and fd not in self.grown:
                             self.grown.add(fd)
                             _grow_pipe(fd)
                         self.send_data(pipes[fd], chunk, self.deadline)
@@ -680,6 +682,16 @@ def _grow_pipe(fd: int) -> None:
 
 
 _DEVNULL: list[int] = []
+_BUFFERS = threading.local()
+
+
+def _thread_buffer(size: int) -> memoryview:
+    """This thread's read buffer of at least `size` bytes, kept: os.read(fd, 256 KiB) allocates
+    (mmap) and frees 256 KiB per call, even for the read that finds EOF (costly under TCG)."""
+    buf: memoryview | None = getattr(_BUFFERS, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _BUFFERS.buf = memoryview(bytearray(size))
+    return buf
 _AGENT_ENV: list[dict[str, str]] = []
 
 
