@@ -118,6 +118,44 @@ class LocalAgent:
         self.sock.sendall(P.Exec(argv=argv, timeout_ms=900_000).frame(self.rid))
         self.until(P.FrameType.EXIT)
 
+    def ping(self) -> None:
+        self.sock.sendall(PING)
+        self.until(P.FrameType.PONG)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.kill()
+
+
+PING = P.ping_frame(b"12345678")
+RAW_ECHO = (
+    "import os, socket, sys\n"
+    "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1); c, _ = s.accept()\n"
+    "while True:\n"
+    "    d = os.read(c.fileno(), 65536)\n"
+    "    if not d: break\n"
+    "    os.write(c.fileno(), d)\n"
+)
+
+
+class RawEcho:
+    """A python3 echo loop on a unix socket: the PING's floor inside the guest."""
+
+    def __init__(self) -> None:
+        import socket
+        path = f"/tmp/raw-echo-{os.getpid()}.sock"
+        self.proc = subprocess.Popen([sys.executable, "-c", RAW_ECHO, path])
+        while not os.path.exists(path):
+            time.sleep(0.05)
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+
+    def echo(self) -> None:
+        self.sock.sendall(PING)
+        got = 0
+        while got < len(PING):
+            got += len(self.sock.recv(65536))
+
     def close(self) -> None:
         self.sock.close()
         self.proc.kill()
@@ -152,9 +190,12 @@ def main() -> None:
         ("floor: posix_spawn /bin/true + waitpid", lambda: bare_spawn("/bin/true", ["true"])),
     ]
     agent = LocalAgent(sys.argv[2] if len(sys.argv) > 2 else "/usr/lib/ntng-backdoor")
+    echo = RawEcho()
     steps += [
         ("agent round trip on a unix socket: EXEC `bash -c` -> EXIT", lambda: agent.exec(ARGV)),
         ("agent round trip on a unix socket: EXEC /bin/true -> EXIT", lambda: agent.exec(["true"])),
+        ("agent round trip on a unix socket: PING -> PONG", agent.ping),
+        ("floor: python3 echo loop on a unix socket, the same bytes", echo.echo),
     ]
     # Interleaved rounds: every step is measured in each round, the medians taken over rounds,
     # so a burst of host load hits all steps alike.
@@ -170,6 +211,7 @@ def main() -> None:
         s = sorted(samples[name])
         print(f"{name}\t{s[len(s) // 2] * 1000:.3f}")
     agent.close()
+    echo.close()
 
 
 if __name__ == "__main__":

@@ -313,8 +313,11 @@ def ratios(m: Machine, client: Any, tmp: Path, rounds: int, copy_mb: int) -> lis
     samples: dict[str, list[float]] = {k: [] for k in cases}
     for fn in cases.values():
         fn()
-    for _ in range(n):
-        for k, fn in cases.items():
+    order = list(cases.items())
+    for r in range(n):
+        # Rotated each round: the sample taken right after the floors' python3 (a cold guest
+        # cache, a halted vCPU waking) is a different case every time, not always the PING.
+        for k, fn in order[r % len(order):] + order[:r % len(order)]:
             t0 = time.perf_counter()
             fn()
             samples[k].append(time.perf_counter() - t0)
