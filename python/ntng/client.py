@@ -166,10 +166,12 @@ class BackdoorClient:
         """The connection is gone (the VM, or on vsock the guest's agent, closed it)."""
         return self._closed is not None
 
-    def _send(self, data: bytes, deadline: float | None = None, what: str = "a frame") -> None:
+    def _send(self, data: bytes, deadline: float | None = None, what: str = "a frame",
+              still_wanted: Callable[[], bool] | None = None) -> None:
         """Send one frame by `deadline` (at least SEND_GRACE from now; READER_SEND_TIMEOUT
         from now when None).  Waiting for another sender past it raises WaitTimeout; a frame
-        not fully written by then closes the link (SendTimeout)."""
+        not fully written by then closes the link (SendTimeout).  `still_wanted`, checked once
+        the connection is ours: False drops the frame (a HELLO a newer one replaced)."""
         start = time.monotonic()
         end = max(start + READER_SEND_TIMEOUT if deadline is None else deadline, start + SEND_GRACE)
         if not self._write_lock.acquire(timeout=end - start):
@@ -180,6 +182,8 @@ class BackdoorClient:
         try:
             if self._closed is not None:
                 raise self._closed
+            if still_wanted is not None and not still_wanted():
+                return
             self._write(memoryview(data), end, what, start)
         finally:
             self._write_lock.release()
@@ -245,7 +249,11 @@ class BackdoorClient:
         )
         if deadline is None:
             deadline = time.monotonic() + READER_SEND_TIMEOUT
-        self._send(msg.frame(P.HANDSHAKE_REQUEST_ID), deadline, "HELLO")
+        # Only while it is the newest: a HELLO written after a newer one's session was set up
+        # would reset that session in the agent, which then refuses our requests (seen in CI:
+        # the constructor's HELLO, delayed, went out after the reader's session was accepted).
+        self._send(msg.frame(P.HANDSHAKE_REQUEST_ID), deadline, "HELLO",
+                   still_wanted=lambda: self._nonce == nonce)
 
     def wait_ready(self, timeout: float, what: str = "the agent's hello") -> P.HelloAck:
         deadline = time.monotonic() + timeout

@@ -627,3 +627,36 @@ def test_a_command_that_closes_its_output_early_is_still_reaped(client: Backdoor
     assert (r.stdout, r.status) == (b"early\n", 3)
     assert 2.0 <= time.monotonic() - t0 < 6.0
     assert sh(client, "echo after").stdout == b"after\n"
+
+
+def test_a_hello_overtaken_by_a_newer_session_is_not_sent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen in CI: the constructor set its HELLO's nonce, was descheduled, and meanwhile the
+    reader answered the agent's ANNOUNCE with a HELLO of its own whose session (with a key:
+    challenge, proof, HELLO_ACK) completed.  The constructor's late HELLO then reset that
+    session in the agent, which refused every request ("not authenticated").  Here the
+    constructor's HELLO waits until the reader's session is acknowledged."""
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    host, guest = socket.socketpair()
+    conn = HostConnection(guest)
+    started = threading.Timer(0.2, lambda: threading.Thread(
+        target=agent.serve, args=(conn, time.time_ns(), str(key)), daemon=True).start())
+    main = threading.current_thread()
+    original = BackdoorClient._send
+
+    def late_hello(self: BackdoorClient, data: bytes, deadline: float | None = None, what: str = "a frame",
+                   *args: object, **kw: object) -> None:
+        if what == "HELLO" and threading.current_thread() is main:
+            _wait_for(lambda: self.agent is not None)
+        original(self, data, deadline, what, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BackdoorClient, "_send", late_hello)
+    started.start()  # the agent starts (and announces itself) after the constructor's HELLO is ready
+    client = BackdoorClient(host, name="late", key=key.read_bytes())
+    try:
+        client.wait_ready(10)
+        assert sh(client, "echo ok").stdout == b"ok\n"
+    finally:
+        client.close()
+        conn.kill()
+        guest.close()
