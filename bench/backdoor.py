@@ -425,12 +425,38 @@ def raw_echo_fn(m: Machine) -> tuple[Any, socket.socket]:
     return one, s
 
 
+def idle_pings(m: Machine, client: Any, rounds: int) -> list[tuple[str, str, str]]:
+    """PING and the raw echo alternated, after 0, 20 and 200 ms of idleness each: a round
+    trip that follows idleness costs more under TCG, and more for the agent than for the echo."""
+    echo, s = raw_echo_fn(m)
+
+    def timed(fn: Any) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    rows = []
+    for gap in (0.0, 0.02, 0.2):
+        ping, raw = [], []
+        for _ in range(rounds):
+            time.sleep(gap)
+            ping.append(timed(client.ping))
+            time.sleep(gap)
+            raw.append(timed(echo))
+        p, r = pct(ping, 50) * 1000, pct(raw, 50) * 1000
+        rows.append((f"PING after {gap * 1000:.0f} ms idle, median (ms)", f"{p:.2f}",
+                     f"raw echo {r:.2f} (×{p / r:.2f})"))
+    s.close()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--copy-mb", type=int, default=64)
     ap.add_argument("--accel", default=os.environ.get("NTNG_ACCEL", "auto"))
     ap.add_argument("--breakdown", action="store_true", help="where a command's time goes (only)")
+    ap.add_argument("--idle", action="store_true", help="PING vs raw echo after idle periods (only)")
     ap.add_argument("--ab", default="", metavar="GIT_REF",
                     help="with --breakdown: also run the agent of GIT_REF in the guest, interleaved")
     args = ap.parse_args()
@@ -452,7 +478,10 @@ def main() -> None:
             breakdown(m, tmp, args.rounds, args.ab)
             return
         client = m.connect()
-        rows += ratios(m, client, tmp, args.rounds, args.copy_mb)
+        if args.idle:
+            rows += idle_pings(m, client, max(10, args.rounds // 7))
+        else:
+            rows += ratios(m, client, tmp, args.rounds, args.copy_mb)
     finally:
         driver.release()
     print(f"\nload average: {os.getloadavg()}")
