@@ -639,8 +639,8 @@ def test_a_hello_overtaken_by_a_newer_session_is_not_sent(tmp_path: Path, monkey
     key.write_bytes(os.urandom(32))
     host, guest = socket.socketpair()
     conn = HostConnection(guest)
-    started = threading.Timer(0.2, lambda: threading.Thread(
-        target=agent.serve, args=(conn, time.time_ns(), str(key)), daemon=True).start())
+    serving = threading.Thread(target=agent.serve, args=(conn, time.time_ns(), str(key)), daemon=True)
+    started = threading.Timer(0.2, serving.start)
     main = threading.current_thread()
     original = BackdoorClient._send
 
@@ -659,4 +659,7 @@ def test_a_hello_overtaken_by_a_newer_session_is_not_sent(tmp_path: Path, monkey
     finally:
         client.close()
         conn.kill()
+        started.join(10)
+        serving.join(10)  # before its fd is closed under it
+        assert not serving.is_alive(), "agent did not stop"
         guest.close()
