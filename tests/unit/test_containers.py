@@ -79,7 +79,14 @@ def test_the_agent_serves_the_folder_with_the_key_it_finds_there(tmp_path: Path)
     serve_folder(folder)
     sock_path = folder / agent.FOLDER_SOCKET
     deadline = time.monotonic() + 10
-    while os.stat(sock_path).st_mtime == 0:
+
+    def replaced() -> bool:
+        try:
+            return os.stat(sock_path).st_mtime != 0
+        except FileNotFoundError:  # between the agent's unlink and its bind
+            return False
+
+    while not replaced():
         assert time.monotonic() < deadline, "the stale socket was not replaced"
         time.sleep(0.01)
     assert sock_path.stat().st_mode & 0o077 == 0
