@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import grp
 import os
 import pty
@@ -231,7 +232,8 @@ class ExecTask(Task):
         if self.proc.stdin is not None:
             self.stdin_queue = queue.SimpleQueue()
             self._spawn(self._feed_stdin, self.proc.stdin)
-        elif self.session.inline_fd is not None and self.serve_inline(self.session.inline_fd):
+        elif (isinstance(self.proc, Spawned) and self.session.inline_fd is not None
+              and self.serve_inline(self.session.inline_fd)):
             return
         self._spawn(self._serve_pipes)
 
@@ -267,19 +269,21 @@ class ExecTask(Task):
         """Serve the command on the reader's thread while the host sends nothing (`host_fd`
         becomes readable), the command needs no credit wait and it runs under INLINE_FOR: a
         short command then costs no hand-off to a worker (a futex wake-up and a context
-        switch each way in a TCG guest).  True: done (EXIT sent); False: a worker goes on."""
+        switch each way in a TCG guest).  True: done (EXIT sent); False: a worker goes on.
+        Only for a command started by posix_spawn (`Spawned`): waiting for a Popen one after
+        its output ended could block the reader."""
+        assert isinstance(self.proc, Spawned)
         self._watch_pipes()
-        if isinstance(self.proc, Spawned):
-            try:  # its exit is one more event of the same poll: no separate wait after EOF
-                self.pidfd = os.pidfd_open(self.proc.pid)
-                self.poller.register(self.pidfd, select.POLLIN)
-            except (AttributeError, OSError):
-                pass
+        try:  # its exit is one more event of the same poll: no separate wait after EOF
+            self.pidfd = os.pidfd_open(self.proc.pid)
+            self.poller.register(self.pidfd, select.POLLIN)
+        except (AttributeError, OSError):
+            pass
         if not self._pump_pipes(host_fd):
             return False
         if self.aborted:
             return True
-        if not self.exited and isinstance(self.proc, Spawned) and not self.proc.returned_within(INLINE_REAP):
+        if not self.exited and not self.proc.returned_within(INLINE_REAP):
             self._close_pipes()  # it closed its output and goes on: a worker waits for it
             return False
         self._end_pipes()
@@ -682,7 +686,6 @@ def _grow_pipe(fd: int) -> None:
         pass
 
 
-_DEVNULL: list[int] = []
 _BUFFERS = threading.local()
 
 
@@ -693,22 +696,19 @@ def _thread_buffer(size: int) -> memoryview:
     if buf is None or len(buf) < size:
         buf = _BUFFERS.buf = memoryview(bytearray(size))
     return buf
-_AGENT_ENV: list[dict[str, str]] = []
 
 
+@functools.cache
 def _agent_env() -> dict[str, str]:
-    """The agent's environment as a plain dict, read once: copying os.environ decodes every
-    variable again (~0.2 ms a command under TCG).  The agent never changes its environment."""
-    if not _AGENT_ENV:
-        _AGENT_ENV.append(dict(os.environ))
-    return _AGENT_ENV[0]
+    """The agent's environment as a plain dict, read once (callers copy it): copying os.environ
+    decodes every variable again (~0.2 ms a command under TCG).  The agent never changes it."""
+    return dict(os.environ)
 
 
+@functools.cache
 def _devnull() -> int:
     """/dev/null for commands without stdin, opened once (close-on-exec; dup'ed onto fd 0)."""
-    if not _DEVNULL:
-        _DEVNULL.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
-    return _DEVNULL[0]
+    return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _which(name: str, path: str) -> str:

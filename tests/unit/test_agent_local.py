@@ -70,15 +70,17 @@ class HostConnection(agent.Connection):
 
 
 class LocalAgent:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, connection: type[HostConnection] = HostConnection,
+                 key_file: str | None = None) -> None:
         self.sock = sock
+        self.connection, self.key_file = connection, key_file
         self.conn: HostConnection | None = None
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self.conn = HostConnection(self.sock)
+        self.conn = self.connection(self.sock)
         self.thread = threading.Thread(
-            target=agent.serve, args=(self.conn, time.time_ns()), name="ntng-agent", daemon=True
+            target=agent.serve, args=(self.conn, time.time_ns(), self.key_file), name="ntng-agent", daemon=True
         )
         self.thread.start()
 
@@ -156,13 +158,13 @@ def test_env(client: BackdoorClient) -> None:
     r = sh(client, 'printf "%s,%s" "$NTNG_A" "$NTNG_B"', env=env)
     assert r.stdout == "one two,ü".encode()
     os.environ["NTNG_INHERITED"] = "yes"
-    agent._AGENT_ENV.clear()  # the agent reads its environment once; this one changed it
+    agent._agent_env.cache_clear()  # the agent reads its environment once; this one changed it
     try:
         assert sh(client, 'echo "$NTNG_INHERITED"').stdout == b"yes\n"
         r = client.execute(P.Exec(argv=["env"], clear_env=True, env=[{"key": "ONLY", "value": "1"}]))
     finally:
         del os.environ["NTNG_INHERITED"]
-        agent._AGENT_ENV.clear()
+        agent._agent_env.cache_clear()
     lines = sorted(r.stdout.decode().splitlines())
     assert "ONLY=1" in lines and not any(x.startswith("NTNG_INHERITED=") for x in lines)
     assert [x for x in lines if not x.startswith(("ONLY=", "PATH="))] == []
@@ -586,10 +588,8 @@ def test_a_slow_guest_does_not_stretch_put_file_past_its_timeout(tmp_path: Path)
     """SEND_GRACE is given to the frame under way, not again to every frame after the deadline
     (seen in CI: put_file(timeout=6) took 9.6 s into a guest that was being stopped)."""
     host, guest = socket.socketpair()
-    local = LocalAgent(guest)
-    local.conn = SlowConnection(guest)
-    local.thread = threading.Thread(target=agent.serve, args=(local.conn, time.time_ns()), daemon=True)
-    local.thread.start()
+    local = LocalAgent(guest, SlowConnection)
+    local.start()
     client = BackdoorClient(host, name="slow")
     big = tmp_path / "big"
     big.write_bytes(os.urandom(8 * MiB))
@@ -638,9 +638,8 @@ def test_a_hello_overtaken_by_a_newer_session_is_not_sent(tmp_path: Path, monkey
     key = tmp_path / "key"
     key.write_bytes(os.urandom(32))
     host, guest = socket.socketpair()
-    conn = HostConnection(guest)
-    serving = threading.Thread(target=agent.serve, args=(conn, time.time_ns(), str(key)), daemon=True)
-    started = threading.Timer(0.2, serving.start)
+    local = LocalAgent(guest, key_file=str(key))
+    started = threading.Timer(0.2, local.start)
     main = threading.current_thread()
     original = BackdoorClient._send
 
@@ -658,8 +657,18 @@ def test_a_hello_overtaken_by_a_newer_session_is_not_sent(tmp_path: Path, monkey
         assert sh(client, "echo ok").stdout == b"ok\n"
     finally:
         client.close()
-        conn.kill()
         started.join(10)
-        serving.join(10)  # before its fd is closed under it
-        assert not serving.is_alive(), "agent did not stop"
+        local.stop()  # before its fd is closed under it
         guest.close()
+
+
+def test_a_command_started_by_popen_is_not_waited_for_on_the_reader(client: BackdoorClient, tmp_path: Path) -> None:
+    """With its own cwd a command is started by Popen, whose exit has no pidfd in the inline
+    poll: once its output ends, waiting for it is a worker's job, never the reader's."""
+    slow = in_background(lambda: sh(client, "echo early; exec >&- 2>&-; sleep 3; exit 3", cwd=str(tmp_path)))
+    time.sleep(0.5)  # its output has ended; it still runs
+    t0 = time.monotonic()
+    assert sh(client, "echo quick").stdout == b"quick\n"
+    assert time.monotonic() - t0 < 1.5, "the reader thread was waiting for the first command"
+    r = slow.get(timeout=10)
+    assert isinstance(r, ExecResult) and (r.stdout, r.status) == (b"early\n", 3)
