@@ -25,6 +25,7 @@ import termios
 import threading
 import time
 import tty
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -68,6 +69,8 @@ class Disconnected(Exception):
 
 
 PORT_BUFFER = 4096  # what a virtio-serial port hands out per read when more is queued
+PORT_WRITE = 32 * 1024  # the most a virtio-serial port takes per write
+UNALIGNED_PIECES = 16  # iovecs built per readv when the buffer is off the 4 KiB grid
 READ_BUFFER = P.CHUNK * 16  # 1 MiB: several maximal frames a batch
 
 
@@ -80,15 +83,21 @@ class Connection:
         # Reads land in one buffer kept for the connection: os.read(fd, 1 MiB) allocates (mmap)
         # and frees 1 MiB per call, which in a TCG guest cost ~0.6 ms per PING (measured).
         self._rview = memoryview(bytearray(READ_BUFFER))
+        # The same buffer as PORT_BUFFER-sized pieces, for a readv that takes many port buffers
+        # in one syscall (see read()).
+        self._pages = [self._rview[i : i + PORT_BUFFER] for i in range(0, READ_BUFFER, PORT_BUFFER)]
 
     def read(self, n: int) -> bytes | memoryview:
         """Block for some bytes, then take whatever else is ready (up to n, at most
         READ_BUFFER).  A view into the connection's buffer, valid until the next read: the
         reader feeds it to its decoder (which copies) at once, so no copy is made here.
 
-        A virtio-serial port hands out at most one 4 KiB guest buffer per read(); batching
-        the reads keeps the per-chunk Python work (slow under TCG) off the data path.  The
-        batch reads without blocking until EAGAIN: one syscall per buffer, not a select too.
+        A virtio-serial port hands out at most one 4 KiB guest buffer per read() call of its
+        driver, which has no read_iter: the kernel runs a readv() as one read() per iovec and
+        goes on to the next while each comes back full.  So the batch is a non-blocking readv
+        over 4 KiB pieces of the buffer: one syscall takes every buffer that is queued (it ends
+        at the first short one or at EAGAIN), where a read() per buffer cost ~25 us of Python
+        each under TCG.  A socket fills the pieces in order, as one read would.
         """
         view = self._rview[:n]
         try:
@@ -98,8 +107,13 @@ class Connection:
             os.set_blocking(self.rfd, False)  # writers on the same fd wait out EAGAIN (below)
             try:
                 while size < n:
+                    if size % PORT_BUFFER == 0 and n % PORT_BUFFER == 0:
+                        pieces = self._pages[size // PORT_BUFFER : n // PORT_BUFFER]
+                    else:  # after a short buffer (a host write ended there): pieces from here
+                        end = min(n, size + UNALIGNED_PIECES * PORT_BUFFER)
+                        pieces = [view[o : min(o + PORT_BUFFER, end)] for o in range(size, end, PORT_BUFFER)]
                     try:
-                        more = os.readv(self.rfd, [view[size:]])
+                        more = os.readv(self.rfd, pieces)
                     except BlockingIOError:
                         break
                     if not more:
@@ -122,9 +136,18 @@ class Connection:
 
     def writev(self, parts: list[Any]) -> None:
         """Send the parts in order (a frame's header, payload view, trailer) with gathering
-        writes; a port takes at most 32 KiB a write, so the parts are advanced, not joined."""
+        writes.  A port takes at most 32 KiB a write and the kernel runs a writev as one
+        write per iovec while each is taken whole, so large parts are cut into 32 KiB pieces:
+        one syscall then moves a whole frame (it was one per 32 KiB)."""
         with self._lock:
-            views = [memoryview(p) for p in parts if len(p)]
+            views = []
+            for part in parts:
+                view = memoryview(part)
+                if len(view) <= PORT_WRITE:
+                    if len(view):
+                        views.append(view)
+                    continue
+                views += [view[i : i + PORT_WRITE] for i in range(0, len(view), PORT_WRITE)]
             while views:
                 try:
                     n = os.writev(self.wfd, views)
@@ -154,7 +177,8 @@ class Task:
         self.send_window = P.SendWindow(session.window)
         self.recv_window = P.ReceiveWindow(session.window)
 
-    def on_data(self, ftype: int, data: bytes) -> None:
+    def on_data(self, ftype: int, data: bytes, crc: int | None = None) -> None:
+        """A data frame's payload; `crc` is zlib.crc32(data) when the decoder computed it."""
         self.session.error(self.rid, P.ErrorCode.BAD_PAYLOAD, f"unexpected data frame {ftype}")
 
     def on_signal(self, signum: int) -> None:
@@ -443,7 +467,7 @@ class ExecTask(Task):
                 credit = self.recv_window.consumed(len(data))
                 if credit:
                     try:
-                        self.session.send(P.Credit(credit).frame(self.rid))
+                        self.session.send(P.credit_frame(self.rid, credit))
                     except Disconnected:
                         return
                 continue
@@ -472,7 +496,7 @@ class ExecTask(Task):
         if getattr(self, "stdin_queue", None) is not None:
             self.stdin_queue.put(b"")
 
-    def on_data(self, ftype: int, data: bytes) -> None:
+    def on_data(self, ftype: int, data: bytes, crc: int | None = None) -> None:
         if ftype != P.FrameType.STDIN or getattr(self, "stdin_queue", None) is None:
             return super().on_data(ftype, data)
         self.recv_window.received(len(data))
@@ -491,17 +515,17 @@ class PutTask(Task):
         self.hash = P.file_checksum(flags)
         self.size = 0
 
-    def on_data(self, ftype: int, data: bytes) -> None:
+    def on_data(self, ftype: int, data: bytes, crc: int | None = None) -> None:
         if ftype != P.FrameType.FILE_DATA:
             return super().on_data(ftype, data)
         self.recv_window.received(len(data))
         if data:
             _write_all(self.fd, data)
-            self.hash.update(data)
+            self.hash.update(data, crc)  # the frame's check computed crc: no second pass
             self.size += len(data)
             credit = self.recv_window.consumed(len(data))
             if credit:
-                self.session.send(P.Credit(credit).frame(self.rid))
+                self.session.send(P.credit_frame(self.rid, credit))
             return
         os.close(self.fd)
         self.fd = -1
@@ -569,9 +593,12 @@ class GetTask(Task):
                     if not got:
                         break
                     part = buf[:got]
-                    h.update(part)
+                    # One CRC-32 pass serves the frame's trailer and the whole-file CRC
+                    # (combined); with sha256 the frame CRC is its own pass.
+                    crc = zlib.crc32(part) if isinstance(h, P.Crc32) else None
+                    h.update(part, crc)
                     size += got
-                    self.session.send_payload(P.FrameType.FILE_DATA, self.rid, part)
+                    self.session.send_payload(P.FrameType.FILE_DATA, self.rid, part, crc)
             self.session.send(P.encode_frame(P.FrameType.FILE_DATA, self.rid))
             done = P.FileDone(size=size, sha256=h.digest(), mode=mode)
             self.session.finish(self.rid, done.frame(self.rid))
@@ -812,9 +839,10 @@ class Session:
     def send(self, frame: bytes) -> None:
         self.conn.write(frame)
 
-    def send_payload(self, ftype: int, rid: int, payload: memoryview) -> None:
-        """A data frame around `payload` in one gathering write, the payload never copied."""
-        head, trailer = P.frame_parts(ftype, rid, payload)
+    def send_payload(self, ftype: int, rid: int, payload: memoryview, crc: int | None = None) -> None:
+        """A data frame around `payload` in one gathering write, the payload never copied
+        (`crc`: zlib.crc32(payload) when the caller computed it already)."""
+        head, trailer = P.frame_parts(ftype, rid, payload, crc)
         self.conn.writev([head, payload, trailer])
 
     def error(self, rid: int, code: int, message: str) -> None:
@@ -866,7 +894,7 @@ class Session:
             task = self.tasks.get(rid)
         if ft in P.DATA_TYPES:
             if task is not None:
-                self._guard(rid, lambda: task.on_data(ft, msg))
+                self._guard(rid, lambda: task.on_data(ft, msg, frame.payload_crc))
             return  # data for a finished request: a harmless race
         if ft == P.FrameType.CREDIT:
             if task is not None:

@@ -541,7 +541,7 @@ class BackdoorClient:
     def _consumed(self, p: _Pending, n: int, deadline: float) -> None:
         credit = p.recv_window.consumed(n)
         if credit:
-            self._send(P.Credit(credit).frame(p.rid), deadline, "CREDIT")
+            self._send(P.credit_frame(p.rid, credit), deadline, "CREDIT")
 
     def _send_stream(self, p: _Pending, ftype: int, chunks: Iterable[bytes], deadline: float,
                      frame_size: int = P.CHUNK) -> None:
@@ -562,7 +562,7 @@ class BackdoorClient:
 
     def _take(self, p: _Pending, wanted: int, deadline: float, what: str) -> int:
         try:
-            return p.send_window.take(min(wanted, P.CHUNK), max(0.0, deadline - time.monotonic()))
+            return p.send_window.take(wanted, max(0.0, deadline - time.monotonic()))
         except TimeoutError:  # protocol.SendWindow's builtin one
             raise WaitTimeout(f"{self.name}: no flow-control credit from the guest for {what} "
                               "before the deadline: it stopped taking the data") from None
@@ -791,7 +791,7 @@ class BackdoorClient:
                         f"max_size): copying stopped at {size} bytes; pass a larger "
                         "max_size= if the file is meant to be that big")
                 out.write(f.payload)
-                h.update(f.payload)
+                h.update(f.payload, f.payload_crc)
                 if sha is not h:
                     sha.update(f.payload)
                 size += len(f.payload)

@@ -134,16 +134,113 @@ class Crc32:
     def __init__(self) -> None:
         self.value = 0
 
-    def update(self, data: bytes | memoryview) -> None:
-        self.value = zlib.crc32(data, self.value)
+    def update(self, data: bytes | memoryview, crc: int | None = None) -> None:
+        """Extend by `data`; `crc` is zlib.crc32(data) when the caller has it already."""
+        if crc is None:
+            self.value = zlib.crc32(data, self.value)
+        else:
+            self.value = crc32_combine(self.value, crc, len(data))
 
     def digest(self) -> bytes:
         return self.value.to_bytes(4, "big")
 
 
-def file_checksum(flags: int) -> Any:
+# CRC-32 of a concatenation from the CRCs of its parts (zlib's crc32_combine, which Python's
+# zlib does not expose): a receiver that has the CRC of a large payload (computed once to check
+# its frame) extends a whole-file CRC with it instead of running the bytes through CRC-32 again.
+# In a TCG guest a CRC-32 pass over 256 KiB costs ~0.6 ms; a combine ~0.02 ms.
+_CRC_POLY = 0xEDB88320  # reflected CRC-32 polynomial, as zlib
+
+
+def _crc_multiply(a: int, b: int) -> int:
+    """a * b modulo the CRC polynomial (reflected bit order, x^0 in the top bit)."""
+    product = 0
+    m = 1 << 31
+    while m:
+        if a & m:
+            product ^= b
+            if not a & (m - 1):
+                break
+        m >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+    return product
+
+
+def _x_powers() -> list[int]:
+    powers = [1 << 30]  # x^1; then x^2, x^4, … x^(2^31)
+    for _ in range(31):
+        powers.append(_crc_multiply(powers[-1], powers[-1]))
+    return powers
+
+
+_X_POWERS = _x_powers()
+# length -> [x^(8*length) mod P, its byte tables (built on the second use), uses so far]
+_SHIFTS: dict[int, list[Any]] = {}
+_SHIFT_TABLES_AFTER = 2  # uses of one length before its tables are built (most are one-offs)
+
+
+def _shift_for(length: int) -> int:
+    """x^(8*length) mod P, the operator that moves a CRC past `length` bytes."""
+    op, n, k = 1 << 31, length, 3  # x^0; length bytes are 2^3 * length bits
+    while n:
+        if n & 1:
+            op = _crc_multiply(_X_POWERS[k & 31], op)
+        n >>= 1
+        k += 1
+    return op
+
+
+def _byte_tables(op: int) -> list[int]:
+    """op * c for every c with one byte set, as 4 tables of 256 (flattened): the product is
+    linear in c, so a multiply becomes 4 lookups (a loop of 32 costs ~0.07 ms under TCG)."""
+    tables = []
+    for shift in (0, 8, 16, 24):
+        basis = [_crc_multiply(op, 1 << (shift + bit)) for bit in range(8)]
+        table = [0] * 256
+        for v in range(1, 256):
+            low = v & -v
+            table[v] = table[v ^ low] ^ basis[low.bit_length() - 1]
+        tables += table
+    return tables
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """zlib.crc32(a + b) from crc1 = zlib.crc32(a), crc2 = zlib.crc32(b) and len(b)."""
+    if not len2:
+        return crc1
+    entry = _SHIFTS.get(len2)
+    if entry is None:
+        if len(_SHIFTS) >= 64:  # bounded: a peer choosing odd lengths cannot grow it
+            _SHIFTS.clear()
+        entry = _SHIFTS[len2] = [_shift_for(len2), None, 0]
+    op, tables, uses = entry
+    if tables is None:
+        if uses + 1 < _SHIFT_TABLES_AFTER:
+            entry[2] = uses + 1
+            return _crc_multiply(op, crc1) ^ crc2
+        tables = entry[1] = _byte_tables(op)
+    return (tables[crc1 & 0xFF] ^ tables[256 + (crc1 >> 8 & 0xFF)]
+            ^ tables[512 + (crc1 >> 16 & 0xFF)] ^ tables[768 + (crc1 >> 24)] ^ crc2)
+
+
+class Sha256:
+    """hashlib's sha256 with Crc32's update signature (a payload's CRC is of no use to it)."""
+
+    name = "sha256"
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+
+    def update(self, data: bytes | memoryview, crc: int | None = None) -> None:
+        self._hash.update(data)
+
+    def digest(self) -> bytes:
+        return self._hash.digest()
+
+
+def file_checksum(flags: int) -> Crc32 | Sha256:
     """The whole-file checksum a FILE_PUT / FILE_GET with these flags asks for."""
-    return Crc32() if flags & FLAG_CRC32 else hashlib.sha256()
+    return Crc32() if flags & FLAG_CRC32 else Sha256()
 
 
 DATA_TYPES = frozenset({FrameType.STDIN, FrameType.STDOUT, FrameType.STDERR, FrameType.FILE_DATA})
@@ -179,6 +276,9 @@ class Frame(NamedTuple):
     payload: bytes = b""
     flags: int = 0
     version: int = VERSION
+    # zlib.crc32(payload) alone, when the decoder computed it to check a large frame
+    # (COMBINED_CHECK_FROM): a receiver extends a whole-file CRC with it (Crc32.update).
+    payload_crc: int | None = None
 
     def encode(self) -> bytes:
         return encode_frame(self.type, self.request_id, self.payload, self.flags, self.version)
@@ -196,12 +296,20 @@ def encode_frame(
     return b"".join((head, payload, crc.to_bytes(4, "big")))
 
 
-def frame_parts(ftype: int, request_id: int, payload: bytes | memoryview) -> tuple[bytes, bytes]:
+def frame_parts(
+    ftype: int, request_id: int, payload: bytes | memoryview, payload_crc: int | None = None
+) -> tuple[bytes, bytes]:
     """(header, trailer) of the frame around `payload`, for a gathering write (os.writev) that
-    sends a large payload without copying it into a frame first."""
+    sends a large payload without copying it into a frame first.  With `payload_crc`
+    (zlib.crc32(payload), which the sender also needs for a whole-file CRC) the payload is not
+    run through CRC-32 a second time."""
     head = _HEAD_NO_CRC.pack(MAGIC, VERSION, ftype, 0, request_id, len(payload))
     head += zlib.crc32(head).to_bytes(4, "big")
-    return head, zlib.crc32(payload, zlib.crc32(head)).to_bytes(4, "big")
+    if payload_crc is None:
+        crc = zlib.crc32(payload, zlib.crc32(head))
+    else:
+        crc = crc32_combine(zlib.crc32(head), payload_crc, len(payload))
+    return head, crc.to_bytes(4, "big")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,6 +592,16 @@ def exit_frame(request_id: int, code: int, signal: int, timed_out: bool, duratio
     return encode_frame(FrameType.EXIT, request_id, payload)
 
 
+def credit_frame(request_id: int, amount: int) -> bytes:
+    """`Credit(amount).frame(request_id)` without the typed codec: a receiver sends one per
+    window's worth of data (construct built it in ~0.6 ms under TCG)."""
+    try:
+        payload = amount.to_bytes(4, "big")
+    except OverflowError as e:
+        raise FrameError(f"cannot encode CREDIT: {e}") from None
+    return encode_frame(FrameType.CREDIT, request_id, payload)
+
+
 @dataclasses.dataclass(frozen=True)
 class Signal(Message):
     TYPE = FrameType.SIGNAL
@@ -685,6 +803,11 @@ class Garbage:
     request_id: int | None = None  # set when a damaged frame's header looked plausible
 
 
+# Frames at least this long are checked as CRC(header) combined with CRC(payload), the latter
+# kept on the Frame; below it one CRC over both is cheaper than the combine (pure Python).
+COMBINED_CHECK_FROM = 64 * 1024
+
+
 class Decoder:
     """Incremental frame decoder.  feed() bytes, iterate events(): Frame or Garbage.
 
@@ -747,11 +870,17 @@ class Decoder:
                 return
             if self._pending_garbage:
                 yield self._flush_garbage("noise before frame")
-            # CRC over a view and one copy of the payload: under TCG every copy costs.
+            # CRC over a view and one copy of the payload: under TCG every copy costs.  A large
+            # payload's own CRC is kept (payload_crc) so a whole-file CRC needs no second pass.
+            payload_crc = None
             with memoryview(buf) as view:
-                crc_ok = zlib.crc32(view[: total - TRAILER_SIZE]) == int.from_bytes(
-                    view[total - TRAILER_SIZE : total], "big"
-                )
+                trailer = int.from_bytes(view[total - TRAILER_SIZE : total], "big")
+                if length >= COMBINED_CHECK_FROM:
+                    payload_crc = zlib.crc32(view[HEADER_SIZE : total - TRAILER_SIZE])
+                    crc = crc32_combine(zlib.crc32(view[:HEADER_SIZE]), payload_crc, length)
+                else:
+                    crc = zlib.crc32(view[: total - TRAILER_SIZE])
+                crc_ok = crc == trailer
                 payload = bytes(view[HEADER_SIZE : total - TRAILER_SIZE]) if crc_ok else b""
             if not crc_ok:
                 self.crc_failed_bytes += total
@@ -760,7 +889,7 @@ class Decoder:
                 yield self._flush_garbage("bad CRC", request_id)
                 continue
             del buf[:total]
-            yield Frame(ftype, request_id, payload, flags, version)
+            yield Frame(ftype, request_id, payload, flags, version, payload_crc)
 
     def _skip(self, n: int, buf: bytearray) -> None:
         if n > 0:

@@ -13,6 +13,7 @@ import random
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable
 
 import construct
@@ -83,6 +84,7 @@ RAW_FRAMES = st.builds(
     payload=st.binary(max_size=300),
     flags=U16,
     version=st.integers(P.MIN_VERSION, 255),
+    payload_crc=st.none(),  # what a decoder keeps for large frames, not a wire field
 )
 TYPED_FRAMES = st.tuples(ALL_MESSAGES, U32).map(lambda t: P.Frame(t[0].TYPE, t[1], t[0].payload()))
 FRAMES = st.one_of(RAW_FRAMES, TYPED_FRAMES)
@@ -166,6 +168,17 @@ def test_the_fast_exit_codec_is_the_declared_one(code: int, signal: int, timed_o
                                                  rid: int) -> None:
     assert P.exit_frame(rid, code, signal, timed_out, duration) == \
         P.Exit(code, signal, timed_out, duration).frame(rid)
+
+
+@given(amount=U32, rid=U32)
+def test_the_fast_credit_codec_is_the_declared_one(amount: int, rid: int) -> None:
+    assert P.credit_frame(rid, amount) == P.Credit(amount).frame(rid)
+
+
+def test_the_fast_credit_codec_refuses_out_of_range_amounts() -> None:
+    for amount in (-1, 2**32):
+        with pytest.raises(P.FrameError, match="CREDIT"):
+            P.credit_frame(1, amount)
 
 
 def test_the_fast_exit_codec_refuses_out_of_range_fields() -> None:
@@ -390,6 +403,54 @@ def test_bit_flips_never_pass_as_the_original_frame(
     assert frame not in _frames(events)
     for f in _frames(events):
         _only_protocol_errors(lambda f=f: P.parse_message(f))
+
+
+# ---------------------------------------------------------------------------------------------
+# One CRC pass for a large frame and the whole-file check (crc32_combine)
+
+
+@settings(deadline=None, max_examples=300)
+@given(a=st.binary(max_size=300), b=st.binary(max_size=300), seed=U32)
+def test_crc32_combine_is_the_crc_of_the_concatenation(a: bytes, b: bytes, seed: int) -> None:
+    first = zlib.crc32(a, seed)
+    assert P.crc32_combine(first, zlib.crc32(b), len(b)) == zlib.crc32(b, first) == zlib.crc32(a + b, seed)
+
+
+@settings(deadline=None, max_examples=30)
+@given(n=st.integers(0, 3 << 20), byte=U8)
+def test_crc32_combine_at_frame_lengths(n: int, byte: int) -> None:
+    """Long and odd lengths (the cached shift operators), against zlib over the bytes."""
+    tail = bytes([byte]) * n
+    for head in (b"head", b"\xff" * 7, b""):  # the first use of a length, then its byte tables
+        assert P.crc32_combine(zlib.crc32(head), zlib.crc32(tail), n) == zlib.crc32(head + tail)
+
+
+@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+@given(size=st.integers(P.COMBINED_CHECK_FROM - 2, P.COMBINED_CHECK_FROM + 70000), rid=U32, seed=U32,
+       flip=st.one_of(st.none(), st.tuples(st.integers(0, 10**6), st.integers(0, 7))))
+def test_a_large_frame_is_checked_by_combined_crcs_and_keeps_its_payload_crc(
+    size: int, rid: int, seed: int, flip: tuple[int, int] | None
+) -> None:
+    payload = random.Random(seed).randbytes(size)
+    head, trailer = P.frame_parts(P.FrameType.FILE_DATA, rid, payload)
+    assert (head, trailer) == P.frame_parts(P.FrameType.FILE_DATA, rid, payload, zlib.crc32(payload))
+    wire = bytearray(head + payload + trailer)
+    assert bytes(wire) == P.encode_frame(P.FrameType.FILE_DATA, rid, payload)
+    if flip is not None:
+        wire[flip[0] % len(wire)] ^= 1 << flip[1]
+    events = P.decode_all(bytes(wire) + PADDING)
+    frames = _frames(events)
+    if flip is not None:
+        assert all(f.payload != payload for f in frames)  # a flipped bit anywhere is caught
+        return
+    assert frames == [P.Frame(P.FrameType.FILE_DATA, rid, payload, payload_crc=frames[0].payload_crc)]
+    expected = zlib.crc32(payload) if size >= P.COMBINED_CHECK_FROM else None
+    assert frames[0].payload_crc == expected
+    whole, combined = P.Crc32(), P.Crc32()
+    for part in (payload, payload[: size // 3]):
+        whole.update(part)
+        combined.update(part, zlib.crc32(part))
+    assert whole.digest() == combined.digest() == zlib.crc32(payload + payload[: size // 3]).to_bytes(4, "big")
 
 
 @settings(deadline=None)

@@ -359,6 +359,56 @@ def test_put_and_get_20mb_file(client: BackdoorClient, tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
 
 
+class TappedConnection(HostConnection):
+    """Records the FILE_DATA payload sizes the agent reads and writes."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.taps = {"read": P.Decoder(), "written": P.Decoder()}
+        self.sizes: dict[str, list[int]] = {"read": [], "written": []}
+
+    def _tap(self, way: str, data: bytes | memoryview) -> None:
+        self.taps[way].feed(data)
+        for ev in self.taps[way].events():
+            if isinstance(ev, P.Frame) and ev.type == P.FrameType.FILE_DATA and ev.payload:
+                self.sizes[way].append(len(ev.payload))
+
+    def read(self, n: int) -> bytes:
+        data = super().read(n)
+        self._tap("read", data)
+        return data
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self._tap("written", data)
+
+
+def test_copies_use_frames_as_large_as_both_sides_allow(tmp_path: Path) -> None:
+    """Per-frame work is what costs in a TCG guest: put_file's frames were cut at 64 KiB
+    (CHUNK) whatever both sides had agreed on."""
+    host, guest = socket.socketpair()
+    local = LocalAgent(guest, TappedConnection)
+    local.start()
+    client = BackdoorClient(host, name="local")
+    try:
+        client.wait_ready(10)
+        frame = client._frame_size()
+        assert frame == P.DEFAULT_MAX_FRAME > P.CHUNK
+        src = tmp_path / "src.bin"
+        src.write_bytes(os.urandom(4 * frame + 5))
+        client.put_file(src, str(tmp_path / "in-guest.bin"), timeout=30)
+        client.get_file(str(tmp_path / "in-guest.bin"), tmp_path / "back.bin", timeout=30)
+        assert _sha(tmp_path / "back.bin") == _sha(src)
+        tap = local.conn
+        assert isinstance(tap, TappedConnection)
+        assert tap.sizes["read"] == [frame] * 4 + [5]
+        assert tap.sizes["written"] == [frame] * 4 + [5]
+    finally:
+        client.close()
+        local.stop()
+        guest.close()
+
+
 def test_put_file_mode_override_and_empty_file(client: BackdoorClient, tmp_path: Path) -> None:
     src = tmp_path / "empty"
     src.write_bytes(b"")
