@@ -726,6 +726,31 @@ def pong_frame(ping: Frame) -> bytes | None:
     return encode_frame(FrameType.PONG, ping.request_id, ping.payload)
 
 
+PING_FAST_MAX = 64  # payload bytes of a PING answered by pong_for_wire (ping() sends 9)
+
+
+def pong_for_wire(data: bytes | memoryview, max_frame: int = DEFAULT_MAX_FRAME) -> bytes | None:
+    """The PONG for `data` when it is exactly one intact PING frame (what pong_frame gives for
+    the frame a Decoder would yield from it), else None: the agent answers a lone PING without
+    the decoder, whose generator, buffer and Frame run several times the interpreter code, and
+    under TCG code not run for a while (a command ran in between) is what a round trip pays."""
+    size = len(data)
+    if size < HEADER_SIZE + TRAILER_SIZE or size > HEADER_SIZE + PING_FAST_MAX + TRAILER_SIZE:
+        return None
+    magic, version, ftype, _flags, request_id, length, header_crc = HEADER_STRUCT.unpack_from(data)
+    if (magic != MAGIC or ftype != FrameType.PING or version < MIN_VERSION or length > max_frame
+            or size != HEADER_SIZE + length + TRAILER_SIZE):
+        return None
+    if zlib.crc32(data[: HEADER_SIZE - 4]) != header_crc:
+        return None
+    if zlib.crc32(data[: size - TRAILER_SIZE]) != int.from_bytes(data[size - TRAILER_SIZE :], "big"):
+        return None
+    payload = bytes(data[HEADER_SIZE : size - TRAILER_SIZE])
+    if _blob_data(payload) is None:
+        return None
+    return encode_frame(FrameType.PONG, request_id, payload)
+
+
 def parse_message(frame: Frame) -> Any:
     """The typed message of a control frame (raises FrameError), or raw bytes for data frames."""
     if frame.type in DATA_TYPES:
