@@ -63,7 +63,10 @@ MIN_SESSION_VERSION = 2  # the lowest version a session may be negotiated at (bo
 HEADER_SIZE = 20
 TRAILER_SIZE = 4
 DEFAULT_MAX_FRAME = 256 * 1024  # payload bytes
-DEFAULT_WINDOW = 1024 * 1024  # unacknowledged data bytes per request and direction
+# Unacknowledged data bytes per request and direction.  4 MiB, not 1: under TCG a credit's
+# round trip (the receiver's thread wake-ups on a busy host) left senders waiting; on one VM,
+# interleaved, 1 → 4 MiB took get 79 → 100, put 31 → 43 and stdout 54 → 72 MB/s.
+DEFAULT_WINDOW = 4 * 1024 * 1024
 DEFAULT_MAX_IN_FLIGHT = 64
 CHUNK = 64 * 1024  # data frames are cut at this size
 HANDSHAKE_REQUEST_ID = 0  # HELLO/ANNOUNCE/PING use no request slot
