@@ -123,43 +123,55 @@ def raw_echo(m: Machine, rounds: int) -> tuple[list[float], socket.socket]:
     return timed(one, rounds), s
 
 
-def raw_copy(m: Machine, s: socket.socket, nbytes: int) -> tuple[float, float]:
-    """(host→guest MB/s, guest→host MB/s) of plain bytes over the raw port."""
+def raw_copy(m: Machine, s: socket.socket, nbytes: int) -> dict[str, float]:
+    """MB/s of plain bytes over the raw port, each next to the protocol case it bounds:
+    host→guest into /dev/null and into a file (put writes a file too), guest→host from a file
+    (get) and from a command's pipe (`head /dev/zero | cat`, what stdout carries)."""
     m.execute("pkill -f 'org.ntng.raw' || true")
     time.sleep(0.5)
-    done = threading.Event()
-    result: list[float] = []
+    m.succeed(f"head -c {nbytes} /dev/urandom > /tmp/raw.bin")
 
-    def guest_reader() -> None:
-        m.succeed(f"head -c {nbytes} /dev/virtio-ports/{RAW} > /dev/null")
-        result.append(time.perf_counter())
-        done.set()
+    def up(sink: str) -> float:
+        done = threading.Event()
+        result: list[float] = []
 
-    t0 = time.perf_counter()
-    threading.Thread(target=guest_reader, daemon=True).start()
-    block = os.urandom(1 << 20)
-    left = nbytes
-    while left:
-        n = min(left, len(block))
-        s.sendall(block[:n])
-        left -= n
-    done.wait(600)
-    up = nbytes / (result[0] - t0) / 1e6
-    t0 = time.perf_counter()
-    writer = threading.Thread(
-        target=lambda: m.succeed(f"head -c {nbytes} /dev/urandom > /tmp/raw.bin; "
-                                 f"cat /tmp/raw.bin > /dev/virtio-ports/{RAW}"), daemon=True)
-    writer.start()
-    got = 0
-    first = None
-    while got < nbytes:
-        chunk = s.recv(1 << 20)
-        if first is None:
-            first = time.perf_counter()
-        got += len(chunk)
-    down = nbytes / (time.perf_counter() - (first or t0)) / 1e6
-    writer.join(60)
-    return up, down
+        def guest_reader() -> None:
+            m.succeed(f"head -c {nbytes} /dev/virtio-ports/{RAW} > {sink}")
+            result.append(time.perf_counter())
+            done.set()
+
+        t0 = time.perf_counter()
+        threading.Thread(target=guest_reader, daemon=True).start()
+        block = os.urandom(1 << 20)
+        left = nbytes
+        while left:
+            n = min(left, len(block))
+            s.sendall(block[:n])
+            left -= n
+        done.wait(600)
+        return nbytes / (result[0] - t0) / 1e6
+
+    def down(source: str) -> float:
+        writer = threading.Thread(
+            target=lambda: m.succeed(f"{source} > /dev/virtio-ports/{RAW}"), daemon=True)
+        writer.start()
+        got = 0
+        first = None
+        while got < nbytes:
+            chunk = s.recv(1 << 20)
+            if first is None:
+                first = time.perf_counter()
+            got += len(chunk)
+        mbs = nbytes / (time.perf_counter() - (first or 0.0)) / 1e6
+        writer.join(60)
+        return mbs
+
+    return {
+        "up": up("/dev/null"),
+        "up_file": up("/root/raw-up.bin"),
+        "down": down("cat /tmp/raw.bin"),
+        "down_pipe": down(f"head -c {nbytes} /dev/zero | cat"),
+    }
 
 
 def old_agent_client(m: Machine, tmp: Path, ref: str) -> Any:
@@ -364,7 +376,8 @@ def ratios(m: Machine, client: Any, tmp: Path, rounds: int, copy_mb: int) -> lis
     sha_mbs = nbytes / hashed.duration / 1e6
     crc = m.run(["python3", "-c", "import zlib,sys; zlib.crc32(open(sys.argv[1],'rb').read())",
                  "/root/down.bin"])
-    raw_up, raw_down = raw_copy(m, raw, nbytes)
+    raws = raw_copy(m, raw, nbytes)
+    raw_up, raw_down = raws["up"], raws["down"]
 
     def verdict(ok: bool) -> str:
         return "**met**" if ok else "not met"
@@ -382,14 +395,16 @@ def ratios(m: Machine, client: Any, tmp: Path, rounds: int, copy_mb: int) -> lis
          f"raw echo {med['echo']:.2f} (×{med['ping'] / med['echo']:.2f}); target ≤ ×1.5: "
          f"{verdict(med['ping'] <= 1.5 * med['echo'])}"),
         (f"copy host→guest {copy_mb} MB, CRC-32 (MB/s)", f"{up:.1f}",
-         f"raw port {raw_up:.1f} ({up / raw_up:.0%}); target ≥ 50%: {verdict(up >= raw_up / 2)}"),
+         f"raw port {raw_up:.1f} ({up / raw_up:.0%}); target ≥ 50%: {verdict(up >= raw_up / 2)}; "
+         f"raw port into a file {raws['up_file']:.1f} ({up / raws['up_file']:.0%})"),
         (f"copy guest→host {copy_mb} MB, CRC-32 (MB/s)", f"{down:.1f}",
          f"raw port {raw_down:.1f} ({down / raw_down:.0%}); target ≥ 50%: {verdict(down >= raw_down / 2)}"),
         (f"copy host→guest / guest→host {copy_mb} MB, verify=sha256 (MB/s)", f"{up_sha:.1f} / {down_sha:.1f}",
          f"{up_sha / raw_up:.0%} / {down_sha / raw_down:.0%} of the raw port"),
         (f"stdout {out_mb} MB (MB/s)", f"{stdout:.1f}",
          f"raw port guest→host {raw_down:.1f} ({stdout / raw_down:.0%}); target ≥ 50%: "
-         f"{verdict(stdout >= raw_down / 2)}"),
+         f"{verdict(stdout >= raw_down / 2)}; the same output piped into the raw port "
+         f"{raws['down_pipe']:.1f} ({stdout / raws['down_pipe']:.0%})"),
         (f"runner RSS while {out_mb} MB of stdout stream (MB)", f"peak {peak[0]:.0f}", f"before {rss0:.0f}"),
         ("in-guest bounds: `sha256sum` / zlib.crc32 of the same bytes (MB/s)",
          f"{sha_mbs:.1f} / {nbytes / crc.duration / 1e6:.1f}", "(crc32 timed with python3's start)"),

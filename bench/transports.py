@@ -140,7 +140,8 @@ def bench(transport: str, args: argparse.Namespace, tmp: Path) -> list[tuple[str
             echo, raw_up, raw_down = vsock_raw(m, args.rounds, nbytes)
         else:
             echo, raw = raw_echo(m, args.rounds)
-            raw_up, raw_down = raw_copy(m, raw, nbytes)
+            raws = raw_copy(m, raw, nbytes)
+            raw_up, raw_down = raws["up"], raws["down"]
             raw.close()
     finally:
         driver.release()
