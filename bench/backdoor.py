@@ -10,6 +10,7 @@
   memory    the runner's peak RSS during the download
 
 Usage: .venv/bin/python bench/backdoor.py [--rounds 200] [--copy-mb 64]
+       (--breakdown [--ab REF], --idle and --copy-steps print one part each)
 Prints a markdown table.  Not a test: numbers vary with the machine and the accelerator.
 """
 
@@ -195,6 +196,43 @@ def old_agent_client(m: Machine, tmp: Path, ref: str) -> Any:
                             key=m.connect().key)
     client.wait_ready(60)
     return client
+
+
+def copy_steps(m: Machine, copy_mb: int) -> None:
+    """The agent's data path for get and put, step by step in the guest (bench/copy_steps.py),
+    on the raw port: this side only drains or feeds it."""
+    from ntng import protocol as P
+
+    script = Path(__file__).resolve().parent / "copy_steps.py"
+    m.connect().put_file(script, "/tmp/copy_steps.py")
+    nbytes = copy_mb << 20
+    m.succeed(f"head -c {nbytes} /dev/urandom > /root/steps-down.bin")
+    s = connect_unix(m.plan["sockets"][f"port:{RAW}"], 10)
+    port = f"/dev/virtio-ports/{RAW}"
+    rows: list[tuple[str, str, str]] = []
+
+    def drain() -> None:
+        got = 0
+        while got < nbytes:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                return
+            got += len(chunk)
+
+    def feed() -> None:
+        frame = P.encode_frame(P.FrameType.FILE_DATA, 1, os.urandom(P.DEFAULT_MAX_FRAME))
+        for _ in range(nbytes // P.DEFAULT_MAX_FRAME):
+            s.sendall(frame)
+
+    for mode, other in (("get", drain), ("put", feed)):
+        side = threading.Thread(target=other, daemon=True)
+        side.start()
+        path = "/root/steps-down.bin" if mode == "get" else "/root/steps-up.bin"
+        out = m.succeed(f"python3 /tmp/copy_steps.py {mode} {port} {path} {nbytes}", timeout=900)
+        side.join(60)
+        rows += [(a, b, "") for a, b in (line.split("\t") for line in out.splitlines() if "\t" in line)]
+    s.close()
+    print_table(("step of a copy, in the guest", "ms per MiB", ""), rows)
 
 
 def breakdown(m: Machine, tmp: Path, rounds: int, ref: str) -> None:
@@ -472,6 +510,8 @@ def main() -> None:
     ap.add_argument("--accel", default=os.environ.get("NTNG_ACCEL", "auto"))
     ap.add_argument("--breakdown", action="store_true", help="where a command's time goes (only)")
     ap.add_argument("--idle", action="store_true", help="PING vs raw echo after idle periods (only)")
+    ap.add_argument("--copy-steps", action="store_true",
+                    help="the agent's get/put data path step by step in the guest (only)")
     ap.add_argument("--ab", default="", metavar="GIT_REF",
                     help="with --breakdown: also run the agent of GIT_REF in the guest, interleaved")
     args = ap.parse_args()
@@ -491,6 +531,9 @@ def main() -> None:
         m.wait_until_succeeds("systemctl is-system-running | grep -qE 'running|degraded'", 300)
         if args.breakdown:
             breakdown(m, tmp, args.rounds, args.ab)
+            return
+        if args.copy_steps:
+            copy_steps(m, args.copy_mb)
             return
         client = m.connect()
         if args.idle:
