@@ -169,6 +169,78 @@ class RawEcho:
         self.proc.kill()
 
 
+def inline_exec_phases(agent_dir: str, argv: list[str], rounds: int) -> list[tuple[str, float]]:
+    """One EXEC served inline by the agent's own code (serve() on a socketpair, the client a
+    thread of this process, so no transport and no process switch but the command's), split
+    into phases by timestamps taken in wrappers around the agent's functions: median ms each."""
+    import socket
+
+    sys.path.insert(0, agent_dir)
+    import ntng_agent as A
+
+    os.chdir("/")  # the agent's own cwd: commands in it take the posix_spawn path
+
+    stamps: dict[str, float] = {}
+
+    def stamp(name: str, fn: Callable[..., object]) -> Callable[..., object]:
+        def wrapped(*args: object, **kwargs: object) -> object:
+            stamps.setdefault(name, time.perf_counter())
+            result = fn(*args, **kwargs)
+            stamps.setdefault(name + " returned", time.perf_counter())
+            return result
+        return wrapped
+
+    A.Session.handle = stamp("handle", A.Session.handle)  # type: ignore[method-assign]
+    A._spawn_fast = stamp("spawn", A._spawn_fast)
+    A.ExecTask._end_pipes = stamp("end_pipes", A.ExecTask._end_pipes)  # type: ignore[method-assign]
+    A.ExecTask._report = stamp("report", A.ExecTask._report)  # type: ignore[method-assign]
+    A.Session.finish = stamp("finish", A.Session.finish)  # type: ignore[method-assign]
+    host, guest = socket.socketpair()
+    agent = threading.Thread(target=A.serve, args=(A.Connection(guest.fileno(), guest.fileno()),
+                                                   time.time_ns()), daemon=True)
+    agent.start()
+    decoder = P.Decoder()
+
+    def until(ftype: int) -> None:
+        while True:
+            for ev in decoder.events():
+                if isinstance(ev, P.Frame) and ev.type == ftype:
+                    return
+            decoder.feed(host.recv(1 << 20))
+
+    host.sendall(P.Hello(2, P.VERSION, b"n" * 16).frame(0))
+    until(P.FrameType.HELLO_ACK)
+    phases = [
+        ("EXEC sent → the agent handles it (socketpair, decode)", "sent", "handle"),
+        ("handle → posix_spawn called (parse, environment, task)", "handle", "spawn"),
+        ("posix_spawn with pipes", "spawn", "spawn returned"),
+        ("spawned → output ended and exit seen (poll loop, inline)", "spawn returned", "end_pipes"),
+        ("→ reaped (close pipes, waitpid)", "end_pipes", "report"),
+        ("→ EXIT built, written, finish() returned", "report", "finish returned"),
+        ("reaped → the client decoded EXIT", "report", "got"),
+    ]
+    samples: dict[str, list[float]] = {name: [] for name, _, _ in phases}
+    for rid in range(1, rounds + 2):
+        stamps.clear()
+        stamps["sent"] = time.perf_counter()
+        host.sendall(P.Exec(argv=argv, timeout_ms=900_000).frame(rid))
+        until(P.FrameType.EXIT)
+        stamps["got"] = time.perf_counter()
+        settle = time.monotonic() + 1  # the agent stamps "finish returned" after its write
+        while "finish returned" not in stamps and time.monotonic() < settle:
+            time.sleep(0.001)
+        if rid == 1 or not all(k in stamps for _, k, _ in phases):
+            continue  # the first is a warm-up; a worker-served one has no inline phases
+        for name, a, b in phases:
+            samples[name].append(stamps[b] - stamps[a])
+    host.close()
+    out = []
+    for name, _, _ in phases:
+        v = sorted(samples[name]) or [float("nan")]
+        out.append((f"inline EXEC {argv[0]}: {name}", v[len(v) // 2] * 1000))
+    return out
+
+
 def main() -> None:
     req = P.Exec(argv=ARGV, timeout_ms=900_000)
     frame = req.frame(7)
@@ -225,6 +297,9 @@ def main() -> None:
         print(f"{name}\t{s[len(s) // 2] * 1000:.3f}")
     agent.close()
     echo.close()
+    agent_dir = sys.argv[2] if len(sys.argv) > 2 else "/usr/lib/ntng-backdoor"
+    for name, ms in inline_exec_phases(agent_dir, ["/bin/true"], N):
+        print(f"{name}\t{ms:.3f}")
 
 
 if __name__ == "__main__":
