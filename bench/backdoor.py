@@ -17,8 +17,10 @@ Prints a markdown table.  Not a test: numbers vary with the machine and the acce
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -528,6 +530,7 @@ def main() -> None:
                     help="with --breakdown: also run the agent of GIT_REF in the guest, interleaved")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ntng-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)  # its copy files are hundreds of MB: never left behind
     script = tmp / "bench.py"
     script.write_text(HEADER)
     spec, choice = runner.prepare(runner.RunOptions(script=script, accel=args.accel), tmp)

@@ -14,7 +14,9 @@ Prints a markdown table.  Not a test: numbers vary with the machine and the acce
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -163,6 +165,7 @@ def main() -> None:
     ap.add_argument("--transport", action="append", choices=["virtio-serial", "vsock"])
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ntng-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)  # its copy files are hundreds of MB: never left behind
     rows: list[tuple[str, str, str]] = []
     for transport in args.transport or ["virtio-serial", "vsock"]:
         rows += bench(transport, args, tmp)
