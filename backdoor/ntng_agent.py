@@ -874,14 +874,6 @@ class Session:
 
     def handle(self, frame: P.Frame) -> None:
         ft, rid = frame.type, frame.request_id
-        if ft == P.FrameType.CREDIT and len(frame.payload) == 4 and self.established:
-            # Credit.SCHEMA is one Int32ub: read without the typed codec (one per window's
-            # quarter of a stream; construct took ~0.2 ms a frame under TCG).
-            with self.lock:
-                task = self.tasks.get(rid)
-            if task is not None:
-                task.send_window.grant(int.from_bytes(frame.payload, "big"))
-            return
         try:
             msg = P.parse_message(frame)
         except P.FrameError as e:

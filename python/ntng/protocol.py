@@ -657,6 +657,14 @@ class Credit(Message):
     SCHEMA = Struct("amount" / Int32ub)
     amount: int
 
+    @classmethod
+    def parse(cls, payload: bytes) -> Any:
+        """SCHEMA's reading of the usual 4 bytes without construct (one CREDIT per quarter
+        window of a stream; construct took ~0.2 ms each under TCG); anything else as declared."""
+        if len(payload) == 4:
+            return cls(int.from_bytes(payload, "big"))
+        return super().parse(payload)
+
 
 @dataclasses.dataclass(frozen=True)
 class Ping(Message):
@@ -748,10 +756,7 @@ def pong_for_wire(data: bytes | memoryview, max_frame: int = DEFAULT_MAX_FRAME) 
         return None
     if zlib.crc32(data[: size - TRAILER_SIZE]) != int.from_bytes(data[size - TRAILER_SIZE :], "big"):
         return None
-    payload = bytes(data[HEADER_SIZE : size - TRAILER_SIZE])
-    if _blob_data(payload) is None:
-        return None
-    return encode_frame(FrameType.PONG, request_id, payload)
+    return pong_frame(Frame(FrameType.PING, request_id, bytes(data[HEADER_SIZE : size - TRAILER_SIZE])))
 
 
 def parse_message(frame: Frame) -> Any:

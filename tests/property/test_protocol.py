@@ -175,6 +175,17 @@ def test_the_fast_credit_codec_is_the_declared_one(amount: int, rid: int) -> Non
     assert P.credit_frame(rid, amount) == P.Credit(amount).frame(rid)
 
 
+@given(payload=st.binary(max_size=8))
+def test_the_fast_credit_parser_is_the_declared_one(payload: bytes) -> None:
+    try:
+        declared = P.Credit(P.Credit.SCHEMA.parse(payload).amount)
+    except construct.ConstructError:
+        with pytest.raises(P.FrameError):
+            P.Credit.parse(payload)
+        return
+    assert P.Credit.parse(payload) == declared
+
+
 def test_the_fast_credit_codec_refuses_out_of_range_amounts() -> None:
     for amount in (-1, 2**32):
         with pytest.raises(P.FrameError, match="CREDIT"):
