@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import subprocess
 import sys
 import threading
@@ -96,19 +97,11 @@ def thread_roundtrip() -> None:
     t.join()
 
 
-class LocalAgent:
-    """The agent itself, on a unix socket in the guest: its round trip without the transport
-    and the host."""
+class AgentClient:
+    """The least client of the agent on a connected socket: HELLO (no key), EXEC, PING."""
 
-    def __init__(self, agent_dir: str) -> None:
-        import socket
-        path = f"/tmp/agent-steps-{os.getpid()}.sock"
-        self.proc = subprocess.Popen([sys.executable, f"{agent_dir}/ntng_agent.py", "--unix", path],
-                                     stderr=subprocess.DEVNULL)
-        while not os.path.exists(path):
-            time.sleep(0.05)
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
         self.decoder = P.Decoder()
         self.rid = 0
         self.sock.sendall(P.Hello(2, P.VERSION, b"n" * 16).frame(0))
@@ -130,6 +123,21 @@ class LocalAgent:
         self.sock.sendall(PING)
         self.until(P.FrameType.PONG)
 
+
+class LocalAgent(AgentClient):
+    """The agent itself, on a unix socket in the guest: its round trip without the transport
+    and the host."""
+
+    def __init__(self, agent_dir: str) -> None:
+        path = f"/tmp/agent-steps-{os.getpid()}.sock"
+        self.proc = subprocess.Popen([sys.executable, f"{agent_dir}/ntng_agent.py", "--unix", path],
+                                     stderr=subprocess.DEVNULL)
+        while not os.path.exists(path):
+            time.sleep(0.05)
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(path)
+        super().__init__(sock)
+
     def close(self) -> None:
         self.sock.close()
         self.proc.kill()
@@ -150,7 +158,6 @@ class RawEcho:
     """A python3 echo loop on a unix socket: the PING's floor inside the guest."""
 
     def __init__(self) -> None:
-        import socket
         path = f"/tmp/raw-echo-{os.getpid()}.sock"
         self.proc = subprocess.Popen([sys.executable, "-c", RAW_ECHO, path])
         while not os.path.exists(path):
@@ -173,8 +180,6 @@ def inline_exec_phases(agent_dir: str, argv: list[str], rounds: int) -> list[tup
     """One EXEC served inline by the agent's own code (serve() on a socketpair, the client a
     thread of this process, so no transport and no process switch but the command's), split
     into phases by timestamps taken in wrappers around the agent's functions: median ms each."""
-    import socket
-
     sys.path.insert(0, agent_dir)
     import ntng_agent as A
 
@@ -199,17 +204,7 @@ def inline_exec_phases(agent_dir: str, argv: list[str], rounds: int) -> list[tup
     agent = threading.Thread(target=A.serve, args=(A.Connection(guest.fileno(), guest.fileno()),
                                                    time.time_ns()), daemon=True)
     agent.start()
-    decoder = P.Decoder()
-
-    def until(ftype: int) -> None:
-        while True:
-            for ev in decoder.events():
-                if isinstance(ev, P.Frame) and ev.type == ftype:
-                    return
-            decoder.feed(host.recv(1 << 20))
-
-    host.sendall(P.Hello(2, P.VERSION, b"n" * 16).frame(0))
-    until(P.FrameType.HELLO_ACK)
+    client = AgentClient(host)
     phases = [
         ("EXEC sent → the agent handles it (socketpair, decode)", "sent", "handle"),
         ("handle → posix_spawn called (parse, environment, task)", "handle", "spawn"),
@@ -220,16 +215,15 @@ def inline_exec_phases(agent_dir: str, argv: list[str], rounds: int) -> list[tup
         ("reaped → the client decoded EXIT", "report", "got"),
     ]
     samples: dict[str, list[float]] = {name: [] for name, _, _ in phases}
-    for rid in range(1, rounds + 2):
+    for round_no in range(rounds + 1):
         stamps.clear()
         stamps["sent"] = time.perf_counter()
-        host.sendall(P.Exec(argv=argv, timeout_ms=900_000).frame(rid))
-        until(P.FrameType.EXIT)
+        client.exec(argv)
         stamps["got"] = time.perf_counter()
         settle = time.monotonic() + 1  # the agent stamps "finish returned" after its write
         while "finish returned" not in stamps and time.monotonic() < settle:
             time.sleep(0.001)
-        if rid == 1 or not all(k in stamps for _, k, _ in phases):
+        if round_no == 0 or not all(k in stamps for _, k, _ in phases):
             continue  # the first is a warm-up; a worker-served one has no inline phases
         for name, a, b in phases:
             samples[name].append(stamps[b] - stamps[a])
