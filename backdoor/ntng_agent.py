@@ -227,7 +227,7 @@ class ExecTask(Task):
             try:
                 self.proc = subprocess.Popen(
                     argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd or "/", env=env,
-                    start_new_session=True, preexec_fn=_take_controlling_tty, **kwargs,
+                    start_new_session=True, preexec_fn=_pty_child, **kwargs,
                 )
             finally:
                 os.close(slave)
@@ -251,6 +251,9 @@ class ExecTask(Task):
                 env=env,
                 start_new_session=True,  # own process group, so a timeout kills all of it
                 bufsize=0,
+                # restore_signals covers SIGPIPE and SIGXFSZ; a preexec_fn (fork, not vfork)
+                # only when the agent ignores more
+                preexec_fn=_default_signals if len(_ignored_signals()) > 2 else None,
                 **kwargs,
             )
         if self.proc.stdin is not None:
@@ -558,8 +561,9 @@ class PutTask(Task):
                 pass
 
 
-def _take_controlling_tty() -> None:
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+def _pty_child() -> None:
+    _default_signals()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # the terminal becomes the command's controlling tty
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -698,7 +702,26 @@ class Spawned:
             os.close(fd)
 
 
-_RESTORED_SIGNALS = tuple(getattr(signal, n) for n in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, n))
+@functools.cache
+def _ignored_signals() -> tuple[int, ...]:
+    """The signals a command must get back to SIG_DFL: the ones the agent ignores.  Python
+    ignores SIGPIPE and SIGXFSZ itself (Popen's restore_signals resets only those); an agent
+    started as a background job of a non-interactive shell also ignores SIGINT and SIGQUIT,
+    under nohup SIGHUP, and exec keeps an ignored signal ignored: a SIGNAL frame or a
+    timeout's SIGINT/SIGTERM would then not stop the command.  Read once (~64 getsignal
+    calls; the agent never changes its dispositions), and only these are reset: a sigaction
+    per signal in the spawned child is a syscall each under TCG."""
+    ignored = {s for s in signal.valid_signals()
+               if s not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(s) == signal.SIG_IGN}
+    return tuple(sorted(ignored | {signal.SIGPIPE, signal.SIGXFSZ}))
+
+
+def _default_signals() -> None:
+    """Popen's preexec_fn (user, cwd or pty commands): the ignored signals back to SIG_DFL."""
+    for s in _ignored_signals():
+        signal.signal(s, signal.SIG_DFL)
+
+
 F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, named in Python 3.10+
 PIPE_DEFAULT = 65536  # a pipe's size until F_SETPIPE_SZ
 
@@ -779,10 +802,10 @@ def _spawn_fast(argv: list[str], env: dict[str, str], stdin: bool, merge_stderr:
         else:
             err_r, err_w = os.pipe()
             fds += [err_r, err_w]
-        # Python ignores SIGPIPE and SIGXFSZ; reset them as Popen(restore_signals=True) does
-        # (else `yes | head` prints "Broken pipe"), and start with no signal blocked.
+        # Ignored signals back to SIG_DFL (else `yes | head` prints "Broken pipe" and SIGINT
+        # stops nothing), and start with no signal blocked.
         spawn = os.posix_spawnp if search else os.posix_spawn
-        pid = spawn(exe, argv, env, setsid=True, setsigdef=_RESTORED_SIGNALS, setsigmask=(),
+        pid = spawn(exe, argv, env, setsid=True, setsigdef=_ignored_signals(), setsigmask=(),
                              file_actions=[
             (os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)])
     except BaseException:

@@ -314,6 +314,32 @@ def test_signal_frame_reaches_the_process_group(client: BackdoorClient, tmp_path
     assert r.signal == signal.SIGINT and r.status == 128 + signal.SIGINT
 
 
+@pytest.mark.parametrize("path", ["posix_spawn", "Popen", "pty"])
+def test_commands_start_with_no_signal_ignored(client: BackdoorClient, tmp_path: Path, path: str) -> None:
+    """An agent started with signals ignored (a background job of a non-interactive shell
+    ignores SIGINT and SIGQUIT, nohup ignores SIGHUP) must not pass that on: a SIGNAL frame or
+    a timeout's kill would then not stop the command.  Dispositions are the agent's at its
+    start, so the test clears what the agent read of them."""
+    ignored = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in ignored}
+    _forget_agent_signals()
+    try:
+        kw: dict[str, object] = {"cwd": str(tmp_path)} if path == "Popen" else {"pty": path == "pty"}
+        r = client.execute(P.Exec(argv=["grep", "SigIgn", "/proc/self/status"], **kw))  # type: ignore[arg-type]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _forget_agent_signals()
+    assert r.status == 0, r
+    assert r.stdout.split() == [b"SigIgn:", b"0" * 16], r.stdout
+
+
+def _forget_agent_signals() -> None:
+    forget = getattr(agent, "_ignored_signals", None)
+    if forget is not None:
+        forget.cache_clear()
+
+
 def in_background(fn: Callable[[], object]) -> queue.SimpleQueue[object]:
     """Run fn on a daemon thread; its result or exception arrives on the returned queue."""
     results: queue.SimpleQueue[object] = queue.SimpleQueue()
