@@ -659,8 +659,8 @@ class Credit(Message):
 
     @classmethod
     def parse(cls, payload: bytes) -> Any:
-        """SCHEMA's reading of the usual 4 bytes without construct (one CREDIT per quarter
-        window of a stream; construct took ~0.2 ms each under TCG); anything else as declared."""
+        """SCHEMA's reading of the usual 4 bytes without construct (one CREDIT per
+        CREDIT_BATCH of a stream's window; construct took ~0.2 ms each under TCG); anything else as declared."""
         if len(payload) == 4:
             return cls(int.from_bytes(payload, "big"))
         return super().parse(payload)
@@ -992,6 +992,9 @@ class SendWindow:
             return n
 
 
+CREDIT_BATCH = 0.5  # of the window: a receiver returns credit in batches this large
+
+
 class ReceiveWindow:
     """Receiver-side accounting: data buffered but not yet consumed must stay within window."""
 
@@ -1011,12 +1014,15 @@ class ReceiveWindow:
             self.buffered += n
 
     def consumed(self, n: int) -> int:
-        """Mark n bytes consumed; returns credit to send back now (batched to a quarter window,
-        which leaves the sender at least three quarters, so batching never stalls it)."""
+        """Mark n bytes consumed; returns credit to send back now, batched to CREDIT_BATCH of
+        the window: the sender keeps at least the rest in flight (2 MiB at the default window,
+        ~10 ms of a copy here), so batching never stalls it, and each CREDIT costs the sender a
+        wake-up of its reader (~2 ms in a TCG guest: 0.10-0.14 s of a 64 MB get's 0.5-0.7 s
+        at a quarter window)."""
         with self._lock:
             self.buffered -= n
             self._unacked += n
-            if self._unacked >= max(1, self.window // 4):
+            if self._unacked >= max(1, int(self.window * CREDIT_BATCH)):
                 out, self._unacked = self._unacked, 0
                 return out
             return 0
