@@ -39,13 +39,37 @@ from ntng.machine import Machine  # noqa: E402
 RAW = "org.ntng.raw"
 SHELL = "org.ntng.shell"
 HEADER = f'#: nodes.machine = {{ extraSerialPorts = [ "{RAW}" "{SHELL}" ]; }};\n'
+# The raw echo, and the least a Python agent on this port can do for a command: on `T` (or
+# `B`) posix_spawn /bin/true (or bash -c) in its own session with stdout and stderr pipes,
+# read both to EOF, reap, answer the exit code: no framing, no checks, no flow control.
 ECHO = (
     "import os\n"
     f"fd = os.open('/dev/virtio-ports/{RAW}', os.O_RDWR)\n"
+    "argvs = {b'T': ['/bin/true'], b'B': ['/bin/bash', '-c', 'set -euo pipefail; true']}\n"
     "while True:\n"
     "    d = os.read(fd, 65536)\n"
+    "    argv = argvs.get(d)\n"
+    "    if argv:\n"
+    "        r1, w1 = os.pipe(); r2, w2 = os.pipe()\n"
+    "        pid = os.posix_spawn(argv[0], argv, os.environ, setsid=True, file_actions=[\n"
+    "            (os.POSIX_SPAWN_DUP2, w1, 1), (os.POSIX_SPAWN_DUP2, w2, 2)])\n"
+    "        os.close(w1); os.close(w2)\n"
+    "        for r in (r1, r2):\n"
+    "            while os.read(r, 65536): pass\n"
+    "            os.close(r)\n"
+    "        d = bytes([os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])])\n"
     "    if d: os.write(fd, d)\n"
 )
+
+
+def raw_command_fn(s: socket.socket, which: bytes) -> Any:
+    """A command through the raw spawn server above (ECHO): `T` /bin/true, `B` bash -c."""
+
+    def one() -> None:
+        s.sendall(which)
+        assert recv_exact(s, 1) == b"\0"
+
+    return one
 
 
 def pct(samples: list[float], p: float) -> float:
@@ -361,6 +385,8 @@ def ratios(m: Machine, client: Any, tmp: Path, rounds: int, copy_mb: int) -> lis
         "succeed": lambda: m.succeed("true"),
         "argv": lambda: m.run(["true"]),
         "shell": lambda: nixos_round_trip(s),
+        "raw_true": raw_command_fn(raw, b"T"),
+        "raw_bash": raw_command_fn(raw, b"B"),
     }
     samples: dict[str, list[float]] = {k: [] for k in cases}
     for fn in cases.values():
@@ -431,6 +457,11 @@ def ratios(m: Machine, client: Any, tmp: Path, rounds: int, copy_mb: int) -> lis
          f"({med['shell'] / med['succeed']:.2f}x ours)"),
         ('run(["true"]) median (ms)', f"{med['argv']:.1f}",
          f"floor + {med['argv'] - floor_true:.1f}; target ≤ floor + 4: {verdict(med['argv'] <= floor_true + 4)}"),
+        ("a minimal Python spawn server on a raw port: /bin/true / bash -c, median (ms)",
+         f"{med['raw_true']:.1f} / {med['raw_bash']:.1f}",
+         f"floor + {med['raw_true'] - floor_true:.1f} / + {med['raw_bash'] - floor_bash:.1f}: the least "
+         f"any Python agent on this port pays; ours over it: run + {med['argv'] - med['raw_true']:.1f}, "
+         f"succeed + {med['succeed'] - med['raw_bash']:.1f}"),
         ("PING median (ms)", f"{med['ping']:.2f}",
          f"raw echo {med['echo']:.2f} (×{med['ping'] / med['echo']:.2f}); target ≤ ×1.5: "
          f"{verdict(med['ping'] <= 1.5 * med['echo'])}"),
