@@ -345,6 +345,18 @@ def _forget_agent_signals() -> None:
         forget.cache_clear()
 
 
+def test_commands_run_under_the_normal_scheduling_policy(pair: tuple[BackdoorClient, LocalAgent]) -> None:
+    """The agent's reader waits for an inline command under SCHED_BATCH (no wake-up
+    preemption of the exiting command); the command itself and the agent afterwards run
+    under SCHED_OTHER, the policy a test's commands expect."""
+    client, local = pair
+    assert local.thread is not None and local.thread.native_id is not None
+    r = client.execute(P.Exec(argv=[sys.executable, "-c", "import os; print(os.sched_getscheduler(0))"],
+                              cwd=os.getcwd()))  # the agent's cwd: the inline, posix_spawn way
+    assert r.status == 0 and int(r.stdout) == os.SCHED_OTHER, r
+    assert os.sched_getscheduler(local.thread.native_id) == os.SCHED_OTHER
+
+
 def in_background(fn: Callable[[], object]) -> queue.SimpleQueue[object]:
     """Run fn on a daemon thread; its result or exception arrives on the returned queue."""
     results: queue.SimpleQueue[object] = queue.SimpleQueue()
