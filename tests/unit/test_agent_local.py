@@ -346,15 +346,17 @@ def _forget_agent_signals() -> None:
 
 
 def test_commands_run_under_the_normal_scheduling_policy(pair: tuple[BackdoorClient, LocalAgent]) -> None:
-    """The agent's reader waits for an inline command under SCHED_BATCH (no wake-up
-    preemption of the exiting command); the command itself and the agent afterwards run
+    """The agent waits for a command's output and exit under SCHED_BATCH (no wake-up
+    preemption of the command); the command itself and the agent's threads afterwards run
     under SCHED_OTHER, the policy a test's commands expect."""
-    client, local = pair
-    assert local.thread is not None and local.thread.native_id is not None
-    r = client.execute(P.Exec(argv=[sys.executable, "-c", "import os; print(os.sched_getscheduler(0))"],
-                              cwd=os.getcwd()))  # the agent's cwd: the inline, posix_spawn way
-    assert r.status == 0 and int(r.stdout) == os.SCHED_OTHER, r
-    assert os.sched_getscheduler(local.thread.native_id) == os.SCHED_OTHER
+    client, _local = pair
+    policy = [sys.executable, "-c", "import os; print(os.sched_getscheduler(0))"]
+    # the agent's cwd: inline, posix_spawn; another cwd: Popen, pumped by a worker thread
+    for cwd in (os.getcwd(), "/"):
+        r = client.execute(P.Exec(argv=policy, cwd=cwd))
+        assert r.status == 0 and int(r.stdout) == os.SCHED_OTHER, (cwd, r)
+    policies = {int(t): os.sched_getscheduler(int(t)) for t in os.listdir("/proc/self/task")}
+    assert set(policies.values()) == {os.SCHED_OTHER}, policies  # the agent's threads too
 
 
 def in_background(fn: Callable[[], object]) -> queue.SimpleQueue[object]:
