@@ -251,9 +251,9 @@ class ExecTask(Task):
                 env=env,
                 start_new_session=True,  # own process group, so a timeout kills all of it
                 bufsize=0,
-                # restore_signals covers SIGPIPE and SIGXFSZ; a preexec_fn (fork, not vfork)
-                # only when the agent ignores more
-                preexec_fn=_default_signals if len(_ignored_signals()) > 2 else None,
+                # restore_signals covers Python's own; a preexec_fn (fork, not vfork) only
+                # when the agent ignores more
+                preexec_fn=_default_signals if _ignored_signals() != _PYTHON_IGNORED else None,
                 **kwargs,
             )
         if self.proc.stdin is not None:
@@ -715,6 +715,9 @@ class Spawned:
             os.close(fd)
 
 
+_PYTHON_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)  # what Popen's restore_signals resets
+
+
 @functools.cache
 def _ignored_signals() -> tuple[int, ...]:
     """The signals a command must get back to SIG_DFL: the ones the agent ignores.  Python
@@ -726,7 +729,7 @@ def _ignored_signals() -> tuple[int, ...]:
     per signal in the spawned child is a syscall each under TCG."""
     ignored = {s for s in signal.valid_signals()
                if s not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(s) == signal.SIG_IGN}
-    return tuple(sorted(ignored | {signal.SIGPIPE, signal.SIGXFSZ}))
+    return tuple(sorted(ignored.union(_PYTHON_IGNORED)))
 
 
 def _default_signals() -> None:
@@ -769,8 +772,9 @@ def _agent_env() -> dict[str, str]:
 
 
 def _batch_scheduling(on: bool) -> None:
-    """SCHED_BATCH for the reader's thread while it waits for an inline command: a waking
-    SCHED_BATCH thread does not preempt the running one.  An exiting command closes stdout,
+    """SCHED_BATCH for the calling thread (the reader serving a command inline, or a worker
+    pumping one's output) while it waits: a waking SCHED_BATCH thread does not preempt the
+    running one.  An exiting command closes stdout,
     then stderr, then exits, and a normal (nice -20) agent preempted it at each step: three
     wake-ups, each running the agent's code cold under TCG; batched, one wake-up sees all
     three (measured in a guest: the poll path's cost over spawn+waitpid 1.6 → 0.6 ms).  The
