@@ -201,10 +201,8 @@ class Task:
 class ExecTask(Task):
     # Defaults as class attributes: each assignment in __init__/_watch_pipes is an interpreted
     # line per command, ~5 us each in a TCG guest.
-    pidfd: int | None = None  # inline: the command's pidfd, in the poller
     timed_out = False
     aborted = False  # the link failed: no EXIT
-    exited = False  # the pidfd said the command exited
 
     def start(self, req: Any, flags: int = 0) -> None:
         argv = list(req.argv) if not req.shell else ["/bin/sh", "-c", req.shell]
@@ -310,18 +308,15 @@ class ExecTask(Task):
         its output ended could block the reader."""
         assert isinstance(self.proc, Spawned)
         self._watch_pipes()
-        try:  # its exit is one more event of the same poll: no separate wait after EOF
-            self.pidfd = os.pidfd_open(self.proc.pid)
-            self.poller.register(self.pidfd, select.POLLIN)
-        except (AttributeError, OSError):
-            pass
         _batch_scheduling(True)
         try:
             if not self._pump_pipes(host_fd):
                 return False
             if self.aborted:
                 return True
-            if not self.exited and not self.proc.returned_within(INLINE_REAP):
+            # Its exit is not in the poll (a pidfd there cost more than it saved, A/B in a
+            # TCG guest): batched, the command has usually exited when its output ends.
+            if not self.proc.returned_within(INLINE_REAP):
                 self._close_pipes()  # it closed its output and goes on: a worker waits for it
                 return False
         finally:
@@ -353,7 +348,7 @@ class ExecTask(Task):
             inline_end = time.monotonic() + INLINE_FOR
             poller.register(host_fd, select.POLLIN)
         try:
-            while pipes or (host_fd is not None and self.pidfd is not None):
+            while pipes:
                 now = time.monotonic()
                 if inline_end is not None and now >= inline_end:
                     return False
@@ -373,10 +368,6 @@ class ExecTask(Task):
                 for fd, revents in events:
                     if fd == host_fd:
                         return False
-                    if fd == self.pidfd:
-                        self._forget_pidfd()
-                        self.exited = True
-                        continue
                     if revents == select.POLLHUP:  # no writer and nothing left: EOF, no read
                         poller.unregister(fd)
                         self.eofs.append(P.encode_frame(pipes.pop(fd), self.rid))
@@ -414,14 +405,7 @@ class ExecTask(Task):
                     pass
         return True
 
-    def _forget_pidfd(self) -> None:
-        if self.pidfd is not None:
-            self.poller.unregister(self.pidfd)
-            os.close(self.pidfd)
-            self.pidfd = None
-
     def _close_pipes(self) -> None:
-        self._forget_pidfd()
         for stream in self.outputs:
             if isinstance(stream, int):
                 os.close(stream)
