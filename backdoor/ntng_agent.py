@@ -9,9 +9,11 @@ flight; all writes go through one lock so frames never interleave.
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import functools
 import grp
+import mmap
 import os
 import pty
 import pwd
@@ -510,6 +512,8 @@ class ExecTask(Task):
 
 
 class PutTask(Task):
+    writer: DirectWriter | None = None  # the file's O_DIRECT writer, when it has one
+
     def start(self, req: Any, flags: int = 0) -> None:
         self.req = req
         self.fd = -1  # cancel() runs when makedirs/open below fail
@@ -517,7 +521,9 @@ class PutTask(Task):
         if req.mkdirs:
             os.makedirs(directory, exist_ok=True)
         self.tmp = os.path.join(directory, f".{os.path.basename(req.path)}.ntng-{self.rid}")
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.fd = _open_for_put(self.tmp, direct=bool(flags & P.FLAG_DIRECT) and req.size >= DIRECT_FROM)
+        if _is_direct(self.fd):
+            self.writer = DirectWriter(self.fd)
         self.hash = P.file_checksum(flags)
         self.size = 0
 
@@ -526,13 +532,19 @@ class PutTask(Task):
             return super().on_data(ftype, data)
         self.recv_window.received(len(data))
         if data:
-            _write_all(self.fd, data)
+            if self.writer is not None:
+                self.writer.write(data)
+            else:
+                _write_all(self.fd, data)
             self.hash.update(data, crc)  # the frame's check computed crc: no second pass
             self.size += len(data)
             credit = self.recv_window.consumed(len(data))
             if credit:
                 self.session.send(P.credit_frame(self.rid, credit))
             return
+        if self.writer is not None:
+            self.writer.finish()
+            self.writer = None
         os.close(self.fd)
         self.fd = -1
         digest = self.hash.digest()
@@ -555,6 +567,9 @@ class PutTask(Task):
 
     def cancel(self) -> None:
         super().cancel()
+        if self.writer is not None:
+            self.writer.discard()
+            self.writer = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -569,10 +584,90 @@ def _pty_child() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # the terminal becomes the command's controlling tty
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+# A file put this large, with FLAG_DIRECT, is written with O_DIRECT where its filesystem allows:
+# in a TCG guest a buffered write runs the page-cache copy and the writeback in emulated code
+# (58-72 MB/s into ext4 on virtio-blk, measured), a direct one hands the pages to the VMM
+# (510-1210 MB/s).  Natively (a container, KVM) the page cache is the faster path, so the host
+# asks only for an emulated guest.  Smaller files stay buffered: a direct write waits for the
+# device, each file once at least.
+DIRECT_FROM = 8 << 20
+DIRECT_CHUNK = 4 << 20  # staged, then written whole: 1 MiB direct writes ran at 510-565 MB/s
+DIRECT_ALIGN = 4096  # offsets, lengths and the buffer: a page covers every block size
+
+
+def _open_for_put(path: str, direct: bool) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, flags | os.O_DIRECT, 0o600)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: this filesystem has no direct I/O
+                raise
+    return os.open(path, flags, 0o600)
+
+
+def _is_direct(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
+
+
+class DirectWriter:
+    """Writes a file opened with O_DIRECT through one page-aligned staging buffer (DIRECT_CHUNK
+    of memory per put in flight), in aligned whole chunks; the last one is padded to a page and
+    the file cut back to its size.  A filesystem that opens O_DIRECT but refuses a write
+    (EINVAL) gets the rest as plain writes."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = mmap.mmap(-1, DIRECT_CHUNK)  # anonymous: page-aligned, zeroed
+        self.view = memoryview(self.buf)
+        self.fill = 0
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        src = memoryview(data)
+        while src:
+            n = min(len(src), DIRECT_CHUNK - self.fill)
+            self.view[self.fill : self.fill + n] = src[:n]
+            self.fill += n
+            self.size += n
+            src = src[n:]
+            if self.fill == DIRECT_CHUNK:
+                self._flush(DIRECT_CHUNK)
+
+    def finish(self) -> None:
+        """Write what is staged and give the file its exact size."""
+        if self.fill:
+            padded = -(-self.fill // DIRECT_ALIGN) * DIRECT_ALIGN
+            self.view[self.fill : padded] = bytes(padded - self.fill)
+            self._flush(padded)
+            if padded != self.fill:
+                os.ftruncate(self.fd, self.size)
+        self.discard()
+
+    def discard(self) -> None:
+        self.view.release()
+        try:
+            self.buf.close()
+        except BufferError:  # a slice held by an exception being handled: the GC frees it
+            pass
+
+    def _flush(self, length: int) -> None:
+        view = self.view[:length]
+        while view:
+            try:
+                view = view[os.write(self.fd, view):]
+            except OSError as e:
+                if e.errno != errno.EINVAL or not _is_direct(self.fd):
+                    raise
+                # Nothing was written: the same bytes again, buffered (F_SETFL may drop O_DIRECT).
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.fill = 0
 
 
 class GetTask(Task):

@@ -118,8 +118,11 @@ class BackdoorClient:
         on_garbage: Callable[[P.Garbage], None] | None = None,
         on_restart: Callable[[P.HelloAck, P.HelloAck], None] | None = None,
         key: bytes | None = None,
+        direct_writes: bool = False,
     ) -> None:
         self.name = name
+        # put_file asks for direct I/O (FLAG_DIRECT): for a guest whose kernel runs emulated
+        self.direct_writes = direct_writes
         self.key = key
         self.sock = sock
         self.window = window
@@ -714,7 +717,7 @@ class BackdoorClient:
         returned carries the file's sha256 either way (computed on the host, from the bytes
         the check covered)."""
         deadline = time.monotonic() + timeout
-        flags = self._checksum_flags(verify, timeout)
+        flags = self._checksum_flags(verify, timeout) | (P.FLAG_DIRECT if self.direct_writes else 0)
         size = os.path.getsize(source)
         sha, crc = _digests_of_file(source)
         digest = crc.digest() if flags & P.FLAG_CRC32 else sha.digest()

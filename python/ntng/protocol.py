@@ -125,6 +125,10 @@ class FrameType(enum.IntEnum):
 # request's and FILE_DONE's `sha256` fields carry a CRC-32 (zlib's, 4 bytes big-endian) of the
 # whole file instead of its sha256.  Without it the check is sha256, as in every version.
 FLAG_CRC32 = 0x0001
+# FLAG_DIRECT on FILE_PUT: write a large file with direct I/O where the guest's filesystem allows
+# (the host sets it for a guest whose kernel runs emulated, where the page cache's copy and
+# writeback are the slow part).  Agents without it ignore the bit.
+FLAG_DIRECT = 0x0002
 CHECKSUMS = ("crc32", "sha256")  # what put_file/get_file's `verify=` accepts
 
 

@@ -29,6 +29,12 @@ from .snapshots import Snapshot
 Log = Callable[[str], None]
 
 
+def emulated_kernel(plan: NodePlan) -> bool:
+    """The guest's kernel runs under TCG: its page cache costs more than the device (put_file
+    then asks for direct I/O).  A container's kernel is the host's, whatever `accel` says."""
+    return plan.get("backend") != "nspawn" and plan.get("accel") == "tcg"
+
+
 def stderr_log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -148,7 +154,8 @@ class Session:
                         continue
                     raise
                 self.client = BackdoorClient(sock, self.name, on_restart=self._on_agent_restart,
-                                             key=backdoorkey.read(self.plan))
+                                             key=backdoorkey.read(self.plan),
+                                             direct_writes=emulated_kernel(self.plan))
                 next_hello = time.monotonic() + HELLO_AGAIN_AFTER
             if not self.backend.alive():
                 if self.follow_reboot():

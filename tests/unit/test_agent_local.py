@@ -404,6 +404,74 @@ def test_put_and_get_20mb_file(client: BackdoorClient, tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
 
 
+def _direct_writers(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes the agent's DirectWriters finished with (one entry per O_DIRECT put)."""
+    finished: list[int] = []
+    real = agent.DirectWriter.finish
+
+    def finish(self: agent.DirectWriter) -> None:
+        real(self)
+        finished.append(self.size)
+
+    monkeypatch.setattr(agent.DirectWriter, "finish", finish)
+    return finished
+
+
+@pytest.mark.parametrize(("size", "asked"), [
+    (agent.DIRECT_FROM + 12345, True), (3 * agent.DIRECT_CHUNK, True), (agent.DIRECT_FROM - 1, True),
+    (agent.DIRECT_FROM + 12345, False),
+], ids=["unaligned-tail", "whole-chunks", "below-the-threshold", "not-asked"])
+def test_large_puts_are_written_direct_with_their_exact_size(
+    client: BackdoorClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int, asked: bool
+) -> None:
+    """In a TCG guest buffered writes into ext4 ran at 58-72 MB/s, O_DIRECT ones at 510-1210:
+    asked (FLAG_DIRECT), a file of DIRECT_FROM or more goes through an aligned staging buffer,
+    the last page padded and the file cut back to its size."""
+    finished = _direct_writers(monkeypatch)
+    client.direct_writes = asked
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(size))
+    target = tmp_path / "guest" / "big.bin"
+    done = client.put_file(src, str(target), timeout=50)
+    assert done.size == size == target.stat().st_size
+    assert _sha(target) == _sha(src)
+    assert finished == ([size] if asked and size >= agent.DIRECT_FROM else [])
+    assert [p.name for p in target.parent.iterdir()] == ["big.bin"]
+
+
+def test_a_filesystem_without_direct_io_gets_plain_writes(
+    client: BackdoorClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two refusals, as filesystems give them: O_DIRECT at open (tmpfs before Linux 6.6) and at
+    the first write after an open that accepted it (EINVAL both): the put completes either way."""
+    real_open, real_write = os.open, os.write
+    refused: list[str] = []
+
+    def open_refusing(path: str, flags: int, *args: int, **kw: object) -> int:
+        if flags & os.O_DIRECT and "no-open" in str(path):
+            refused.append("open")
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    def write_refusing(fd: int, data: bytes) -> int:
+        if agent._is_direct(fd):
+            refused.append("write")
+            raise OSError(22, "Invalid argument")
+        return real_write(fd, data)
+
+    client.direct_writes = True
+    monkeypatch.setattr(os, "open", open_refusing)
+    monkeypatch.setattr(os, "write", write_refusing)
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(agent.DIRECT_FROM + agent.DIRECT_CHUNK + 777))
+    for name in ("no-open.bin", "no-write.bin"):
+        refused.clear()
+        done = client.put_file(src, str(tmp_path / name), timeout=50)
+        assert done.size == src.stat().st_size
+        assert _sha(tmp_path / name) == _sha(src)
+        assert refused == (["open"] if name == "no-open.bin" else ["write"])
+
+
 class TappedConnection(HostConnection):
     """Records the FILE_DATA payload sizes the agent reads and writes."""
 
