@@ -6,7 +6,8 @@
             reimplementation of the NixOS driver's shell protocol (bash on a port, base64
             output, a second round trip for the exit status)
   copy      FILE_PUT / FILE_GET MB/s vs raw bytes over the same kind of port (C tools in
-            the guest, so the baseline is the transport's ceiling)
+            the guest, so the baseline is the transport's ceiling), and the same file through
+            a 9p and a virtiofs share (python/ntng/shares.py: staged on the host, `cp` in the guest)
   memory    the runner's peak RSS during the download
 
 Usage: .venv/bin/python bench/backdoor.py [--rounds 200] [--copy-mb 64]
@@ -31,14 +32,26 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from ntng import runner  # noqa: E402
+from ntng import runner, shares  # noqa: E402
 from ntng.client import connect_unix  # noqa: E402
 from ntng.driver import Driver  # noqa: E402
 from ntng.machine import Machine  # noqa: E402
 
 RAW = "org.ntng.raw"
 SHELL = "org.ntng.shell"
-HEADER = f'#: nodes.machine = {{ extraSerialPorts = [ "{RAW}" "{SHELL}" ]; }};\n'
+SHARES = (("p9", "9p"), ("vfs", "virtiofs"))  # tag, type
+
+
+def header(tmp: Path) -> str:
+    """The bench VM: two more ports (the raw peers) and the two share peers."""
+    lines = [f'#:   extraSerialPorts = [ "{RAW}" "{SHELL}" ];']
+    for tag, kind in SHARES:
+        (tmp / "shares" / tag).mkdir(parents=True)
+        lines.append(f'#:   sharedDirs.{tag} = {{ source = "{tmp}/shares/{tag}"; target = "/mnt/{tag}"; '
+                     f'type = "{kind}"; }};')
+    return "#: nodes.machine = {\n" + "\n".join(lines) + "\n#: };\n"
+
+
 # The raw echo, and the least a Python agent on this port can do for a command: on `T` (or
 # `B`) posix_spawn /bin/true (or bash -c) in its own session with stdout and stderr pipes,
 # read both to EOF, reap, answer the exit code: no framing, no checks, no flow control.
@@ -442,8 +455,11 @@ def ratios(m: Machine, client: Any, tmp: Path, rounds: int, copy_mb: int) -> lis
     sha_mbs = nbytes / hashed.duration / 1e6
     crc = m.run(["python3", "-c", "import zlib,sys; zlib.crc32(open(sys.argv[1],'rb').read())",
                  "/root/down.bin"])
+    via_share = share_copies(m, src, "/root/down.bin")
     raws = raw_copy(m, raw, nbytes)
     raw_up, raw_down = raws["up"], raws["down"]
+    p9_up, p9_down = (nbytes / t / 1e6 for t in via_share["9p"])
+    vfs_up, vfs_down = (nbytes / t / 1e6 for t in via_share["virtiofs"])
 
     def verdict(ok: bool) -> str:
         return "**met**" if ok else "not met"
@@ -470,6 +486,13 @@ def ratios(m: Machine, client: Any, tmp: Path, rounds: int, copy_mb: int) -> lis
          f"raw port into a file {raws['up_file']:.1f} ({up / raws['up_file']:.0%})"),
         (f"copy guest→host {copy_mb} MB, CRC-32 (MB/s)", f"{down:.1f}",
          f"raw port {raw_down:.1f} ({down / raw_down:.0%}); target ≥ 50%: {verdict(down >= raw_down / 2)}"),
+        (f"the same {copy_mb} MB files through a 9p / virtiofs share: host→guest (MB/s)",
+         f"{p9_up:.1f} / {vfs_up:.1f}",
+         f"the protocol {up:.1f} ({up / p9_up:.0%} / {up / vfs_up:.0%}); target faster than 9p: {verdict(up > p9_up)}"),
+        (f"the same {copy_mb} MB files through a 9p / virtiofs share: guest→host (MB/s)",
+         f"{p9_down:.1f} / {vfs_down:.1f}",
+         f"the protocol {down:.1f} ({down / p9_down:.0%} / {down / vfs_down:.0%}); target faster than 9p: "
+         f"{verdict(down > p9_down)}"),
         (f"copy host→guest / guest→host {copy_mb} MB, verify=sha256 (MB/s)", f"{up_sha:.1f} / {down_sha:.1f}",
          f"{up_sha / raw_up:.0%} / {down_sha / raw_down:.0%} of the raw port"),
         (f"stdout {out_mb} MB (MB/s)", f"{stdout:.1f}",
@@ -480,6 +503,30 @@ def ratios(m: Machine, client: Any, tmp: Path, rounds: int, copy_mb: int) -> lis
         ("in-guest bounds: `sha256sum` / zlib.crc32 of the same bytes (MB/s)",
          f"{sha_mbs:.1f} / {nbytes / crc.duration / 1e6:.1f}", "(crc32 timed with python3's start)"),
     ]
+
+
+def share_copies(m: Machine, up: Path, down: str) -> dict[str, tuple[float, float]]:
+    """Seconds to copy the host file `up` into the guest and the guest file `down` out, through
+    each share as copy_from_host / copy_from_machine(via="share") do; each copy's size checked."""
+    times: dict[str, tuple[float, float]] = {}
+    want_down = int(m.succeed(f"stat -c %s {down}"))
+    for tag, kind in SHARES:
+        share = next(s for s in m.plan["shares"] if s["tag"] == tag)
+        t0 = time.perf_counter()
+        shares.to_guest(m, share, up, f"/root/{tag}-up.bin")
+        t_up = time.perf_counter() - t0
+        assert int(m.succeed(f"stat -c %s /root/{tag}-up.bin")) == up.stat().st_size
+        m.succeed(f"rm /root/{tag}-up.bin")
+        dest = m.out_dir / f"via-{tag}"
+        dest.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        shares.from_guest(m, share, down, dest)
+        t_down = time.perf_counter() - t0
+        got = dest / Path(down).name
+        assert got.stat().st_size == want_down
+        got.unlink()
+        times[kind] = (t_up, t_down)
+    return times
 
 
 def socket_for_shell(m: Machine) -> socket.socket:
@@ -563,7 +610,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ntng-bench-"))
     atexit.register(shutil.rmtree, tmp, True)  # its copy files are hundreds of MB: never left behind
     script = tmp / "bench.py"
-    script.write_text(HEADER)
+    script.write_text(header(tmp))
     spec, choice = runner.prepare(runner.RunOptions(script=script, accel=args.accel), tmp)
     driver = Driver(spec, tmp / "out", runner.DEFAULT_BOOT_TIMEOUT * choice.timeout_scale,
                     log=lambda _m: None)
