@@ -1388,7 +1388,30 @@ def run_from_cmdline(key_file: str | None = None) -> None:
         run_on_port(where, key_file)
 
 
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed frame-sized blocks in the heap.  By default a freed 1 MiB block goes
+    back to the kernel (above the mmap threshold, or trimmed off the heap's top), so the next
+    frame's buffer takes 256 page faults, each dear in a TCG guest: a put's decoder steps were
+    12.0 -> 9.6 ms per MiB with these settings (measured in the guest).  The heap then stays at
+    its peak, a few frames of the bounded buffers.  The agent's own process only: settings of
+    malloc are not inherited across exec."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, 16 << 20)  # glibc's maximum is 32 MiB on 64-bit
+        libc.mallopt(M_TRIM_THRESHOLD, 128 << 20)
+    except (ImportError, OSError, AttributeError):  # no ctypes, or not glibc: defaults
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
+    keep_freed_memory()
     ap = argparse.ArgumentParser(description="nixos-test-ng backdoor agent")
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--port-name", default=DEFAULT_PORT_NAME, help="virtio-serial port name")

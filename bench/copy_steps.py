@@ -22,6 +22,7 @@ import ntng_agent as A  # noqa: E402
 
 def main() -> None:
     mode, port, path, want = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    A.keep_freed_memory()  # as the agent's main()
     fd = os.open(port, os.O_RDWR)
     conn = A.Connection(fd, fd)
     spent: dict[str, float] = {}
@@ -57,7 +58,9 @@ def main() -> None:
             timed("write the frame to the port (writev)", t)
             moved += got
     else:  # the reader loop, decoder and PutTask.on_data
-        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # As PutTask with FLAG_DIRECT (a TCG guest): O_DIRECT through the staging buffer
+        out = A._open_for_put(path, direct=want >= A.DIRECT_FROM)
+        writer = A.DirectWriter(out) if A._is_direct(out) else None
         decoder = P.Decoder(P.DEFAULT_MAX_FRAME)
         check = P.Crc32()
         start = 0.0
@@ -76,12 +79,19 @@ def main() -> None:
             timed("decoder: frames (CRC, payload copy)", t)
             for frame in frames:
                 t = clock()
-                A._write_all(out, frame.payload)
-                timed("write the file", t)
+                if writer is not None:
+                    writer.write(frame.payload)
+                else:
+                    A._write_all(out, frame.payload)
+                timed("write the file (O_DIRECT, staged)" if writer is not None else "write the file", t)
                 t = clock()
                 check.update(frame.payload, frame.payload_crc)
                 timed("whole-file CRC (combined)", t)
                 moved += len(frame.payload)
+        if writer is not None:
+            t = clock()
+            writer.finish()
+            timed("write the file (O_DIRECT, staged)", t)
         os.close(out)
     total = clock() - start
     mib = moved / (1 << 20)
