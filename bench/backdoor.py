@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import faulthandler
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -274,6 +276,17 @@ def copy_steps(m: Machine, copy_mb: int) -> None:
     print_table(("step of a copy, in the guest", "ms per MiB", ""), rows)
 
 
+STUCK_AFTER = 600.0  # a step running longer than this gets every thread's stack printed
+
+
+def step(what: str) -> None:
+    """Say on stderr which step runs (the tables go to stdout at the end, often buffered) and
+    re-arm the watchdog: a step that sits past STUCK_AFTER prints every thread's stack, so a
+    stuck run says where it waits (one run sat idle for 15 minutes, step unknown)."""
+    print(f"bench: {what}", file=sys.stderr, flush=True)
+    faulthandler.dump_traceback_later(STUCK_AFTER, exit=False)
+
+
 def breakdown(m: Machine, tmp: Path, rounds: int, ref: str) -> None:
     """Where succeed("true")'s time goes: the agent's steps timed in the guest, the host's
     round trips, and (with `ref`) the agent of git `ref` against the image's, interleaved."""
@@ -282,9 +295,11 @@ def breakdown(m: Machine, tmp: Path, rounds: int, ref: str) -> None:
     steps = Path(__file__).resolve().parent / "agent_steps.py"
     client = m.connect()
     client.put_file(steps, "/tmp/agent_steps.py")
+    step("the agent's steps in the guest (agent_steps.py)")
     out = m.succeed(f"python3 /tmp/agent_steps.py {rounds}", timeout=1800)
     rows = [tuple(line.split("\t")) for line in out.splitlines() if "\t" in line]
     print_table(("step (in the guest, median)", "ms", ""), [(a, b, "") for a, b in rows])
+    step(f"round trips, interleaved{f' with the agent of {ref}' if ref else ''}")
     old = old_agent_client(m, tmp, ref) if ref else None
     req_sh = P.Exec(argv=["bash", "-c", "set -euo pipefail; true"], timeout_ms=900_000)
     req_true = P.Exec(argv=["true"], timeout_ms=900_000)
@@ -321,6 +336,7 @@ def breakdown(m: Machine, tmp: Path, rounds: int, ref: str) -> None:
         print()
         print_table(("bulk data, same VM, interleaved (MB/s, best of 3)", "this agent", f"[{ref}] agent (sha256 only)"),
                     bulk_ab(m, client, old, tmp, 32))
+        step("done")
 
 
 def bulk_ab(m: Machine, new: Any, old: Any, tmp: Path, mb: int) -> list[tuple[str, str, str]]:
@@ -387,6 +403,7 @@ def rss_mb() -> float:
 def ratios(m: Machine, client: Any, tmp: Path, rounds: int, copy_mb: int) -> list[tuple[str, str, str]]:
     """Every measure next to its floor or peer on this VM, in one run; round trips interleaved
     (one sample of each per round), so load bursts hit them alike."""
+    step("round trips and the in-guest floors, interleaved")
     n = max(20, rounds // 4)
     m.succeed(f"cat > /tmp/floors.py <<'EOF'\n{FLOORS}EOF")
     floors: list[tuple[float, float]] = []
@@ -430,6 +447,7 @@ def ratios(m: Machine, client: Any, tmp: Path, rounds: int, copy_mb: int) -> lis
         fn()
         return nbytes / (time.perf_counter() - t) / 1e6
 
+    step("protocol copies and stdout")
     up = mbs(lambda: client.put_file(src, "/root/up.bin"))
     up_sha = mbs(lambda: client.put_file(src, "/root/up.bin", verify="sha256"))
     down = mbs(lambda: client.get_file("/root/down.bin", tmp / "down.bin"))
@@ -455,7 +473,9 @@ def ratios(m: Machine, client: Any, tmp: Path, rounds: int, copy_mb: int) -> lis
     sha_mbs = nbytes / hashed.duration / 1e6
     crc = m.run(["python3", "-c", "import zlib,sys; zlib.crc32(open(sys.argv[1],'rb').read())",
                  "/root/down.bin"])
+    step("the same files through the shares")
     via_share = share_copies(m, src, "/root/down.bin")
+    step("the raw port both ways")
     raws = raw_copy(m, raw, nbytes)
     raw_up, raw_down = raws["up"], raws["down"]
     p9_up, p9_down = (nbytes / t / 1e6 for t in via_share["9p"])
@@ -607,6 +627,7 @@ def main() -> None:
     ap.add_argument("--ab", default="", metavar="GIT_REF",
                     help="with --breakdown: also run the agent of GIT_REF in the guest, interleaved")
     args = ap.parse_args()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where it is now
     tmp = Path(tempfile.mkdtemp(prefix="ntng-bench-"))
     atexit.register(shutil.rmtree, tmp, True)  # its copy files are hundreds of MB: never left behind
     script = tmp / "bench.py"
@@ -618,6 +639,7 @@ def main() -> None:
     rows: list[tuple[str, str, str]] = []
     try:
         t0 = time.perf_counter()
+        step("boot")
         m.start()
         m.succeed("true")
         rows.append(("cold boot → first command", f"{time.perf_counter() - t0:.1f} s", ""))
@@ -635,6 +657,7 @@ def main() -> None:
             rows += ratios(m, client, tmp, args.rounds, args.copy_mb)
     finally:
         driver.release()
+        faulthandler.cancel_dump_traceback_later()
     print(f"\nload average: {os.getloadavg()}")
     print(f"\naccelerator: {choice.accel} ({choice.reason.splitlines()[0][:80]})\n")
     print_table(("measure", "nixos-test-ng", "baseline"), rows)
