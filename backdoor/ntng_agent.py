@@ -521,8 +521,8 @@ class PutTask(Task):
         if req.mkdirs:
             os.makedirs(directory, exist_ok=True)
         self.tmp = os.path.join(directory, f".{os.path.basename(req.path)}.ntng-{self.rid}")
-        self.fd = _open_for_put(self.tmp, direct=bool(flags & P.FLAG_DIRECT) and req.size >= DIRECT_FROM)
-        if _is_direct(self.fd):
+        self.fd, direct = _open_for_put(self.tmp, direct=bool(flags & P.FLAG_DIRECT) and req.size >= DIRECT_FROM)
+        if direct:
             self.writer = DirectWriter(self.fd)
         self.hash = P.file_checksum(flags)
         self.size = 0
@@ -601,15 +601,16 @@ DIRECT_CHUNK = 4 << 20  # staged, then written whole: 1 MiB direct writes ran at
 DIRECT_ALIGN = 4096  # offsets, lengths and the buffer: a page covers every block size
 
 
-def _open_for_put(path: str, direct: bool) -> int:
+def _open_for_put(path: str, direct: bool) -> tuple[int, bool]:
+    """(fd, opened with O_DIRECT): `direct` asks for it, the filesystem may refuse."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     if direct and hasattr(os, "O_DIRECT"):
         try:
-            return os.open(path, flags | os.O_DIRECT, 0o600)
+            return os.open(path, flags | os.O_DIRECT, 0o600), True
         except OSError as e:
             if e.errno != errno.EINVAL:  # EINVAL: this filesystem has no direct I/O
                 raise
-    return os.open(path, flags, 0o600)
+    return os.open(path, flags, 0o600), False
 
 
 def _is_direct(fd: int) -> bool:

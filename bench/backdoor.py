@@ -34,6 +34,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
+from shared_dirs import share_of  # noqa: E402  (bench/, this script's folder)
+
 from ntng import runner, shares  # noqa: E402
 from ntng.client import connect_unix  # noqa: E402
 from ntng.driver import Driver  # noqa: E402
@@ -531,7 +533,7 @@ def share_copies(m: Machine, up: Path, down: str) -> dict[str, tuple[float, floa
     times: dict[str, tuple[float, float]] = {}
     want_down = int(m.succeed(f"stat -c %s {down}"))
     for tag, kind in SHARES:
-        share = next(s for s in m.plan["shares"] if s["tag"] == tag)
+        share = share_of(m, tag)
         t0 = time.perf_counter()
         shares.to_guest(m, share, up, f"/root/{tag}-up.bin")
         t_up = time.perf_counter() - t0

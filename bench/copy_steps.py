@@ -59,8 +59,8 @@ def main() -> None:
             moved += got
     else:  # the reader loop, decoder and PutTask.on_data
         # As PutTask with FLAG_DIRECT (a TCG guest): O_DIRECT through the staging buffer
-        out = A._open_for_put(path, direct=want >= A.DIRECT_FROM)
-        writer = A.DirectWriter(out) if A._is_direct(out) else None
+        out, direct = A._open_for_put(path, direct=want >= A.DIRECT_FROM)
+        writer = A.DirectWriter(out) if direct else None
         decoder = P.Decoder(P.DEFAULT_MAX_FRAME)
         check = P.Crc32()
         start = 0.0
