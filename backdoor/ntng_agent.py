@@ -74,6 +74,7 @@ PORT_BUFFER = 4096  # what a virtio-serial port hands out per read when more is 
 PORT_WRITE = 32 * 1024  # the most a virtio-serial port takes per write
 UNALIGNED_PIECES = 16  # iovecs built per readv when the buffer is off the 4 KiB grid
 READ_BUFFER = P.CHUNK * 16  # 1 MiB: several maximal frames a batch
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # a command's, when the agent has none
 
 
 class Connection:
@@ -166,9 +167,11 @@ class Connection:
 
     def write(self, data: bytes) -> None:
         with self._lock:
-            view = memoryview(data)
-            while view:
-                view = view[self._write_some(view):]
+            sent = self._write_some(data)  # a small frame goes whole: no view needed
+            if sent < len(data):
+                view = memoryview(data)[sent:]
+                while view:
+                    view = view[self._write_some(view):]
 
 
 class Task:
@@ -205,11 +208,31 @@ class ExecTask(Task):
     # line per command, ~5 us each in a TCG guest.
     timed_out = False
     aborted = False  # the link failed: no EXIT
+    pty = False
+    stdin_queue: queue.SimpleQueue[bytes] | None = None
+    deadline: float | None = None
+    eofs: list[bytes]  # end-of-stream frames, sent with the EXIT in one write
+    grown: frozenset[int] = frozenset()  # output pipes grown to 1 MiB
 
     def start(self, req: Any, flags: int = 0) -> None:
+        self.started = time.monotonic()
+        if req.timeout_ms:
+            self.timeout: float | None = req.timeout_ms / 1000
+            self.deadline = self.started + self.timeout
+        else:
+            self.timeout = None
+        if not (req.shell or req.env or req.clear_env or req.user or req.pty or req.stdin) and (
+                req.cwd or "/") == _agent_cwd():
+            # The usual command (argv, as the agent's user, in its cwd and environment): the
+            # fewest interpreted lines to its spawn, ~5 us each under TCG.
+            self.proc: Any = _spawn_fast(req.argv, _command_env(), False, req.merge_stderr)
+            inline_fd = self.session.inline_fd
+            if inline_fd is None or not self.serve_inline(inline_fd):
+                self._spawn(self._serve_pipes)
+            return
         argv = list(req.argv) if not req.shell else ["/bin/sh", "-c", req.shell]
         env = {} if req.clear_env else dict(_agent_env())
-        env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        env.setdefault("PATH", DEFAULT_PATH)
         kwargs: dict[str, Any] = {}
         cwd = req.cwd or None
         if req.user:
@@ -223,10 +246,9 @@ class ExecTask(Task):
             cwd = cwd or (pw.pw_dir if os.path.isdir(pw.pw_dir) else "/")
         for e in req.env:
             env[e["key"]] = e["value"]
-        self.started = time.monotonic()
-        self.timeout = req.timeout_ms / 1000 if req.timeout_ms else None
-        self.pty = bool(req.pty)
-        if self.pty:
+        if req.pty:
+            self.pty = True
+            self.eofs = []  # its one stream's end goes alone (_pump)
             # One terminal for stdin/stdout/stderr, made the command's controlling tty.
             master, slave = pty.openpty()
             try:
@@ -238,14 +260,14 @@ class ExecTask(Task):
                 os.close(slave)
             out = os.fdopen(master, "rb", buffering=0)
             if req.stdin:
-                self.stdin_queue: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+                self.stdin_queue = queue.SimpleQueue()
                 self._spawn(self._feed_stdin, os.fdopen(os.dup(master), "wb", buffering=0))
             self.pumps = [self._spawn(self._pump, out, P.FrameType.STDOUT)]
             self._spawn(self._wait)
             return
         stdin = req.stdin
         if not kwargs and (cwd or "/") == _agent_cwd():
-            self.proc = _spawn_fast(argv, env, stdin, req.merge_stderr)  # type: ignore[assignment]
+            self.proc = _spawn_fast(argv, env, stdin, req.merge_stderr)
         else:
             self.proc = subprocess.Popen(
                 argv,
@@ -295,7 +317,7 @@ class ExecTask(Task):
             self._watch_pipes()
         _batch_scheduling(True)  # as inline: a producer fills the pipe before the pump wakes
         try:
-            self._pump_pipes(None)
+            self._pump_pipes()
         finally:
             _batch_scheduling(False)
         if not self.aborted:
@@ -308,11 +330,10 @@ class ExecTask(Task):
         switch each way in a TCG guest).  True: done (EXIT sent); False: a worker goes on.
         Only for a command started by posix_spawn (`Spawned`): waiting for a Popen one after
         its output ended could block the reader."""
-        assert isinstance(self.proc, Spawned)
         self._watch_pipes()
         _batch_scheduling(True)
         try:
-            if not self._pump_pipes(host_fd):
+            if not self._pump_inline(host_fd):
                 return False
             if self.aborted:
                 return True
@@ -323,41 +344,67 @@ class ExecTask(Task):
                 return False
         finally:
             _batch_scheduling(False)
-        self._end_pipes()
+        self._close_pipes()
+        self._report(False)  # inline, no timeout has passed (the deadline ends it)
         return True
 
     def _watch_pipes(self) -> None:
         out: Any = self.proc.stdout  # always a pipe (or the pty)
         err: Any = self.proc.stderr
-        self.outputs = [out] if err is None else [out, err]  # files (Popen) or fds (Spawned)
-        self.pipes = pipes = {out if isinstance(out, int) else out.fileno(): P.FrameType.STDOUT}
-        if err is not None:
-            pipes[err if isinstance(err, int) else err.fileno()] = P.FrameType.STDERR
-        self.deadline = None if self.timeout is None else self.started + self.timeout
-        self.eofs: list[bytes] = []  # end-of-stream frames, sent with the EXIT in one write
-        self.grown: set[int] = set()
         self.poller = poller = select.poll()
-        for fd in pipes:
-            poller.register(fd, select.POLLIN)
+        self.eofs = []
+        if isinstance(out, int):  # Spawned: plain fds
+            self.outputs = [out] if err is None else [out, err]
+        else:  # Popen: files
+            self.outputs = [out] if err is None else [out, err]
+            out = out.fileno()
+            err = None if err is None else err.fileno()
+        self.pipes = {out: P.FrameType.STDOUT}
+        poller.register(out, select.POLLIN)
+        if err is not None:
+            self.pipes[err] = P.FrameType.STDERR
+            poller.register(err, select.POLLIN)
 
-    def _pump_pipes(self, host_fd: int | None) -> bool:
-        """Move output until both pipes end (True; `aborted` when the link failed).  Inline
-        (`host_fd` given): False as soon as the host has sent something, a chunk would wait
-        for credit or INLINE_FOR has passed; the state stays on self for a worker to go on."""
-        pipes, poller = self.pipes, self.poller
-        inline_end = None
-        if host_fd is not None:
-            inline_end = time.monotonic() + INLINE_FOR
-            poller.register(host_fd, select.POLLIN)
+    def _pump_inline(self, host_fd: int) -> bool:
+        """Move output until both pipes end (True; `aborted` when the link failed), on the
+        reader's thread: False as soon as the host has sent something, a chunk would wait for
+        credit, or INLINE_FOR or the command's deadline has passed (timeouts are the
+        worker's); the state stays on self for a worker to go on with _pump_pipes."""
+        pipes, poller, window = self.pipes, self.poller, self.send_window
+        end = time.monotonic() + INLINE_FOR
+        if self.deadline is not None and self.deadline < end:
+            end = self.deadline
+        poller.register(host_fd, select.POLLIN)
         try:
             while pipes:
-                now = time.monotonic()
-                if inline_end is not None and now >= inline_end:
+                wait = end - time.monotonic()
+                if wait <= 0:
                     return False
-                left = None if self.deadline is None else self.deadline - now
+                for fd, revents in poller.poll(max(1, int(wait * 1000))):
+                    if fd == host_fd:
+                        return False
+                    if revents != select.POLLHUP:  # POLLHUP alone: no writer, nothing left
+                        size = min(self.session.max_frame, window.credit)
+                        if size <= 0:
+                            return False
+                        if self._move(fd, size):
+                            continue
+                    poller.unregister(fd)
+                    self.eofs.append(P.end_of_stream(pipes.pop(fd), self.rid))
+        except (P.ProtocolError, Disconnected):
+            self._abort()
+        finally:
+            poller.unregister(host_fd)
+        return True
+
+    def _pump_pipes(self) -> None:
+        """Move output until both pipes end (`aborted` when the link failed, `timed_out` when
+        the deadline passed or the host granted no credit until it), on a worker."""
+        pipes, poller = self.pipes, self.poller
+        try:
+            while pipes:
+                left = None if self.deadline is None else self.deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    if inline_end is not None:
-                        return False  # timeouts are the worker's
                     if self.timed_out:  # killed 5 s ago, and a child that escaped still holds a pipe
                         self.send_window.close("command timed out")
                         break
@@ -365,47 +412,36 @@ class ExecTask(Task):
                     self.kill()
                     self.deadline = time.monotonic() + 5
                     continue
-                wait = left if inline_end is None else min(inline_end - now, left if left is not None else INLINE_FOR)
-                events = poller.poll(None if wait is None else max(1, int(wait * 1000)))
-                for fd, revents in events:
-                    if fd == host_fd:
-                        return False
-                    if revents == select.POLLHUP:  # no writer and nothing left: EOF, no read
-                        poller.unregister(fd)
-                        self.eofs.append(P.encode_frame(pipes.pop(fd), self.rid))
-                        continue
-                    size = self.session.max_frame
-                    if inline_end is not None:
-                        size = min(size, self.send_window.credit)
-                        if size <= 0:
-                            return False
-                    view = _thread_buffer(self.session.max_frame)[:size]
-                    try:
-                        got = os.readv(fd, [view])
-                    except OSError:
-                        got = 0
-                    if got:
-                        chunk = view[:got]  # sent (copied into the kernel) before the next read
-                        if got == PIPE_DEFAULT and fd not in self.grown:
-                            self.grown.add(fd)
-                            _grow_pipe(fd)
-                        self.send_data(pipes[fd], chunk, self.deadline)
+                for fd, revents in poller.poll(None if left is None else max(1, int(left * 1000))):
+                    if revents != select.POLLHUP and self._move(fd, self.session.max_frame):
                         continue
                     poller.unregister(fd)
-                    self.eofs.append(P.encode_frame(pipes.pop(fd), self.rid))  # end of stream
+                    self.eofs.append(P.end_of_stream(pipes.pop(fd), self.rid))
         except TimeoutError:  # the host granted no credit until the deadline
             self.timed_out = True
         except (P.ProtocolError, Disconnected):
-            self.kill()
-            self._close_pipes()
-            self.aborted = True
-        finally:
-            if host_fd is not None:
-                try:
-                    poller.unregister(host_fd)
-                except KeyError:
-                    pass
+            self._abort()
+
+    def _move(self, fd: int, size: int) -> bool:
+        """Read up to `size` bytes of output from `fd` and send them; False at its end."""
+        view = _thread_buffer(self.session.max_frame)[:size]
+        try:
+            got = os.readv(fd, [view])
+        except OSError:
+            return False
+        if not got:
+            return False
+        if got == PIPE_DEFAULT and fd not in self.grown:
+            self.grown = self.grown | {fd}
+            _grow_pipe(fd)
+        self.send_data(self.pipes[fd], view[:got], self.deadline)  # copied into the kernel: the view is free again
         return True
+
+    def _abort(self) -> None:
+        """The link failed while output moved: no EXIT can be sent."""
+        self.kill()
+        self._close_pipes()
+        self.aborted = True
 
     def _close_pipes(self) -> None:
         for stream in self.outputs:
@@ -448,24 +484,22 @@ class ExecTask(Task):
 
     def _report(self, timed_out: bool) -> None:
         rc = self.proc.returncode
-        exit_frame = P.exit_frame(
-            self.rid,
-            code=rc if rc >= 0 else -1,
-            signal=-rc if rc < 0 else 0,
-            timed_out=timed_out,
-            duration_us=int((time.monotonic() - self.started) * 1e6),
-        )
-        if getattr(self, "stdin_queue", None) is not None:
+        # code, signal, timed_out, duration_us (positional: keywords cost under TCG too)
+        exit_frame = P.exit_frame(self.rid, rc if rc >= 0 else -1, -rc if rc < 0 else 0, timed_out,
+                                  int((time.monotonic() - self.started) * 1e6))
+        if self.stdin_queue is not None:
             self.stdin_queue.put(b"")  # later STDIN is dropped: end the feeder thread now
         # One write for the end-of-stream frames and the EXIT: each write is a syscall and a
         # wake-up of the host's reader, which count under TCG.
-        self.session.finish(self.rid, b"".join(getattr(self, "eofs", ())) + exit_frame)
+        self.session.finish(self.rid, b"".join(self.eofs) + exit_frame)
 
     def _feed_stdin(self, pipe: Any) -> None:
         """Write host data to the command; blocking here never stalls the reader thread."""
         broken = False
+        queued = self.stdin_queue
+        assert queued is not None  # made before this feeder starts
         while True:
-            data = self.stdin_queue.get()
+            data = queued.get()
             if data and not broken:
                 try:
                     pipe.write(data)
@@ -501,11 +535,11 @@ class ExecTask(Task):
     def cancel(self) -> None:
         super().cancel()
         self.kill()
-        if getattr(self, "stdin_queue", None) is not None:
+        if self.stdin_queue is not None:
             self.stdin_queue.put(b"")
 
     def on_data(self, ftype: int, data: bytes, crc: int | None = None) -> None:
-        if ftype != P.FrameType.STDIN or getattr(self, "stdin_queue", None) is None:
+        if ftype != P.FrameType.STDIN or self.stdin_queue is None:
             return super().on_data(ftype, data)
         self.recv_window.received(len(data))
         self.stdin_queue.put(data)
@@ -797,9 +831,13 @@ class Spawned:
                 time.sleep(min(delay, max(0.0, end - time.monotonic())))
                 delay = min(delay * 2, 0.05)
         try:
-            return bool(select.select([fd], [], [], max(0.0, timeout))[0])
+            if not select.select([fd], [], [], max(0.0, timeout))[0]:
+                return False
         finally:
             os.close(fd)
+        _, status = os.waitpid(self.pid, 0)  # it has exited: reaped now, as returned_within says
+        self.returncode = os.waitstatus_to_exitcode(status)
+        return True
 
 
 _PYTHON_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)  # what Popen's restore_signals resets
@@ -856,6 +894,15 @@ def _agent_env() -> dict[str, str]:
     """The agent's environment as a plain dict, read once (callers copy it): copying os.environ
     decodes every variable again (~0.2 ms a command under TCG).  The agent never changes it."""
     return dict(os.environ)
+
+
+@functools.cache
+def _command_env() -> dict[str, str]:
+    """A plain command's environment: the agent's with a default PATH, made once (a command
+    never changes the dict it is spawned with)."""
+    env = dict(_agent_env())
+    env.setdefault("PATH", DEFAULT_PATH)
+    return env
 
 
 def _batch_scheduling(on: bool) -> None:
@@ -1034,6 +1081,18 @@ class Session:
         except P.FrameError as e:
             code = P.ErrorCode.UNKNOWN_TYPE if ft not in P.MESSAGES else P.ErrorCode.BAD_PAYLOAD
             return self.error(rid, code, str(e))
+        cls = STARTERS.get(ft) if self.established else None
+        if cls is not None:  # a request (first: an EXEC per command)
+            with self.lock:
+                if rid in self.tasks:
+                    return self.error(rid, P.ErrorCode.BAD_PAYLOAD, f"request id {rid} is in use")
+                if len(self.tasks) >= self.max_in_flight:
+                    return self.error(
+                        rid, P.ErrorCode.TOO_MANY_REQUESTS, f"limit of {self.max_in_flight} in flight"
+                    )
+                new = cls(self, rid)
+                self.tasks[rid] = new
+            return self._guard(rid, new.start, msg, frame.flags)  # type: ignore[attr-defined]
         if ft == P.FrameType.HELLO:
             return self._hello(msg)
         if ft == P.FrameType.AUTH:
@@ -1045,23 +1104,11 @@ class Session:
                 return self.error(rid, P.ErrorCode.AUTH, "not authenticated: this agent serves only a host "
                                   "that proves it has the run's backdoor key (HELLO, then AUTH)")
             return self.error(rid, P.ErrorCode.NO_SESSION, "send HELLO first")
-        cls = STARTERS.get(ft)
-        if cls is not None:  # a request (EXEC first: one per command)
-            with self.lock:
-                if rid in self.tasks:
-                    return self.error(rid, P.ErrorCode.BAD_PAYLOAD, f"request id {rid} is in use")
-                if len(self.tasks) >= self.max_in_flight:
-                    return self.error(
-                        rid, P.ErrorCode.TOO_MANY_REQUESTS, f"limit of {self.max_in_flight} in flight"
-                    )
-                new = cls(self, rid)
-                self.tasks[rid] = new
-            return self._guard(rid, lambda: new.start(msg, frame.flags))  # type: ignore[attr-defined]
         with self.lock:
             task = self.tasks.get(rid)
         if ft in P.DATA_TYPES:
             if task is not None:
-                self._guard(rid, lambda: task.on_data(ft, msg, frame.payload_crc))
+                self._guard(rid, task.on_data, ft, msg, frame.payload_crc)
             return  # data for a finished request: a harmless race
         if ft == P.FrameType.CREDIT:
             if task is not None:
@@ -1075,9 +1122,9 @@ class Session:
             return self._identity(rid, msg)
         return self.error(rid, P.ErrorCode.UNKNOWN_TYPE, f"{P.FrameType(ft).name} is not a request")
 
-    def _guard(self, rid: int, fn: Callable[[], None]) -> None:
+    def _guard(self, rid: int, fn: Callable[..., None], *args: Any) -> None:
         try:
-            fn()
+            fn(*args)
         except TaskError as e:
             self.fail(rid, e.code, e.message)
         except P.LimitExceeded as e:
@@ -1196,11 +1243,16 @@ def serve(conn: Connection, started_ns: int, key_file: str | None = None) -> Non
             data = conn.read(READ_BUFFER)
             if not data:
                 return
-            if not decoder.buffered:  # a lone PING: answered without the decoder (the measure)
-                pong = P.pong_for_wire(data, P.DEFAULT_MAX_FRAME)
-                if pong is not None:
+            # A lone frame (a PING, an EXEC: the usual read) is taken without the decoder.
+            frame = None if decoder.buffered else P.lone_frame(data, P.DEFAULT_MAX_FRAME)
+            if frame is not None:
+                pong = P.pong_frame(frame) if frame.type == P.FrameType.PING else None
+                if pong is not None:  # answered here: the round trip is the measure
                     conn.write(pong)
-                    continue
+                else:
+                    session.inline_fd = conn.rfd
+                    session.handle(frame)
+                continue
             decoder.feed(data)
             events = list(decoder.events())
             for i, ev in enumerate(events):

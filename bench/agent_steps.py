@@ -97,6 +97,24 @@ def thread_roundtrip() -> None:
     t.join()
 
 
+def connect(path: str, server: subprocess.Popen[bytes], within: float = 60) -> socket.socket:
+    """A connection to `server`'s unix socket at `path`, once it listens: the file appears at
+    bind(), before listen(), and a connect in between is refused (under TCG that gap is wide)."""
+    end = time.monotonic() + within
+    while True:
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if server.poll() is not None or time.monotonic() > end:
+                server.kill()
+                raise RuntimeError(f"{server.args} never listened on {path} "
+                                   f"(exit status {server.poll()}, waited {within} s)") from None
+            time.sleep(0.05)
+
+
 class AgentClient:
     """The least client of the agent on a connected socket: HELLO (no key), EXEC, PING."""
 
@@ -130,13 +148,11 @@ class LocalAgent(AgentClient):
 
     def __init__(self, agent_dir: str) -> None:
         path = f"/tmp/agent-steps-{os.getpid()}.sock"
+        # Its output not ours: a helper left running after an error held this script's stdout,
+        # and the EXEC that ran it then waited for that pipe to end (a bench run sat idle).
         self.proc = subprocess.Popen([sys.executable, f"{agent_dir}/ntng_agent.py", "--unix", path],
-                                     stderr=subprocess.DEVNULL)
-        while not os.path.exists(path):
-            time.sleep(0.05)
-        sock = socket.socket(socket.AF_UNIX)
-        sock.connect(path)
-        super().__init__(sock)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        super().__init__(connect(path, self.proc))
 
     def close(self) -> None:
         self.sock.close()
@@ -159,11 +175,9 @@ class RawEcho:
 
     def __init__(self) -> None:
         path = f"/tmp/raw-echo-{os.getpid()}.sock"
-        self.proc = subprocess.Popen([sys.executable, "-c", RAW_ECHO, path])
-        while not os.path.exists(path):
-            time.sleep(0.05)
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
+        self.proc = subprocess.Popen([sys.executable, "-c", RAW_ECHO, path],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.sock = connect(path, self.proc)
 
     def echo(self) -> None:
         self.sock.sendall(PING)
@@ -197,7 +211,7 @@ def inline_exec_phases(agent_dir: str, argv: list[str], rounds: int) -> list[tup
 
     A.Session.handle = stamp("handle", A.Session.handle)  # type: ignore[method-assign]
     A._spawn_fast = stamp("spawn", A._spawn_fast)
-    A.ExecTask._end_pipes = stamp("end_pipes", A.ExecTask._end_pipes)  # type: ignore[method-assign]
+    A.ExecTask._close_pipes = stamp("end_pipes", A.ExecTask._close_pipes)  # type: ignore[method-assign]
     A.ExecTask._report = stamp("report", A.ExecTask._report)  # type: ignore[method-assign]
     A.Session.finish = stamp("finish", A.Session.finish)  # type: ignore[method-assign]
     host, guest = socket.socketpair()
@@ -210,7 +224,7 @@ def inline_exec_phases(agent_dir: str, argv: list[str], rounds: int) -> list[tup
         ("handle → posix_spawn called (parse, environment, task)", "handle", "spawn"),
         ("posix_spawn with pipes", "spawn", "spawn returned"),
         ("spawned → output ended and exit seen (poll loop, inline)", "spawn returned", "end_pipes"),
-        ("→ reaped (close pipes, waitpid)", "end_pipes", "report"),
+        ("→ pipes closed (reaped before, inline)", "end_pipes", "report"),
         ("→ EXIT built, written, finish() returned", "report", "finish returned"),
         ("reaped → the client decoded EXIT", "report", "got"),
     ]
@@ -264,7 +278,23 @@ def main() -> None:
         ("floor: posix_spawn /bin/true + waitpid", lambda: bare_spawn("/bin/true", ["true"])),
     ]
     agent = LocalAgent(sys.argv[2] if len(sys.argv) > 2 else "/usr/lib/ntng-backdoor")
-    echo = RawEcho()
+    try:
+        echo = RawEcho()
+    except BaseException:
+        agent.close()
+        raise
+    try:
+        measure(steps, agent, echo)
+    finally:
+        agent.close()
+        echo.close()
+    agent_dir = sys.argv[2] if len(sys.argv) > 2 else "/usr/lib/ntng-backdoor"
+    for name, ms in inline_exec_phases(agent_dir, ["/bin/true"], N):
+        print(f"{name}\t{ms:.3f}")
+
+
+def measure(steps: list[tuple[str, Callable[[], object]]], agent: LocalAgent, echo: RawEcho) -> None:
+    """Time each step, then print its median: the local agent's and the echo loop's steps added."""
     steps += [
         ("agent round trip on a unix socket: EXEC `bash -c` -> EXIT", lambda: agent.exec(ARGV)),
         ("agent round trip on a unix socket: EXEC /bin/true -> EXIT", lambda: agent.exec(["true"])),
@@ -289,11 +319,6 @@ def main() -> None:
     for name, _ in steps:
         s = sorted(samples[name])
         print(f"{name}\t{s[len(s) // 2] * 1000:.3f}")
-    agent.close()
-    echo.close()
-    agent_dir = sys.argv[2] if len(sys.argv) > 2 else "/usr/lib/ntng-backdoor"
-    for name, ms in inline_exec_phases(agent_dir, ["/bin/true"], N):
-        print(f"{name}\t{ms:.3f}")
 
 
 if __name__ == "__main__":

@@ -216,25 +216,18 @@ def test_the_fast_ping_codec_only_accepts_what_the_declared_one_reads_whole(payl
         assert data is None and P.Ping(declared).payload() != payload  # trailing bytes
 
 
-def _decoder_pong(wire: bytes) -> bytes | None:
-    """What the agent's decoder path answers to `wire` alone, when that is exactly one PING."""
-    events = P.decode_all(wire)
-    if len(events) != 1 or not isinstance(events[0], P.Frame) or events[0].type != P.FrameType.PING:
-        return None
-    return P.pong_frame(events[0])
-
-
-@settings(max_examples=300)
-@given(payload=st.one_of(st.binary(max_size=P.PING_FAST_MAX + 4),
-                         st.binary(max_size=P.PING_FAST_MAX - 1).map(lambda b: bytes([len(b)]) + b)),
-       rid=U32, flags=U16, version=st.integers(0, 255), data=st.data())
-def test_the_lone_ping_path_answers_as_the_decoder_path(
-    payload: bytes, rid: int, flags: int, version: int, data: st.DataObject
+@settings(max_examples=400)
+@given(payload=st.one_of(st.binary(max_size=300), st.binary(max_size=127).map(lambda b: bytes([len(b)]) + b)),
+       ftype=U8, rid=U32, flags=U16, version=st.integers(0, 255), data=st.data())
+def test_a_lone_frame_is_what_the_decoder_yields_for_it(
+    payload: bytes, ftype: int, rid: int, flags: int, version: int, data: st.DataObject
 ) -> None:
-    """pong_for_wire (the agent's answer without its decoder) gives the decoder path's PONG for
-    an intact lone PING and None for anything else: damage, truncation, other types, extra bytes."""
-    wire = bytearray(P.encode_frame(P.FrameType.PING, rid, payload, flags, version))
-    how = data.draw(st.sampled_from(["intact", "flip", "cut", "extend", "retype"]))
+    """lone_frame (the agent's reader without its decoder) gives the one Frame a fresh decoder
+    yields for an intact lone frame, and None for anything else: damage, truncation, extra
+    bytes, a second frame, a frame over the limit or one whose payload the decoder CRCs apart."""
+    max_frame = data.draw(st.sampled_from([P.DEFAULT_MAX_FRAME, 64]))
+    wire = bytearray(P.encode_frame(ftype, rid, payload, flags, version))
+    how = data.draw(st.sampled_from(["intact", "flip", "cut", "extend", "two"]))
     if how == "flip":
         pos, bit = data.draw(st.integers(0, len(wire) - 1)), data.draw(st.integers(0, 7))
         wire[pos] ^= 1 << bit
@@ -242,17 +235,47 @@ def test_the_lone_ping_path_answers_as_the_decoder_path(
         del wire[data.draw(st.integers(0, len(wire) - 1)):]
     elif how == "extend":
         wire += data.draw(st.binary(min_size=1, max_size=30))
-    elif how == "retype":
-        wire = bytearray(P.encode_frame(data.draw(U8.filter(lambda t: t != P.FrameType.PING)), rid, payload))
-    fast = P.pong_for_wire(bytes(wire))
-    slow = _decoder_pong(bytes(wire))
+    elif how == "two":
+        wire += P.encode_frame(P.FrameType.PING, rid, b"\x00")
+    events = P.decode_all(bytes(wire), max_frame=max_frame)
+    fast = P.lone_frame(bytes(wire), max_frame)
     if fast is not None:
-        assert fast == slow
-    elif how == "intact" and len(payload) <= P.PING_FAST_MAX:
-        assert slow is None  # refused only where the decoder path refuses too
-    if how == "intact" and version >= P.MIN_VERSION and len(payload) <= P.PING_FAST_MAX and slow is not None:
-        assert fast == slow
-    assert P.pong_for_wire(memoryview(bytes(wire))) == fast
+        assert events == [fast]
+    elif how == "intact" and version >= P.MIN_VERSION and len(payload) <= max_frame:
+        raise AssertionError(f"an intact lone frame was refused: {events}")
+    assert P.lone_frame(memoryview(bytes(wire)), max_frame) == fast
+
+
+def test_a_payload_the_decoder_crcs_apart_is_not_a_lone_frame() -> None:
+    """From COMBINED_CHECK_FROM the decoder keeps the payload's own CRC on the Frame (for a
+    whole-file check); lone_frame leaves such frames to it."""
+    small = P.encode_frame(P.FrameType.STDIN, 3, bytes(P.COMBINED_CHECK_FROM - 1))
+    large = P.encode_frame(P.FrameType.STDIN, 3, bytes(P.COMBINED_CHECK_FROM))
+    assert P.lone_frame(small) == P.decode_all(small)[0]
+    assert P.lone_frame(large) is None and P.decode_all(large)[0].payload_crc is not None
+
+
+@settings(deadline=None)
+@given(argv=st.lists(TEXT, max_size=4), timeout_ms=U32, stdin=st.booleans(), pty=st.booleans(),
+       merge=st.booleans(), data=st.data())
+def test_the_plain_exec_tail_reads_as_declared(
+    argv: list[str], timeout_ms: int, stdin: bool, pty: bool, merge: bool, data: st.DataObject
+) -> None:
+    """An EXEC with argv only (no shell, environment, cwd or user: the usual one) takes the
+    parser's one-comparison path; whole, cut, extended or damaged it reads as construct reads it."""
+    payload = P.Exec(argv=argv, timeout_ms=timeout_ms, stdin=stdin, pty=pty, merge_stderr=merge).payload()
+    assert P.Exec.parse(payload) == _declared_exec(payload) == P.Exec(
+        argv=argv, timeout_ms=timeout_ms, stdin=stdin, pty=pty, merge_stderr=merge)
+    cut = data.draw(st.integers(0, len(payload)))
+    flip = data.draw(st.integers(0, len(payload) - 1))
+    extra = data.draw(st.binary(min_size=1, max_size=3))
+    for damaged in (payload[:cut], payload + extra,
+                    payload[:flip] + bytes([payload[flip] ^ data.draw(U8)]) + payload[flip + 1:]):
+        try:
+            got: object = P.Exec.parse(damaged)
+        except P.FrameError:
+            got = P.FrameError
+        assert got == _declared_exec(damaged)
 
 
 def _declared_exec(payload: bytes) -> object:
@@ -278,6 +301,45 @@ def test_the_fast_exec_parser_is_the_declared_one(data: st.DataObject) -> None:
         except P.FrameError:
             got = P.FrameError
         assert got == _declared_exec(damaged)
+
+
+@settings(deadline=None)
+@given(data=st.data())
+def test_the_hand_written_exec_bytes_are_the_declared_ones(data: st.DataObject) -> None:
+    msg = data.draw(message_strategy(P.Exec))
+    values = {n: getattr(msg, n) for n in P.Exec.field_names()}
+    assert msg.payload() == bytes(P.Exec.SCHEMA.build(values))
+
+
+@pytest.mark.parametrize("bad", [{"timeout_ms": 2**32}, {"timeout_ms": -1}, {"argv": [b"bytes"]},
+                                 {"env": [{"key": "K"}]}, {"cwd": None}])
+def test_an_unencodable_exec_fails_as_declared(bad: dict[str, object]) -> None:
+    """What the hand-written builder cannot take goes to construct, for construct's error."""
+    msg = P.Exec(**bad)  # type: ignore[arg-type]
+    values = {n: getattr(msg, n) for n in P.Exec.field_names()}
+    with pytest.raises(Exception) as declared:
+        P.Exec.codec().build(values)
+    with pytest.raises(type(declared.value)):
+        msg.payload()
+
+
+@given(payload=st.one_of(st.binary(min_size=14, max_size=14), st.binary(max_size=20)))
+def test_the_fast_exit_reading_is_the_declared_one(payload: bytes) -> None:
+    try:
+        c = P.Exit.SCHEMA.parse(payload)
+        declared: object = P.Exit(*(P._plain(c[n]) for n in P.Exit.field_names()))
+    except Exception:
+        declared = P.FrameError
+    try:
+        got: object = P.Exit.parse(payload)
+    except P.FrameError:
+        got = P.FrameError
+    assert got == declared
+
+
+@given(ftype=U8, rid=U32)
+def test_an_end_of_stream_is_an_empty_frame(ftype: int, rid: int) -> None:
+    assert P.end_of_stream(ftype, rid) == P.encode_frame(ftype, rid)
 
 
 def test_unencodable_header_fields_are_protocol_errors() -> None:

@@ -345,6 +345,20 @@ def _forget_agent_signals() -> None:
         forget.cache_clear()
 
 
+@pytest.mark.parametrize("delay", [0.01, 0.3], ids=["within_the_inline_reap", "after_it"])
+@pytest.mark.parametrize("how", ["argv", "shell"])
+def test_a_command_that_closes_its_output_before_it_exits(client: BackdoorClient, delay: float, how: str) -> None:
+    """Its output ends first, its exit comes later: served inline, the agent waits for that
+    exit (a pidfd) and must reap it before the EXIT; a longer wait goes to a worker.  An agent
+    that reported without reaping crashed on the missing status (found by a bench run)."""
+    script = f"exec >&- 2>&-; sleep {delay}; exit 3"
+    req = P.Exec(argv=["sh", "-c", script], cwd=os.getcwd()) if how == "argv" else P.Exec(shell=script, cwd=os.getcwd())
+    for _ in range(3):
+        r = client.execute(req, wait=30)
+        assert (r.status, r.signal, r.timed_out, r.output) == (3, 0, False, "")
+    assert client.execute(P.Exec(argv=["true"], cwd=os.getcwd()), wait=30).status == 0  # the agent lives
+
+
 def test_commands_run_under_the_normal_scheduling_policy(pair: tuple[BackdoorClient, LocalAgent]) -> None:
     """The agent waits for a command's output and exit under SCHED_BATCH (no wake-up
     preemption of the command); the command itself and the agent's threads afterwards run
