@@ -210,6 +210,7 @@ class ExecTask(Task):
     aborted = False  # the link failed: no EXIT
     pty = False
     stdin_queue: queue.SimpleQueue[bytes] | None = None
+    timeout: float | None = None
     deadline: float | None = None
     eofs: list[bytes]  # end-of-stream frames, sent with the EXIT in one write
     grown: frozenset[int] = frozenset()  # output pipes grown to 1 MiB
@@ -217,10 +218,8 @@ class ExecTask(Task):
     def start(self, req: Any, flags: int = 0) -> None:
         self.started = time.monotonic()
         if req.timeout_ms:
-            self.timeout: float | None = req.timeout_ms / 1000
+            self.timeout = req.timeout_ms / 1000
             self.deadline = self.started + self.timeout
-        else:
-            self.timeout = None
         if not (req.shell or req.env or req.clear_env or req.user or req.pty or req.stdin) and (
                 req.cwd or "/") == _agent_cwd():
             # The usual command (argv, as the agent's user, in its cwd and environment): the
@@ -353,10 +352,8 @@ class ExecTask(Task):
         err: Any = self.proc.stderr
         self.poller = poller = select.poll()
         self.eofs = []
-        if isinstance(out, int):  # Spawned: plain fds
-            self.outputs = [out] if err is None else [out, err]
-        else:  # Popen: files
-            self.outputs = [out] if err is None else [out, err]
+        self.outputs = [out] if err is None else [out, err]  # plain fds (Spawned) or files (Popen)
+        if not isinstance(out, int):
             out = out.fileno()
             err = None if err is None else err.fileno()
         self.pipes = {out: P.FrameType.STDOUT}
