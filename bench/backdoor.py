@@ -11,7 +11,7 @@
   memory    the runner's peak RSS during the download
 
 Usage: .venv/bin/python bench/backdoor.py [--rounds 200] [--copy-mb 64]
-       (--breakdown [--ab REF], --idle and --copy-steps print one part each)
+       (--breakdown [--ab REF], --idle, --cpu and --copy-steps print one part each)
 Prints a markdown table.  Not a test: numbers vary with the machine and the accelerator.
 """
 
@@ -218,6 +218,59 @@ def raw_copy(m: Machine, s: socket.socket, nbytes: int) -> dict[str, float]:
     }
 
 
+CPU_OF = (
+    "for p in \"$@\"; do cat /proc/$p/task/*/schedstat | awk '{s += $1} END {printf \"%.0f\\n\", s}'; done; "
+    "awk '/^cpu / {printf \"%.0f\\n\", ($2 + $3 + $4 + $7 + $8) * 10000000}' /proc/stat"
+)
+
+
+def guest_cpu(m: Machine, client: Any, rounds: int) -> list[tuple[str, str, str]]:
+    """Guest CPU per command, not wall time: the time on the CPU of every thread of our agent
+    (/proc/PID/task/*/schedstat) over blocks of `rounds` run(["true"]), against the minimal
+    Python spawn server (ECHO) serving the same number of /bin/true on the raw port, blocks
+    interleaved; and the whole guest's busy time (/proc/stat) over each block.  Under TCG the
+    guest's CPU is the cost, and this count does not move with the host's scheduling.  Each
+    block's reading is one more command of the agent's (a 1/rounds overcount for it)."""
+    step("guest CPU per command (schedstat)")
+    _, raw = raw_echo_fn(m)
+    spawn_true = raw_command_fn(raw, b"T")
+    agent = m.succeed("systemctl show -p MainPID --value ntng-backdoor").strip()
+    server = m.run(["pgrep", "-f", f"virtio-ports/{RAW}"]).stdout.decode().split()[0]
+
+    def cpu() -> tuple[int, int, int]:
+        out = m.run(["sh", "-c", CPU_OF, "sh", agent, server]).stdout.decode().split()
+        return int(out[0]), int(out[1]), int(float(out[2]))
+
+    ours: list[float] = []
+    theirs: list[float] = []
+    busy_ours: list[float] = []
+    busy_theirs: list[float] = []
+    for _ in range(5):
+        a0, s0, b0 = cpu()
+        for _ in range(rounds):
+            m.run(["true"])
+        a1, s1, b1 = cpu()
+        for _ in range(rounds):
+            spawn_true()
+        a2, s2, b2 = cpu()
+        ours.append((a1 - a0) / rounds / 1e6)
+        theirs.append((s2 - s1) / rounds / 1e6)
+        busy_ours.append((b1 - b0) / rounds / 1e6)
+        busy_theirs.append((b2 - b1) / rounds / 1e6)
+    raw.close()
+
+    def spread(v: list[float]) -> str:
+        return f"{pct(v, 50):.2f} (blocks {min(v):.2f}-{max(v):.2f})"
+
+    return [
+        (f'guest CPU per run(["true"]): our agent, all threads (ms; 5 blocks of {rounds})', spread(ours),
+         f"the minimal spawn server for /bin/true: {spread(theirs)}; ours over it "
+         f"+ {pct(ours, 50) - pct(theirs, 50):.2f}"),
+        ("the whole guest busy per command (ms; /proc/stat, 10 ms ticks)", spread(busy_ours),
+         f"with the spawn server: {spread(busy_theirs)}"),
+    ]
+
+
 def old_agent_client(m: Machine, tmp: Path, ref: str) -> Any:
     """The agent of git `ref` (and its protocol.py) started in the guest on the raw port, and a
     client for it: A/B against the image's agent on the same VM, interleaved."""
@@ -235,8 +288,10 @@ def old_agent_client(m: Machine, tmp: Path, ref: str) -> Any:
         m.connect().put_file(old / name, f"/tmp/old-agent/{name}")
     m.succeed(f"setsid python3 /tmp/old-agent/ntng_agent.py --device /dev/virtio-ports/{RAW} "
               "</dev/null >/dev/null 2>&1 &")
+    # The same client options as the image's agent gets (direct writes in a TCG guest): the
+    # bulk rows then compare agents, not options.
     client = BackdoorClient(connect_unix(m.plan["sockets"][f"port:{RAW}"], 10), name="old-agent",
-                            key=m.connect().key)
+                            key=m.connect().key, direct_writes=m.connect().direct_writes)
     client.wait_ready(60)
     return client
 
@@ -336,7 +391,7 @@ def breakdown(m: Machine, tmp: Path, rounds: int, ref: str) -> None:
     print_table(("host-side round trip (median)", "ms", ""), host_rows)
     if old is not None:
         print()
-        print_table(("bulk data, same VM, interleaved (MB/s, best of 3)", "this agent", f"[{ref}] agent (sha256 only)"),
+        print_table(("bulk data, same VM, interleaved (MB/s, best of 3)", "this agent", f"[{ref}] agent"),
                     bulk_ab(m, client, old, tmp, 32))
         step("done")
 
@@ -624,6 +679,8 @@ def main() -> None:
     ap.add_argument("--accel", default=os.environ.get("NTNG_ACCEL", "auto"))
     ap.add_argument("--breakdown", action="store_true", help="where a command's time goes (only)")
     ap.add_argument("--idle", action="store_true", help="PING vs raw echo after idle periods (only)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="guest CPU per command: our agent against the minimal spawn server (only)")
     ap.add_argument("--copy-steps", action="store_true",
                     help="the agent's get/put data path step by step in the guest (only)")
     ap.add_argument("--ab", default="", metavar="GIT_REF",
@@ -655,6 +712,8 @@ def main() -> None:
         client = m.connect()
         if args.idle:
             rows += idle_pings(m, client, max(10, args.rounds // 7))
+        elif args.cpu:
+            rows += guest_cpu(m, client, args.rounds)
         else:
             rows += ratios(m, client, tmp, args.rounds, args.copy_mb)
     finally:
