@@ -218,8 +218,11 @@ def raw_copy(m: Machine, s: socket.socket, nbytes: int) -> dict[str, float]:
     }
 
 
+# Per pid: ns on the CPU (schedstat, all threads), then user and system ticks (/proc/PID/stat,
+# the whole process; the command's name has no spaces here); then the guest's busy ns.
 CPU_OF = (
-    "for p in \"$@\"; do cat /proc/$p/task/*/schedstat | awk '{s += $1} END {printf \"%.0f\\n\", s}'; done; "
+    "for p in \"$@\"; do cat /proc/$p/task/*/schedstat | awk '{s += $1} END {printf \"%.0f\\n\", s}'; "
+    "awk '{print $14; print $15}' /proc/$p/stat; done; "
     "awk '/^cpu / {printf \"%.0f\\n\", ($2 + $3 + $4 + $7 + $8) * 10000000}' /proc/stat"
 )
 
@@ -237,26 +240,31 @@ def guest_cpu(m: Machine, client: Any, rounds: int) -> list[tuple[str, str, str]
     agent = m.succeed("systemctl show -p MainPID --value ntng-backdoor").strip()
     server = m.run(["pgrep", "-f", f"virtio-ports/{RAW}"]).stdout.decode().split()[0]
 
-    def cpu() -> tuple[int, int, int]:
-        out = m.run(["sh", "-c", CPU_OF, "sh", agent, server]).stdout.decode().split()
-        return int(out[0]), int(out[1]), int(float(out[2]))
+    def cpu() -> list[int]:
+        """agent ns, user ticks, system ticks; the same for the spawn server; the guest's busy ns"""
+        return [int(v) for v in m.run(["sh", "-c", CPU_OF, "sh", agent, server]).stdout.decode().split()]
 
     ours: list[float] = []
     theirs: list[float] = []
     busy_ours: list[float] = []
     busy_theirs: list[float] = []
+    sys_ours: list[float] = []
+    sys_theirs: list[float] = []
     for _ in range(5):
-        a0, s0, b0 = cpu()
+        c0 = cpu()
         for _ in range(rounds):
             m.run(["true"])
-        a1, s1, b1 = cpu()
+        c1 = cpu()
         for _ in range(rounds):
             spawn_true()
-        a2, s2, b2 = cpu()
-        ours.append((a1 - a0) / rounds / 1e6)
-        theirs.append((s2 - s1) / rounds / 1e6)
-        busy_ours.append((b1 - b0) / rounds / 1e6)
-        busy_theirs.append((b2 - b1) / rounds / 1e6)
+        c2 = cpu()
+        ours.append((c1[0] - c0[0]) / rounds / 1e6)
+        theirs.append((c2[3] - c1[3]) / rounds / 1e6)
+        busy_ours.append((c1[6] - c0[6]) / rounds / 1e6)
+        busy_theirs.append((c2[6] - c1[6]) / rounds / 1e6)
+        # the share of system time in the process's ticks (10 ms each: a block is ~100 ticks)
+        sys_ours.append((c1[2] - c0[2]) / max(1, c1[1] - c0[1] + c1[2] - c0[2]) * 100)
+        sys_theirs.append((c2[5] - c1[5]) / max(1, c2[4] - c1[4] + c2[5] - c1[5]) * 100)
     raw.close()
 
     def spread(v: list[float]) -> str:
@@ -266,6 +274,8 @@ def guest_cpu(m: Machine, client: Any, rounds: int) -> list[tuple[str, str, str]
         (f'guest CPU per run(["true"]): our agent, all threads (ms; 5 blocks of {rounds})', spread(ours),
          f"the minimal spawn server for /bin/true: {spread(theirs)}; ours over it "
          f"+ {pct(ours, 50) - pct(theirs, 50):.2f}"),
+        ("of which in the kernel (system time, %; /proc/PID/stat ticks)", spread(sys_ours),
+         f"the spawn server: {spread(sys_theirs)}"),
         ("the whole guest busy per command (ms; /proc/stat, 10 ms ticks)", spread(busy_ours),
          f"with the spawn server: {spread(busy_theirs)}"),
     ]
