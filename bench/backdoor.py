@@ -235,7 +235,7 @@ def guest_cpu(m: Machine, client: Any, rounds: int) -> list[tuple[str, str, str]
     guest's CPU is the cost, and this count does not move with the host's scheduling.  Each
     block's reading is one more command of the agent's (a 1/rounds overcount for it)."""
     step("guest CPU per command (schedstat)")
-    _, raw = raw_echo_fn(m)
+    echo_one, raw = raw_echo_fn(m)
     spawn_true = raw_command_fn(raw, b"T")
     agent = m.succeed("systemctl show -p MainPID --value ntng-backdoor").strip()
     server = m.run(["pgrep", "-f", f"virtio-ports/{RAW}"]).stdout.decode().split()[0]
@@ -250,7 +250,22 @@ def guest_cpu(m: Machine, client: Any, rounds: int) -> list[tuple[str, str, str]
     busy_theirs: list[float] = []
     sys_ours: list[float] = []
     sys_theirs: list[float] = []
+    ping_ours: list[float] = []
+    ping_theirs: list[float] = []
+    ping_sys_ours: list[float] = []
+    ping_sys_theirs: list[float] = []
     for _ in range(5):
+        p0 = cpu()
+        for _ in range(rounds):
+            client.ping()
+        p1 = cpu()
+        for _ in range(rounds):
+            echo_one()
+        p2 = cpu()
+        ping_ours.append((p1[0] - p0[0]) / rounds / 1e6)
+        ping_theirs.append((p2[3] - p1[3]) / rounds / 1e6)
+        ping_sys_ours.append((p1[2] - p0[2]) / max(1, p1[1] - p0[1] + p1[2] - p0[2]) * 100)
+        ping_sys_theirs.append((p2[5] - p1[5]) / max(1, p2[4] - p1[4] + p2[5] - p1[5]) * 100)
         c0 = cpu()
         for _ in range(rounds):
             m.run(["true"])
@@ -274,7 +289,11 @@ def guest_cpu(m: Machine, client: Any, rounds: int) -> list[tuple[str, str, str]
         (f'guest CPU per run(["true"]): our agent, all threads (ms; 5 blocks of {rounds})', spread(ours),
          f"the minimal spawn server for /bin/true: {spread(theirs)}; ours over it "
          f"+ {pct(ours, 50) - pct(theirs, 50):.2f}"),
-        ("of which in the kernel (system time, %; /proc/PID/stat ticks)", spread(sys_ours),
+        (f"guest CPU per PING: our agent (ms; 5 blocks of {rounds})", spread(ping_ours),
+         f"the raw echo (the same process as the spawn server): {spread(ping_theirs)}"),
+        ("PINGs: of which in the kernel (system time, %; /proc/PID/stat ticks)", spread(ping_sys_ours),
+         f"the raw echo: {spread(ping_sys_theirs)}"),
+        ("commands: of which in the kernel (system time, %; /proc/PID/stat ticks)", spread(sys_ours),
          f"the spawn server: {spread(sys_theirs)}"),
         ("the whole guest busy per command (ms; /proc/stat, 10 ms ticks)", spread(busy_ours),
          f"with the spawn server: {spread(busy_theirs)}"),
