@@ -1230,6 +1230,9 @@ def _describe(e: BaseException) -> str:
     return str(e)
 
 
+PING_TYPE = bytes((P.FrameType.PING,))  # a frame header's type byte (offset 5)
+
+
 def serve(conn: Connection, started_ns: int, key_file: str | None = None) -> None:
     """Serve one connection until the host goes away (only an authenticated one, with a key)."""
     session = Session(conn, key_file)
@@ -1240,7 +1243,12 @@ def serve(conn: Connection, started_ns: int, key_file: str | None = None) -> Non
             data = conn.read(READ_BUFFER)
             if not data:
                 return
-            # A lone frame (a PING, an EXEC: the usual read) is taken without the decoder.
+            # A lone PING is answered from its bytes (the round trip is the measure), a lone
+            # frame (an EXEC: the usual read) taken without the decoder.
+            pong = P.pong_for_ping(data) if data[5:6] == PING_TYPE and not decoder.buffered else None
+            if pong is not None:
+                conn.write(pong)
+                continue
             frame = None if decoder.buffered else P.lone_frame(data, P.DEFAULT_MAX_FRAME)
             if frame is not None:
                 pong = P.pong_frame(frame) if frame.type == P.FrameType.PING else None

@@ -216,6 +216,45 @@ def test_the_fast_ping_codec_only_accepts_what_the_declared_one_reads_whole(payl
         assert data is None and P.Ping(declared).payload() != payload  # trailing bytes
 
 
+def _decoder_pong(wire: bytes) -> bytes | None:
+    """What the agent's decoder path answers to `wire` alone, when that is exactly one PING."""
+    events = P.decode_all(wire)
+    if len(events) != 1 or not isinstance(events[0], P.Frame) or events[0].type != P.FrameType.PING:
+        return None
+    return P.pong_frame(events[0])
+
+
+@settings(max_examples=400)
+@given(payload=st.one_of(st.binary(max_size=P.PING_FAST_MAX + 4),
+                         st.binary(max_size=P.PING_FAST_MAX - 1).map(lambda b: bytes([len(b)]) + b)),
+       rid=U32, flags=U16, version=st.integers(0, 255), data=st.data())
+def test_the_lone_ping_path_answers_as_the_decoder_path(
+    payload: bytes, rid: int, flags: int, version: int, data: st.DataObject
+) -> None:
+    """pong_for_ping (the agent's answer from the bytes) gives the decoder path's PONG for an
+    intact lone PING and None for anything else: damage, truncation, other types, extra bytes;
+    None too for a PING it leaves to the frame path (a non-minimal length), never a wrong PONG."""
+    wire = bytearray(P.encode_frame(P.FrameType.PING, rid, payload, flags, version))
+    how = data.draw(st.sampled_from(["intact", "flip", "cut", "extend", "retype"]))
+    if how == "flip":
+        pos, bit = data.draw(st.integers(0, len(wire) - 1)), data.draw(st.integers(0, 7))
+        wire[pos] ^= 1 << bit
+    elif how == "cut":
+        del wire[data.draw(st.integers(0, len(wire) - 1)):]
+    elif how == "extend":
+        wire += data.draw(st.binary(min_size=1, max_size=30))
+    elif how == "retype":
+        wire = bytearray(P.encode_frame(data.draw(U8.filter(lambda t: t != P.FrameType.PING)), rid, payload))
+    fast = P.pong_for_ping(bytes(wire))
+    slow = _decoder_pong(bytes(wire))
+    if fast is not None:
+        assert fast == slow
+    minimal = bool(payload) and payload[0] == len(payload) - 1
+    if how == "intact" and version >= P.MIN_VERSION and minimal and len(payload) <= P.PING_FAST_MAX:
+        assert fast is not None and fast == slow  # the usual PING takes the fast path
+    assert P.pong_for_ping(memoryview(bytes(wire))) == fast
+
+
 @settings(max_examples=400)
 @given(payload=st.one_of(st.binary(max_size=300), st.binary(max_size=127).map(lambda b: bytes([len(b)]) + b)),
        ftype=U8, rid=U32, flags=U16, version=st.integers(0, 255), data=st.data())
