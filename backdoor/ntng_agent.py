@@ -205,7 +205,7 @@ class Task:
 
 class ExecTask(Task):
     # Defaults as class attributes: each assignment in __init__/_watch_pipes is an interpreted
-    # line per command, ~5 us each in a TCG guest.
+    # line per command, and each costs guest CPU under TCG (docs/benchmarks.md).
     timed_out = False
     aborted = False  # the link failed: no EXIT
     pty = False
@@ -223,7 +223,7 @@ class ExecTask(Task):
         if not (req.shell or req.env or req.clear_env or req.user or req.pty or req.stdin) and (
                 req.cwd or "/") == _agent_cwd():
             # The usual command (argv, as the agent's user, in its cwd and environment): the
-            # fewest interpreted lines to its spawn, ~5 us each under TCG.
+            # fewest interpreted lines to its spawn (each costs guest CPU under TCG).
             self.proc: Any = _spawn_fast(req.argv, _command_env(), False, req.merge_stderr)
             inline_fd = self.session.inline_fd
             if inline_fd is None or not self.serve_inline(inline_fd):

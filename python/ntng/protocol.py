@@ -582,10 +582,9 @@ _PLAIN_TAIL_SIZE = len(_PLAIN_TAIL) + 4 + 3  # and timeout_ms, stdin, pty, merge
 def _parse_exec(buf: bytes) -> Exec:
     """Exec.SCHEMA's reading with the position in a local, one-byte lengths inline and the
     usual tail (argv only: no shell, environment, cwd or user) in one comparison: in a TCG
-    guest each interpreted line of the agent costs ~5 us (measured: the agent's CPU per
-    command against a minimal spawn server's), and a cursor object's method per field was
-    ~100 lines per EXEC.  IndexError / ValueError / UnicodeDecodeError / struct.error on bad
-    input, as construct fails (property-tested)."""
+    guest each interpreted line of the agent costs guest CPU (3-15 us, docs/benchmarks.md),
+    and a cursor object's method per field was ~100 lines per EXEC.  IndexError / ValueError /
+    UnicodeDecodeError / struct.error on bad input, as construct fails (property-tested)."""
     count, pos = _read_varint(buf, 0)
     argv = []
     for _ in range(count):
@@ -842,7 +841,7 @@ def lone_frame(data: bytes | memoryview, max_frame: int = DEFAULT_MAX_FRAME) -> 
     COMBINED_CHECK_FROM (the one event a fresh Decoder yields for it), else None: the caller
     feeds its decoder.  The agent's reader takes a lone request (a PING, an EXEC) this way: the
     decoder's generator and buffer run ~30 interpreted lines more per frame, and under TCG each
-    line costs the guest ~5 us (docs/benchmarks.md)."""
+    line costs the guest CPU (docs/benchmarks.md, the sixth round)."""
     size = len(data)
     if not HEADER_SIZE + TRAILER_SIZE <= size < HEADER_SIZE + COMBINED_CHECK_FROM + TRAILER_SIZE:
         return None
@@ -1054,7 +1053,7 @@ class SendWindow:
 
     The Condition a waiting take() needs is made on first wait: there is a window per
     request, and most commands never wait for credit (threading.Condition() runs ~14
-    interpreted lines, ~70 us of a command in a TCG guest)."""
+    interpreted lines per request, each guest CPU under TCG)."""
 
     _closed: str | None = None
     _cond: threading.Condition | None = None
