@@ -167,7 +167,12 @@ class Connection:
 
     def write(self, data: bytes) -> None:
         with self._lock:
-            sent = self._write_some(data)  # a small frame goes whole: no view needed
+            try:  # a small frame goes whole: no view, no helper call
+                sent = os.write(self.wfd, data)
+            except BlockingIOError:  # the reader's batch made the shared fd non-blocking
+                sent = 0
+            except OSError as e:
+                raise Disconnected(str(e)) from None
             if sent < len(data):
                 view = memoryview(data)[sent:]
                 while view:
@@ -212,7 +217,8 @@ class ExecTask(Task):
     stdin_queue: queue.SimpleQueue[bytes] | None = None
     timeout: float | None = None
     deadline: float | None = None
-    eofs: list[bytes]  # end-of-stream frames, sent with the EXIT in one write
+    ended: list[int]  # the types of the streams that ended: their frames go with the EXIT
+    outputs: list[Any]  # the output pipes still open: plain fds (Spawned) or files (Popen)
     grown: frozenset[int] = frozenset()  # output pipes grown to 1 MiB
 
     def start(self, req: Any, flags: int = 0) -> None:
@@ -247,7 +253,7 @@ class ExecTask(Task):
             env[e["key"]] = e["value"]
         if req.pty:
             self.pty = True
-            self.eofs = []  # its one stream's end goes alone (_pump)
+            self.ended = []  # its one stream's end goes alone (_pump)
             # One terminal for stdin/stdout/stderr, made the command's controlling tty.
             master, slave = pty.openpty()
             try:
@@ -343,7 +349,9 @@ class ExecTask(Task):
                 return False
         finally:
             _batch_scheduling(False)
-        self._close_pipes()
+        for fd in self.outputs:  # plain fds (Spawned), closed here: a call fewer
+            os.close(fd)
+        self.outputs = []
         self._report(False)  # inline, no timeout has passed (the deadline ends it)
         return True
 
@@ -351,7 +359,7 @@ class ExecTask(Task):
         out: Any = self.proc.stdout  # always a pipe (or the pty)
         err: Any = self.proc.stderr
         self.poller = poller = select.poll()
-        self.eofs = []
+        self.ended = []
         self.outputs = [out] if err is None else [out, err]  # plain fds (Spawned) or files (Popen)
         if not isinstance(out, int):
             out = out.fileno()
@@ -387,7 +395,7 @@ class ExecTask(Task):
                         if self._move(fd, size):
                             continue
                     poller.unregister(fd)
-                    self.eofs.append(P.end_of_stream(pipes.pop(fd), self.rid))
+                    self.ended.append(pipes.pop(fd))
         except (P.ProtocolError, Disconnected):
             self._abort()
         finally:
@@ -413,7 +421,7 @@ class ExecTask(Task):
                     if revents != select.POLLHUP and self._move(fd, self.session.max_frame):
                         continue
                     poller.unregister(fd)
-                    self.eofs.append(P.end_of_stream(pipes.pop(fd), self.rid))
+                    self.ended.append(pipes.pop(fd))
         except TimeoutError:  # the host granted no credit until the deadline
             self.timed_out = True
         except (P.ProtocolError, Disconnected):
@@ -481,14 +489,14 @@ class ExecTask(Task):
 
     def _report(self, timed_out: bool) -> None:
         rc = self.proc.returncode
-        # code, signal, timed_out, duration_us (positional: keywords cost under TCG too)
-        exit_frame = P.exit_frame(self.rid, rc if rc >= 0 else -1, -rc if rc < 0 else 0, timed_out,
-                                  int((time.monotonic() - self.started) * 1e6))
+        # One write for the end-of-stream frames and the EXIT: each write is a syscall and a
+        # wake-up of the host's reader, which count under TCG.  Arguments positional: code,
+        # signal, timed_out, duration_us (keywords cost under TCG too).
+        frames = P.exec_end(self.rid, self.ended, rc if rc >= 0 else -1, -rc if rc < 0 else 0, timed_out,
+                            int((time.monotonic() - self.started) * 1e6))
         if self.stdin_queue is not None:
             self.stdin_queue.put(b"")  # later STDIN is dropped: end the feeder thread now
-        # One write for the end-of-stream frames and the EXIT: each write is a syscall and a
-        # wake-up of the host's reader, which count under TCG.
-        self.session.finish(self.rid, b"".join(self.eofs) + exit_frame)
+        self.session.finish(self.rid, frames)
 
     def _feed_stdin(self, pipe: Any) -> None:
         """Write host data to the command; blocking here never stalls the reader thread."""
@@ -955,7 +963,7 @@ def _spawn_fast(argv: list[str], env: dict[str, str], stdin: bool, merge_stderr:
     # The C library searches the agent's own PATH (in the child, no Python stat per directory:
     # ~0.5 ms a command under TCG); a command with a PATH of its own is resolved here.
     search = "/" not in argv[0] and path == _agent_env().get("PATH")
-    exe = argv[0] if search else _which(argv[0], path)
+    exe = argv[0] if search or "/" in argv[0] else _which(argv[0], path)
     fds: list[int] = []
     try:
         if stdin:
@@ -1054,7 +1062,7 @@ class Session:
         with self.lock:
             self.tasks.pop(rid, None)
         try:
-            self.send(final_frame)
+            self.conn.write(final_frame)
         except Disconnected:
             pass
 

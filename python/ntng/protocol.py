@@ -303,14 +303,6 @@ def encode_frame(
     return b"".join((head, payload, crc.to_bytes(4, "big")))
 
 
-def end_of_stream(ftype: int, request_id: int) -> bytes:
-    """encode_frame(ftype, request_id): the empty data frame that ends a stream, two per
-    command, built with half of encode_frame's interpreter work (each line counts under TCG)."""
-    head = _HEAD_NO_CRC.pack(MAGIC, VERSION, ftype, 0, request_id, 0)
-    head += zlib.crc32(head).to_bytes(4, "big")
-    return head + zlib.crc32(head).to_bytes(4, "big")
-
-
 def frame_parts(
     ftype: int, request_id: int, payload: bytes | memoryview, payload_crc: int | None = None
 ) -> tuple[bytes, bytes]:
@@ -585,7 +577,9 @@ def _parse_exec(buf: bytes) -> Exec:
     guest each interpreted line of the agent costs guest CPU (3-15 us, docs/benchmarks.md),
     and a cursor object's method per field was ~100 lines per EXEC.  IndexError / ValueError /
     UnicodeDecodeError / struct.error on bad input, as construct fails (property-tested)."""
-    count, pos = _read_varint(buf, 0)
+    count, pos = buf[0], 1
+    if count >= 0x80:
+        count, pos = _read_varint(buf, 0)
     argv = []
     for _ in range(count):
         end = pos + 1 + buf[pos]
@@ -664,15 +658,23 @@ _EXIT_STRUCT = struct.Struct(">iBBQ")  # Exit.SCHEMA's bytes (property-tested)
 _EXIT_TYPE = int(FrameType.EXIT)
 
 
-def exit_frame(request_id: int, code: int, signal: int, timed_out: bool, duration_us: int) -> bytes:
-    """`Exit(...).frame(request_id)` without the typed codec: one per command, in the guest."""
+def exec_end(request_id: int, ended: list[int], code: int, signal: int, timed_out: bool, duration_us: int) -> bytes:
+    """The end-of-stream frames of the streams in `ended` (their types, in order) and the EXIT,
+    as one write: `encode_frame(t, request_id)` for each, then `Exit(...).frame(request_id)`,
+    without the typed codec or a call per frame: one per command in the guest, where each
+    counts (property-tested equal)."""
+    out = b""
+    for ftype in ended:
+        head = _HEAD_NO_CRC.pack(MAGIC, VERSION, ftype, 0, request_id, 0)
+        head += zlib.crc32(head).to_bytes(4, "big")
+        out += head + zlib.crc32(head).to_bytes(4, "big")
     try:
         payload = _EXIT_STRUCT.pack(code, signal, bool(timed_out), duration_us)
     except struct.error as e:
         raise FrameError(f"cannot encode EXIT: {e}") from None
     head = _HEAD_NO_CRC.pack(MAGIC, VERSION, _EXIT_TYPE, 0, request_id, _EXIT_STRUCT.size)
     head += zlib.crc32(head).to_bytes(4, "big")
-    return head + payload + zlib.crc32(payload, zlib.crc32(head)).to_bytes(4, "big")
+    return out + head + payload + zlib.crc32(payload, zlib.crc32(head)).to_bytes(4, "big")
 
 
 def credit_frame(request_id: int, amount: int) -> bytes:

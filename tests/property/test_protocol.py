@@ -163,11 +163,13 @@ def test_the_fast_ping_codec_is_the_declared_one(data: bytes) -> None:
 
 
 @given(code=st.integers(-(2**31), 2**31 - 1), signal=st.integers(0, 255), timed_out=st.booleans(),
-       duration=st.integers(0, 2**64 - 1), rid=U32)
-def test_the_fast_exit_codec_is_the_declared_one(code: int, signal: int, timed_out: bool, duration: int,
-                                                 rid: int) -> None:
-    assert P.exit_frame(rid, code, signal, timed_out, duration) == \
-        P.Exit(code, signal, timed_out, duration).frame(rid)
+       duration=st.integers(0, 2**64 - 1), rid=U32, ended=st.lists(U8, max_size=3))
+def test_the_fast_end_of_a_command_is_the_declared_frames(code: int, signal: int, timed_out: bool,
+                                                           duration: int, rid: int, ended: list[int]) -> None:
+    """exec_end: an empty frame per ended stream, then the EXIT, as encode_frame and the typed
+    codec build them."""
+    assert P.exec_end(rid, ended, code, signal, timed_out, duration) == b"".join(
+        [P.encode_frame(t, rid) for t in ended] + [P.Exit(code, signal, timed_out, duration).frame(rid)])
 
 
 @given(amount=U32, rid=U32)
@@ -194,7 +196,7 @@ def test_the_fast_credit_codec_refuses_out_of_range_amounts() -> None:
 
 def test_the_fast_exit_codec_refuses_out_of_range_fields() -> None:
     with pytest.raises(P.FrameError):
-        P.exit_frame(1, 2**31, 0, False, 0)
+        P.exec_end(1, [], 2**31, 0, False, 0)
 
 
 @given(payload=st.binary(max_size=40), rid=U32)
@@ -374,11 +376,6 @@ def test_the_fast_exit_reading_is_the_declared_one(payload: bytes) -> None:
     except P.FrameError:
         got = P.FrameError
     assert got == declared
-
-
-@given(ftype=U8, rid=U32)
-def test_an_end_of_stream_is_an_empty_frame(ftype: int, rid: int) -> None:
-    assert P.end_of_stream(ftype, rid) == P.encode_frame(ftype, rid)
 
 
 def test_unencodable_header_fields_are_protocol_errors() -> None:
