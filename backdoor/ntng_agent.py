@@ -221,6 +221,16 @@ class ExecTask(Task):
     outputs: list[Any]  # the output pipes still open: plain fds (Spawned) or files (Popen)
     grown: frozenset[int] = frozenset()  # output pipes grown to 1 MiB
 
+    def __init__(self, session: Session, rid: int) -> None:
+        # No ReceiveWindow until the command takes stdin (_take_stdin): a Python call fewer per
+        # command, and each call costs the guest ~50 us under TCG (docs/benchmarks.md).
+        self.session, self.rid = session, rid
+        self.send_window = P.SendWindow(session.window)
+
+    def _take_stdin(self) -> None:
+        self.recv_window = P.ReceiveWindow(self.session.window)
+        self.stdin_queue = queue.SimpleQueue()
+
     def start(self, req: Any, flags: int = 0) -> None:
         self.started = time.monotonic()
         if req.timeout_ms:
@@ -265,7 +275,7 @@ class ExecTask(Task):
                 os.close(slave)
             out = os.fdopen(master, "rb", buffering=0)
             if req.stdin:
-                self.stdin_queue = queue.SimpleQueue()
+                self._take_stdin()
                 self._spawn(self._feed_stdin, os.fdopen(os.dup(master), "wb", buffering=0))
             self.pumps = [self._spawn(self._pump, out, P.FrameType.STDOUT)]
             self._spawn(self._wait)
@@ -289,7 +299,7 @@ class ExecTask(Task):
                 **kwargs,
             )
         if self.proc.stdin is not None:
-            self.stdin_queue = queue.SimpleQueue()
+            self._take_stdin()
             self._spawn(self._feed_stdin, self.proc.stdin)
         elif (isinstance(self.proc, Spawned) and self.session.inline_fd is not None
               and self.serve_inline(self.session.inline_fd)):
@@ -336,7 +346,10 @@ class ExecTask(Task):
         Only for a command started by posix_spawn (`Spawned`): waiting for a Popen one after
         its output ended could block the reader."""
         self._watch_pipes()
-        _batch_scheduling(True)
+        try:  # _batch_scheduling(True), without the call: each costs the guest ~50 us under TCG
+            os.sched_setscheduler(0, os.SCHED_BATCH, _SCHED_PARAM)
+        except OSError:
+            pass
         try:
             if not self._pump_inline(host_fd):
                 return False
@@ -348,7 +361,10 @@ class ExecTask(Task):
                 self._close_pipes()  # it closed its output and goes on: a worker waits for it
                 return False
         finally:
-            _batch_scheduling(False)
+            try:  # _batch_scheduling(False)
+                os.sched_setscheduler(0, os.SCHED_OTHER, _SCHED_PARAM)
+            except OSError:
+                pass
         for fd in self.outputs:  # plain fds (Spawned), closed here: a call fewer
             os.close(fd)
         self.outputs = []
@@ -910,6 +926,9 @@ def _command_env() -> dict[str, str]:
     return env
 
 
+_SCHED_PARAM = os.sched_param(0)
+
+
 def _batch_scheduling(on: bool) -> None:
     """SCHED_BATCH for the calling thread (the reader serving a command inline, or a worker
     pumping one's output) while it waits: a waking SCHED_BATCH thread does not preempt the
@@ -919,7 +938,7 @@ def _batch_scheduling(on: bool) -> None:
     three (measured in a guest: the poll path's cost over spawn+waitpid 1.6 → 0.6 ms).  The
     command was spawned before, under the normal policy, and keeps it; the nice value stays."""
     try:
-        os.sched_setscheduler(0, os.SCHED_BATCH if on else os.SCHED_OTHER, os.sched_param(0))
+        os.sched_setscheduler(0, os.SCHED_BATCH if on else os.SCHED_OTHER, _SCHED_PARAM)
     except (AttributeError, OSError):  # not Linux, or a policy this kernel refuses
         pass
 

@@ -589,33 +589,31 @@ def _parse_exec(buf: bytes) -> Exec:
         else:
             arg, pos = _read_text(buf, pos)
             argv.append(arg)
+    env: list[dict[str, str]] = []
     if len(buf) - pos == _PLAIN_TAIL_SIZE and buf[pos : pos + 5] == _PLAIN_TAIL:
-        timeout_ms, stdin, pty_, merge_stderr = _EXEC_END.unpack_from(buf, pos + 5)
-        return _new_exec(argv, "", [], False, "", "", timeout_ms, stdin != 0, pty_ != 0, merge_stderr != 0)
-    shell, pos = _read_text(buf, pos)
-    count, pos = _read_varint(buf, pos)
-    env = []
-    for _ in range(count):
-        key, pos = _read_text(buf, pos)
-        value, pos = _read_text(buf, pos)
-        env.append({"key": key, "value": value})
-    clear_env = buf[pos] != 0
-    cwd, pos = _read_text(buf, pos + 1)
-    user, pos = _read_text(buf, pos)
+        shell, clear_env, cwd, user = "", False, "", ""
+        pos += len(_PLAIN_TAIL)
+    else:
+        shell, pos = _read_text(buf, pos)
+        count, pos = _read_varint(buf, pos)
+        for _ in range(count):
+            key, pos = _read_text(buf, pos)
+            value, pos = _read_text(buf, pos)
+            env.append({"key": key, "value": value})
+        clear_env = buf[pos] != 0
+        cwd, pos = _read_text(buf, pos + 1)
+        user, pos = _read_text(buf, pos)
     timeout_ms, stdin, pty_, merge_stderr = _EXEC_END.unpack_from(buf, pos)
-    return _new_exec(argv, shell, env, clear_env, cwd, user, timeout_ms, stdin != 0, pty_ != 0, merge_stderr != 0)
+    # Made without the frozen dataclass's __init__ (an object.__setattr__ per field, ten
+    # interpreted lines): the values go into the instance's dict in one call.
+    exec_ = object.__new__(Exec)
+    exec_.__dict__.update(zip(_EXEC_FIELDS, (argv, shell, env, clear_env, cwd, user, timeout_ms, stdin != 0,
+                                             pty_ != 0, merge_stderr != 0), strict=True))
+    return exec_
 
 
 _EXEC_END = struct.Struct(">IBBB")  # timeout_ms, stdin, pty, merge_stderr
 _EXEC_FIELDS = tuple(f.name for f in dataclasses.fields(Exec))
-
-
-def _new_exec(*values: Any) -> Exec:
-    """An Exec without its dataclass __init__ (frozen: one object.__setattr__ per field, ten
-    interpreted lines): the values go into the instance's dict in one call."""
-    exec_ = object.__new__(Exec)
-    exec_.__dict__.update(zip(_EXEC_FIELDS, values, strict=True))
-    return exec_
 
 
 @dataclasses.dataclass(frozen=True)
