@@ -211,7 +211,8 @@ def inline_exec_phases(agent_dir: str, argv: list[str], rounds: int) -> list[tup
 
     A.Session.handle = stamp("handle", A.Session.handle)  # type: ignore[method-assign]
     A._spawn_fast = stamp("spawn", A._spawn_fast)
-    A.ExecTask._close_pipes = stamp("end_pipes", A.ExecTask._close_pipes)  # type: ignore[method-assign]
+    # the first call after the inline pump: the command's output has ended
+    A.Spawned.returned_within = stamp("end_pipes", A.Spawned.returned_within)  # type: ignore[method-assign]
     A.ExecTask._report = stamp("report", A.ExecTask._report)  # type: ignore[method-assign]
     A.Session.finish = stamp("finish", A.Session.finish)  # type: ignore[method-assign]
     host, guest = socket.socketpair()
@@ -223,8 +224,8 @@ def inline_exec_phases(agent_dir: str, argv: list[str], rounds: int) -> list[tup
         ("EXEC sent → the agent handles it (socketpair, decode)", "sent", "handle"),
         ("handle → posix_spawn called (parse, environment, task)", "handle", "spawn"),
         ("posix_spawn with pipes", "spawn", "spawn returned"),
-        ("spawned → output ended and exit seen (poll loop, inline)", "spawn returned", "end_pipes"),
-        ("→ pipes closed (reaped before, inline)", "end_pipes", "report"),
+        ("spawned → output ended (poll loop, inline)", "spawn returned", "end_pipes"),
+        ("→ exit seen and reaped, pipes closed (inline)", "end_pipes", "report"),
         ("→ EXIT built, written, finish() returned", "report", "finish returned"),
         ("reaped → the client decoded EXIT", "report", "got"),
     ]
