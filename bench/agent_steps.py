@@ -115,6 +115,17 @@ def connect(path: str, server: subprocess.Popen[bytes], within: float = 60) -> s
             time.sleep(0.05)
 
 
+def stop(sock: socket.socket, server: subprocess.Popen[bytes], path: str) -> None:
+    """Close the connection, stop the helper and remove its socket file: nothing left behind."""
+    sock.close()
+    server.kill()
+    server.wait()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class AgentClient:
     """The least client of the agent on a connected socket: HELLO (no key), EXEC, PING."""
 
@@ -150,13 +161,13 @@ class LocalAgent(AgentClient):
         path = f"/tmp/agent-steps-{os.getpid()}.sock"
         # Its output not ours: a helper left running after an error held this script's stdout,
         # and the EXEC that ran it then waited for that pipe to end (a bench run sat idle).
+        self.path = path
         self.proc = subprocess.Popen([sys.executable, f"{agent_dir}/ntng_agent.py", "--unix", path],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         super().__init__(connect(path, self.proc))
 
     def close(self) -> None:
-        self.sock.close()
-        self.proc.kill()
+        stop(self.sock, self.proc, self.path)
 
 
 PING = P.ping_frame(b"12345678")
@@ -175,6 +186,7 @@ class RawEcho:
 
     def __init__(self) -> None:
         path = f"/tmp/raw-echo-{os.getpid()}.sock"
+        self.path = path
         self.proc = subprocess.Popen([sys.executable, "-c", RAW_ECHO, path],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.sock = connect(path, self.proc)
@@ -186,8 +198,7 @@ class RawEcho:
             got += len(self.sock.recv(65536))
 
     def close(self) -> None:
-        self.sock.close()
-        self.proc.kill()
+        stop(self.sock, self.proc, self.path)
 
 
 def inline_exec_phases(agent_dir: str, argv: list[str], rounds: int) -> list[tuple[str, float]]:

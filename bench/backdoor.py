@@ -716,6 +716,8 @@ def main() -> None:
                     help="with --breakdown: also run the agent of GIT_REF in the guest, interleaved")
     args = ap.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where it is now
+    # `kill PID` unwinds like Ctrl-C: the VM released and the copies' temp folder removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     tmp = Path(tempfile.mkdtemp(prefix="ntng-bench-"))
     atexit.register(shutil.rmtree, tmp, True)  # its copy files are hundreds of MB: never left behind
     script = tmp / "bench.py"
