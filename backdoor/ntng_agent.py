@@ -167,12 +167,7 @@ class Connection:
 
     def write(self, data: bytes) -> None:
         with self._lock:
-            try:  # a small frame goes whole: no view, no helper call
-                sent = os.write(self.wfd, data)
-            except BlockingIOError:  # the reader's batch made the shared fd non-blocking
-                sent = 0
-            except OSError as e:
-                raise Disconnected(str(e)) from None
+            sent = self._write_some(data)  # a small frame goes whole: no view needed
             if sent < len(data):
                 view = memoryview(data)[sent:]
                 while view:
@@ -223,7 +218,7 @@ class ExecTask(Task):
 
     def __init__(self, session: Session, rid: int) -> None:
         # No ReceiveWindow until the command takes stdin (_take_stdin): a Python call fewer per
-        # command, and each call costs the guest ~50 us under TCG (docs/benchmarks.md).
+        # command, and each call costs the guest ~20-30 us under TCG (docs/benchmarks.md).
         self.session, self.rid = session, rid
         self.send_window = P.SendWindow(session.window)
 
@@ -346,7 +341,7 @@ class ExecTask(Task):
         Only for a command started by posix_spawn (`Spawned`): waiting for a Popen one after
         its output ended could block the reader."""
         self._watch_pipes()
-        try:  # _batch_scheduling(True), without the call: each costs the guest ~50 us under TCG
+        try:  # _batch_scheduling(True), without the call: each costs the guest ~20-30 us under TCG
             os.sched_setscheduler(0, os.SCHED_BATCH, _SCHED_PARAM)
         except OSError:
             pass

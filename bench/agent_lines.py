@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Interpreted lines the agent runs per request, by function: under TCG each line costs the
-guest ~5 us of CPU (docs/benchmarks.md, the fifth round), so this count is the agent's own
-part of a command's round trip.  Runs natively or in a guest: the agent's serve() on a
+"""Interpreted lines, bytecodes and Python calls the agent runs per request, by function: under
+TCG each costs the guest CPU (docs/benchmarks.md, the sixth round: ~2-3 us a line at the
+margin, ~20-30 us a call), so these counts are the agent's own part of a command's round trip.  Runs natively or in a guest: the agent's serve() on a
 socketpair in a thread traced with sys.settrace, the client (agent_steps.AgentClient) in
 this one.  `python3 bench/agent_lines.py [N] [agent_dir]`.  stdlib only.
 """

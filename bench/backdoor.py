@@ -244,59 +244,52 @@ def guest_cpu(m: Machine, client: Any, rounds: int) -> list[tuple[str, str, str]
         """agent ns, user ticks, system ticks; the same for the spawn server; the guest's busy ns"""
         return [int(v) for v in m.run(["sh", "-c", CPU_OF, "sh", agent, server]).stdout.decode().split()]
 
-    ours: list[float] = []
-    theirs: list[float] = []
-    busy_ours: list[float] = []
-    busy_theirs: list[float] = []
-    sys_ours: list[float] = []
-    sys_theirs: list[float] = []
-    ping_ours: list[float] = []
-    ping_theirs: list[float] = []
-    ping_sys_ours: list[float] = []
-    ping_sys_theirs: list[float] = []
+    agent_at, server_at, busy_at = 0, 3, 6  # where cpu() puts each process's readings and the guest's
+
+    def per_request(before: list[int], after: list[int], at: int) -> float:
+        return (after[at] - before[at]) / rounds / 1e6
+
+    def system_share(before: list[int], after: list[int], at: int) -> float:
+        """% of the process's ticks (10 ms each: a block is ~100 ticks) spent in the kernel"""
+        user, system = after[at + 1] - before[at + 1], after[at + 2] - before[at + 2]
+        return system / max(1, user + system) * 100
+
+    samples: dict[str, list[float]] = {}
+    pairs = (("PING", client.ping, echo_one), ("command", lambda: m.run(["true"]), spawn_true))
     for _ in range(5):
-        p0 = cpu()
-        for _ in range(rounds):
-            client.ping()
-        p1 = cpu()
-        for _ in range(rounds):
-            echo_one()
-        p2 = cpu()
-        ping_ours.append((p1[0] - p0[0]) / rounds / 1e6)
-        ping_theirs.append((p2[3] - p1[3]) / rounds / 1e6)
-        ping_sys_ours.append((p1[2] - p0[2]) / max(1, p1[1] - p0[1] + p1[2] - p0[2]) * 100)
-        ping_sys_theirs.append((p2[5] - p1[5]) / max(1, p2[4] - p1[4] + p2[5] - p1[5]) * 100)
-        c0 = cpu()
-        for _ in range(rounds):
-            m.run(["true"])
-        c1 = cpu()
-        for _ in range(rounds):
-            spawn_true()
-        c2 = cpu()
-        ours.append((c1[0] - c0[0]) / rounds / 1e6)
-        theirs.append((c2[3] - c1[3]) / rounds / 1e6)
-        busy_ours.append((c1[6] - c0[6]) / rounds / 1e6)
-        busy_theirs.append((c2[6] - c1[6]) / rounds / 1e6)
-        # the share of system time in the process's ticks (10 ms each: a block is ~100 ticks)
-        sys_ours.append((c1[2] - c0[2]) / max(1, c1[1] - c0[1] + c1[2] - c0[2]) * 100)
-        sys_theirs.append((c2[5] - c1[5]) / max(1, c2[4] - c1[4] + c2[5] - c1[5]) * 100)
+        for kind, ours_once, theirs_once in pairs:
+            c0 = cpu()
+            for _ in range(rounds):
+                ours_once()
+            c1 = cpu()
+            for _ in range(rounds):
+                theirs_once()
+            c2 = cpu()
+            for name, value in ((f"{kind} ours", per_request(c0, c1, agent_at)),
+                                (f"{kind} theirs", per_request(c1, c2, server_at)),
+                                (f"{kind} system ours", system_share(c0, c1, agent_at)),
+                                (f"{kind} system theirs", system_share(c1, c2, server_at)),
+                                (f"{kind} busy ours", per_request(c0, c1, busy_at)),
+                                (f"{kind} busy theirs", per_request(c1, c2, busy_at))):
+                samples.setdefault(name, []).append(value)
     raw.close()
 
     def spread(v: list[float]) -> str:
         return f"{pct(v, 50):.2f} (blocks {min(v):.2f}-{max(v):.2f})"
 
+    v = samples
     return [
-        (f'guest CPU per run(["true"]): our agent, all threads (ms; 5 blocks of {rounds})', spread(ours),
-         f"the minimal spawn server for /bin/true: {spread(theirs)}; ours over it "
-         f"+ {pct(ours, 50) - pct(theirs, 50):.2f}"),
-        (f"guest CPU per PING: our agent (ms; 5 blocks of {rounds})", spread(ping_ours),
-         f"the raw echo (the same process as the spawn server): {spread(ping_theirs)}"),
-        ("PINGs: of which in the kernel (system time, %; /proc/PID/stat ticks)", spread(ping_sys_ours),
-         f"the raw echo: {spread(ping_sys_theirs)}"),
-        ("commands: of which in the kernel (system time, %; /proc/PID/stat ticks)", spread(sys_ours),
-         f"the spawn server: {spread(sys_theirs)}"),
-        ("the whole guest busy per command (ms; /proc/stat, 10 ms ticks)", spread(busy_ours),
-         f"with the spawn server: {spread(busy_theirs)}"),
+        (f'guest CPU per run(["true"]): our agent, all threads (ms; 5 blocks of {rounds})', spread(v["command ours"]),
+         f"the minimal spawn server for /bin/true: {spread(v['command theirs'])}; ours over it "
+         f"+ {pct(v['command ours'], 50) - pct(v['command theirs'], 50):.2f}"),
+        (f"guest CPU per PING: our agent (ms; 5 blocks of {rounds})", spread(v["PING ours"]),
+         f"the raw echo (the same process as the spawn server): {spread(v['PING theirs'])}"),
+        ("PINGs: of which in the kernel (system time, %; /proc/PID/stat ticks)", spread(v["PING system ours"]),
+         f"the raw echo: {spread(v['PING system theirs'])}"),
+        ("commands: of which in the kernel (system time, %; /proc/PID/stat ticks)", spread(v["command system ours"]),
+         f"the spawn server: {spread(v['command system theirs'])}"),
+        ("the whole guest busy per command (ms; /proc/stat, 10 ms ticks)", spread(v["command busy ours"]),
+         f"with the spawn server: {spread(v['command busy theirs'])}"),
     ]
 
 

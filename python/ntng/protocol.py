@@ -590,7 +590,7 @@ def _parse_exec(buf: bytes) -> Exec:
             arg, pos = _read_text(buf, pos)
             argv.append(arg)
     env: list[dict[str, str]] = []
-    if len(buf) - pos == _PLAIN_TAIL_SIZE and buf[pos : pos + 5] == _PLAIN_TAIL:
+    if len(buf) - pos == _PLAIN_TAIL_SIZE and buf[pos : pos + len(_PLAIN_TAIL)] == _PLAIN_TAIL:
         shell, clear_env, cwd, user = "", False, "", ""
         pos += len(_PLAIN_TAIL)
     else:
@@ -824,7 +824,7 @@ def pong_for_ping(data: bytes | memoryview) -> bytes | None:
     if (data[:4] != MAGIC or data[4] < MIN_VERSION
             or data[HEADER_SIZE] != size - HEADER_SIZE - TRAILER_SIZE - 1  # the Blob's one-byte length
             or int.from_bytes(data[12:16], "big") != size - HEADER_SIZE - TRAILER_SIZE
-            or zlib.crc32(data[:16]) != int.from_bytes(data[16:HEADER_SIZE], "big")
+            or zlib.crc32(data[: HEADER_SIZE - 4]) != int.from_bytes(data[HEADER_SIZE - 4 : HEADER_SIZE], "big")
             or zlib.crc32(data[: size - TRAILER_SIZE]) != int.from_bytes(data[size - TRAILER_SIZE :], "big")):
         return None
     head = _PONG_PREFIX + data[8:16]  # the request id and the payload's length, echoed

@@ -218,6 +218,20 @@ def test_the_fast_ping_codec_only_accepts_what_the_declared_one_reads_whole(payl
         assert data is None and P.Ping(declared).payload() != payload  # trailing bytes
 
 
+DAMAGE = ("flip", "cut", "extend")  # what _damage does to a frame on the wire
+
+
+def _damage(wire: bytearray, how: str, data: st.DataObject) -> None:
+    """One of DAMAGE, drawn from `data`, done to `wire` in place; anything else leaves it intact."""
+    if how == "flip":
+        pos, bit = data.draw(st.integers(0, len(wire) - 1)), data.draw(st.integers(0, 7))
+        wire[pos] ^= 1 << bit
+    elif how == "cut":
+        del wire[data.draw(st.integers(0, len(wire) - 1)):]
+    elif how == "extend":
+        wire += data.draw(st.binary(min_size=1, max_size=30))
+
+
 def _decoder_pong(wire: bytes) -> bytes | None:
     """What the agent's decoder path answers to `wire` alone, when that is exactly one PING."""
     events = P.decode_all(wire)
@@ -237,16 +251,11 @@ def test_the_lone_ping_path_answers_as_the_decoder_path(
     intact lone PING and None for anything else: damage, truncation, other types, extra bytes;
     None too for a PING it leaves to the frame path (a non-minimal length), never a wrong PONG."""
     wire = bytearray(P.encode_frame(P.FrameType.PING, rid, payload, flags, version))
-    how = data.draw(st.sampled_from(["intact", "flip", "cut", "extend", "retype"]))
-    if how == "flip":
-        pos, bit = data.draw(st.integers(0, len(wire) - 1)), data.draw(st.integers(0, 7))
-        wire[pos] ^= 1 << bit
-    elif how == "cut":
-        del wire[data.draw(st.integers(0, len(wire) - 1)):]
-    elif how == "extend":
-        wire += data.draw(st.binary(min_size=1, max_size=30))
-    elif how == "retype":
+    how = data.draw(st.sampled_from(["intact", *DAMAGE, "retype"]))
+    if how == "retype":
         wire = bytearray(P.encode_frame(data.draw(U8.filter(lambda t: t != P.FrameType.PING)), rid, payload))
+    else:
+        _damage(wire, how, data)
     fast = P.pong_for_ping(bytes(wire))
     slow = _decoder_pong(bytes(wire))
     if fast is not None:
@@ -268,16 +277,11 @@ def test_a_lone_frame_is_what_the_decoder_yields_for_it(
     bytes, a second frame, a frame over the limit or one whose payload the decoder CRCs apart."""
     max_frame = data.draw(st.sampled_from([P.DEFAULT_MAX_FRAME, 64]))
     wire = bytearray(P.encode_frame(ftype, rid, payload, flags, version))
-    how = data.draw(st.sampled_from(["intact", "flip", "cut", "extend", "two"]))
-    if how == "flip":
-        pos, bit = data.draw(st.integers(0, len(wire) - 1)), data.draw(st.integers(0, 7))
-        wire[pos] ^= 1 << bit
-    elif how == "cut":
-        del wire[data.draw(st.integers(0, len(wire) - 1)):]
-    elif how == "extend":
-        wire += data.draw(st.binary(min_size=1, max_size=30))
-    elif how == "two":
+    how = data.draw(st.sampled_from(["intact", *DAMAGE, "two"]))
+    if how == "two":
         wire += P.encode_frame(P.FrameType.PING, rid, b"\x00")
+    else:
+        _damage(wire, how, data)
     events = P.decode_all(bytes(wire), max_frame=max_frame)
     fast = P.lone_frame(bytes(wire), max_frame)
     if fast is not None:
