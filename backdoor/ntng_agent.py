@@ -105,8 +105,17 @@ class Connection:
         view = self._rview[:n]
         try:
             size = os.readv(self.rfd, [view])
-            if size < PORT_BUFFER:
-                return view[:size]  # a short read: nothing else was queued
+        except OSError:
+            return b""
+        if size < PORT_BUFFER:
+            return view[:size]  # a short read: nothing else was queued
+        return self.read_more(size, n)
+
+    def read_more(self, size: int, n: int) -> bytes | memoryview:
+        """read()'s batch after a first read that took `size` bytes (a full port buffer or
+        more) into the connection's buffer: what else is ready, up to n (see read())."""
+        view = self._rview[:n]
+        try:
             os.set_blocking(self.rfd, False)  # writers on the same fd wait out EAGAIN (below)
             try:
                 while size < n:
@@ -806,11 +815,13 @@ INLINE_REAP = 0.05
 
 class Spawned:
     """A command started with posix_spawn: the part of Popen's interface the agent uses, with
-    stdout/stderr as plain fds (ints)."""
+    stdout/stderr as plain fds (ints).  Made by _spawn_fast, which fills these fields."""
 
-    def __init__(self, pid: int, stdin: Any, stdout: int, stderr: int | None) -> None:
-        self.pid, self.stdin, self.stdout, self.stderr = pid, stdin, stdout, stderr
-        self.returncode: int | None = None
+    pid: int
+    stdin: Any
+    stdout: int
+    stderr: int | None
+    returncode: int | None
 
     def returned_within(self, timeout: float) -> bool:
         """The command has exited (reaped now if it had); else waited for up to `timeout`."""
@@ -951,17 +962,72 @@ def _devnull() -> int:
     return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
 
+# argv[0] found on a PATH, kept: the C library's posix_spawnp tries execve in each directory
+# before the one that has it, and under TCG each failed execve cost ~0.3 ms (it sets up a new
+# address space and copies the environment before it looks for the file): `true` on Debian's
+# PATH was ~1 ms a command (bench/backdoor.py --gap).  An entry is (the path found, then for
+# each directory searched before it: its path, mtime_ns, inode, device; -1s for a missing one).
+# A file added to, removed from or renamed in a directory changes its mtime, so a hit is
+# checked with a stat per earlier directory (~10 us each); a spawn that fails on a remembered
+# path searches again (_spawn_fast).  Bounded: cleared at PATH_CACHE_MAX entries.
+_PATH_CACHE: dict[tuple[str, str], tuple[str, tuple[tuple[str, int, int, int], ...]]] = {}
+PATH_CACHE_MAX = 512
+# A directory changed this recently is not remembered: its next change could fall in the same
+# mtime tick (the kernel stamps with a coarse clock) and go unseen.
+RACY_NS = 2_000_000_000
+
+
 def _which(name: str, path: str) -> str:
-    """argv[0] resolved on the command's own PATH, as Popen does (posix_spawnp would use the
-    agent's PATH)."""
+    """argv[0] resolved on the command's own PATH as execvp would (the first executable file;
+    PermissionError when only non-executable ones exist), from _PATH_CACHE when it is current."""
     if "/" in name:
         return name
+    hit = _PATH_CACHE.get((name, path))
+    if hit is not None:
+        for d, mtime, ino, dev in hit[1]:  # inline: each Python call costs the guest ~20-30 us under TCG
+            try:
+                st = os.stat(d)
+            except OSError:
+                if mtime < 0:
+                    continue
+                break
+            if st.st_mtime_ns != mtime or st.st_ino != ino or st.st_dev != dev:
+                break
+        else:
+            return hit[0]
+    return _search_path(name, path)
+
+
+def _search_path(name: str, path: str) -> str:
+    """The first executable `name` on `path`, remembered in _PATH_CACHE when that is safe: every
+    directory before it absolute and unchanged for RACY_NS, and none of them holding a
+    non-executable `name` (chmod +x on it would change no directory)."""
     denied = False
+    cacheable = True
+    racy = time.time_ns() - RACY_NS
+    before: list[tuple[str, int, int, int]] = []
     for d in path.split(os.pathsep):
         candidate = os.path.join(d or ".", name)
         if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            if cacheable:
+                if len(_PATH_CACHE) >= PATH_CACHE_MAX:
+                    _PATH_CACHE.clear()
+                _PATH_CACHE[(name, path)] = (candidate, tuple(before))
             return candidate
-        denied = denied or os.path.exists(candidate)
+        if os.path.lexists(candidate):
+            denied = True
+            cacheable = False
+        if not d.startswith("/"):
+            cacheable = False
+            continue
+        try:
+            st = os.stat(d)
+        except OSError:
+            before.append((d, -1, -1, -1))
+            continue
+        before.append((d, st.st_mtime_ns, st.st_ino, st.st_dev))
+        if st.st_mtime_ns > racy:
+            cacheable = False
     if denied:
         raise PermissionError(13, "Permission denied", name)
     raise FileNotFoundError(2, "No such file or directory", name)
@@ -974,10 +1040,7 @@ def _spawn_fast(argv: list[str], env: dict[str, str], stdin: bool, merge_stderr:
     if not argv:
         raise OSError("empty argv")
     path = env.get("PATH", os.defpath)
-    # The C library searches the agent's own PATH (in the child, no Python stat per directory:
-    # ~0.5 ms a command under TCG); a command with a PATH of its own is resolved here.
-    search = "/" not in argv[0] and path == _agent_env().get("PATH")
-    exe = argv[0] if search or "/" in argv[0] else _which(argv[0], path)
+    exe = argv[0] if "/" in argv[0] else _which(argv[0], path)  # a call fewer for a path
     fds: list[int] = []
     try:
         if stdin:
@@ -994,10 +1057,17 @@ def _spawn_fast(argv: list[str], env: dict[str, str], stdin: bool, merge_stderr:
             fds += [err_r, err_w]
         # Ignored signals back to SIG_DFL (else `yes | head` prints "Broken pipe" and SIGINT
         # stops nothing), and start with no signal blocked.
-        spawn = os.posix_spawnp if search else os.posix_spawn
-        pid = spawn(exe, argv, env, setsid=True, setsigdef=_ignored_signals(), setsigmask=(),
-                             file_actions=[
-            (os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)])
+        actions = [(os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+        try:
+            pid = os.posix_spawn(exe, argv, env, setsid=True, setsigdef=_ignored_signals(), setsigmask=(),
+                                 file_actions=actions)
+        except OSError:
+            if _PATH_CACHE.pop((argv[0], path), None) is None:
+                raise
+            # A remembered path that no longer runs (removed, chmod -x): search as execvp would.
+            exe = _which(argv[0], path)
+            pid = os.posix_spawn(exe, argv, env, setsid=True, setsigdef=_ignored_signals(), setsigmask=(),
+                                 file_actions=actions)
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -1009,7 +1079,11 @@ def _spawn_fast(argv: list[str], env: dict[str, str], stdin: bool, merge_stderr:
         os.close(in_r)
     # Output pipes stay plain fds: a FileIO around each, opened and closed, was ~0.5 ms of
     # a command under TCG (profiled), and the agent only readv()s them.
-    return Spawned(pid, os.fdopen(in_w, "wb", buffering=0) if stdin else None, out_r, err_r if err_r >= 0 else None)
+    # Made without Spawned.__init__ (a Python call per command, ~20-30 us of guest CPU under TCG)
+    spawned = object.__new__(Spawned)
+    spawned.__dict__.update(pid=pid, stdin=os.fdopen(in_w, "wb", buffering=0) if stdin else None, stdout=out_r,
+                            stderr=err_r if err_r >= 0 else None, returncode=None)
+    return spawned
 
 
 # The frames that start a request, and the task serving each.
@@ -1024,6 +1098,11 @@ class TaskError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code, self.message = code, message
+
+
+# What a request's handler may raise, answered with an ERROR frame for the request (_failed).
+GUARDED = (TaskError, P.LimitExceeded, OSError, KeyError, subprocess.SubprocessError)
+EXEC_TYPE = int(P.FrameType.EXEC)
 
 
 def read_key(path: str) -> bytes:
@@ -1095,8 +1174,8 @@ class Session:
 
     def handle(self, frame: P.Frame) -> None:
         ft, rid = frame.type, frame.request_id
-        try:
-            msg = P.parse_message(frame)
+        try:  # an EXEC per command: its parser without parse_message's and Exec.parse's calls
+            msg: Any = P.parse_exec(frame.payload) if ft == EXEC_TYPE else P.parse_message(frame)
         except P.FrameError as e:
             code = P.ErrorCode.UNKNOWN_TYPE if ft not in P.MESSAGES else P.ErrorCode.BAD_PAYLOAD
             return self.error(rid, code, str(e))
@@ -1111,7 +1190,10 @@ class Session:
                     )
                 new = cls(self, rid)
                 self.tasks[rid] = new
-            return self._guard(rid, new.start, msg, frame.flags)  # type: ignore[attr-defined]
+            try:  # _guard's, without its call (one per command; each costs the guest under TCG)
+                return new.start(msg, frame.flags)  # type: ignore[attr-defined]
+            except GUARDED as e:
+                return self._failed(rid, e)
         if ft == P.FrameType.HELLO:
             return self._hello(msg)
         if ft == P.FrameType.AUTH:
@@ -1144,17 +1226,21 @@ class Session:
     def _guard(self, rid: int, fn: Callable[..., None], *args: Any) -> None:
         try:
             fn(*args)
-        except TaskError as e:
-            self.fail(rid, e.code, e.message)
-        except P.LimitExceeded as e:
-            self.fail(rid, P.ErrorCode.WINDOW_EXCEEDED, str(e))
-        except (OSError, KeyError, subprocess.SubprocessError) as e:
-            code = P.ErrorCode.EXEC_FAILED
-            with self.lock:
-                task = self.tasks.get(rid)
-            if isinstance(task, (PutTask, GetTask)):
-                code = P.ErrorCode.FILE_FAILED
-            self.fail(rid, code, _describe(e))
+        except GUARDED as e:
+            self._failed(rid, e)
+
+    def _failed(self, rid: int, e: BaseException) -> None:
+        """A request's handler raised one of GUARDED: the request ends with an ERROR."""
+        if isinstance(e, TaskError):
+            return self.fail(rid, e.code, e.message)
+        if isinstance(e, P.LimitExceeded):
+            return self.fail(rid, P.ErrorCode.WINDOW_EXCEEDED, str(e))
+        code = P.ErrorCode.EXEC_FAILED
+        with self.lock:
+            task = self.tasks.get(rid)
+        if isinstance(task, (PutTask, GetTask)):
+            code = P.ErrorCode.FILE_FAILED
+        self.fail(rid, code, _describe(e))
 
     def _identity(self, rid: int, ident: Any) -> None:
         started = time.monotonic()
@@ -1260,28 +1346,53 @@ def serve(conn: Connection, started_ns: int, key_file: str | None = None) -> Non
     session = Session(conn, key_file)
     decoder = P.Decoder(P.DEFAULT_MAX_FRAME)
     conn.write(P.announce_bytes(P.Announce(boot_id(), AGENT_VERSION, started_ns)))
+    # A plain Connection is read, and a PONG written, here rather than through its methods:
+    # a Python call costs the guest ~20-30 us under TCG, and a PING took 5 of them
+    # (docs/benchmarks.md).  A subclass (the tests' host end) keeps its own read and write.
+    direct = type(conn) is Connection
+    rfd, wfd, lock, rview, whole = conn.rfd, conn.wfd, conn._lock, conn._rview, [conn._rview]
+    in_decoder = False  # the decoder holds part of a frame: the next bytes are its
     try:
         while True:
-            data = conn.read(READ_BUFFER)
+            if direct:
+                try:
+                    size = os.readv(rfd, whole)
+                except OSError:
+                    return
+                data = rview[:size] if size < PORT_BUFFER else conn.read_more(size, READ_BUFFER)
+            else:
+                data = conn.read(READ_BUFFER)
             if not data:
                 return
             # A lone PING is answered from its bytes (the round trip is the measure), a lone
             # frame (an EXEC: the usual read) taken without the decoder.
-            pong = P.pong_for_ping(data) if data[5:6] == PING_TYPE and not decoder.buffered else None
+            pong = P.pong_for_ping(data) if data[5:6] == PING_TYPE and not in_decoder else None
             if pong is not None:
-                conn.write(pong)
+                if not direct:
+                    conn.write(pong)
+                    continue
+                with lock:  # the reader's own write: the fd is blocking (only read_more unblocks it)
+                    try:
+                        sent = os.write(wfd, pong)
+                    except OSError as e:
+                        raise Disconnected(str(e)) from None
+                    if sent < len(pong):  # a port or socket takes a PONG whole; else the rest
+                        view = memoryview(pong)[sent:]
+                        while view:
+                            view = view[conn._write_some(view):]
                 continue
-            frame = None if decoder.buffered else P.lone_frame(data, P.DEFAULT_MAX_FRAME)
+            frame = None if in_decoder else P.lone_frame(data, P.DEFAULT_MAX_FRAME)
             if frame is not None:
                 pong = P.pong_frame(frame) if frame.type == P.FrameType.PING else None
                 if pong is not None:  # answered here: the round trip is the measure
                     conn.write(pong)
                 else:
-                    session.inline_fd = conn.rfd
+                    session.inline_fd = rfd
                     session.handle(frame)
                 continue
             decoder.feed(data)
             events = list(decoder.events())
+            in_decoder = decoder.buffered > 0
             for i, ev in enumerate(events):
                 session.inline_fd = conn.rfd if i == len(events) - 1 else None
                 if isinstance(ev, P.Garbage):

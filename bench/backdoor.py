@@ -59,22 +59,58 @@ def header(tmp: Path) -> str:
 # The raw echo, and the least a Python agent on this port can do for a command: on `T` (or
 # `B`) posix_spawn /bin/true (or bash -c) in its own session with stdout and stderr pipes,
 # read both to EOF, reap, answer the exit code: no framing, no checks, no flow control.
+# `S` and `P` (--gap) step from there toward the agent: `S` spawns the way the agent does
+# (posix_spawnp of `true` on PATH, the signals it resets, stdin from /dev/null), `P` also waits
+# the way it does (one poll over both pipes and the port, SCHED_BATCH, a WNOHANG reap).  They
+# sit behind the T/B lookup, so the echo's path is the same few lines.
 ECHO = (
-    "import os\n"
+    "import os, select, signal\n"
     f"fd = os.open('/dev/virtio-ports/{RAW}', os.O_RDWR)\n"
-    "argvs = {b'T': ['/bin/true'], b'B': ['/bin/bash', '-c', 'set -euo pipefail; true']}\n"
+    "nul = os.open('/dev/null', os.O_RDONLY | os.O_CLOEXEC)\n"
+    "env = dict(os.environ); env.setdefault('PATH', '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin')\n"
+    "sigs = (signal.SIGPIPE, signal.SIGXFSZ); sp = os.sched_param(0)\n"
+    "def spawn_ours():\n"
+    "    r1, w1 = os.pipe(); r2, w2 = os.pipe()\n"
+    "    pid = os.posix_spawnp('true', ['true'], env, setsid=True, setsigdef=sigs, setsigmask=(), file_actions=[\n"
+    "        (os.POSIX_SPAWN_DUP2, nul, 0), (os.POSIX_SPAWN_DUP2, w1, 1), (os.POSIX_SPAWN_DUP2, w2, 2)])\n"
+    "    os.close(w1); os.close(w2)\n"
+    "    return pid, r1, r2\n"
+    "def S():\n"
+    "    pid, r1, r2 = spawn_ours()\n"
+    "    for r in (r1, r2):\n"
+    "        while os.read(r, 65536): pass\n"
+    "        os.close(r)\n"
+    "    return bytes([os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])])\n"
+    "def P():\n"
+    "    pid, r1, r2 = spawn_ours()\n"
+    "    os.sched_setscheduler(0, os.SCHED_BATCH, sp)\n"
+    "    po = select.poll(); po.register(r1, select.POLLIN); po.register(r2, select.POLLIN); po.register(fd, select.POLLIN)\n"
+    "    left = {r1, r2}\n"
+    "    while left:\n"
+    "        for f, ev in po.poll(1000):\n"
+    "            if f in left and (ev == select.POLLHUP or not os.read(f, 65536)):\n"
+    "                po.unregister(f); left.discard(f)\n"
+    "    got, status = os.waitpid(pid, os.WNOHANG)\n"
+    "    if not got: got, status = os.waitpid(pid, 0)\n"
+    "    os.sched_setscheduler(0, os.SCHED_OTHER, sp)\n"
+    "    os.close(r1); os.close(r2)\n"
+    "    return bytes([os.waitstatus_to_exitcode(status)])\n"
+    "argvs = {b'T': ['/bin/true'], b'B': ['/bin/bash', '-c', 'set -euo pipefail; true'], b'S': S, b'P': P}\n"
     "while True:\n"
     "    d = os.read(fd, 65536)\n"
     "    argv = argvs.get(d)\n"
     "    if argv:\n"
-    "        r1, w1 = os.pipe(); r2, w2 = os.pipe()\n"
-    "        pid = os.posix_spawn(argv[0], argv, os.environ, setsid=True, file_actions=[\n"
-    "            (os.POSIX_SPAWN_DUP2, w1, 1), (os.POSIX_SPAWN_DUP2, w2, 2)])\n"
-    "        os.close(w1); os.close(w2)\n"
-    "        for r in (r1, r2):\n"
-    "            while os.read(r, 65536): pass\n"
-    "            os.close(r)\n"
-    "        d = bytes([os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])])\n"
+    "        if type(argv) is not list:\n"
+    "            d = argv()\n"
+    "        else:\n"
+    "            r1, w1 = os.pipe(); r2, w2 = os.pipe()\n"
+    "            pid = os.posix_spawn(argv[0], argv, os.environ, setsid=True, file_actions=[\n"
+    "                (os.POSIX_SPAWN_DUP2, w1, 1), (os.POSIX_SPAWN_DUP2, w2, 2)])\n"
+    "            os.close(w1); os.close(w2)\n"
+    "            for r in (r1, r2):\n"
+    "                while os.read(r, 65536): pass\n"
+    "                os.close(r)\n"
+    "            d = bytes([os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])])\n"
     "    if d: os.write(fd, d)\n"
 )
 
@@ -291,6 +327,45 @@ def guest_cpu(m: Machine, client: Any, rounds: int) -> list[tuple[str, str, str]
         ("the whole guest busy per command (ms; /proc/stat, 10 ms ticks)", spread(v["command busy ours"]),
          f"with the spawn server: {spread(v['command busy theirs'])}"),
     ]
+
+
+def wall_gap(m: Machine, rounds: int) -> list[tuple[str, str, str]]:
+    """Where the wall time between run(["true"]) and the minimal spawn server goes: the spawn
+    server in steps toward what the agent does (ECHO's `S`, `P`) and our agent with an absolute
+    and a PATH-searched argv[0], interleaved sample by sample in rotated order on one VM, with
+    the runner's own CPU per sample (time.process_time: all its threads)."""
+    step("the wall-time gap to the spawn server, in steps")
+    _, raw = raw_echo_fn(m)
+    cases: dict[str, Any] = {
+        "spawn server: posix_spawn /bin/true, blocking reads, waitpid (T)": raw_command_fn(raw, b"T"),
+        "+ the agent's spawn: posix_spawnp `true` on PATH, signals reset, stdin /dev/null (S)":
+            raw_command_fn(raw, b"S"),
+        "+ the agent's wait: one poll over pipes and port, SCHED_BATCH, WNOHANG reap (P)":
+            raw_command_fn(raw, b"P"),
+        'our agent: run(["/bin/true"])': lambda: m.run(["/bin/true"]),
+        'our agent: run(["true"])': lambda: m.run(["true"]),
+    }
+    for one in cases.values():
+        one()
+    wall: dict[str, list[float]] = {k: [] for k in cases}
+    host: dict[str, list[float]] = {k: [] for k in cases}
+    names = list(cases)
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            c0, t0 = time.process_time(), time.perf_counter()
+            cases[name]()
+            t1, c1 = time.perf_counter(), time.process_time()
+            wall[name].append(t1 - t0)
+            host[name].append(c1 - c0)
+    raw.close()
+    base = pct(wall[names[0]], 50)
+    rows = []
+    for name in names:
+        w = pct(wall[name], 50)
+        rows.append((f"{name}: median wall (ms)", f"{w * 1000:.2f}",
+                     f"p90 {pct(wall[name], 90) * 1000:.2f}; over T + {(w - base) * 1000:.2f}; "
+                     f"runner CPU {sum(host[name]) / len(host[name]) * 1000:.3f} ms"))
+    return rows
 
 
 def old_agent_client(m: Machine, tmp: Path, ref: str) -> Any:
@@ -703,6 +778,8 @@ def main() -> None:
     ap.add_argument("--idle", action="store_true", help="PING vs raw echo after idle periods (only)")
     ap.add_argument("--cpu", action="store_true",
                     help="guest CPU per command: our agent against the minimal spawn server (only)")
+    ap.add_argument("--gap", action="store_true",
+                    help="the wall-time gap to the spawn server, in steps toward the agent (only)")
     ap.add_argument("--copy-steps", action="store_true",
                     help="the agent's get/put data path step by step in the guest (only)")
     ap.add_argument("--ab", default="", metavar="GIT_REF",
@@ -738,6 +815,8 @@ def main() -> None:
             rows += idle_pings(m, client, max(10, args.rounds // 7))
         elif args.cpu:
             rows += guest_cpu(m, client, args.rounds)
+        elif args.gap:
+            rows += wall_gap(m, args.rounds)
         else:
             rows += ratios(m, client, tmp, args.rounds, args.copy_mb)
     finally:

@@ -344,6 +344,11 @@ class BackdoorClient:
                 pass
             return
         if ft in (P.FrameType.STDOUT, P.FrameType.STDERR, P.FrameType.FILE_DATA):
+            if not frame.payload:
+                # An end of stream: every reader of these frames skips it (the EXIT or FILE_DONE
+                # ends the request), and not queueing it spares the caller's thread a wake-up
+                # per stream: a command's EOFs and EXIT arrive together, now one hand-off.
+                return
             try:
                 pending.recv_window.received(len(frame.payload))
             except P.LimitExceeded as e:

@@ -515,10 +515,7 @@ class Exec(Message):
         """SCHEMA's reading, hand-written: one EXEC per command, and the compiled construct
         parser costs 1-2 ms of a command's round trip in a TCG guest (property-tested equal,
         errors included)."""
-        try:
-            return _parse_exec(payload)
-        except (IndexError, UnicodeDecodeError, ValueError, struct.error) as e:
-            raise FrameError(f"bad EXEC payload: {e}") from None
+        return parse_exec(payload)
 
 
 def _varint(n: int) -> bytes:
@@ -571,45 +568,49 @@ _PLAIN_TAIL = bytes(5)  # shell, env count, clear_env, cwd, user: all empty or f
 _PLAIN_TAIL_SIZE = len(_PLAIN_TAIL) + 4 + 3  # and timeout_ms, stdin, pty, merge_stderr
 
 
-def _parse_exec(buf: bytes) -> Exec:
-    """Exec.SCHEMA's reading with the position in a local, one-byte lengths inline and the
+def parse_exec(buf: bytes) -> Exec:
+    """Exec.SCHEMA's reading (Exec.parse; the agent calls it directly: a Python call costs the
+    guest ~20-30 us under TCG) with the position in a local, one-byte lengths inline and the
     usual tail (argv only: no shell, environment, cwd or user) in one comparison: in a TCG
     guest each interpreted line of the agent costs guest CPU (3-15 us, docs/benchmarks.md),
-    and a cursor object's method per field was ~100 lines per EXEC.  IndexError / ValueError /
-    UnicodeDecodeError / struct.error on bad input, as construct fails (property-tested)."""
-    count, pos = buf[0], 1
-    if count >= 0x80:
-        count, pos = _read_varint(buf, 0)
-    argv = []
-    for _ in range(count):
-        end = pos + 1 + buf[pos]
-        if buf[pos] < 0x80 and end <= len(buf):
-            argv.append(buf[pos + 1 : end].decode("utf-8"))
-            pos = end
-        else:
-            arg, pos = _read_text(buf, pos)
-            argv.append(arg)
-    env: list[dict[str, str]] = []
-    if len(buf) - pos == _PLAIN_TAIL_SIZE and buf[pos : pos + len(_PLAIN_TAIL)] == _PLAIN_TAIL:
-        shell, clear_env, cwd, user = "", False, "", ""
-        pos += len(_PLAIN_TAIL)
-    else:
-        shell, pos = _read_text(buf, pos)
-        count, pos = _read_varint(buf, pos)
+    and a cursor object's method per field was ~100 lines per EXEC.  FrameError where
+    construct fails (property-tested)."""
+    try:
+        count, pos = buf[0], 1
+        if count >= 0x80:
+            count, pos = _read_varint(buf, 0)
+        argv = []
         for _ in range(count):
-            key, pos = _read_text(buf, pos)
-            value, pos = _read_text(buf, pos)
-            env.append({"key": key, "value": value})
-        clear_env = buf[pos] != 0
-        cwd, pos = _read_text(buf, pos + 1)
-        user, pos = _read_text(buf, pos)
-    timeout_ms, stdin, pty_, merge_stderr = _EXEC_END.unpack_from(buf, pos)
-    # Made without the frozen dataclass's __init__ (an object.__setattr__ per field, ten
-    # interpreted lines): the values go into the instance's dict in one call.
-    exec_ = object.__new__(Exec)
-    exec_.__dict__.update(zip(_EXEC_FIELDS, (argv, shell, env, clear_env, cwd, user, timeout_ms, stdin != 0,
-                                             pty_ != 0, merge_stderr != 0), strict=True))
-    return exec_
+            end = pos + 1 + buf[pos]
+            if buf[pos] < 0x80 and end <= len(buf):
+                argv.append(buf[pos + 1 : end].decode("utf-8"))
+                pos = end
+            else:
+                arg, pos = _read_text(buf, pos)
+                argv.append(arg)
+        env: list[dict[str, str]] = []
+        if len(buf) - pos == _PLAIN_TAIL_SIZE and buf[pos : pos + len(_PLAIN_TAIL)] == _PLAIN_TAIL:
+            shell, clear_env, cwd, user = "", False, "", ""
+            pos += len(_PLAIN_TAIL)
+        else:
+            shell, pos = _read_text(buf, pos)
+            count, pos = _read_varint(buf, pos)
+            for _ in range(count):
+                key, pos = _read_text(buf, pos)
+                value, pos = _read_text(buf, pos)
+                env.append({"key": key, "value": value})
+            clear_env = buf[pos] != 0
+            cwd, pos = _read_text(buf, pos + 1)
+            user, pos = _read_text(buf, pos)
+        timeout_ms, stdin, pty_, merge_stderr = _EXEC_END.unpack_from(buf, pos)
+        # Made without the frozen dataclass's __init__ (an object.__setattr__ per field, ten
+        # interpreted lines): the values go into the instance's dict in one call.
+        exec_ = object.__new__(Exec)
+        exec_.__dict__.update(zip(_EXEC_FIELDS, (argv, shell, env, clear_env, cwd, user, timeout_ms, stdin != 0,
+                                                 pty_ != 0, merge_stderr != 0), strict=True))
+        return exec_
+    except (IndexError, UnicodeDecodeError, ValueError, struct.error) as e:
+        raise FrameError(f"bad EXEC payload: {e}") from None
 
 
 _EXEC_END = struct.Struct(">IBBB")  # timeout_ms, stdin, pty, merge_stderr
@@ -850,7 +851,11 @@ def lone_frame(data: bytes | memoryview, max_frame: int = DEFAULT_MAX_FRAME) -> 
             or zlib.crc32(data[: HEADER_SIZE - 4]) != header_crc
             or zlib.crc32(data[: size - TRAILER_SIZE]) != int.from_bytes(data[size - TRAILER_SIZE :], "big")):
         return None
-    return Frame(ftype, request_id, bytes(data[HEADER_SIZE : size - TRAILER_SIZE]), flags, version)
+    # The tuple made in C: Frame(...) runs NamedTuple's generated __new__, a Python call
+    return _new_tuple(Frame, (ftype, request_id, bytes(data[HEADER_SIZE : size - TRAILER_SIZE]), flags, version, None))
+
+
+_new_tuple = tuple.__new__
 
 
 def parse_message(frame: Frame) -> Any:

@@ -607,6 +607,24 @@ def test_garbage_between_requests_is_skipped(pair: tuple[BackdoorClient, LocalAg
     assert sh(client, "echo after agent noise").stdout == b"after agent noise\n"
 
 
+def test_end_of_stream_frames_are_not_handed_to_the_caller(client: BackdoorClient) -> None:
+    """A command's EOFs and EXIT arrive together; only the EXIT wakes the caller (every reader
+    of data frames skipped the empty ones)."""
+    rid = 0x7FFF0002
+    pending = _Pending(rid, P.SendWindow(1), P.ReceiveWindow(1 << 20), queue.SimpleQueue())
+    client._pending[rid] = pending
+    try:
+        for ftype in (P.FrameType.STDOUT, P.FrameType.STDERR, P.FrameType.FILE_DATA):
+            client._dispatch(P.Frame(ftype, rid, b""))
+        assert pending.frames.empty()
+        client._dispatch(P.Frame(P.FrameType.STDOUT, rid, b"data"))
+        assert pending.frames.get_nowait().payload == b"data"
+    finally:
+        client._close(pending)
+    r = sh(client, "echo out; echo err >&2")
+    assert (r.stdout, r.stderr, r.status) == (b"out\n", b"err\n", 0)
+
+
 def test_corrupted_frame_gets_an_error_and_the_connection_continues(client: BackdoorClient) -> None:
     rid = 0x7FFF0001  # far from the ids the client hands out
     pending = _Pending(rid, P.SendWindow(1), P.ReceiveWindow(1), queue.SimpleQueue())
@@ -632,6 +650,42 @@ def test_corrupted_frame_gets_an_error_and_the_connection_continues(client: Back
 def test_ping(client: BackdoorClient) -> None:
     rtts = [client.ping(b"x" * n) for n in (0, 1, 1000)]
     assert all(0 <= t < 5 for t in rtts)
+
+
+def test_a_plain_connection_is_read_and_answered_by_the_reader_itself(tmp_path: Path) -> None:
+    """The agent's own Connection (what a guest runs; the other tests use a subclass) is read
+    and its PONGs written inside serve(): lone PINGs, a PING cut across reads, commands, a copy
+    both ways, and the end of the connection ending serve()."""
+    host, guest = socket.socketpair()
+    thread = threading.Thread(target=agent.serve, args=(agent.Connection(guest.fileno(), guest.fileno()),
+                                                        time.time_ns()), daemon=True)
+    thread.start()
+    client = BackdoorClient(host, name="plain")
+    try:
+        client.wait_ready(10)
+        for _ in range(3):
+            assert client.ping() < 5
+        answered: queue.SimpleQueue[float] = queue.SimpleQueue()
+        client._pongs[b"split"] = answered
+        with client._write_lock:  # one PING in two writes: the decoder's path
+            frame = P.ping_frame(b"split")
+            host.sendall(frame[:7])
+            time.sleep(0.05)
+            host.sendall(frame[7:])
+        answered.get(timeout=5)
+        assert client.ping(b"x" * 300) < 5  # a PING too long for the lone path
+        r = client.execute(P.Exec(argv=["sh", "-c", "echo out; echo err >&2; exit 3"]))
+        assert (r.stdout, r.stderr, r.status) == (b"out\n", b"err\n", 3)
+        src = tmp_path / "src"
+        src.write_bytes(os.urandom(3 * MiB + 5))
+        client.put_file(src, str(tmp_path / "in-guest"))
+        client.get_file(str(tmp_path / "in-guest"), tmp_path / "back")
+        assert (tmp_path / "back").read_bytes() == src.read_bytes()
+    finally:
+        client.close()
+    thread.join(10)
+    assert not thread.is_alive(), "serve() did not end with its connection"
+    guest.close()
 
 
 def test_a_late_constructor_hello_does_not_replace_the_readers_session(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -804,6 +858,93 @@ def test_a_command_that_closes_its_output_early_is_still_reaped(client: Backdoor
     assert (r.stdout, r.status) == (b"early\n", 3)
     assert 2.0 <= time.monotonic() - t0 < 6.0
     assert sh(client, "echo after").stdout == b"after\n"
+
+
+def _tool(path: Path, says: str, mode: int = 0o755) -> None:
+    path.write_text(f"#!/bin/sh\necho {says}\n")
+    path.chmod(mode)
+
+
+def _settle(*dirs: Path) -> None:
+    """Directories last changed a minute ago: old enough for the agent to remember what it finds
+    in them (agent.RACY_NS)."""
+    past = time.time() - 60
+    for d in dirs:
+        os.utime(d, (past, past))
+
+
+def _run_on(client: BackdoorClient, path: str, name: str = "ntng-tool") -> bytes:
+    # In the agent's cwd: its posix_spawn path (another cwd goes through Popen, which searches itself)
+    r = client.execute(P.Exec(argv=[name], env=[{"key": "PATH", "value": path}], cwd=os.getcwd()))
+    return r.stdout
+
+
+def test_a_command_name_is_found_on_path_like_execvp_while_it_changes(client: BackdoorClient, tmp_path: Path) -> None:
+    """argv[0] is looked up in Python and remembered (posix_spawnp's failed execve per earlier
+    directory cost ~1 ms under TCG); every change execvp would see is seen."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    path = f"{first}:{second}"
+    _tool(second / "ntng-tool", "second")
+    _settle(first, second)
+    agent._PATH_CACHE.clear()
+    assert _run_on(client, path) == b"second\n"
+    assert ("ntng-tool", path) in agent._PATH_CACHE  # remembered: the directories are old
+    assert _run_on(client, path) == b"second\n"
+    _tool(first / "ntng-tool", "first")  # an earlier directory gains one
+    assert _run_on(client, path) == b"first\n"
+    _settle(first, second)
+    assert _run_on(client, path) == b"first\n"
+    (first / "ntng-tool").unlink()  # removed: its directory changed
+    assert _run_on(client, path) == b"second\n"
+    _settle(first, second)
+    assert _run_on(client, path) == b"second\n"
+    (second / "ntng-tool").chmod(0o644)  # the remembered one stops being executable: no directory changed
+    with pytest.raises(RemoteError) as e:
+        _run_on(client, path)
+    assert e.value.code == P.ErrorCode.EXEC_FAILED and "ntng-tool" in e.value.message
+    assert ("ntng-tool", path) not in agent._PATH_CACHE
+    (second / "ntng-tool").chmod(0o755)
+    _tool(first / "ntng-tool", "first, not executable", 0o644)
+    _settle(first, second)
+    assert _run_on(client, path) == b"second\n"
+    assert ("ntng-tool", path) not in agent._PATH_CACHE  # chmod +x would change no directory
+    (first / "ntng-tool").chmod(0o755)
+    assert _run_on(client, path) == b"first, not executable\n"
+
+
+def test_a_remembered_command_that_went_away_is_searched_again(client: BackdoorClient, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spawn that fails on a remembered path searches again (the file went in the window
+    between the check and the spawn, or its directory's mtime did not move)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    path = f"{first}:{second}"
+    _tool(second / "ntng-tool", "second")
+    agent._PATH_CACHE[("ntng-tool", path)] = (str(first / "ntng-tool"), ())  # stale on purpose
+    assert _run_on(client, path) == b"second\n"
+    searches: list[str] = []
+    original = agent._search_path
+    monkeypatch.setattr(agent, "_search_path", lambda n, p: searches.append(n) or original(n, p))
+    _settle(first, second)
+    for _ in range(3):
+        assert _run_on(client, path) == b"second\n"
+    assert searches == ["ntng-tool"]  # searched once, then remembered
+    with pytest.raises(RemoteError) as e:
+        _run_on(client, path, "ntng-no-such-tool")
+    assert "ntng-no-such-tool" in e.value.message and ("ntng-no-such-tool", path) not in agent._PATH_CACHE
+
+
+def test_what_the_agent_remembers_of_path_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _tool(tmp_path / "ntng-tool", "x")
+    _settle(tmp_path)
+    monkeypatch.setattr(agent, "PATH_CACHE_MAX", 4)
+    agent._PATH_CACHE.clear()
+    for i in range(10):
+        assert agent._which("ntng-tool", f"{tmp_path}:/nonexistent-{i}") == str(tmp_path / "ntng-tool")
+        assert len(agent._PATH_CACHE) <= 4
 
 
 def test_a_hello_overtaken_by_a_newer_session_is_not_sent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
