@@ -361,7 +361,12 @@ class ExecTask(Task):
                 return True
             # Its exit is not in the poll (a pidfd there cost more than it saved, A/B in a
             # TCG guest): batched, the command has usually exited when its output ends.
-            if not self.proc.returned_within(INLINE_REAP):
+            # returned_within's WNOHANG first, without its call (~20-30 us of guest CPU).
+            proc = self.proc
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+            elif not proc.returned_within(INLINE_REAP):
                 self._close_pipes()  # it closed its output and goes on: a worker waits for it
                 return False
         finally:
@@ -516,7 +521,13 @@ class ExecTask(Task):
                             int((time.monotonic() - self.started) * 1e6))
         if self.stdin_queue is not None:
             self.stdin_queue.put(b"")  # later STDIN is dropped: end the feeder thread now
-        self.session.finish(self.rid, frames)
+        session = self.session  # Session.finish's lines, without its call (one per command)
+        with session.lock:
+            session.tasks.pop(self.rid, None)
+        try:
+            session.conn.write(frames)
+        except Disconnected:
+            pass
 
     def _feed_stdin(self, pipe: Any) -> None:
         """Write host data to the command; blocking here never stalls the reader thread."""
@@ -963,18 +974,14 @@ def _devnull() -> int:
 
 
 # argv[0] found on a PATH, kept: the C library's posix_spawnp tries execve in each directory
-# before the one that has it, and under TCG each failed execve cost ~0.3 ms (it sets up a new
+# before the one that has it, and under TCG each failed execve costs ~1 ms (it sets up a new
 # address space and copies the environment before it looks for the file): `true` on Debian's
-# PATH was ~1 ms a command (bench/backdoor.py --gap).  An entry is (the path found, then for
-# each directory searched before it: its path, mtime_ns, inode, device; -1s for a missing one).
-# A file added to, removed from or renamed in a directory changes its mtime, so a hit is
-# checked with a stat per earlier directory (~10 us each); a spawn that fails on a remembered
-# path searches again (_spawn_fast).  Bounded: cleared at PATH_CACHE_MAX entries.
-_PATH_CACHE: dict[tuple[str, str], tuple[str, tuple[tuple[str, int, int, int], ...]]] = {}
+# PATH was ~2 ms a command (bench/backdoor.py --gap).  An entry is (the path found, the paths
+# execvp would have tried before it).  A hit is good while none of those exists (one access()
+# each, ~10 us under TCG; a stat per directory cost ~100 us with its result object); a spawn
+# that fails on a remembered path searches again (_spawn_fast).  Cleared at PATH_CACHE_MAX.
+_PATH_CACHE: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}
 PATH_CACHE_MAX = 512
-# A directory changed this recently is not remembered: its next change could fall in the same
-# mtime tick (the kernel stamps with a coarse clock) and go unseen.
-RACY_NS = 2_000_000_000
 
 
 def _which(name: str, path: str) -> str:
@@ -984,51 +991,28 @@ def _which(name: str, path: str) -> str:
         return name
     hit = _PATH_CACHE.get((name, path))
     if hit is not None:
-        for d, mtime, ino, dev in hit[1]:  # inline: each Python call costs the guest ~20-30 us under TCG
-            try:
-                st = os.stat(d)
-            except OSError:
-                if mtime < 0:
-                    continue
-                break
-            if st.st_mtime_ns != mtime or st.st_ino != ino or st.st_dev != dev:
-                break
+        for earlier in hit[1]:  # inline: each Python call costs the guest ~20-30 us under TCG
+            if os.access(earlier, os.F_OK, follow_symlinks=False):
+                break  # something appeared before the remembered one: search again
         else:
             return hit[0]
     return _search_path(name, path)
 
 
 def _search_path(name: str, path: str) -> str:
-    """The first executable `name` on `path`, remembered in _PATH_CACHE when that is safe: every
-    directory before it absolute and unchanged for RACY_NS, and none of them holding a
-    non-executable `name` (chmod +x on it would change no directory)."""
-    denied = False
-    cacheable = True
-    racy = time.time_ns() - RACY_NS
-    before: list[tuple[str, int, int, int]] = []
+    """The first executable `name` on `path`, remembered in _PATH_CACHE when nothing of that
+    name exists before it (a non-executable file or a directory there would fail every check)."""
+    earlier: list[str] = []
     for d in path.split(os.pathsep):
         candidate = os.path.join(d or ".", name)
         if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
-            if cacheable:
+            if not any(os.path.lexists(e) for e in earlier):
                 if len(_PATH_CACHE) >= PATH_CACHE_MAX:
                     _PATH_CACHE.clear()
-                _PATH_CACHE[(name, path)] = (candidate, tuple(before))
+                _PATH_CACHE[(name, path)] = (candidate, tuple(earlier))
             return candidate
-        if os.path.lexists(candidate):
-            denied = True
-            cacheable = False
-        if not d.startswith("/"):
-            cacheable = False
-            continue
-        try:
-            st = os.stat(d)
-        except OSError:
-            before.append((d, -1, -1, -1))
-            continue
-        before.append((d, st.st_mtime_ns, st.st_ino, st.st_dev))
-        if st.st_mtime_ns > racy:
-            cacheable = False
-    if denied:
+        earlier.append(candidate)
+    if any(os.path.lexists(e) for e in earlier):
         raise PermissionError(13, "Permission denied", name)
     raise FileNotFoundError(2, "No such file or directory", name)
 

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 from shared_dirs import share_of  # noqa: E402  (bench/, this script's folder)
 
+from ntng import protocol as P  # noqa: E402
 from ntng import runner, shares  # noqa: E402
 from ntng.client import connect_unix  # noqa: E402
 from ntng.driver import Driver  # noqa: E402
@@ -263,24 +264,37 @@ CPU_OF = (
 )
 
 
-def guest_cpu(m: Machine, client: Any, rounds: int) -> list[tuple[str, str, str]]:
+def guest_cpu(m: Machine, client: Any, rounds: int, old: Any = None) -> list[tuple[str, str, str]]:
     """Guest CPU per command, not wall time: the time on the CPU of every thread of our agent
     (/proc/PID/task/*/schedstat) over blocks of `rounds` run(["true"]), against the minimal
     Python spawn server (ECHO) serving the same number of /bin/true on the raw port, blocks
     interleaved; and the whole guest's busy time (/proc/stat) over each block.  Under TCG the
     guest's CPU is the cost, and this count does not move with the host's scheduling.  Each
-    block's reading is one more command of the agent's (a 1/rounds overcount for it)."""
+    block's reading is one more command of the agent's (a 1/rounds overcount for it).  `old`:
+    a client of an older agent (--ab, on the SHELL port), measured the same way in the same
+    boot: across boots this guest's speed moves more than the changes measured."""
     step("guest CPU per command (schedstat)")
     echo_one, raw = raw_echo_fn(m)
     spawn_true = raw_command_fn(raw, b"T")
-    agent = m.succeed("systemctl show -p MainPID --value ntng-backdoor").strip()
-    server = m.run(["pgrep", "-f", f"virtio-ports/{RAW}"]).stdout.decode().split()[0]
+    procs = [m.succeed("systemctl show -p MainPID --value ntng-backdoor").strip(),
+             m.run(["pgrep", "-f", f"virtio-ports/{RAW}"]).stdout.decode().split()[0]]
+    who = {"ours": 0, "theirs": 1}
+    pairs: list[tuple[str, list[tuple[str, Any]]]] = [
+        ("PING", [("ours", client.ping), ("theirs", echo_one)]),
+        ("command", [("ours", lambda: m.run(["true"])), ("theirs", spawn_true)]),
+    ]
+    if old is not None:
+        procs.append(m.run(["pgrep", "-f", "old-agent/ntng_agent.py"]).stdout.decode().split()[0])
+        who["old"] = 2
+        req = P.Exec(argv=["true"], timeout_ms=900_000)
+        pairs[0][1].append(("old", old.ping))
+        pairs[1][1].append(("old", lambda: old.execute(req)))
 
     def cpu() -> list[int]:
-        """agent ns, user ticks, system ticks; the same for the spawn server; the guest's busy ns"""
-        return [int(v) for v in m.run(["sh", "-c", CPU_OF, "sh", agent, server]).stdout.decode().split()]
+        """per process: ns, user ticks, system ticks; then the guest's busy ns"""
+        return [int(v) for v in m.run(["sh", "-c", CPU_OF, "sh", *procs]).stdout.decode().split()]
 
-    agent_at, server_at, busy_at = 0, 3, 6  # where cpu() puts each process's readings and the guest's
+    busy_at = 3 * len(procs)
 
     def per_request(before: list[int], after: list[int], at: int) -> float:
         return (after[at] - before[at]) / rounds / 1e6
@@ -291,30 +305,25 @@ def guest_cpu(m: Machine, client: Any, rounds: int) -> list[tuple[str, str, str]
         return system / max(1, user + system) * 100
 
     samples: dict[str, list[float]] = {}
-    pairs = (("PING", client.ping, echo_one), ("command", lambda: m.run(["true"]), spawn_true))
     for _ in range(5):
-        for kind, ours_once, theirs_once in pairs:
-            c0 = cpu()
-            for _ in range(rounds):
-                ours_once()
-            c1 = cpu()
-            for _ in range(rounds):
-                theirs_once()
-            c2 = cpu()
-            for name, value in ((f"{kind} ours", per_request(c0, c1, agent_at)),
-                                (f"{kind} theirs", per_request(c1, c2, server_at)),
-                                (f"{kind} system ours", system_share(c0, c1, agent_at)),
-                                (f"{kind} system theirs", system_share(c1, c2, server_at)),
-                                (f"{kind} busy ours", per_request(c0, c1, busy_at)),
-                                (f"{kind} busy theirs", per_request(c1, c2, busy_at))):
-                samples.setdefault(name, []).append(value)
+        for kind, cases in pairs:
+            for name, once in cases:
+                c0 = cpu()
+                for _ in range(rounds):
+                    once()
+                c1 = cpu()
+                at = 3 * who[name]
+                for label, value in ((f"{kind} {name}", per_request(c0, c1, at)),
+                                     (f"{kind} system {name}", system_share(c0, c1, at)),
+                                     (f"{kind} busy {name}", per_request(c0, c1, busy_at))):
+                    samples.setdefault(label, []).append(value)
     raw.close()
 
     def spread(v: list[float]) -> str:
         return f"{pct(v, 50):.2f} (blocks {min(v):.2f}-{max(v):.2f})"
 
     v = samples
-    return [
+    rows = [
         (f'guest CPU per run(["true"]): our agent, all threads (ms; 5 blocks of {rounds})', spread(v["command ours"]),
          f"the minimal spawn server for /bin/true: {spread(v['command theirs'])}; ours over it "
          f"+ {pct(v['command ours'], 50) - pct(v['command theirs'], 50):.2f}"),
@@ -327,13 +336,24 @@ def guest_cpu(m: Machine, client: Any, rounds: int) -> list[tuple[str, str, str]
         ("the whole guest busy per command (ms; /proc/stat, 10 ms ticks)", spread(v["command busy ours"]),
          f"with the spawn server: {spread(v['command busy theirs'])}"),
     ]
+    if old is not None:
+        rows += [
+            ('the older agent (--ab): guest CPU per EXEC ["true"] (ms)', spread(v["command old"]),
+             f"ours {pct(v['command ours'], 50):.2f}: {pct(v['command ours'], 50) - pct(v['command old'], 50):+.2f}"),
+            ("the older agent (--ab): guest CPU per PING (ms)", spread(v["PING old"]),
+             f"ours {pct(v['PING ours'], 50):.2f}: {pct(v['PING ours'], 50) - pct(v['PING old'], 50):+.2f}"),
+            ("the older agent (--ab): the whole guest busy per EXEC (ms)", spread(v["command busy old"]),
+             f"ours {pct(v['command busy ours'], 50):.2f}"),
+        ]
+    return rows
 
 
-def wall_gap(m: Machine, rounds: int) -> list[tuple[str, str, str]]:
+def wall_gap(m: Machine, rounds: int, old: Any = None) -> list[tuple[str, str, str]]:
     """Where the wall time between run(["true"]) and the minimal spawn server goes: the spawn
     server in steps toward what the agent does (ECHO's `S`, `P`) and our agent with an absolute
     and a PATH-searched argv[0], interleaved sample by sample in rotated order on one VM, with
-    the runner's own CPU per sample (time.process_time: all its threads)."""
+    the runner's own CPU per sample (time.process_time: all its threads).  `old`: a client of
+    an older agent (--ab, on the SHELL port), its client.execute next to ours."""
     step("the wall-time gap to the spawn server, in steps")
     _, raw = raw_echo_fn(m)
     cases: dict[str, Any] = {
@@ -345,6 +365,11 @@ def wall_gap(m: Machine, rounds: int) -> list[tuple[str, str, str]]:
         'our agent: run(["/bin/true"])': lambda: m.run(["/bin/true"]),
         'our agent: run(["true"])': lambda: m.run(["true"]),
     }
+    if old is not None:
+        req = P.Exec(argv=["true"], timeout_ms=900_000)
+        ours = m.connect()
+        cases['our agent: client.execute(["true"])'] = lambda: ours.execute(req)
+        cases['the older agent (--ab): client.execute(["true"])'] = lambda: old.execute(req)
     for one in cases.values():
         one()
     wall: dict[str, list[float]] = {k: [] for k in cases}
@@ -368,9 +393,10 @@ def wall_gap(m: Machine, rounds: int) -> list[tuple[str, str, str]]:
     return rows
 
 
-def old_agent_client(m: Machine, tmp: Path, ref: str) -> Any:
-    """The agent of git `ref` (and its protocol.py) started in the guest on the raw port, and a
-    client for it: A/B against the image's agent on the same VM, interleaved."""
+def old_agent_client(m: Machine, tmp: Path, ref: str, port: str = RAW) -> Any:
+    """The agent of git `ref` (and its protocol.py) started in the guest on `port` (the raw
+    one unless it is taken), and a client for it: A/B against the image's agent on the same
+    VM, interleaved."""
     import subprocess
 
     from ntng.client import BackdoorClient
@@ -383,11 +409,11 @@ def old_agent_client(m: Machine, tmp: Path, ref: str) -> Any:
                               capture_output=True).stdout
         (old / name).write_bytes(data)
         m.connect().put_file(old / name, f"/tmp/old-agent/{name}")
-    m.succeed(f"setsid python3 /tmp/old-agent/ntng_agent.py --device /dev/virtio-ports/{RAW} "
+    m.succeed(f"setsid python3 /tmp/old-agent/ntng_agent.py --device /dev/virtio-ports/{port} "
               "</dev/null >/dev/null 2>&1 &")
     # The same client options as the image's agent gets (direct writes in a TCG guest): the
     # bulk rows then compare agents, not options.
-    client = BackdoorClient(connect_unix(m.plan["sockets"][f"port:{RAW}"], 10), name="old-agent",
+    client = BackdoorClient(connect_unix(m.plan["sockets"][f"port:{port}"], 10), name="old-agent",
                             key=m.connect().key, direct_writes=m.connect().direct_writes)
     client.wait_ready(60)
     return client
@@ -396,7 +422,6 @@ def old_agent_client(m: Machine, tmp: Path, ref: str) -> Any:
 def copy_steps(m: Machine, copy_mb: int) -> None:
     """The agent's data path for get and put, step by step in the guest (bench/copy_steps.py),
     on the raw port: this side only drains or feeds it."""
-    from ntng import protocol as P
 
     script = Path(__file__).resolve().parent / "copy_steps.py"
     m.connect().put_file(script, "/tmp/copy_steps.py")
@@ -444,7 +469,6 @@ def step(what: str) -> None:
 def breakdown(m: Machine, tmp: Path, rounds: int, ref: str) -> None:
     """Where succeed("true")'s time goes: the agent's steps timed in the guest, the host's
     round trips, and (with `ref`) the agent of git `ref` against the image's, interleaved."""
-    from ntng import protocol as P
 
     steps = Path(__file__).resolve().parent / "agent_steps.py"
     client = m.connect()
@@ -618,7 +642,6 @@ def ratios(m: Machine, client: Any, tmp: Path, rounds: int, copy_mb: int) -> lis
     rss0 = rss_mb()
     peak = [rss0]
     t = time.perf_counter()
-    from ntng import protocol as P
 
     client.execute(P.Exec(argv=["head", "-c", f"{out_mb}M", "/dev/zero"]),
                    on_stdout=lambda b: (count(b), peak.__setitem__(0, max(peak[0], rss_mb()))))
@@ -783,7 +806,7 @@ def main() -> None:
     ap.add_argument("--copy-steps", action="store_true",
                     help="the agent's get/put data path step by step in the guest (only)")
     ap.add_argument("--ab", default="", metavar="GIT_REF",
-                    help="with --breakdown: also run the agent of GIT_REF in the guest, interleaved")
+                    help="with --breakdown, --cpu or --gap: also run the agent of GIT_REF in the guest, interleaved")
     args = ap.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where it is now
     # `kill PID` unwinds like Ctrl-C: the VM released and the copies' temp folder removed.
@@ -814,9 +837,11 @@ def main() -> None:
         if args.idle:
             rows += idle_pings(m, client, max(10, args.rounds // 7))
         elif args.cpu:
-            rows += guest_cpu(m, client, args.rounds)
+            old = old_agent_client(m, tmp, args.ab, SHELL) if args.ab else None
+            rows += guest_cpu(m, client, args.rounds, old)
         elif args.gap:
-            rows += wall_gap(m, args.rounds)
+            old = old_agent_client(m, tmp, args.ab, SHELL) if args.ab else None
+            rows += wall_gap(m, args.rounds, old)
         else:
             rows += ratios(m, client, tmp, args.rounds, args.copy_mb)
     finally:

@@ -865,14 +865,6 @@ def _tool(path: Path, says: str, mode: int = 0o755) -> None:
     path.chmod(mode)
 
 
-def _settle(*dirs: Path) -> None:
-    """Directories last changed a minute ago: old enough for the agent to remember what it finds
-    in them (agent.RACY_NS)."""
-    past = time.time() - 60
-    for d in dirs:
-        os.utime(d, (past, past))
-
-
 def _run_on(client: BackdoorClient, path: str, name: str = "ntng-tool") -> bytes:
     # In the agent's cwd: its posix_spawn path (another cwd goes through Popen, which searches itself)
     r = client.execute(P.Exec(argv=[name], env=[{"key": "PATH", "value": path}], cwd=os.getcwd()))
@@ -887,37 +879,42 @@ def test_a_command_name_is_found_on_path_like_execvp_while_it_changes(client: Ba
     second.mkdir()
     path = f"{first}:{second}"
     _tool(second / "ntng-tool", "second")
-    _settle(first, second)
     agent._PATH_CACHE.clear()
     assert _run_on(client, path) == b"second\n"
-    assert ("ntng-tool", path) in agent._PATH_CACHE  # remembered: the directories are old
+    assert ("ntng-tool", path) in agent._PATH_CACHE  # remembered
     assert _run_on(client, path) == b"second\n"
     _tool(first / "ntng-tool", "first")  # an earlier directory gains one
     assert _run_on(client, path) == b"first\n"
-    _settle(first, second)
     assert _run_on(client, path) == b"first\n"
-    (first / "ntng-tool").unlink()  # removed: its directory changed
+    (first / "ntng-tool").unlink()  # removed
     assert _run_on(client, path) == b"second\n"
-    _settle(first, second)
     assert _run_on(client, path) == b"second\n"
-    (second / "ntng-tool").chmod(0o644)  # the remembered one stops being executable: no directory changed
+    (second / "ntng-tool").chmod(0o644)  # the remembered one stops being executable
     with pytest.raises(RemoteError) as e:
         _run_on(client, path)
     assert e.value.code == P.ErrorCode.EXEC_FAILED and "ntng-tool" in e.value.message
     assert ("ntng-tool", path) not in agent._PATH_CACHE
     (second / "ntng-tool").chmod(0o755)
     _tool(first / "ntng-tool", "first, not executable", 0o644)
-    _settle(first, second)
     assert _run_on(client, path) == b"second\n"
-    assert ("ntng-tool", path) not in agent._PATH_CACHE  # chmod +x would change no directory
+    assert ("ntng-tool", path) not in agent._PATH_CACHE  # a file of that name before it: always searched
     (first / "ntng-tool").chmod(0o755)
     assert _run_on(client, path) == b"first, not executable\n"
+    (first / "ntng-tool").unlink()
+    later = tmp_path / "not-yet"  # a PATH directory that does not exist yet
+    path = f"{later}:{second}"
+    assert _run_on(client, path) == b"second\n" and ("ntng-tool", path) in agent._PATH_CACHE
+    later.mkdir()
+    (later / "ntng-tool").symlink_to(first / "elsewhere")  # dangling: execvp goes on past it
+    assert _run_on(client, path) == b"second\n"
+    _tool(first / "elsewhere", "through a link")
+    assert _run_on(client, path) == b"through a link\n"
 
 
 def test_a_remembered_command_that_went_away_is_searched_again(client: BackdoorClient, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """A spawn that fails on a remembered path searches again (the file went in the window
-    between the check and the spawn, or its directory's mtime did not move)."""
+    """A spawn that fails on a remembered path searches again (the file went between the check
+    and the spawn)."""
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
     second.mkdir()
@@ -928,7 +925,7 @@ def test_a_remembered_command_that_went_away_is_searched_again(client: BackdoorC
     searches: list[str] = []
     original = agent._search_path
     monkeypatch.setattr(agent, "_search_path", lambda n, p: searches.append(n) or original(n, p))
-    _settle(first, second)
+    agent._PATH_CACHE.clear()
     for _ in range(3):
         assert _run_on(client, path) == b"second\n"
     assert searches == ["ntng-tool"]  # searched once, then remembered
@@ -939,7 +936,6 @@ def test_a_remembered_command_that_went_away_is_searched_again(client: BackdoorC
 
 def test_what_the_agent_remembers_of_path_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _tool(tmp_path / "ntng-tool", "x")
-    _settle(tmp_path)
     monkeypatch.setattr(agent, "PATH_CACHE_MAX", 4)
     agent._PATH_CACHE.clear()
     for i in range(10):
