@@ -1330,11 +1330,11 @@ def serve(conn: Connection, started_ns: int, key_file: str | None = None) -> Non
     session = Session(conn, key_file)
     decoder = P.Decoder(P.DEFAULT_MAX_FRAME)
     conn.write(P.announce_bytes(P.Announce(boot_id(), AGENT_VERSION, started_ns)))
-    # A plain Connection is read, and a PONG written, here rather than through its methods:
-    # a Python call costs the guest ~20-30 us under TCG, and a PING took 5 of them
-    # (docs/benchmarks.md).  A subclass (the tests' host end) keeps its own read and write.
+    # A plain Connection's first read of a request is made here rather than through read():
+    # a Python call costs the guest ~20-30 us under TCG on a command's path (docs/benchmarks.md,
+    # the seventh round).  A subclass (the tests' host end) keeps its own read.
     direct = type(conn) is Connection
-    rfd, wfd, lock, rview, whole = conn.rfd, conn.wfd, conn._lock, conn._rview, [conn._rview]
+    rfd, rview, whole = conn.rfd, conn._rview, [conn._rview]
     in_decoder = False  # the decoder holds part of a frame: the next bytes are its
     try:
         while True:
@@ -1352,18 +1352,7 @@ def serve(conn: Connection, started_ns: int, key_file: str | None = None) -> Non
             # frame (an EXEC: the usual read) taken without the decoder.
             pong = P.pong_for_ping(data) if data[5:6] == PING_TYPE and not in_decoder else None
             if pong is not None:
-                if not direct:
-                    conn.write(pong)
-                    continue
-                with lock:  # the reader's own write: the fd is blocking (only read_more unblocks it)
-                    try:
-                        sent = os.write(wfd, pong)
-                    except OSError as e:
-                        raise Disconnected(str(e)) from None
-                    if sent < len(pong):  # a port or socket takes a PONG whole; else the rest
-                        view = memoryview(pong)[sent:]
-                        while view:
-                            view = view[conn._write_some(view):]
+                conn.write(pong)
                 continue
             frame = None if in_decoder else P.lone_frame(data, P.DEFAULT_MAX_FRAME)
             if frame is not None:
@@ -1378,7 +1367,7 @@ def serve(conn: Connection, started_ns: int, key_file: str | None = None) -> Non
             events = list(decoder.events())
             in_decoder = decoder.buffered > 0
             for i, ev in enumerate(events):
-                session.inline_fd = conn.rfd if i == len(events) - 1 else None
+                session.inline_fd = rfd if i == len(events) - 1 else None
                 if isinstance(ev, P.Garbage):
                     if ev.request_id is not None:
                         session.error(ev.request_id, P.ErrorCode.BAD_FRAME, f"dropped frame: {ev.reason}")
