@@ -976,7 +976,7 @@ def _devnull() -> int:
 # argv[0] found on a PATH, kept: the C library's posix_spawnp tries execve in each directory
 # before the one that has it, and under TCG each failed execve costs ~1 ms (it sets up a new
 # address space and copies the environment before it looks for the file): `true` on Debian's
-# PATH was ~2 ms a command (bench/backdoor.py --gap).  An entry is (the path found, the paths
+# PATH was 1-2 ms a command (bench/backdoor.py --gap).  An entry is (the path found, the paths
 # execvp would have tried before it).  A hit is good while none of those exists (one access()
 # each, ~10 us under TCG; a stat per directory cost ~100 us with its result object); a spawn
 # that fails on a remembered path searches again (_spawn_fast).  Cleared at PATH_CACHE_MAX.
