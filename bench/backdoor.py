@@ -59,29 +59,35 @@ def header(tmp: Path) -> str:
 
 # The raw echo, and the least a Python agent on this port can do for a command: on `T` (or
 # `B`) posix_spawn /bin/true (or bash -c) in its own session with stdout and stderr pipes,
-# read both to EOF, reap, answer the exit code: no framing, no checks, no flow control.
-# `S` and `P` (--gap) step from there toward the agent: `S` spawns the way the agent does
-# (posix_spawnp of `true` on PATH, the signals it resets, stdin from /dev/null), `P` also waits
-# the way it does (one poll over both pipes and the port, SCHED_BATCH, a WNOHANG reap).  They
-# sit behind the T/B lookup, so the echo's path is the same few lines.
+# read both to EOF, reap, answer the exit code: no framing, no checks, no flow control.  The
+# environment is a plain dict, as the agent's is: os.environ given to posix_spawn is converted
+# in Python on every spawn (~0.9 ms under TCG; the floors and this server paid it until the
+# seventh round, docs/benchmarks.md).  `S` and `P` (--gap) step from there toward the agent: `S` spawns the way the agent does
+# (posix_spawn of the path its PATH lookup found, the signals it resets, stdin from /dev/null),
+# `P` also waits the way it does (one poll over both pipes and the port, SCHED_BATCH, a WNOHANG
+# reap); `Q` is `S` with the C library's PATH search (posix_spawnp of `true`), as the agent
+# spawned before it looked names up itself.  They sit behind the T/B lookup, so the echo's path
+# is the same few lines.
 ECHO = (
     "import os, select, signal\n"
     f"fd = os.open('/dev/virtio-ports/{RAW}', os.O_RDWR)\n"
     "nul = os.open('/dev/null', os.O_RDONLY | os.O_CLOEXEC)\n"
     "env = dict(os.environ); env.setdefault('PATH', '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin')\n"
     "sigs = (signal.SIGPIPE, signal.SIGXFSZ); sp = os.sched_param(0)\n"
-    "def spawn_ours():\n"
+    "def spawn_ours(spawn=os.posix_spawn, exe='/usr/bin/true'):\n"
     "    r1, w1 = os.pipe(); r2, w2 = os.pipe()\n"
-    "    pid = os.posix_spawnp('true', ['true'], env, setsid=True, setsigdef=sigs, setsigmask=(), file_actions=[\n"
+    "    pid = spawn(exe, ['true'], env, setsid=True, setsigdef=sigs, setsigmask=(), file_actions=[\n"
     "        (os.POSIX_SPAWN_DUP2, nul, 0), (os.POSIX_SPAWN_DUP2, w1, 1), (os.POSIX_SPAWN_DUP2, w2, 2)])\n"
     "    os.close(w1); os.close(w2)\n"
     "    return pid, r1, r2\n"
-    "def S():\n"
-    "    pid, r1, r2 = spawn_ours()\n"
+    "def S(*how):\n"
+    "    pid, r1, r2 = spawn_ours(*how)\n"
     "    for r in (r1, r2):\n"
     "        while os.read(r, 65536): pass\n"
     "        os.close(r)\n"
     "    return bytes([os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])])\n"
+    "def Q():\n"
+    "    return S(os.posix_spawnp, 'true')\n"
     "def P():\n"
     "    pid, r1, r2 = spawn_ours()\n"
     "    os.sched_setscheduler(0, os.SCHED_BATCH, sp)\n"
@@ -96,7 +102,7 @@ ECHO = (
     "    os.sched_setscheduler(0, os.SCHED_OTHER, sp)\n"
     "    os.close(r1); os.close(r2)\n"
     "    return bytes([os.waitstatus_to_exitcode(status)])\n"
-    "argvs = {b'T': ['/bin/true'], b'B': ['/bin/bash', '-c', 'set -euo pipefail; true'], b'S': S, b'P': P}\n"
+    "argvs = {b'T': ['/bin/true'], b'B': ['/bin/bash', '-c', 'set -euo pipefail; true'], b'S': S, b'P': P, b'Q': Q}\n"
     "while True:\n"
     "    d = os.read(fd, 65536)\n"
     "    argv = argvs.get(d)\n"
@@ -105,7 +111,7 @@ ECHO = (
     "            d = argv()\n"
     "        else:\n"
     "            r1, w1 = os.pipe(); r2, w2 = os.pipe()\n"
-    "            pid = os.posix_spawn(argv[0], argv, os.environ, setsid=True, file_actions=[\n"
+    "            pid = os.posix_spawn(argv[0], argv, env, setsid=True, file_actions=[\n"
     "                (os.POSIX_SPAWN_DUP2, w1, 1), (os.POSIX_SPAWN_DUP2, w2, 2)])\n"
     "            os.close(w1); os.close(w2)\n"
     "            for r in (r1, r2):\n"
@@ -358,7 +364,9 @@ def wall_gap(m: Machine, rounds: int, old: Any = None) -> list[tuple[str, str, s
     _, raw = raw_echo_fn(m)
     cases: dict[str, Any] = {
         "spawn server: posix_spawn /bin/true, blocking reads, waitpid (T)": raw_command_fn(raw, b"T"),
-        "+ the agent's spawn: posix_spawnp `true` on PATH, signals reset, stdin /dev/null (S)":
+        "the agent's spawn before this PATH lookup: posix_spawnp `true` (glibc's search), signals reset, stdin /dev/null (Q)":
+            raw_command_fn(raw, b"Q"),
+        "+ the agent's spawn: posix_spawn of the path found, signals reset, stdin /dev/null (S)":
             raw_command_fn(raw, b"S"),
         "+ the agent's wait: one poll over pipes and port, SCHED_BATCH, WNOHANG reap (P)":
             raw_command_fn(raw, b"P"),
@@ -552,10 +560,11 @@ def bulk_ab(m: Machine, new: Any, old: Any, tmp: Path, mb: int) -> list[tuple[st
 
 FLOORS = (
     "import os, sys, time\n"
+    "env = dict(os.environ)  # a plain dict, as the agent has: os.environ is converted in Python per spawn\n"
     "def med(argv, n):\n"
     "    out = []\n"
     "    for _ in range(n + 1):\n"
-    "        t0 = time.perf_counter(); os.waitpid(os.posix_spawn(argv[0], argv, os.environ), 0)\n"
+    "        t0 = time.perf_counter(); os.waitpid(os.posix_spawn(argv[0], argv, env), 0)\n"
     "        out.append(time.perf_counter() - t0)\n"
     "    return sorted(out[1:])[n // 2] * 1000\n"
     "n = int(sys.argv[1])\n"
