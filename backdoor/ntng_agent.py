@@ -105,17 +105,8 @@ class Connection:
         view = self._rview[:n]
         try:
             size = os.readv(self.rfd, [view])
-        except OSError:
-            return b""
-        if size < PORT_BUFFER:
-            return view[:size]  # a short read: nothing else was queued
-        return self.read_more(size, n)
-
-    def read_more(self, size: int, n: int) -> bytes | memoryview:
-        """read()'s batch after a first read that took `size` bytes (a full port buffer or
-        more) into the connection's buffer: what else is ready, up to n (see read())."""
-        view = self._rview[:n]
-        try:
+            if size < PORT_BUFFER:
+                return view[:size]  # a short read: nothing else was queued
             os.set_blocking(self.rfd, False)  # writers on the same fd wait out EAGAIN (below)
             try:
                 while size < n:
@@ -361,12 +352,7 @@ class ExecTask(Task):
                 return True
             # Its exit is not in the poll (a pidfd there cost more than it saved, A/B in a
             # TCG guest): batched, the command has usually exited when its output ends.
-            # returned_within's WNOHANG first, without its call (~20-30 us of guest CPU).
-            proc = self.proc
-            pid, status = os.waitpid(proc.pid, os.WNOHANG)
-            if pid:
-                proc.returncode = os.waitstatus_to_exitcode(status)
-            elif not proc.returned_within(INLINE_REAP):
+            if not self.proc.returned_within(INLINE_REAP):
                 self._close_pipes()  # it closed its output and goes on: a worker waits for it
                 return False
         finally:
@@ -521,13 +507,7 @@ class ExecTask(Task):
                             int((time.monotonic() - self.started) * 1e6))
         if self.stdin_queue is not None:
             self.stdin_queue.put(b"")  # later STDIN is dropped: end the feeder thread now
-        session = self.session  # Session.finish's lines, without its call (one per command)
-        with session.lock:
-            session.tasks.pop(self.rid, None)
-        try:
-            session.conn.write(frames)
-        except Disconnected:
-            pass
+        self.session.finish(self.rid, frames)
 
     def _feed_stdin(self, pipe: Any) -> None:
         """Write host data to the command; blocking here never stalls the reader thread."""
@@ -826,13 +806,11 @@ INLINE_REAP = 0.05
 
 class Spawned:
     """A command started with posix_spawn: the part of Popen's interface the agent uses, with
-    stdout/stderr as plain fds (ints).  Made by _spawn_fast, which fills these fields."""
+    stdout/stderr as plain fds (ints)."""
 
-    pid: int
-    stdin: Any
-    stdout: int
-    stderr: int | None
-    returncode: int | None
+    def __init__(self, pid: int, stdin: Any, stdout: int, stderr: int | None) -> None:
+        self.pid, self.stdin, self.stdout, self.stderr = pid, stdin, stdout, stderr
+        self.returncode: int | None = None
 
     def returned_within(self, timeout: float) -> bool:
         """The command has exited (reaped now if it had); else waited for up to `timeout`."""
@@ -1063,11 +1041,7 @@ def _spawn_fast(argv: list[str], env: dict[str, str], stdin: bool, merge_stderr:
         os.close(in_r)
     # Output pipes stay plain fds: a FileIO around each, opened and closed, was ~0.5 ms of
     # a command under TCG (profiled), and the agent only readv()s them.
-    # Made without Spawned.__init__ (a Python call per command, ~20-30 us of guest CPU under TCG)
-    spawned = object.__new__(Spawned)
-    spawned.__dict__.update(pid=pid, stdin=os.fdopen(in_w, "wb", buffering=0) if stdin else None, stdout=out_r,
-                            stderr=err_r if err_r >= 0 else None, returncode=None)
-    return spawned
+    return Spawned(pid, os.fdopen(in_w, "wb", buffering=0) if stdin else None, out_r, err_r if err_r >= 0 else None)
 
 
 # The frames that start a request, and the task serving each.
@@ -1084,8 +1058,6 @@ class TaskError(Exception):
         self.code, self.message = code, message
 
 
-# What a request's handler may raise, answered with an ERROR frame for the request (_failed).
-GUARDED = (TaskError, P.LimitExceeded, OSError, KeyError, subprocess.SubprocessError)
 EXEC_TYPE = int(P.FrameType.EXEC)
 
 
@@ -1174,10 +1146,7 @@ class Session:
                     )
                 new = cls(self, rid)
                 self.tasks[rid] = new
-            try:  # _guard's, without its call (one per command; each costs the guest under TCG)
-                return new.start(msg, frame.flags)  # type: ignore[attr-defined]
-            except GUARDED as e:
-                return self._failed(rid, e)
+            return self._guard(rid, new.start, msg, frame.flags)  # type: ignore[attr-defined]
         if ft == P.FrameType.HELLO:
             return self._hello(msg)
         if ft == P.FrameType.AUTH:
@@ -1210,21 +1179,17 @@ class Session:
     def _guard(self, rid: int, fn: Callable[..., None], *args: Any) -> None:
         try:
             fn(*args)
-        except GUARDED as e:
-            self._failed(rid, e)
-
-    def _failed(self, rid: int, e: BaseException) -> None:
-        """A request's handler raised one of GUARDED: the request ends with an ERROR."""
-        if isinstance(e, TaskError):
-            return self.fail(rid, e.code, e.message)
-        if isinstance(e, P.LimitExceeded):
-            return self.fail(rid, P.ErrorCode.WINDOW_EXCEEDED, str(e))
-        code = P.ErrorCode.EXEC_FAILED
-        with self.lock:
-            task = self.tasks.get(rid)
-        if isinstance(task, (PutTask, GetTask)):
-            code = P.ErrorCode.FILE_FAILED
-        self.fail(rid, code, _describe(e))
+        except TaskError as e:
+            self.fail(rid, e.code, e.message)
+        except P.LimitExceeded as e:
+            self.fail(rid, P.ErrorCode.WINDOW_EXCEEDED, str(e))
+        except (OSError, KeyError, subprocess.SubprocessError) as e:
+            code = P.ErrorCode.EXEC_FAILED
+            with self.lock:
+                task = self.tasks.get(rid)
+            if isinstance(task, (PutTask, GetTask)):
+                code = P.ErrorCode.FILE_FAILED
+            self.fail(rid, code, _describe(e))
 
     def _identity(self, rid: int, ident: Any) -> None:
         started = time.monotonic()
@@ -1330,44 +1295,30 @@ def serve(conn: Connection, started_ns: int, key_file: str | None = None) -> Non
     session = Session(conn, key_file)
     decoder = P.Decoder(P.DEFAULT_MAX_FRAME)
     conn.write(P.announce_bytes(P.Announce(boot_id(), AGENT_VERSION, started_ns)))
-    # A plain Connection's first read of a request is made here rather than through read():
-    # a Python call costs the guest ~20-30 us under TCG on a command's path (docs/benchmarks.md,
-    # the seventh round).  A subclass (the tests' host end) keeps its own read.
-    direct = type(conn) is Connection
-    rfd, rview, whole = conn.rfd, conn._rview, [conn._rview]
-    in_decoder = False  # the decoder holds part of a frame: the next bytes are its
     try:
         while True:
-            if direct:
-                try:
-                    size = os.readv(rfd, whole)
-                except OSError:
-                    return
-                data = rview[:size] if size < PORT_BUFFER else conn.read_more(size, READ_BUFFER)
-            else:
-                data = conn.read(READ_BUFFER)
+            data = conn.read(READ_BUFFER)
             if not data:
                 return
             # A lone PING is answered from its bytes (the round trip is the measure), a lone
             # frame (an EXEC: the usual read) taken without the decoder.
-            pong = P.pong_for_ping(data) if data[5:6] == PING_TYPE and not in_decoder else None
+            pong = P.pong_for_ping(data) if data[5:6] == PING_TYPE and not decoder.buffered else None
             if pong is not None:
                 conn.write(pong)
                 continue
-            frame = None if in_decoder else P.lone_frame(data, P.DEFAULT_MAX_FRAME)
+            frame = None if decoder.buffered else P.lone_frame(data, P.DEFAULT_MAX_FRAME)
             if frame is not None:
                 pong = P.pong_frame(frame) if frame.type == P.FrameType.PING else None
                 if pong is not None:  # answered here: the round trip is the measure
                     conn.write(pong)
                 else:
-                    session.inline_fd = rfd
+                    session.inline_fd = conn.rfd
                     session.handle(frame)
                 continue
             decoder.feed(data)
             events = list(decoder.events())
-            in_decoder = decoder.buffered > 0
             for i, ev in enumerate(events):
-                session.inline_fd = rfd if i == len(events) - 1 else None
+                session.inline_fd = conn.rfd if i == len(events) - 1 else None
                 if isinstance(ev, P.Garbage):
                     if ev.request_id is not None:
                         session.error(ev.request_id, P.ErrorCode.BAD_FRAME, f"dropped frame: {ev.reason}")

@@ -652,10 +652,10 @@ def test_ping(client: BackdoorClient) -> None:
     assert all(0 <= t < 5 for t in rtts)
 
 
-def test_a_plain_connection_is_read_by_the_reader_itself(tmp_path: Path) -> None:
-    """The agent's own Connection (what a guest runs; the other tests use a subclass) is read
-    inside serve(): lone PINGs, a PING cut across reads, commands, a copy both ways, and the
-    end of the connection ending serve()."""
+def test_a_plain_connection_is_served(tmp_path: Path) -> None:
+    """The agent's own Connection (what a guest runs; the other tests use a subclass): lone
+    PINGs, a PING cut across reads, commands, a copy both ways, and the end of the connection
+    ending serve()."""
     host, guest = socket.socketpair()
     thread = threading.Thread(target=agent.serve, args=(agent.Connection(guest.fileno(), guest.fileno()),
                                                         time.time_ns()), daemon=True)
