@@ -1290,11 +1290,16 @@ def _describe(e: BaseException) -> str:
 PING_TYPE = bytes((P.FrameType.PING,))  # a frame header's type byte (offset 5)
 
 
-def serve(conn: Connection, started_ns: int, key_file: str | None = None) -> None:
-    """Serve one connection until the host goes away (only an authenticated one, with a key)."""
+def serve(conn: Connection, started_ns: int, key_file: str | None = None) -> bool:
+    """Serve one connection until the host goes away (only an authenticated one, with a key).
+    False when it went away before the ANNOUNCE was written: a socket's host closed early (the
+    next one is served), or a port that no longer takes writes (see serve_device)."""
+    try:
+        conn.write(P.announce_bytes(P.Announce(boot_id(), AGENT_VERSION, started_ns)))
+    except Disconnected:
+        return False
     session = Session(conn, key_file)
     decoder = P.Decoder(P.DEFAULT_MAX_FRAME)
-    conn.write(P.announce_bytes(P.Announce(boot_id(), AGENT_VERSION, started_ns)))
     try:
         while True:
             data = conn.read(READ_BUFFER)
@@ -1330,9 +1335,10 @@ def serve(conn: Connection, started_ns: int, key_file: str | None = None) -> Non
                         continue
                 session.handle(ev)
     except Disconnected:
-        return
+        pass
     finally:
         session.cancel_all()
+    return True
 
 
 def find_port(name: str) -> str:
@@ -1382,7 +1388,11 @@ def serve_device(path: str, started_ns: int, key_file: str | None = None) -> Non
     log(f"serving on {path}")
     drain(fd)
     while True:
-        serve(Connection(fd, fd), started_ns, key_file)
+        if not serve(Connection(fd, fd), started_ns, key_file):
+            # A port's writes wait while no host is connected, so one that fails means the
+            # port is gone (unplugged): end, and the service's restart finds it again (a loop
+            # here would spin on the failing write).
+            raise SystemExit(f"ntng-agent: {path} no longer takes writes")
         # The host disconnected: the next ANNOUNCE blocks until one connects again.
         log("host disconnected")
 
@@ -1416,8 +1426,8 @@ def accept_forever(srv: socket.socket, started_ns: int, key_file: str | None = N
     while True:
         c, _ = srv.accept()
         with c:
-            serve(Connection(c.fileno(), c.fileno()), started_ns, key_file)
-        log("host disconnected")
+            served = serve(Connection(c.fileno(), c.fileno()), started_ns, key_file)
+        log("host disconnected" if served else "host disconnected before the ANNOUNCE")
 
 
 def run_on_socket(path: str, key_file: str | None = None) -> None:

@@ -9,6 +9,7 @@ import queue
 import select
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -986,3 +987,51 @@ def test_a_command_started_by_popen_is_not_waited_for_on_the_reader(client: Back
     assert time.monotonic() - t0 < 1.5, "the reader thread was waiting for the first command"
     r = slow.get(timeout=10)
     assert isinstance(r, ExecResult) and (r.stdout, r.status) == (b"early\n", 3)
+
+
+def _read_announce(sock: socket.socket, timeout: float = 20.0) -> P.Announce:
+    decoder = P.Decoder(P.DEFAULT_MAX_FRAME)
+    sock.settimeout(timeout)
+    while True:
+        data = sock.recv(1 << 16)
+        assert data, "the agent closed the connection before its ANNOUNCE"
+        decoder.feed(data)
+        for ev in decoder.events():
+            if not isinstance(ev, P.Garbage) and ev.type == P.FrameType.ANNOUNCE:
+                msg = P.parse_message(ev)
+                assert isinstance(msg, P.Announce)
+                return msg
+
+
+def test_a_host_that_leaves_during_the_announce_does_not_end_the_agent(tmp_path: Path) -> None:
+    """The agent process on a socket, as in a guest with vsock: a host that connects and closes
+    while the agent still writes its ANNOUNCE (~256 KiB of resync padding first, more than a
+    socket buffer) is a disconnect, not the agent's end; the next host is served by the same
+    process (its start time in the ANNOUNCE is unchanged)."""
+    path = str(tmp_path / "agent.sock")
+    proc = subprocess.Popen([sys.executable, str(Path(agent.__file__)), "--unix", path],
+                            stderr=subprocess.PIPE)
+    try:
+        _wait_for(lambda: os.path.exists(path))
+        first = socket.socket(socket.AF_UNIX)
+        first.connect(path)
+        started = _read_announce(first).started_ns
+        first.close()
+        for _ in range(3):
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(path)
+            except ConnectionRefusedError:
+                pytest.fail(f"the agent is gone: {proc.communicate(timeout=5)[1].decode()[-800:]}")
+            time.sleep(0.3)  # the agent fills the socket buffer and blocks in its write
+            s.close()  # with the ANNOUNCE unread: the agent's write fails (EPIPE)
+        assert proc.poll() is None, f"the agent exited: {proc.communicate(timeout=5)[1].decode()[-800:]}"
+        last = socket.socket(socket.AF_UNIX)
+        last.connect(path)
+        assert _read_announce(last).started_ns == started
+        last.close()
+    finally:
+        proc.kill()
+        proc.wait(10)
+        assert proc.stderr is not None
+        proc.stderr.close()
