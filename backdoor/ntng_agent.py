@@ -1304,7 +1304,7 @@ def serve(conn: Connection, started_ns: int, key_file: str | None = None) -> boo
         while True:
             data = conn.read(READ_BUFFER)
             if not data:
-                return
+                return True
             # A lone PING is answered from its bytes (the round trip is the measure), a lone
             # frame (an EXEC: the usual read) taken without the decoder.
             pong = P.pong_for_ping(data) if data[5:6] == PING_TYPE and not decoder.buffered else None
