@@ -215,6 +215,7 @@ class ExecTask(Task):
     ended: list[int]  # the types of the streams that ended: their frames go with the EXIT
     outputs: list[Any]  # the output pipes still open: plain fds (Spawned) or files (Popen)
     grown: frozenset[int] = frozenset()  # output pipes grown to 1 MiB
+    proc: Any  # a Spawned (posix_spawn) or a subprocess.Popen
 
     def __init__(self, session: Session, rid: int) -> None:
         # No ReceiveWindow until the command takes stdin (_take_stdin): a Python call fewer per
@@ -227,22 +228,13 @@ class ExecTask(Task):
         self.stdin_queue = queue.SimpleQueue()
 
     def start(self, req: Any, flags: int = 0) -> None:
+        """A command that is not served inline (Session.serve_inline): it takes stdin, a
+        terminal, another user or cwd, or came in a batch of frames; a worker serves it."""
         self.started = time.monotonic()
         if req.timeout_ms:
             self.timeout = req.timeout_ms / 1000
             self.deadline = self.started + self.timeout
-        if not (req.shell or req.env or req.clear_env or req.user or req.pty or req.stdin) and (
-                req.cwd or "/") == _agent_cwd():
-            # The usual command (argv, as the agent's user, in its cwd and environment): the
-            # fewest interpreted lines to its spawn (each costs guest CPU under TCG).
-            self.proc: Any = _spawn_fast(req.argv, _command_env(), False, req.merge_stderr)
-            inline_fd = self.session.inline_fd
-            if inline_fd is None or not self.serve_inline(inline_fd):
-                self._spawn(self._serve_pipes)
-            return
-        argv = list(req.argv) if not req.shell else ["/bin/sh", "-c", req.shell]
-        env = {} if req.clear_env else dict(_agent_env())
-        env.setdefault("PATH", DEFAULT_PATH)
+        argv, env = _command(req)
         kwargs: dict[str, Any] = {}
         cwd = req.cwd or None
         if req.user:
@@ -252,10 +244,10 @@ class ExecTask(Task):
                 raise OSError(f"no such user: {req.user}") from None
             groups = [g.gr_gid for g in grp.getgrall() if pw.pw_name in g.gr_mem]
             kwargs.update(user=pw.pw_uid, group=pw.pw_gid, extra_groups=groups)
-            env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name, SHELL=pw.pw_shell)
+            # The user's own variables, unless the request sets them (its env wins).
+            user_env = dict(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name, SHELL=pw.pw_shell)
+            env = {**env, **{k: v for k, v in user_env.items() if k not in {e["key"] for e in req.env}}}
             cwd = cwd or (pw.pw_dir if os.path.isdir(pw.pw_dir) else "/")
-        for e in req.env:
-            env[e["key"]] = e["value"]
         if req.pty:
             self.pty = True
             self.ended = []  # its one stream's end goes alone (_pump)
@@ -296,9 +288,20 @@ class ExecTask(Task):
         if self.proc.stdin is not None:
             self._take_stdin()
             self._spawn(self._feed_stdin, self.proc.stdin)
-        elif (isinstance(self.proc, Spawned) and self.session.inline_fd is not None
-              and self.serve_inline(self.session.inline_fd)):
-            return
+        self._spawn(self._serve_pipes)
+
+    def adopt(self, req: Any, started: float, proc: Spawned, inline: InlineState) -> None:
+        """Go on with a command Session.serve_inline started and could not finish inline: its
+        state becomes this task's, and a worker serves the rest (_serve_pipes)."""
+        self.started, self.proc = started, proc
+        if req.timeout_ms:
+            self.timeout = req.timeout_ms / 1000
+            self.deadline = started + self.timeout
+        self.poller, self.pipes, self.ended, self.grown = inline.poller, inline.pipes, inline.ended, inline.grown
+        self.outputs = [fd for fd in (proc.stdout, proc.stderr) if fd is not None and fd >= 0]
+        if inline.closed:
+            self._close_pipes()
+        self.send_window = P.SendWindow(inline.credit)
         self._spawn(self._serve_pipes)
 
     def _spawn(self, fn: Callable[..., None], *args: Any) -> threading.Event:
@@ -333,39 +336,6 @@ class ExecTask(Task):
         if not self.aborted:
             self._end_pipes()
 
-    def serve_inline(self, host_fd: int) -> bool:
-        """Serve the command on the reader's thread while the host sends nothing (`host_fd`
-        becomes readable), the command needs no credit wait and it runs under INLINE_FOR: a
-        short command then costs no hand-off to a worker (a futex wake-up and a context
-        switch each way in a TCG guest).  True: done (EXIT sent); False: a worker goes on.
-        Only for a command started by posix_spawn (`Spawned`): waiting for a Popen one after
-        its output ended could block the reader."""
-        self._watch_pipes()
-        try:  # _batch_scheduling(True), without the call: each costs the guest ~20-30 us under TCG
-            os.sched_setscheduler(0, os.SCHED_BATCH, _SCHED_PARAM)
-        except OSError:
-            pass
-        try:
-            if not self._pump_inline(host_fd):
-                return False
-            if self.aborted:
-                return True
-            # Its exit is not in the poll (a pidfd there cost more than it saved, A/B in a
-            # TCG guest): batched, the command has usually exited when its output ends.
-            if not self.proc.returned_within(INLINE_REAP):
-                self._close_pipes()  # it closed its output and goes on: a worker waits for it
-                return False
-        finally:
-            try:  # _batch_scheduling(False)
-                os.sched_setscheduler(0, os.SCHED_OTHER, _SCHED_PARAM)
-            except OSError:
-                pass
-        for fd in self.outputs:  # plain fds (Spawned), closed here: a call fewer
-            os.close(fd)
-        self.outputs = []
-        self._report(False)  # inline, no timeout has passed (the deadline ends it)
-        return True
-
     def _watch_pipes(self) -> None:
         out: Any = self.proc.stdout  # always a pipe (or the pty)
         err: Any = self.proc.stderr
@@ -380,38 +350,6 @@ class ExecTask(Task):
         if err is not None:
             self.pipes[err] = P.FrameType.STDERR
             poller.register(err, select.POLLIN)
-
-    def _pump_inline(self, host_fd: int) -> bool:
-        """Move output until both pipes end (True; `aborted` when the link failed), on the
-        reader's thread: False as soon as the host has sent something, a chunk would wait for
-        credit, or INLINE_FOR or the command's deadline has passed (timeouts are the
-        worker's); the state stays on self for a worker to go on with _pump_pipes."""
-        pipes, poller, window = self.pipes, self.poller, self.send_window
-        end = time.monotonic() + INLINE_FOR
-        if self.deadline is not None and self.deadline < end:
-            end = self.deadline
-        poller.register(host_fd, select.POLLIN)
-        try:
-            while pipes:
-                wait = end - time.monotonic()
-                if wait <= 0:
-                    return False
-                for fd, revents in poller.poll(max(1, int(wait * 1000))):
-                    if fd == host_fd:
-                        return False
-                    if revents != select.POLLHUP:  # POLLHUP alone: no writer, nothing left
-                        size = min(self.session.max_frame, window.credit)
-                        if size <= 0:
-                            return False
-                        if self._move(fd, size):
-                            continue
-                    poller.unregister(fd)
-                    self.ended.append(pipes.pop(fd))
-        except (P.ProtocolError, Disconnected):
-            self._abort()
-        finally:
-            poller.unregister(host_fd)
-        return True
 
     def _pump_pipes(self) -> None:
         """Move output until both pipes end (`aborted` when the link failed, `timed_out` when
@@ -921,6 +859,19 @@ def _command_env() -> dict[str, str]:
     return env
 
 
+def _command(req: Any) -> tuple[list[str], dict[str, str]]:
+    """An EXEC's argv and environment as the agent's user (the caller must not change the
+    environment: a plain command's is the one _command_env made)."""
+    if not (req.shell or req.env or req.clear_env):
+        return req.argv, _command_env()
+    argv = list(req.argv) if not req.shell else ["/bin/sh", "-c", req.shell]
+    env = {} if req.clear_env else dict(_agent_env())
+    env.setdefault("PATH", DEFAULT_PATH)
+    for e in req.env:
+        env[e["key"]] = e["value"]
+    return argv, env
+
+
 _SCHED_PARAM = os.sched_param(0)
 
 
@@ -1052,6 +1003,16 @@ STARTERS: dict[int, type[Task]] = {
 }
 
 
+class InlineState:
+    """Where Session.serve_inline left a command it hands to a worker (ExecTask.adopt)."""
+
+    def __init__(self, poller: Any, pipes: dict[int, int], ended: list[int], grown: frozenset[int],
+                 credit: int, closed: bool) -> None:
+        self.poller, self.pipes, self.ended, self.grown = poller, pipes, ended, grown
+        self.credit = credit  # what is left of the host's window: no CREDIT was read meanwhile
+        self.closed = closed  # its output ended: the pipes are closed, only its exit is awaited
+
+
 class TaskError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
@@ -1059,6 +1020,8 @@ class TaskError(Exception):
 
 
 EXEC_TYPE = int(P.FrameType.EXEC)
+STDOUT_TYPE = int(P.FrameType.STDOUT)
+STDERR_TYPE = int(P.FrameType.STDERR)
 
 
 def read_key(path: str) -> bytes:
@@ -1089,7 +1052,7 @@ class Session:
         self.max_in_flight = P.DEFAULT_MAX_IN_FLIGHT
         self.chunk = P.CHUNK
         # The host connection's read fd while the frame being handled is the last one read:
-        # a command may then be served inline until the host sends more (ExecTask.serve_inline).
+        # a command may then be served inline until the host sends more (Session.serve_inline).
         self.inline_fd: int | None = None
 
     def send(self, frame: bytes) -> None:
@@ -1144,8 +1107,17 @@ class Session:
                     return self.error(
                         rid, P.ErrorCode.TOO_MANY_REQUESTS, f"limit of {self.max_in_flight} in flight"
                     )
-                new = cls(self, rid)
-                self.tasks[rid] = new
+                host_fd = self.inline_fd
+                inline = (ft == EXEC_TYPE and host_fd is not None
+                          and not (msg.user or msg.pty or msg.stdin) and (msg.cwd or "/") == _agent_cwd())
+                if not inline:
+                    new = cls(self, rid)
+                    self.tasks[rid] = new
+            if inline:
+                try:
+                    return self.serve_inline(rid, msg, host_fd)  # type: ignore[arg-type]
+                except OSError as e:
+                    return self.error(rid, P.ErrorCode.EXEC_FAILED, _describe(e))
             return self._guard(rid, new.start, msg, frame.flags)  # type: ignore[attr-defined]
         if ft == P.FrameType.HELLO:
             return self._hello(msg)
@@ -1175,6 +1147,103 @@ class Session:
         if ft == P.FrameType.IDENTITY:
             return self._identity(rid, msg)
         return self.error(rid, P.ErrorCode.UNKNOWN_TYPE, f"{P.FrameType(ft).name} is not a request")
+
+    def serve_inline(self, rid: int, req: Any, host_fd: int) -> None:
+        """Run a command on the reader's thread (the host sent nothing after its EXEC) while
+        the host sends nothing more, its output fits the host's window and it runs under
+        INLINE_FOR: a short command then costs no hand-off to a worker (a futex wake-up and a
+        context switch each way in a TCG guest), and no task object.  Otherwise a worker goes
+        on with it (ExecTask.adopt).  In a TCG guest every interpreted line and Python call
+        counts (docs/benchmarks.md, the eighth round): this is one function, its state in
+        locals.  OSError: the command did not start."""
+        started = time.monotonic()
+        argv, env = _command(req)
+        proc = _spawn_fast(argv, env, False, req.merge_stderr)
+        out, err = proc.stdout, proc.stderr
+        pipes = {out: STDOUT_TYPE}
+        poller = select.poll()
+        poller.register(out, select.POLLIN)
+        if err is not None:
+            pipes[err] = STDERR_TYPE
+            poller.register(err, select.POLLIN)
+        poller.register(host_fd, select.POLLIN)
+        ended: list[int] = []
+        grown: frozenset[int] = frozenset()
+        credit = self.window
+        end = started + INLINE_FOR
+        if req.timeout_ms and req.timeout_ms < INLINE_FOR * 1000:
+            end = started + req.timeout_ms / 1000  # the timeout is the worker's to enforce
+        returned = lost = False
+        try:  # _batch_scheduling(True) without its call: a waking batch thread does not preempt
+            os.sched_setscheduler(0, os.SCHED_BATCH, _SCHED_PARAM)
+        except OSError:
+            pass
+        try:
+            while pipes:
+                wait = end - time.monotonic()
+                if wait <= 0:
+                    break
+                for fd, revents in poller.poll(max(1, int(wait * 1000))):
+                    if fd == host_fd:
+                        break  # the host sent something: the reader must read it
+                    if revents != select.POLLHUP:  # POLLHUP alone: no writer, nothing left
+                        size = min(self.max_frame, credit)
+                        if size <= 0:
+                            break  # the window is used up: credit comes through the reader
+                        view = _thread_buffer(self.max_frame)[:size]
+                        try:
+                            got = os.readv(fd, [view])
+                        except OSError:
+                            got = 0
+                        if got:
+                            if got == PIPE_DEFAULT and fd not in grown:
+                                grown = grown | {fd}
+                                _grow_pipe(fd)
+                            self.send_payload(pipes[fd], rid, view[:got])
+                            credit -= got
+                            continue
+                    poller.unregister(fd)
+                    ended.append(pipes.pop(fd))
+                else:
+                    continue
+                break
+            else:  # its output ended: batched, it has usually exited too
+                returned = proc.returned_within(INLINE_REAP)
+        except Disconnected:  # the host is gone: no EXIT can be sent, nothing to hand over
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.returned_within(INLINE_REAP)
+            returned, lost = True, True
+        finally:
+            try:  # _batch_scheduling(False)
+                os.sched_setscheduler(0, os.SCHED_OTHER, _SCHED_PARAM)
+            except OSError:
+                pass
+        if not returned:
+            poller.unregister(host_fd)
+            task = ExecTask(self, rid)
+            with self.lock:
+                self.tasks[rid] = task
+            task.adopt(req, started, proc, InlineState(poller, pipes, ended, grown, credit, not pipes))
+            return
+        os.close(out)
+        if err is not None:
+            os.close(err)
+        if lost:
+            return
+        rc = proc.returncode
+        assert rc is not None
+        self.send_last(rid, P.exec_end(rid, ended, rc if rc >= 0 else -1, -rc if rc < 0 else 0, False,
+                                       int((time.monotonic() - started) * 1e6)))
+
+    def send_last(self, rid: int, frames: bytes) -> None:
+        """A request's last frames, when it has no task (Session.serve_inline)."""
+        try:
+            self.conn.write(frames)
+        except Disconnected:
+            pass
 
     def _guard(self, rid: int, fn: Callable[..., None], *args: Any) -> None:
         try:

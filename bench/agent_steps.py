@@ -224,8 +224,8 @@ def inline_exec_phases(agent_dir: str, argv: list[str], rounds: int) -> list[tup
     A._spawn_fast = stamp("spawn", A._spawn_fast)
     # the first call after the inline pump: the command's output has ended
     A.Spawned.returned_within = stamp("end_pipes", A.Spawned.returned_within)  # type: ignore[method-assign]
-    A.ExecTask._report = stamp("report", A.ExecTask._report)  # type: ignore[method-assign]
-    A.Session.finish = stamp("finish", A.Session.finish)  # type: ignore[method-assign]
+    A.P.exec_end = stamp("report", A.P.exec_end)  # type: ignore[assignment]  # the EXIT being built
+    A.Session.send_last = stamp("finish", A.Session.send_last)  # type: ignore[method-assign]
     host, guest = socket.socketpair()
     agent = threading.Thread(target=A.serve, args=(A.Connection(guest.fileno(), guest.fileno()),
                                                    time.time_ns()), daemon=True)
@@ -237,7 +237,7 @@ def inline_exec_phases(agent_dir: str, argv: list[str], rounds: int) -> list[tup
         ("posix_spawn with pipes", "spawn", "spawn returned"),
         ("spawned → output ended (poll loop, inline)", "spawn returned", "end_pipes"),
         ("→ exit seen and reaped, pipes closed (inline)", "end_pipes", "report"),
-        ("→ EXIT built, written, finish() returned", "report", "finish returned"),
+        ("→ EXIT built, written, send_last() returned", "report", "finish returned"),
         ("reaped → the client decoded EXIT", "report", "got"),
     ]
     samples: dict[str, list[float]] = {name: [] for name, _, _ in phases}

@@ -96,8 +96,15 @@ class LocalAgent:
         self.start()
 
 
-@pytest.fixture
-def pair() -> Iterator[tuple[BackdoorClient, LocalAgent]]:
+@pytest.fixture(params=["cwd-elsewhere", "cwd-root"])
+def pair(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[BackdoorClient, LocalAgent]]:
+    """The agent and a client on a socketpair.  Twice: with the agent's working directory the
+    test's (a command without a cwd, "/", then goes through Popen and a worker thread), and
+    as in a guest, "/" (the same command is served inline on the reader's thread,
+    Session.serve_inline, and handed to a worker only when it must)."""
+    if request.param == "cwd-root":
+        monkeypatch.chdir("/")
+        monkeypatch.setattr(agent, "_agent_cwd", lambda: "/")  # read once by the agent otherwise
     host, guest = socket.socketpair()
     local = LocalAgent(guest)
     local.start()
@@ -1035,3 +1042,52 @@ def test_a_host_that_leaves_during_the_announce_does_not_end_the_agent(tmp_path:
         proc.wait(10)
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+INLINE_CASES = {
+    # what the command does: (script, the worker's reason to take over)
+    "quick": ("echo out; echo err >&2; exit 3", None),
+    "outlives INLINE_FOR": ("sleep 1.3; echo late", "time"),
+    "more output than the window": (f"head -c {3 * P.DEFAULT_WINDOW} /dev/zero", "credit"),
+    "ends its output long before its exit": ("echo early; exec >&- 2>&-; sleep 0.5; exit 3", "exit"),
+    "times out before INLINE_FOR": ("sleep 5", "time"),
+    "gets a SIGNAL": ("sleep 30", "host"),
+}
+
+
+@pytest.mark.parametrize("case", list(INLINE_CASES))
+def test_a_command_served_inline_is_handed_to_a_worker_only_when_it_must(
+        pair: tuple[BackdoorClient, LocalAgent], monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    """Each way a command started inline (Session.serve_inline) can leave the reader's thread:
+    its state goes to a worker (ExecTask.adopt) and the command still ends as it should."""
+    client, _local = pair
+    inline: list[int] = []
+    adopted: list[int] = []
+    serve_inline, adopt = agent.Session.serve_inline, agent.ExecTask.adopt
+    monkeypatch.setattr(agent.Session, "serve_inline",
+                        lambda self, *a: (inline.append(a[0]), serve_inline(self, *a))[1])
+    monkeypatch.setattr(agent.ExecTask, "adopt", lambda self, *a: (adopted.append(self.rid), adopt(self, *a))[1])
+    script, reason = INLINE_CASES[case]
+    timeout_ms = 300 if case == "times out before INLINE_FOR" else 0
+    req = P.Exec(argv=["sh", "-c", script], cwd=agent._agent_cwd(), timeout_ms=timeout_ms)
+    if case == "gets a SIGNAL":
+        results = in_background(lambda: client.execute(req, wait=30))
+        _wait_for(lambda: bool(client._pending))
+        time.sleep(0.3)  # running inline by now
+        [rid] = list(client._pending)
+        client._send(P.Signal(signal.SIGTERM).frame(rid))
+        r = results.get(timeout=10)
+        assert isinstance(r, ExecResult)
+    else:
+        r = client.execute(req, wait=30)
+    assert len(inline) == 1 and adopted == ([] if reason is None else inline), (inline, adopted)
+    expected = {
+        "quick": lambda: (r.stdout, r.stderr, r.status) == (b"out\n", b"err\n", 3),
+        "outlives INLINE_FOR": lambda: (r.stdout, r.status) == (b"late\n", 0),
+        "more output than the window": lambda: (len(r.stdout), r.status) == (3 * P.DEFAULT_WINDOW, 0),
+        "ends its output long before its exit": lambda: (r.stdout, r.status) == (b"early\n", 3),
+        "times out before INLINE_FOR": lambda: r.timed_out,
+        "gets a SIGNAL": lambda: r.signal == signal.SIGTERM,
+    }[case]
+    assert expected(), r
+    assert client.execute(P.Exec(argv=["true"]), wait=30).status == 0  # the agent goes on
