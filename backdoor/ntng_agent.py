@@ -476,12 +476,8 @@ class ExecTask(Task):
             return
 
     def kill(self, signum: int = signal.SIGKILL) -> None:
-        if getattr(self, "proc", None) is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
+        if getattr(self, "proc", None) is not None:
+            _kill_group(self.proc.pid, signum)
 
     def on_signal(self, signum: int) -> None:
         self.kill(signum)
@@ -792,6 +788,15 @@ class Spawned:
         _, status = os.waitpid(self.pid, 0)  # it has exited: reaped now, as returned_within says
         self.returncode = os.waitstatus_to_exitcode(status)
         return True
+
+
+def _kill_group(pid: int, signum: int = signal.SIGKILL) -> None:
+    """Signal a command's process group (its own session: posix_spawn's setsid, Popen's
+    start_new_session); one that is gone already is no error."""
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 _PYTHON_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)  # what Popen's restore_signals resets
@@ -1209,13 +1214,16 @@ class Session:
                 break
             else:  # its output ended: batched, it has usually exited too
                 returned = proc.returned_within(INLINE_REAP)
-        except Disconnected:  # the host is gone: no EXIT can be sent, nothing to hand over
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        except (Disconnected, P.ProtocolError):  # the host is gone: no EXIT, nothing to hand over
+            _kill_group(proc.pid)
             proc.returned_within(INLINE_REAP)
             returned, lost = True, True
+        except OSError:  # not expected: the command must not outlive it (handle reports it)
+            _kill_group(proc.pid)
+            os.close(out)
+            if err is not None:
+                os.close(err)
+            raise
         finally:
             try:  # _batch_scheduling(False)
                 os.sched_setscheduler(0, os.SCHED_OTHER, _SCHED_PARAM)

@@ -2,16 +2,18 @@
 """Backdoor benchmarks on one real guest, each next to a baseline on the same VM.
 
   boot      cold start → first command returned
-  rtt       PING and succeed("true") vs a raw echo over a second virtio-serial port, and vs a
-            reimplementation of the NixOS driver's shell protocol (bash on a port, base64
-            output, a second round trip for the exit status)
+  rtt       PING and succeed("true") vs a raw echo over a second virtio-serial port, vs a
+            minimal spawn server there (raw bytes, and our frames: the least a Python agent
+            speaking this protocol pays), and vs a reimplementation of the NixOS driver's shell
+            protocol (bash on a port, base64 output, a second round trip for the exit status);
+            the in-guest spawn floors sampled by that long-running server in the same rounds
   copy      FILE_PUT / FILE_GET MB/s vs raw bytes over the same kind of port (C tools in
             the guest, so the baseline is the transport's ceiling), and the same file through
             a 9p and a virtiofs share (python/ntng/shares.py: staged on the host, `cp` in the guest)
   memory    the runner's peak RSS during the download
 
 Usage: .venv/bin/python bench/backdoor.py [--rounds 200] [--copy-mb 64]
-       (--breakdown [--ab REF], --idle, --cpu and --copy-steps print one part each)
+       (--breakdown, --idle, --cpu, --gap and --copy-steps print one part each; --ab REF)
 Prints a markdown table.  Not a test: numbers vary with the machine and the accelerator.
 """
 
