@@ -335,6 +335,8 @@ class ExecTask(Task):
             _batch_scheduling(False)
         if not self.aborted:
             self._end_pipes()
+        else:
+            self.proc.wait()  # killed (_abort): reaped here, not left a zombie of the agent
 
     def _watch_pipes(self) -> None:
         out: Any = self.proc.stdout  # always a pipe (or the pty)
@@ -799,6 +801,11 @@ def _kill_group(pid: int, signum: int = signal.SIGKILL) -> None:
         pass
 
 
+def _reap(proc: Spawned) -> None:
+    """Wait for a killed command on a worker (the reader must not block on it)."""
+    proc.wait()
+
+
 _PYTHON_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)  # what Popen's restore_signals resets
 
 
@@ -1216,10 +1223,12 @@ class Session:
                 returned = proc.returned_within(INLINE_REAP)
         except (Disconnected, P.ProtocolError):  # the host is gone: no EXIT, nothing to hand over
             _kill_group(proc.pid)
-            proc.returned_within(INLINE_REAP)
+            if not proc.returned_within(INLINE_REAP):
+                WORKERS.run(_reap, proc)  # there, not left a zombie of the agent
             returned, lost = True, True
         except OSError:  # not expected: the command must not outlive it (handle reports it)
             _kill_group(proc.pid)
+            WORKERS.run(_reap, proc)
             os.close(out)
             if err is not None:
                 os.close(err)

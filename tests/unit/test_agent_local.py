@@ -1091,3 +1091,44 @@ def test_a_command_served_inline_is_handed_to_a_worker_only_when_it_must(
     }[case]
     assert expected(), r
     assert client.execute(P.Exec(argv=["true"]), wait=30).status == 0  # the agent goes on
+
+
+def _zombie_or_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return bool(f.read())
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("path", ["inline", "worker"])
+def test_a_command_whose_link_is_lost_mid_output_is_killed_and_reaped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """The host is gone when the command's output is sent: the command is killed and its
+    process reaped, not left a zombie of the agent, even when it is not dead within
+    INLINE_REAP (set to 0 here: the agent cannot wait for it there)."""
+    monkeypatch.setattr(agent, "INLINE_REAP", 0.0)
+    monkeypatch.chdir("/")
+    monkeypatch.setattr(agent, "_agent_cwd", lambda: "/" if path == "inline" else "/nowhere")
+    host, guest = socket.socketpair()
+    conn = HostConnection(guest)
+    session = agent.Session(conn)
+    session.established = True
+    pidfile = tmp_path / "pid"
+    req = P.parse_exec(P.Exec(argv=["sh", "-c", f"echo $$ > {pidfile}; sleep 0.3; echo out; exec sleep 30"]).payload())
+    conn.kill()  # every write from now on fails: Disconnected
+    idle_r, idle_w = os.pipe()  # the host's fd for the inline path: it never sends
+    try:
+        if path == "inline":
+            session.serve_inline(1, req, idle_r)
+        else:
+            session.inline_fd = None
+            session.handle(P.Frame(P.FrameType.EXEC, 1, P.Exec(argv=req.argv).payload(), 0, P.VERSION, None))
+        _wait_for(lambda: pidfile.exists() and pidfile.read_text().strip() != "")
+        pid = int(pidfile.read_text())
+        _wait_for(lambda: not _zombie_or_alive(pid), timeout=10)
+    finally:
+        os.close(idle_r)
+        os.close(idle_w)
+        host.close()
+        guest.close()
