@@ -126,7 +126,11 @@ def reap_stale_state() -> list[Path]:
             pass
         except (OSError, ValueError):
             # No pid file yet: a runner may be starting right now; leave young dirs alone.
-            if time.time() - d.stat().st_mtime < 600:
+            # Or its runner ended and removed it since the glob: nothing to reap.
+            try:
+                if time.time() - d.stat().st_mtime < 600:
+                    continue
+            except FileNotFoundError:
                 continue
         shutil.rmtree(d, ignore_errors=True)
         reaped.append(d)

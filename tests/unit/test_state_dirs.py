@@ -88,3 +88,33 @@ def test_the_key_is_never_written_through_a_symlink(plan: dict[str, object], tmp
 def test_plans_without_a_key_file() -> None:
     assert backdoorkey.read({"backdoor": {"transport": "vsock"}}) is None
     backdoorkey.write({"backdoor": {"transport": "vsock"}})  # nothing to do
+
+
+def test_stale_state_reaping_ignores_a_folder_its_runner_removes_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runners start and end side by side (`ntng test -j`, CI): a folder listed by one runner's
+    reaping can be removed by its own runner before it is looked at. That is no error, and no
+    folder of a live or young runner is removed (seen in CI: a node-less test failed with
+    FileNotFoundError from reap_stale_state)."""
+    monkeypatch.setattr(runner.tempfile, "gettempdir", lambda: str(tmp_path))
+    going = tmp_path / "ntng-run-going"  # its runner cleans up while we look
+    young = tmp_path / "ntng-run-young"  # no pid file yet: a runner starting
+    live = tmp_path / "ntng-run-live"
+    dead = tmp_path / "ntng-run-dead"
+    for d in (going, young, live, dead):
+        d.mkdir()
+    (live / "runner.pid").write_text(str(os.getpid()))
+    gone_pid = subprocess.Popen(["true"])
+    gone_pid.wait()
+    (dead / "runner.pid").write_text(str(gone_pid.pid))
+    read_text = Path.read_text
+
+    def racing_read(self: Path, *a: object, **kw: object) -> str:
+        if self.parent == going:
+            (going / "runner.pid").unlink(missing_ok=True)
+            going.rmdir()
+        return read_text(self, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", racing_read)
+    assert runner.reap_stale_state() == [dead]
+    assert young.is_dir() and live.is_dir() and not going.exists() and not dead.exists()
