@@ -246,7 +246,8 @@ class ExecTask(Task):
             kwargs.update(user=pw.pw_uid, group=pw.pw_gid, extra_groups=groups)
             # The user's own variables, unless the request sets them (its env wins).
             user_env = dict(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name, SHELL=pw.pw_shell)
-            env = {**env, **{k: v for k, v in user_env.items() if k not in {e["key"] for e in req.env}}}
+            requested = {e["key"] for e in req.env}
+            env = {**env, **{k: v for k, v in user_env.items() if k not in requested}}
             cwd = cwd or (pw.pw_dir if os.path.isdir(pw.pw_dir) else "/")
         if req.pty:
             self.pty = True
@@ -298,7 +299,7 @@ class ExecTask(Task):
             self.timeout = req.timeout_ms / 1000
             self.deadline = started + self.timeout
         self.poller, self.pipes, self.ended, self.grown = inline.poller, inline.pipes, inline.ended, inline.grown
-        self.outputs = [fd for fd in (proc.stdout, proc.stderr) if fd is not None and fd >= 0]
+        self.outputs = [proc.stdout] if proc.stderr is None else [proc.stdout, proc.stderr]
         if inline.closed:
             self._close_pipes()
         self.send_window = P.SendWindow(inline.credit)
@@ -1085,10 +1086,7 @@ class Session:
     def finish(self, rid: int, final_frame: bytes) -> None:
         with self.lock:
             self.tasks.pop(rid, None)
-        try:
-            self.conn.write(final_frame)
-        except Disconnected:
-            pass
+        self.send_last(rid, final_frame)
 
     def fail(self, rid: int, code: int, message: str) -> None:
         with self.lock:
@@ -1256,7 +1254,8 @@ class Session:
                                        int((time.monotonic() - started) * 1e6)))
 
     def send_last(self, rid: int, frames: bytes) -> None:
-        """A request's last frames, when it has no task (Session.serve_inline)."""
+        """A request's last frames (finish(), or Session.serve_inline's, which has no task): a
+        host gone meanwhile is no error."""
         try:
             self.conn.write(frames)
         except Disconnected:
