@@ -121,12 +121,8 @@ class Session:
             client, ack = self._await_hello(t0)
         except (WaitTimeout, ConnectionLost, BackdoorError) as e:
             self.events.emit("boot", self.name, time.monotonic() - t0, "error", error=str(e))
-            state = "running" if self.backend.alive() else "exited: " + self.backend.stderr_tail()
-            raise BootError(
-                f"{self.name}: {e}; waited {time.monotonic() - t0:.0f}s for {HELLO} "
-                f"(boot timeout {self.boot_timeout:.0f}s). {self.backend.title}: {state}\n"
-                f"last console lines:\n{self.backend.console_tail()}"
-            ) from None
+            raise BootError(f"{self.name}: {e}; waited {time.monotonic() - t0:.0f}s for {HELLO} "
+                            f"(boot timeout {self.boot_timeout:.0f}s). {self._boot_report()}") from None
         self.note_boot(ack.boot_id)
         if self._identity_due is not None:  # a clone's first hello: give it its identity
             started, self._identity_due = self._identity_due, None
@@ -137,6 +133,21 @@ class Session:
         if self._boot_setup_due:
             self._boot_setup()
         return client
+
+    def _boot_report(self) -> str:
+        """What the host knows of a guest that did not say hello: the VMM's and its helpers'
+        state, what the agent printed on the console (did it start, where does it listen) and
+        the console's last lines."""
+        state = "running" if self.backend.alive() else "exited: " + self.backend.stderr_tail()
+        helpers = self.backend.helpers_report()
+        agent = [line for line in self.backend.get_console_lines() if AGENT_MARK in line]
+        return "\n".join([
+            f"{self.backend.title}: {state}",
+            *([f"helpers:\n{helpers}"] if helpers else []),
+            "the agent's last lines on the console:\n"
+            + ("\n".join(agent[-AGENT_LINES:]) if agent else "(none: it never printed there)"),
+            f"last console lines:\n{self.backend.console_tail()}",
+        ])
 
     def _await_hello(self, t0: float) -> tuple[BackdoorClient, P.HelloAck]:
         """Open the backdoor connection (again, where it ends with the agent) until an agent
@@ -294,6 +305,8 @@ class Session:
 
 
 HELLO = "the backdoor agent's hello"
+AGENT_MARK = "ntng-agent: "  # how the agent's own log lines start (backdoor/ntng_agent.py log)
+AGENT_LINES = 10  # of them in a boot error: where it served, its key, its restarts
 # A connected agent that has not answered our HELLO within this long is sent another one: cheap
 # (one frame), and an agent answers the newest HELLO only.
 HELLO_AGAIN_AFTER = 10.0

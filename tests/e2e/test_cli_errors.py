@@ -95,6 +95,8 @@ def test_guest_that_never_says_hello(tmp_path: Path, guest_image: object) -> Non
     assert r.returncode == errors.EXIT_SETUP, r.stderr
     assert "mute:" in r.stderr and "waited 15" in r.stderr and "the backdoor agent's hello" in r.stderr
     assert "last console lines:" in r.stderr
+    # the agent's service is masked: what it printed says so
+    assert "the agent's last lines on the console:\n(none: it never printed there)" in r.stderr
     assert "Traceback" not in r.stderr
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from helpers import make_driver
 from ntng.driver import Driver
+from ntng.errors import BootError
 from ntng.machine import Machine
 
 MB = 1024 * 1024
@@ -161,3 +162,41 @@ def test_a_guest_that_answers_connect_late_is_waited_for(vm: Machine) -> None:
         announced = any(getattr(ev, "type", None) == P.FrameType.ANNOUNCE for ev in decoder.events())
     sock.close()
     assert vm.succeed("echo again") == "again\n"  # and the multiplexer still serves the next one
+
+
+def test_a_multiplexer_that_panicked_is_named_at_once(vm: Machine) -> None:
+    """vsock, and last in this module: it ends the VM's backdoor.  A host that closes its
+    CONNECT before the guest accepts makes vhost-device-vsock 0.3 write the OK to a closed
+    socket and panic; its vsock thread dies, the process lives on, and no CONNECT is answered
+    again.  The runner must say so at once, with the multiplexer's log and what the agent
+    printed, instead of waiting out the boot timeout for a listener."""
+    if transport_of(vm) != "vsock":
+        pytest.skip("hybrid vsock only")
+    assert vm.client is not None and vm.backend.pid is not None
+    # The agent's log reaches the console through journald, which starts after the agent.
+    vm.wait_for_console_text("ntng-agent: serving on vsock port 1234", timeout=120)
+    vm.client.close()  # the agent serves one connection: it accepts the one below at once
+    [helper] = vm.plan["helpers"]
+    log = Path(helper["log"])
+    os.kill(vm.backend.pid, signal.SIGSTOP)  # the guest cannot answer the CONNECT yet
+    try:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(vm.plan["backdoor"]["uds"])
+        sock.sendall(f"CONNECT {vm.plan['backdoor']['port']}\n".encode())
+        time.sleep(0.5)
+        sock.close()  # gone before the guest's answer
+    finally:
+        os.kill(vm.backend.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 60
+    while "panicked at" not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"vhost-device-vsock did not panic: {log.read_text()!r}"
+        time.sleep(0.2)
+    vm.session.boot_timeout = 60.0
+    t0 = time.monotonic()
+    with pytest.raises(BootError) as e:
+        vm.succeed("true")
+    assert time.monotonic() - t0 < 10, "the runner waited for a CONNECT nobody can answer"
+    message = str(e.value)
+    assert "the hybrid vsock cannot answer: vhost-device-vsock (pid " in message
+    assert "panicked at" in message  # the multiplexer's log
+    assert "ntng-agent: serving on vsock port 1234" in message  # what the agent printed

@@ -714,6 +714,29 @@ def test_cloud_hypervisor_starts_a_virtiofsd_per_share_before_the_vmm(env: Env) 
     assert all(h.poll() is not None for h in helpers) and b.helpers == []
 
 
+def test_a_helper_that_died_is_named_with_its_log(env: Env) -> None:
+    """What a boot error says about the VM's side processes: each one's state and log; a dead
+    one is a failure (the hybrid vsock's CONNECT fails on it at once, see test_transports)."""
+    fake = env.root / "bin" / "virtiofsd"
+    fake.write_text(f"#!/bin/sh\necho virtiofsd says hi >&2\nexec {sys.executable} -c '{FAKE_VIRTIOFSD}' \"$@\"\n")
+    fake.chmod(0o755)
+    plan = env.plan("cloud-hypervisor", virtiofsd=str(fake),
+                    sharedDirs={"data": {"source": str(env.root), "target": "/mnt/data", "type": "virtiofs"}})
+    b = backends.make("m", plan)
+    try:
+        b.start()
+        assert b.helper_failure() is None
+        [report] = b.helpers_report().splitlines()
+        assert report.startswith("virtiofsd-data (pid ") and report.endswith("running; its log: virtiofsd says hi")
+        b.helpers[0].kill()
+        b.helpers[0].wait()
+        failure = b.helper_failure()
+        assert failure is not None and failure.startswith("virtiofsd-data exited with -9; its log ")
+        assert failure.endswith(": virtiofsd says hi") and "exited with -9" in b.helpers_report()
+    finally:
+        b.release()
+
+
 def test_missing_virtiofsd_is_named_before_the_vmm_starts(env: Env) -> None:
     plan = env.plan("cloud-hypervisor", virtiofsd="/nonexistent/virtiofsd",
                     sharedDirs={"data": {"source": str(env.root), "target": "/mnt/data", "type": "virtiofs"}})

@@ -22,7 +22,7 @@ from .. import vsock
 from ..errors import SetupError
 from ..plan import ApiCall, NodePlan, SnapshotLayout, vsock_port
 from . import snapshot
-from .vmm import ApiVmm
+from .vmm import ApiVmm, log_tail
 
 INSTALL_HINT = 'install it or use backend = "qemu" with machineType = "microvm"'
 ROUTES = ("config", "api")
@@ -75,11 +75,7 @@ class FirecrackerBackend(ApiVmm):
 
     def _exit_report(self) -> str:
         log = Path(self.plan["files"]["log"])
-        try:
-            log_tail = log.read_text(errors="replace").strip()[-600:] or "(empty)"
-        except OSError:
-            log_tail = "(none)"
-        return f"firecracker exited: {self.stderr_tail()}\nits log {log}: {log_tail}"
+        return f"firecracker exited: {self.stderr_tail()}\nits log {log}: {log_tail(log)}"
 
     # -- console: the VMM's stdin (its stdout: VmmProcess._pump_stdout_console) ---------------
 

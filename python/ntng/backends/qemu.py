@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import vsock
 from ..client import connect_unix
-from ..errors import SetupError
+from ..errors import ConnectionLost, SetupError
 from ..plan import NodePlan, SnapshotLayout, vsock_port
 from ..qmp import EventFilter, QMPClient
 from . import qemu_migrate
@@ -99,8 +99,16 @@ class QemuBackend(VmmProcess):
                                        timeout=timeout, alive=self.alive)
         if backdoor["transport"] == "vsock":
             return vsock.connect_hybrid(backdoor["uds"], vsock_port(backdoor, self.machine_name),
-                                        timeout=timeout, alive=self.alive)
+                                        timeout=timeout, alive=self._multiplexer_alive)
         return connect_unix(self.plan["sockets"]["backdoor"], timeout=timeout, alive=self.alive)
+
+    def _multiplexer_alive(self) -> bool:
+        """QEMU runs; raises ConnectionLost when the hybrid vsock's multiplexer cannot answer
+        any more (it exited or panicked): a CONNECT would otherwise wait out the boot timeout."""
+        failure = self.helper_failure()
+        if failure is not None:
+            raise ConnectionLost(f"{self.machine_name}: the hybrid vsock cannot answer: {failure}")
+        return self.alive()
 
     def exited_for_reboot(self) -> bool:
         """QEMU with -no-reboot says SHUTDOWN (reason guest-reset) before it exits on a reboot."""

@@ -28,6 +28,19 @@ TITLES = {"qemu": "QEMU", "firecracker": "Firecracker", "cloud-hypervisor": "Clo
 # After SIGKILL a process is gone at once unless it is stuck in the kernel (D state, e.g. on a
 # dead file system); release() does not wait for it longer than this.
 KILL_REAP_TIMEOUT = 5.0
+# A helper's log is read from its end only, this many bytes: it is the helper's to grow.
+HELPER_LOG_TAIL = 600
+PANIC = "panicked at"  # what a Rust program prints when one of its threads panics
+
+
+def log_tail(log: Path) -> str:
+    """The last HELPER_LOG_TAIL bytes of a helper's log, or what stood in the way."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - HELPER_LOG_TAIL))
+            return f.read(HELPER_LOG_TAIL).decode(errors="replace").strip() or "(empty)"
+    except OSError as e:
+        return f"(unreadable: {e.strerror})"
 
 
 class VmmProcess(ConsoleLines):
@@ -41,6 +54,7 @@ class VmmProcess(ConsoleLines):
         self.keep_disk = keep_disk
         self.proc: subprocess.Popen[bytes] | None = None
         self.helpers: list[subprocess.Popen[bytes]] = []  # side processes of the plan (virtiofsd, ...)
+        self._helper_logs: list[tuple[str, Path]] = []  # (name, log) of each, in the same order
         self.state_dir = Path(plan["stateDir"])  # nixlib names it
         self._console_thread: threading.Thread | None = None
         self._console_copy: IO[bytes] | None = None  # consoleLog, where stdout is the console
@@ -176,10 +190,11 @@ class VmmProcess(ConsoleLines):
                 raise SetupError(f"{self.machine_name}: {argv[0]} not found; "
                                  f"{helper.get('missing', 'it is needed by this node')}") from None
             self.helpers.append(proc)
+            self._helper_logs.append((name, log))
             deadline = time.monotonic() + HELPER_START_TIMEOUT
             while not ready.exists():
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    tail = log.read_text(errors="replace").strip()[-600:] or "(no output)"
+                    tail = log_tail(log)
                     state = f"exited with {proc.returncode}" if proc.poll() is not None else \
                         f"did not create {ready} within {HELPER_START_TIMEOUT:.0f}s"
                     raise SetupError(f"{self.machine_name}: helper {name} {state}: {tail}")
@@ -200,6 +215,27 @@ class VmmProcess(ConsoleLines):
         except (OSError, KeyError):  # KeyError: a hand-made plan names no stderr file
             return "(no output)"
 
+    def helper_failure(self) -> str | None:
+        """What went wrong with a helper the VM needs, or None: one exited, or one printed a
+        Rust panic (vhost-device-vsock 0.3's vsock thread dies on one, the process lives on and
+        no CONNECT is answered again)."""
+        for proc, (name, log) in zip(self.helpers, self._helper_logs, strict=True):
+            if proc.poll() is not None:
+                return f"{name} exited with {proc.returncode}; its log {log}: {log_tail(log)}"
+            tail = log_tail(log)
+            if PANIC in tail:
+                return f"{name} (pid {proc.pid}) panicked; its log {log}: {tail}"
+        return None
+
+    def helpers_report(self) -> str:
+        """One line per helper, its state and its log's last lines: for errors about a guest
+        that never answered."""
+        lines = []
+        for proc, (name, log) in zip(self.helpers, self._helper_logs, strict=True):
+            state = "running" if proc.poll() is None else f"exited with {proc.returncode}"
+            lines.append(f"{name} (pid {proc.pid}): {state}; its log: {log_tail(log)}")
+        return "\n".join(lines)
+
     def wait_exit(self, timeout: float | None) -> int | None:
         if self.proc is None:
             return None
@@ -214,6 +250,7 @@ class VmmProcess(ConsoleLines):
         for proc in self.helpers:
             kill_group(proc)
         self.helpers = []
+        self._helper_logs = []
 
     def copy_disk(self, argv: list[str]) -> None:
         """A disk image copied by nixlib's command (a snapshot layout's copyDisk); the state
