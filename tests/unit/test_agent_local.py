@@ -311,10 +311,13 @@ def test_commands_start_with_default_sigpipe_and_no_blocked_signals(client: Back
     assert masks["SigBlk"] == 0, r.output
 
 
-def test_signal_frame_reaches_the_process_group(client: BackdoorClient, tmp_path: Path) -> None:
-    started = tmp_path / "started"
-    results = in_background(lambda: sh(client, f"touch {started}; sleep 30"))
-    _wait_for(started.exists)
+def test_signal_frame_reaches_the_process_group(client: BackdoorClient) -> None:
+    results = in_background(lambda: sh(client, "sleep 30.125"))
+    # Signalled once sleep runs: a SIGINT between bash's fork and the child's exec reaches a
+    # child that still has bash's handler, which only notes it; sleep then ran its 30 s (seen
+    # in CI, and 8 times in 40 runs here beside a busy loop, when this waited for a file the
+    # script touched before it forked).
+    _wait_for(lambda: _running(["sleep", "30.125"]))
     [rid] = list(client._pending)
     client._send(P.Signal(signal.SIGINT).frame(rid))
     r = results.get(timeout=10)
@@ -400,6 +403,19 @@ def _wait_for(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-d
     while not cond():
         assert time.monotonic() < deadline, "condition never became true"
         time.sleep(0.01)
+
+
+def _running(argv: list[str]) -> bool:
+    """A process with this command line exists (its exec done: a forked shell still shows the
+    shell's)."""
+    want = "\0".join(argv).encode() + b"\0"
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes() == want:
+                return True
+        except OSError:
+            continue  # it ended meanwhile
+    return False
 
 
 def _sha(path: Path) -> str:
