@@ -317,6 +317,11 @@ class BackdoorClient:
             if q is not None:
                 q.put(received)
             return
+        if not frame.payload and ft in _DATA_ANSWERS:
+            # An end of stream: every reader of these frames skips it (the EXIT or FILE_DONE
+            # ends the request), and not queueing it spares the caller's thread a wake-up per
+            # stream; before the lock below, as a command's two arrive with its EXIT.
+            return
         if frame.request_id == P.HANDSHAKE_REQUEST_ID:
             try:
                 msg = P.parse_message(frame)
@@ -343,12 +348,7 @@ class BackdoorClient:
             except P.ProtocolError:
                 pass
             return
-        if ft in (P.FrameType.STDOUT, P.FrameType.STDERR, P.FrameType.FILE_DATA):
-            if not frame.payload:
-                # An end of stream: every reader of these frames skips it (the EXIT or FILE_DONE
-                # ends the request), and not queueing it spares the caller's thread a wake-up
-                # per stream: a command's EOFs and EXIT arrive together, now one hand-off.
-                return
+        if ft in _DATA_ANSWERS:
             try:
                 pending.recv_window.received(len(frame.payload))
             except P.LimitExceeded as e:

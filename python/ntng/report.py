@@ -44,6 +44,10 @@ def new_run_dir(base: Path, name: str) -> Path:
     return run
 
 
+# One encoder for every event: json.dumps with an argument (default=) builds a new one per call.
+_ENCODER = json.JSONEncoder(default=str)
+
+
 class EventLog:
     """Thread-safe JSON lines: {"t": seconds since start, "machine", "action", "duration",
     "result", …}.  Without a path it only keeps nothing (tests and the REPL)."""
@@ -66,7 +70,7 @@ class EventLog:
         if duration is not None:
             event["duration"] = round(duration, 3)
         event.update(detail)
-        line = json.dumps(event, default=str)
+        line = _ENCODER.encode(event)
         with self._lock:
             if self._file is not None:
                 self._file.write(line + "\n")
