@@ -197,6 +197,6 @@ def test_a_multiplexer_that_panicked_is_named_at_once(vm: Machine) -> None:
         vm.succeed("true")
     assert time.monotonic() - t0 < 10, "the runner waited for a CONNECT nobody can answer"
     message = str(e.value)
-    assert "the hybrid vsock cannot answer: vhost-device-vsock (pid " in message
+    assert "the backdoor cannot be reached: a helper failed: vhost-device-vsock (pid " in message
     assert "panicked at" in message  # the multiplexer's log
     assert "ntng-agent: serving on vsock port 1234" in message  # what the agent printed

@@ -103,11 +103,12 @@ class QemuBackend(VmmProcess):
         return connect_unix(self.plan["sockets"]["backdoor"], timeout=timeout, alive=self.alive)
 
     def _multiplexer_alive(self) -> bool:
-        """QEMU runs; raises ConnectionLost when the hybrid vsock's multiplexer cannot answer
-        any more (it exited or panicked): a CONNECT would otherwise wait out the boot timeout."""
+        """QEMU runs; raises ConnectionLost when a helper failed (it exited or panicked), the
+        hybrid vsock's multiplexer above all, which then answers no CONNECT: one would
+        otherwise wait out the boot timeout."""
         failure = self.helper_failure()
         if failure is not None:
-            raise ConnectionLost(f"{self.machine_name}: the hybrid vsock cannot answer: {failure}")
+            raise ConnectionLost(f"{self.machine_name}: the backdoor cannot be reached: a helper failed: {failure}")
         return self.alive()
 
     def exited_for_reboot(self) -> bool:
