@@ -705,11 +705,12 @@ class Workers:
     MAX_IDLE = 8
 
     def __init__(self) -> None:
-        self._idle: list[queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...], threading.Event]]] = []
+        self._idle: list[queue.SimpleQueue[tuple[Callable[..., object], tuple[Any, ...], threading.Event]]] = []
         self._lock = threading.Lock()
 
-    def run(self, fn: Callable[..., None], *args: Any) -> threading.Event:
-        """Run fn(*args) on an idle worker (or a new one); the event is set when it returns."""
+    def run(self, fn: Callable[..., object], *args: Any) -> threading.Event:
+        """Run fn(*args) on an idle worker (or a new one); the event is set when it returns
+        (what it returns is dropped)."""
         done = threading.Event()
         with self._lock:
             q = self._idle.pop() if self._idle else None
@@ -719,7 +720,7 @@ class Workers:
         q.put((fn, args, done))
         return done
 
-    def _work(self, q: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...], threading.Event]]) -> None:
+    def _work(self, q: queue.SimpleQueue[tuple[Callable[..., object], tuple[Any, ...], threading.Event]]) -> None:
         while True:
             fn, args, done = q.get()
             try:
@@ -800,11 +801,6 @@ def _kill_group(pid: int, signum: int = signal.SIGKILL) -> None:
         os.killpg(pid, signum)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _reap(proc: Spawned) -> None:
-    """Wait for a killed command on a worker (the reader must not block on it)."""
-    proc.wait()
 
 
 _PYTHON_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)  # what Popen's restore_signals resets
@@ -1222,11 +1218,11 @@ class Session:
         except (Disconnected, P.ProtocolError):  # the host is gone: no EXIT, nothing to hand over
             _kill_group(proc.pid)
             if not proc.returned_within(INLINE_REAP):
-                WORKERS.run(_reap, proc)  # there, not left a zombie of the agent
+                WORKERS.run(proc.wait)  # reaped there (the reader must not block), no zombie
             returned, lost = True, True
         except OSError:  # not expected: the command must not outlive it (handle reports it)
             _kill_group(proc.pid)
-            WORKERS.run(_reap, proc)
+            WORKERS.run(proc.wait)
             os.close(out)
             if err is not None:
                 os.close(err)

@@ -99,10 +99,10 @@ class QemuBackend(VmmProcess):
                                        timeout=timeout, alive=self.alive)
         if backdoor["transport"] == "vsock":
             return vsock.connect_hybrid(backdoor["uds"], vsock_port(backdoor, self.machine_name),
-                                        timeout=timeout, alive=self._multiplexer_alive)
+                                        timeout=timeout, alive=self._vmm_and_helpers_alive)
         return connect_unix(self.plan["sockets"]["backdoor"], timeout=timeout, alive=self.alive)
 
-    def _multiplexer_alive(self) -> bool:
+    def _vmm_and_helpers_alive(self) -> bool:
         """QEMU runs; raises ConnectionLost when a helper failed (it exited or panicked), the
         hybrid vsock's multiplexer above all, which then answers no CONNECT: one would
         otherwise wait out the boot timeout."""

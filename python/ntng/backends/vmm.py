@@ -54,7 +54,6 @@ class VmmProcess(ConsoleLines):
         self.keep_disk = keep_disk
         self.proc: subprocess.Popen[bytes] | None = None
         self.helpers: list[subprocess.Popen[bytes]] = []  # side processes of the plan (virtiofsd, ...)
-        self._helper_logs: list[tuple[str, Path]] = []  # (name, log) of each, in the same order
         self.state_dir = Path(plan["stateDir"])  # nixlib names it
         self._console_thread: threading.Thread | None = None
         self._console_copy: IO[bytes] | None = None  # consoleLog, where stdout is the console
@@ -190,7 +189,6 @@ class VmmProcess(ConsoleLines):
                 raise SetupError(f"{self.machine_name}: {argv[0]} not found; "
                                  f"{helper.get('missing', 'it is needed by this node')}") from None
             self.helpers.append(proc)
-            self._helper_logs.append((name, log))
             deadline = time.monotonic() + HELPER_START_TIMEOUT
             while not ready.exists():
                 if proc.poll() is not None or time.monotonic() > deadline:
@@ -215,11 +213,16 @@ class VmmProcess(ConsoleLines):
         except (OSError, KeyError):  # KeyError: a hand-made plan names no stderr file
             return "(no output)"
 
+    def _started_helpers(self) -> list[tuple[subprocess.Popen[bytes], str, Path]]:
+        """(process, name, log) of each helper started: the plan's first len(self.helpers)."""
+        started = zip(self.helpers, self.plan.get("helpers", []), strict=False)  # a start may stop midway
+        return [(proc, h["name"], Path(h["log"])) for proc, h in started]
+
     def helper_failure(self) -> str | None:
         """What went wrong with a helper the VM needs, or None: one exited, or one printed a
         Rust panic (vhost-device-vsock 0.3's vsock thread dies on one, the process lives on and
         no CONNECT is answered again)."""
-        for proc, (name, log) in zip(self.helpers, self._helper_logs, strict=True):
+        for proc, name, log in self._started_helpers():
             if proc.poll() is not None:
                 return f"{name} exited with {proc.returncode}; its log {log}: {log_tail(log)}"
             tail = log_tail(log)
@@ -231,7 +234,7 @@ class VmmProcess(ConsoleLines):
         """One line per helper, its state and its log's last lines: for errors about a guest
         that never answered."""
         lines = []
-        for proc, (name, log) in zip(self.helpers, self._helper_logs, strict=True):
+        for proc, name, log in self._started_helpers():
             state = "running" if proc.poll() is None else f"exited with {proc.returncode}"
             lines.append(f"{name} (pid {proc.pid}): {state}; its log: {log_tail(log)}")
         return "\n".join(lines)
@@ -250,7 +253,6 @@ class VmmProcess(ConsoleLines):
         for proc in self.helpers:
             kill_group(proc)
         self.helpers = []
-        self._helper_logs = []
 
     def copy_disk(self, argv: list[str]) -> None:
         """A disk image copied by nixlib's command (a snapshot layout's copyDisk); the state
