@@ -212,7 +212,6 @@ class ExecTask(Task):
     stdin_queue: queue.SimpleQueue[bytes] | None = None
     timeout: float | None = None
     deadline: float | None = None
-    ended: list[int]  # the types of the streams that ended: their frames go with the EXIT
     outputs: list[Any]  # the output pipes still open: plain fds (Spawned) or files (Popen)
     grown: frozenset[int] = frozenset()  # output pipes grown to 1 MiB
     proc: Any  # a Spawned (posix_spawn) or a subprocess.Popen
@@ -251,7 +250,6 @@ class ExecTask(Task):
             cwd = cwd or (pw.pw_dir if os.path.isdir(pw.pw_dir) else "/")
         if req.pty:
             self.pty = True
-            self.ended = []  # its one stream's end goes alone (_pump)
             # One terminal for stdin/stdout/stderr, made the command's controlling tty.
             master, slave = pty.openpty()
             try:
@@ -298,7 +296,7 @@ class ExecTask(Task):
         if req.timeout_ms:
             self.timeout = req.timeout_ms / 1000
             self.deadline = started + self.timeout
-        self.poller, self.pipes, self.ended, self.grown = inline.poller, inline.pipes, inline.ended, inline.grown
+        self.poller, self.pipes, self.grown = inline.poller, inline.pipes, inline.grown
         self.outputs = [proc.stdout] if proc.stderr is None else [proc.stdout, proc.stderr]
         if inline.closed:
             self._close_pipes()
@@ -318,7 +316,6 @@ class ExecTask(Task):
                 if not chunk:
                     break
                 self.send_data(ftype, chunk)
-            self.session.send(P.encode_frame(ftype, self.rid))  # end of stream
         except (P.ProtocolError, Disconnected):
             self.kill()
         finally:
@@ -343,7 +340,6 @@ class ExecTask(Task):
         out: Any = self.proc.stdout  # always a pipe (or the pty)
         err: Any = self.proc.stderr
         self.poller = poller = select.poll()
-        self.ended = []
         self.outputs = [out] if err is None else [out, err]  # plain fds (Spawned) or files (Popen)
         if not isinstance(out, int):
             out = out.fileno()
@@ -373,7 +369,7 @@ class ExecTask(Task):
                     if revents != select.POLLHUP and self._move(fd, self.session.max_frame):
                         continue
                     poller.unregister(fd)
-                    self.ended.append(pipes.pop(fd))
+                    del pipes[fd]
         except TimeoutError:  # the host granted no credit until the deadline
             self.timed_out = True
         except (P.ProtocolError, Disconnected):
@@ -441,10 +437,9 @@ class ExecTask(Task):
 
     def _report(self, timed_out: bool) -> None:
         rc = self.proc.returncode
-        # One write for the end-of-stream frames and the EXIT: each write is a syscall and a
-        # wake-up of the host's reader, which count under TCG.  Arguments positional: code,
-        # signal, timed_out, duration_us (keywords cost under TCG too).
-        frames = P.exec_end(self.rid, self.ended, rc if rc >= 0 else -1, -rc if rc < 0 else 0, timed_out,
+        # The EXIT ends the command's output streams (no end-of-stream frames).  Arguments
+        # positional: code, signal, timed_out, duration_us (keywords cost under TCG).
+        frames = P.exec_end(self.rid, rc if rc >= 0 else -1, -rc if rc < 0 else 0, timed_out,
                             int((time.monotonic() - self.started) * 1e6))
         if self.stdin_queue is not None:
             self.stdin_queue.put(b"")  # later STDIN is dropped: end the feeder thread now
@@ -1015,9 +1010,9 @@ STARTERS: dict[int, type[Task]] = {
 class InlineState:
     """Where Session.serve_inline left a command it hands to a worker (ExecTask.adopt)."""
 
-    def __init__(self, poller: Any, pipes: dict[int, int], ended: list[int], grown: frozenset[int],
-                 credit: int, closed: bool) -> None:
-        self.poller, self.pipes, self.ended, self.grown = poller, pipes, ended, grown
+    def __init__(self, poller: Any, pipes: dict[int, int], grown: frozenset[int], credit: int,
+                 closed: bool) -> None:
+        self.poller, self.pipes, self.grown = poller, pipes, grown
         self.credit = credit  # what is left of the host's window: no CREDIT was read meanwhile
         self.closed = closed  # its output ended: the pipes are closed, only its exit is awaited
 
@@ -1173,7 +1168,6 @@ class Session:
             pipes[err] = STDERR_TYPE
             poller.register(err, select.POLLIN)
         poller.register(host_fd, select.POLLIN)
-        ended: list[int] = []
         grown: frozenset[int] = frozenset()
         credit = self.window
         end = started + INLINE_FOR
@@ -1209,7 +1203,7 @@ class Session:
                             credit -= got
                             continue
                     poller.unregister(fd)
-                    ended.append(pipes.pop(fd))
+                    del pipes[fd]
                 else:
                     continue
                 break
@@ -1237,7 +1231,7 @@ class Session:
             task = ExecTask(self, rid)
             with self.lock:
                 self.tasks[rid] = task
-            task.adopt(req, started, proc, InlineState(poller, pipes, ended, grown, credit, not pipes))
+            task.adopt(req, started, proc, InlineState(poller, pipes, grown, credit, not pipes))
             return
         os.close(out)
         if err is not None:
@@ -1246,7 +1240,7 @@ class Session:
             return
         rc = proc.returncode
         assert rc is not None
-        self.send_last(rid, P.exec_end(rid, ended, rc if rc >= 0 else -1, -rc if rc < 0 else 0, False,
+        self.send_last(rid, P.exec_end(rid, rc if rc >= 0 else -1, -rc if rc < 0 else 0, False,
                                        int((time.monotonic() - started) * 1e6)))
 
     def send_last(self, rid: int, frames: bytes) -> None:

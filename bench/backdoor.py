@@ -71,7 +71,7 @@ def header(tmp: Path) -> str:
 # reap); `Q` is `S` with the C library's PATH search (posix_spawnp of `true`), as the agent
 # spawned before it looked names up itself.  `F` answers our protocol's frames: a PING with
 # protocol.pong_for_ping, an EXEC checked and parsed, spawned and waited for as `P`, answered
-# with the end-of-stream frames and the EXIT (protocol.exec_end): the least a Python agent
+# with the EXIT (protocol.exec_end): the least a Python agent
 # speaking this protocol pays.  `f` samples the in-guest floors in this long-running process
 # (posix_spawn + waitpid of `bash -c` and /bin/true, timed inside; a fresh python3 per sample
 # was noisier than the spawn server it should bound, docs/benchmarks.md, the seventh round).
@@ -79,7 +79,7 @@ def header(tmp: Path) -> str:
 ECHO = (
     "import os, select, signal, struct, sys, time\n"
     "sys.path.insert(0, '/usr/lib/ntng-backdoor'); import protocol as Pr\n"
-    "MAGIC = Pr.MAGIC; PING = Pr.FrameType.PING; ENDED = [Pr.FrameType.STDOUT, Pr.FrameType.STDERR]\n"
+    "MAGIC = Pr.MAGIC; PING = Pr.FrameType.PING\n"
     f"fd = os.open('/dev/virtio-ports/{RAW}', os.O_RDWR)\n"
     "nul = os.open('/dev/null', os.O_RDONLY | os.O_CLOEXEC)\n"
     "env = dict(os.environ); env.setdefault('PATH', '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin')\n"
@@ -117,7 +117,7 @@ ECHO = (
     "    f = Pr.lone_frame(d); rid = f.request_id\n"
     "    Pr.parse_exec(f.payload)\n"
     "    end = P()[0]\n"
-    "    return Pr.exec_end(rid, ENDED, end, 0, False, 0)\n"
+    "    return Pr.exec_end(rid, end, 0, False, 0)\n"
     "def floors():\n"
     "    out = []\n"
     "    for argv in (['/bin/bash', '-c', 'set -euo pipefail; true'], ['/bin/true']):\n"
@@ -161,7 +161,7 @@ def raw_command_fn(s: socket.socket, which: bytes) -> Any:
 def framed_fn(s: socket.socket, request: bytes, answer: bytes) -> Any:
     """A request in our protocol's frames through the spawn server's `F` (ECHO), its answer
     checked byte for byte: a PING (answered by protocol.pong_for_ping) or an EXEC (parsed,
-    spawned and waited for as `P`, answered with the two end-of-stream frames and the EXIT)."""
+    spawned and waited for as `P`, answered with the EXIT)."""
 
     def one() -> None:
         s.sendall(request)
@@ -173,8 +173,7 @@ def framed_fn(s: socket.socket, request: bytes, answer: bytes) -> Any:
 
 def framed_exec_fn(s: socket.socket) -> Any:
     rid = 7
-    answer = (P.encode_frame(P.FrameType.STDOUT, rid) + P.encode_frame(P.FrameType.STDERR, rid)
-              + P.Exit(0, 0, False, 0).frame(rid))
+    answer = P.Exit(0, 0, False, 0).frame(rid)
     return framed_fn(s, P.Exec(argv=["true"], timeout_ms=900_000).frame(rid), answer)
 
 
@@ -423,7 +422,7 @@ def wall_gap(m: Machine, rounds: int, old: Any = None) -> list[tuple[str, str, s
             raw_command_fn(raw, b"S"),
         "+ the agent's wait: one poll over pipes and port, SCHED_BATCH, WNOHANG reap (P)":
             raw_command_fn(raw, b"P"),
-        "+ our protocol: the EXEC frame checked and parsed, the EOFs and EXIT as frames (F)":
+        "+ our protocol: the EXEC frame checked and parsed, the EXIT as a frame (F)":
             framed_exec_fn(raw),
         'our agent: run(["/bin/true"])': lambda: m.run(["/bin/true"]),
         'our agent: run(["true"])': lambda: m.run(["true"]),

@@ -284,6 +284,14 @@ class BackdoorClient:
                 n = self.sock.recv_into(buf)  # close() and _abort() wake it with shutdown()
                 if not n:
                     raise ConnectionLost(f"{self.name}: the VM closed the backdoor connection")
+                # One whole frame (a command's EXIT, a PONG: the usual read) skips the
+                # decoder's buffer and generator, which the host pays on a command's critical path.
+                frame = None if decoder.buffered else P.lone_frame(buf[:n], self.max_frame)
+                if frame is not None:
+                    self._dispatch(frame)
+                    if self._closed is not None:
+                        return
+                    continue
                 decoder.feed(buf[:n])
                 for ev in decoder.events():
                     if isinstance(ev, P.Garbage):

@@ -14,7 +14,9 @@ receiver can answer a bad frame with ERROR and go on.
 
 Bulk data (STDIN/STDOUT/STDERR/FILE_DATA) is credit-based per request: a sender may have at
 most `window` unacknowledged payload bytes in flight; the receiver returns credit with CREDIT
-frames as its consumer drains the data.  An empty data frame is end-of-stream.
+frames as its consumer drains the data.  An empty data frame is end-of-stream (STDIN,
+FILE_DATA); a command's STDOUT and STDERR end with its EXIT, which follows all their frames on
+the one ordered connection, so they carry none (earlier agents sent one: receivers skip it).
 """
 
 from __future__ import annotations
@@ -657,23 +659,17 @@ _EXIT_STRUCT = struct.Struct(">iBBQ")  # Exit.SCHEMA's bytes (property-tested)
 _EXIT_TYPE = int(FrameType.EXIT)
 
 
-def exec_end(request_id: int, ended: list[int], code: int, signal: int, timed_out: bool, duration_us: int) -> bytes:
-    """The end-of-stream frames of the streams in `ended` (their types, in order) and the EXIT,
-    as one write: `encode_frame(t, request_id)` for each, then `Exit(...).frame(request_id)`,
-    without the typed codec or a call per frame: one per command in the guest, where each
-    counts (property-tested equal)."""
-    out = b""
-    for ftype in ended:
-        head = _HEAD_NO_CRC.pack(MAGIC, VERSION, ftype, 0, request_id, 0)
-        head += zlib.crc32(head).to_bytes(4, "big")
-        out += head + zlib.crc32(head).to_bytes(4, "big")
+def exec_end(request_id: int, code: int, signal: int, timed_out: bool, duration_us: int) -> bytes:
+    """`Exit(...).frame(request_id)` without the typed codec: one per command in the guest,
+    where each interpreted line counts (property-tested equal).  The EXIT ends the command's
+    STDOUT and STDERR: no end-of-stream frame goes before it."""
     try:
         payload = _EXIT_STRUCT.pack(code, signal, bool(timed_out), duration_us)
     except struct.error as e:
         raise FrameError(f"cannot encode EXIT: {e}") from None
     head = _HEAD_NO_CRC.pack(MAGIC, VERSION, _EXIT_TYPE, 0, request_id, _EXIT_STRUCT.size)
     head += zlib.crc32(head).to_bytes(4, "big")
-    return out + head + payload + zlib.crc32(payload, zlib.crc32(head)).to_bytes(4, "big")
+    return head + payload + zlib.crc32(payload, zlib.crc32(head)).to_bytes(4, "big")
 
 
 def credit_frame(request_id: int, amount: int) -> bytes:

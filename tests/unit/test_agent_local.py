@@ -649,6 +649,35 @@ def test_end_of_stream_frames_are_not_handed_to_the_caller(client: BackdoorClien
     assert (r.stdout, r.stderr, r.status) == (b"out\n", b"err\n", 0)
 
 
+def test_a_command_ends_with_its_exit_alone(client: BackdoorClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent sends no end-of-stream frame for a command's STDOUT or STDERR: the EXIT ends
+    them (two frames fewer to build, send and decode per command).  Every way a command is
+    served: inline or by a worker (the fixture's two working directories), with stdin, on a
+    terminal, and output that outlives the inline path."""
+    seen: list[P.Frame] = []
+    dispatch = client._dispatch
+
+    def record(frame: P.Frame) -> None:
+        seen.append(frame)
+        dispatch(frame)
+
+    monkeypatch.setattr(client, "_dispatch", record)
+    cases = [
+        (P.Exec(shell="echo out; echo err >&2"), None, (b"out\n", b"err\n")),
+        (P.Exec(shell="cat; echo err >&2"), b"in", (b"in", b"err\n")),
+        (P.Exec(shell="echo tty", pty=True), None, (b"tty\r\n", b"")),
+        (P.Exec(shell="head -c 3000000 /dev/zero; sleep 0.3; echo end >&2"), None,
+         (bytes(3_000_000), b"end\n")),
+    ]
+    for req, stdin, (out, err) in cases:
+        seen.clear()
+        r = client.execute(req, stdin=stdin, wait=30)
+        assert (r.stdout, r.stderr, r.status) == (out, err, 0), req
+        assert seen[-1].type == P.FrameType.EXIT
+        empty = [f.type for f in seen if f.type in (P.FrameType.STDOUT, P.FrameType.STDERR) and not f.payload]
+        assert empty == [], f"{req}: end-of-stream frames sent: {empty}"
+
+
 def test_corrupted_frame_gets_an_error_and_the_connection_continues(client: BackdoorClient) -> None:
     rid = 0x7FFF0001  # far from the ids the client hands out
     pending = _Pending(rid, P.SendWindow(1), P.ReceiveWindow(1), queue.SimpleQueue())
