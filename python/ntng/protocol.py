@@ -520,8 +520,13 @@ class Exec(Message):
         return parse_exec(payload)
 
 
+_ONE_BYTE_VARINTS = [bytes((n,)) for n in range(0x80)]
+
+
 def _varint(n: int) -> bytes:
     """construct's VarInt bytes of n >= 0 (ValueError below 0)."""
+    if 0 <= n < 0x80:  # every count and short text's length: an EXEC has eight
+        return _ONE_BYTE_VARINTS[n]
     if n < 0:
         raise ValueError(f"VarInt of {n}")
     out = bytearray()
