@@ -118,6 +118,19 @@ ECHO = (
     "    Pr.parse_exec(f.payload)\n"
     "    end = P()[0]\n"
     "    return Pr.exec_end(rid, end, 0, False, 0)\n"
+    "def W():\n"
+    "    t0 = time.perf_counter(); os.waitpid(os.posix_spawn('/bin/true', ['/bin/true'], env), 0)\n"
+    "    return struct.pack('>d', time.perf_counter() - t0)\n"
+    "def X():\n"
+    "    t0 = time.perf_counter(); r1, w1 = os.pipe(); r2, w2 = os.pipe()\n"
+    "    pid = os.posix_spawn('/bin/true', ['/bin/true'], env, setsid=True, file_actions=[\n"
+    "        (os.POSIX_SPAWN_DUP2, w1, 1), (os.POSIX_SPAWN_DUP2, w2, 2)])\n"
+    "    os.close(w1); os.close(w2)\n"
+    "    for r in (r1, r2):\n"
+    "        while os.read(r, 65536): pass\n"
+    "        os.close(r)\n"
+    "    os.waitpid(pid, 0)\n"
+    "    return struct.pack('>d', time.perf_counter() - t0)\n"
     "def floors():\n"
     "    out = []\n"
     "    for argv in (['/bin/bash', '-c', 'set -euo pipefail; true'], ['/bin/true']):\n"
@@ -125,7 +138,7 @@ ECHO = (
     "        out.append(time.perf_counter() - t0)\n"
     "    return struct.pack('>dd', *out)\n"
     "argvs = {b'T': ['/bin/true'], b'B': ['/bin/bash', '-c', 'set -euo pipefail; true'], b'S': S, b'P': P, b'Q': Q,\n"
-    "         b'f': floors}\n"
+    "         b'f': floors, b'W': W, b'X': X}\n"
     "while True:\n"
     "    d = os.read(fd, 65536)\n"
     "    if d[:4] == MAGIC:\n"
@@ -154,6 +167,18 @@ def raw_command_fn(s: socket.socket, which: bytes) -> Any:
     def one() -> None:
         s.sendall(which)
         assert recv_exact(s, 1) == b"\0"
+
+    return one
+
+
+def inside_fn(s: socket.socket, which: bytes, inside: list[float]) -> Any:
+    """A spawn through the spawn server that times itself inside the guest (ECHO's `W`: the
+    floor's posix_spawn + waitpid; `X`: `T`'s pipes too): the wall time around it, less the
+    time inside, is what the port and the wake-ups add to a spawn."""
+
+    def one() -> None:
+        s.sendall(which)
+        inside.append(struct.unpack(">d", recv_exact(s, 8))[0])
 
     return one
 
@@ -413,7 +438,8 @@ def wall_gap(m: Machine, rounds: int, old: Any = None) -> list[tuple[str, str, s
     the runner's own CPU per sample (time.process_time: all its threads).  `old`: a client of
     an older agent (--ab, on the SHELL port), its client.execute next to ours."""
     step("the wall-time gap to the spawn server, in steps")
-    _, raw = raw_echo_fn(m)
+    echo, raw = raw_echo_fn(m)
+    inside: dict[str, list[float]] = {"W": [], "X": []}
     cases: dict[str, Any] = {
         "spawn server: posix_spawn /bin/true, blocking reads, waitpid (T)": raw_command_fn(raw, b"T"),
         "the agent's spawn before this PATH lookup: posix_spawnp `true` (glibc's search), signals reset, stdin /dev/null (Q)":
@@ -427,6 +453,12 @@ def wall_gap(m: Machine, rounds: int, old: Any = None) -> list[tuple[str, str, s
         'our agent: run(["/bin/true"])': lambda: m.run(["/bin/true"]),
         'our agent: run(["true"])': lambda: m.run(["true"]),
     }
+    timed_inside = {
+        "W": "the floor through the port: posix_spawn /bin/true + waitpid, timed inside (W)",
+        "X": "T timed inside: its pipes, reads to EOF and waitpid (X)",
+    }
+    cases["the raw echo (16 bytes; the same process)"] = echo
+    cases.update({name: inside_fn(raw, key.encode(), inside[key]) for key, name in timed_inside.items()})
     if old is not None:
         req = P.Exec(argv=["true"], timeout_ms=900_000)
         ours = m.connect()
@@ -452,6 +484,11 @@ def wall_gap(m: Machine, rounds: int, old: Any = None) -> list[tuple[str, str, s
         rows.append((f"{name}: median wall (ms)", f"{w * 1000:.2f}",
                      f"p90 {pct(wall[name], 90) * 1000:.2f}; over T + {(w - base) * 1000:.2f}; "
                      f"runner CPU {sum(host[name]) / len(host[name]) * 1000:.3f} ms"))
+    for key, name in timed_inside.items():
+        guest = pct(inside[key], 50)
+        rows.append((f"{key}: the spawn inside the guest, median (ms)", f"{guest * 1000:.2f}",
+                     f"the port and wake-ups around it: {(pct(wall[name], 50) - guest) * 1000:.2f} ms "
+                     f"(wall less inside, medians)"))
     return rows
 
 
