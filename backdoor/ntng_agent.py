@@ -167,7 +167,10 @@ class Connection:
 
     def write(self, data: bytes) -> None:
         with self._lock:
-            sent = self._write_some(data)  # a small frame goes whole: no view needed
+            try:  # a small frame goes whole: one call, no view (a PONG's, an EXIT's path)
+                sent = os.write(self.wfd, data)
+            except OSError:  # EAGAIN (the reader's batch), or a port gone: _write_some decides
+                sent = 0
             if sent < len(data):
                 view = memoryview(data)[sent:]
                 while view:
@@ -950,28 +953,34 @@ def _search_path(name: str, path: str) -> str:
     raise FileNotFoundError(2, "No such file or directory", name)
 
 
-def _spawn_fast(argv: list[str], env: dict[str, str], stdin: bool, merge_stderr: bool) -> Spawned:
+def _spawn_fast(argv: list[str], env: dict[str, str], stdin: bool, merge_stderr: bool,
+                ready: tuple[int, int, int, int] | None = None) -> Spawned:
     """posix_spawn (vfork + exec in C) in its own session with pipes: in a TCG guest Popen's
     Python-side work costs more than the exec (measured in bench/agent_steps.py).  Only for a
-    command in the agent's cwd as the agent's user; our fds are all close-on-exec (PEP 446)."""
-    if not argv:
-        raise OSError("empty argv")
-    path = env.get("PATH", os.defpath)
-    exe = argv[0] if "/" in argv[0] else _which(argv[0], path)  # a call fewer for a path
-    fds: list[int] = []
+    command in the agent's cwd as the agent's user; our fds are all close-on-exec (PEP 446).
+    `ready`: stdout and stderr pipes made beforehand (ReadyPipes), (out_r, out_w, err_r, err_w);
+    closed here when the command does not start, as the pipes made here are."""
+    fds: list[int] = list(ready) if ready is not None else []
     try:
+        if not argv:
+            raise OSError("empty argv")
+        path = env.get("PATH", os.defpath)
+        exe = argv[0] if "/" in argv[0] else _which(argv[0], path)  # a call fewer for a path
         if stdin:
             in_r, in_w = os.pipe()
             fds += [in_r, in_w]
         else:
             in_r = in_w = _devnull()
-        out_r, out_w = os.pipe()
-        fds += [out_r, out_w]
-        if merge_stderr:
-            err_r, err_w = -1, out_w
+        if ready is not None:
+            out_r, out_w, err_r, err_w = ready
         else:
-            err_r, err_w = os.pipe()
-            fds += [err_r, err_w]
+            out_r, out_w = os.pipe()
+            fds += [out_r, out_w]
+            if merge_stderr:
+                err_r, err_w = -1, out_w
+            else:
+                err_r, err_w = os.pipe()
+                fds += [err_r, err_w]
         # Ignored signals back to SIG_DFL (else `yes | head` prints "Broken pipe" and SIGINT
         # stops nothing), and start with no signal blocked.
         actions = [(os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
@@ -1005,6 +1014,40 @@ STARTERS: dict[int, type[Task]] = {
     P.FrameType.FILE_PUT: PutTask,
     P.FrameType.FILE_GET: GetTask,
 }
+
+
+class ReadyPipes:
+    """The next inline command's stdout and stderr pipes, and a poll over them and the host
+    connection, made after a command's EXIT went out, while the agent waits for the next
+    request: two pipe() calls, a poll object and three registrations taken off the command's
+    critical path (~0.3 ms of a command under TCG with the closes and scheduling after its
+    EXIT, docs/benchmarks.md, the tenth round).  Four close-on-exec fds, closed with the
+    session (Session.cancel_all)."""
+
+    def __init__(self, host_fd: int) -> None:
+        self.host_fd = host_fd
+        self.out_r, self.out_w = os.pipe()
+        try:
+            self.err_r, self.err_w = os.pipe()
+        except OSError:
+            os.close(self.out_r)
+            os.close(self.out_w)
+            raise
+        self.poller = select.poll()
+        self.poller.register(self.out_r, select.POLLIN)
+        self.poller.register(self.err_r, select.POLLIN)
+        self.poller.register(host_fd, select.POLLIN)
+
+    def close(self) -> None:
+        for fd in (self.out_r, self.out_w, self.err_r, self.err_w):
+            os.close(fd)
+
+
+def _ready_pipes(host_fd: int) -> ReadyPipes | None:
+    try:
+        return ReadyPipes(host_fd)
+    except OSError:  # out of fds: the next command makes its own, and reports what fails
+        return None
 
 
 class InlineState:
@@ -1058,6 +1101,7 @@ class Session:
         # The host connection's read fd while the frame being handled is the last one read:
         # a command may then be served inline until the host sends more (Session.serve_inline).
         self.inline_fd: int | None = None
+        self.ready: ReadyPipes | None = None  # the next inline command's (serve_inline)
 
     def send(self, frame: bytes) -> None:
         self.conn.write(frame)
@@ -1091,6 +1135,9 @@ class Session:
             tasks, self.tasks = list(self.tasks.values()), {}
         for t in tasks:
             t.cancel()
+        ready, self.ready = self.ready, None
+        if ready is not None:
+            ready.close()
 
     def handle(self, frame: P.Frame) -> None:
         ft, rid = frame.type, frame.request_id
@@ -1159,15 +1206,23 @@ class Session:
         locals.  OSError: the command did not start."""
         started = time.monotonic()
         argv, env = _command(req)
-        proc = _spawn_fast(argv, env, False, req.merge_stderr)
-        out, err = proc.stdout, proc.stderr
-        pipes = {out: STDOUT_TYPE}
-        poller = select.poll()
-        poller.register(out, select.POLLIN)
-        if err is not None:
-            pipes[err] = STDERR_TYPE
-            poller.register(err, select.POLLIN)
-        poller.register(host_fd, select.POLLIN)
+        err: int | None  # None: stderr merged into stdout
+        ready = self.ready
+        if ready is not None and not req.merge_stderr and ready.host_fd == host_fd:
+            self.ready = None  # _spawn_fast closes its pipes if the command does not start
+            proc = _spawn_fast(argv, env, False, False, (ready.out_r, ready.out_w, ready.err_r, ready.err_w))
+            out, err, poller = ready.out_r, ready.err_r, ready.poller
+            pipes = {out: STDOUT_TYPE, err: STDERR_TYPE}
+        else:
+            proc = _spawn_fast(argv, env, False, req.merge_stderr)
+            out, err = proc.stdout, proc.stderr
+            pipes = {out: STDOUT_TYPE}
+            poller = select.poll()
+            poller.register(out, select.POLLIN)
+            if err is not None:
+                pipes[err] = STDERR_TYPE
+                poller.register(err, select.POLLIN)
+            poller.register(host_fd, select.POLLIN)
         grown: frozenset[int] = frozenset()
         credit = self.window
         end = started + INLINE_FOR
@@ -1215,33 +1270,37 @@ class Session:
                 WORKERS.run(proc.wait)  # reaped there (the reader must not block), no zombie
             returned, lost = True, True
         except OSError:  # not expected: the command must not outlive it (handle reports it)
+            _batch_scheduling(False)
             _kill_group(proc.pid)
             WORKERS.run(proc.wait)
             os.close(out)
             if err is not None:
                 os.close(err)
             raise
-        finally:
-            try:  # _batch_scheduling(False)
-                os.sched_setscheduler(0, os.SCHED_OTHER, _SCHED_PARAM)
-            except OSError:
-                pass
+        except BaseException:
+            _batch_scheduling(False)
+            raise
         if not returned:
+            _batch_scheduling(False)
             poller.unregister(host_fd)
             task = ExecTask(self, rid)
             with self.lock:
                 self.tasks[rid] = task
             task.adopt(req, started, proc, InlineState(poller, pipes, grown, credit, not pipes))
             return
+        if not lost:
+            rc = proc.returncode
+            assert rc is not None
+            self.send_last(rid, P.exec_end(rid, rc if rc >= 0 else -1, -rc if rc < 0 else 0, False,
+                                           int((time.monotonic() - started) * 1e6)))
+        # After the EXIT, while the host reads it and sends the next request: the scheduling
+        # back, the pipes closed, the next command's pipes made (ReadyPipes).
+        _batch_scheduling(False)
         os.close(out)
         if err is not None:
             os.close(err)
-        if lost:
-            return
-        rc = proc.returncode
-        assert rc is not None
-        self.send_last(rid, P.exec_end(rid, rc if rc >= 0 else -1, -rc if rc < 0 else 0, False,
-                                       int((time.monotonic() - started) * 1e6)))
+        if not lost and self.ready is None:
+            self.ready = _ready_pipes(host_fd)
 
     def send_last(self, rid: int, frames: bytes) -> None:
         """A request's last frames (finish(), or Session.serve_inline's, which has no task): a
@@ -1374,6 +1433,7 @@ def serve(conn: Connection, started_ns: int, key_file: str | None = None) -> boo
     except Disconnected:
         return False
     session = Session(conn, key_file)
+    session.ready = _ready_pipes(conn.rfd)  # the first command's too
     decoder = P.Decoder(P.DEFAULT_MAX_FRAME)
     try:
         while True:

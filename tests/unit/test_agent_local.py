@@ -373,15 +373,19 @@ def test_a_command_that_closes_its_output_before_it_exits(client: BackdoorClient
 def test_commands_run_under_the_normal_scheduling_policy(pair: tuple[BackdoorClient, LocalAgent]) -> None:
     """The agent waits for a command's output and exit under SCHED_BATCH (no wake-up
     preemption of the command); the command itself and the agent's threads afterwards run
-    under SCHED_OTHER, the policy a test's commands expect."""
+    under SCHED_OTHER, the policy a test's commands expect.  (An inline command's reader
+    goes back to SCHED_OTHER just after the EXIT is sent, so the agent gets a moment.)"""
     client, _local = pair
     policy = [sys.executable, "-c", "import os; print(os.sched_getscheduler(0))"]
     # the agent's cwd: inline, posix_spawn; another cwd: Popen, pumped by a worker thread
     for cwd in (os.getcwd(), "/"):
         r = client.execute(P.Exec(argv=policy, cwd=cwd))
         assert r.status == 0 and int(r.stdout) == os.SCHED_OTHER, (cwd, r)
-    policies = {int(t): os.sched_getscheduler(int(t)) for t in os.listdir("/proc/self/task")}
-    assert set(policies.values()) == {os.SCHED_OTHER}, policies  # the agent's threads too
+
+    def policies() -> dict[int, int]:
+        return {int(t): os.sched_getscheduler(int(t)) for t in os.listdir("/proc/self/task")}
+
+    _wait_for(lambda: set(policies().values()) == {os.SCHED_OTHER}, 5)  # the agent's threads too
 
 
 def in_background(fn: Callable[[], object]) -> queue.SimpleQueue[object]:
@@ -676,6 +680,61 @@ def test_a_command_ends_with_its_exit_alone(client: BackdoorClient, monkeypatch:
         assert seen[-1].type == P.FrameType.EXIT
         empty = [f.type for f in seen if f.type in (P.FrameType.STDOUT, P.FrameType.STDERR) and not f.payload]
         assert empty == [], f"{req}: end-of-stream frames sent: {empty}"
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _fd_targets() -> set[str]:
+    targets = set()
+    for fd in _open_fds():
+        try:
+            targets.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass  # closed meanwhile
+    return targets
+
+
+def test_ready_pipes_leak_no_fd_and_reach_no_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent makes the next inline command's pipes ahead (ReadyPipes).  Whatever the
+    commands do (fail to start, merge stderr, outlive the inline path, print much), a command
+    sees no pipe but its own stdout and stderr, and once the host is gone the agent holds no
+    fd it did not hold before (this process is the agent)."""
+    monkeypatch.chdir("/")
+    monkeypatch.setattr(agent, "_agent_cwd", lambda: "/")  # as in a guest: commands inline
+    agent._devnull()  # opened once for the agent's life, on its first command: not a leak
+    before = _open_fds()
+    inherited = _fd_targets()  # pytest's own pipes, passed on to every child of this process
+    host, guest = socket.socketpair()
+    local = LocalAgent(guest)
+    local.start()
+    client = BackdoorClient(host, name="local")
+    try:
+        client.wait_ready(10)
+        for round_ in range(3):
+            listing = client.execute(P.Exec(argv=["ls", "-l", "/proc/self/fd"]), wait=30).stdout.decode()
+            pipes = {line.split()[-3]: line.split()[-1] for line in listing.splitlines() if "pipe:" in line}
+            assert {fd for fd, pipe in pipes.items() if pipe not in inherited} == {"1", "2"}, listing
+            with pytest.raises(RemoteError) as e:
+                client.execute(P.Exec(argv=["no-such-binary-ntng"]), wait=30)
+            assert e.value.code == P.ErrorCode.EXEC_FAILED
+            r = client.execute(P.Exec(shell="echo out; echo err >&2", merge_stderr=True), wait=30)
+            assert r.stdout == b"out\nerr\n" and r.stderr == b""
+            r = sh(client, f"head -c {5 * MiB} /dev/zero; echo {round_} >&2")  # past the window
+            assert (len(r.stdout), r.stderr) == (5 * MiB, f"{round_}\n".encode())
+            r = sh(client, "sleep 1.2; echo late")  # past INLINE_FOR: a worker ends it
+            assert r.stdout == b"late\n"
+            assert sh(client, "echo after").stdout == b"after\n"
+    finally:
+        client.close()
+        local.stop()
+        guest.close()
+    deadline = time.monotonic() + 10
+    while _open_fds() - before and time.monotonic() < deadline:
+        time.sleep(0.05)  # a worker may still be closing a finished command's pipes
+    left = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in _open_fds() - before}
+    assert left == {}, left
 
 
 def test_corrupted_frame_gets_an_error_and_the_connection_continues(client: BackdoorClient) -> None:
