@@ -13,7 +13,7 @@
   memory    the runner's peak RSS during the download
 
 Usage: .venv/bin/python bench/backdoor.py [--rounds 200] [--copy-mb 64]
-       (--breakdown, --idle, --cpu, --gap and --copy-steps print one part each; --ab REF)
+       (--breakdown, --idle, --cpu, --gap, --copy-steps and --spawn-steps print one part each; --ab REF)
 Prints a markdown table.  Not a test: numbers vary with the machine and the accelerator.
 """
 
@@ -565,6 +565,17 @@ def step(what: str) -> None:
     faulthandler.dump_traceback_later(STUCK_AFTER, exit=False)
 
 
+def spawn_steps(m: Machine, rounds: int) -> list[tuple[str, str, str]]:
+    """What capturing a command's output costs in the guest, from the spawn floor up
+    (bench/spawn_steps.py, in the guest, variants interleaved)."""
+    script = Path(__file__).resolve().parent / "spawn_steps.py"
+    m.connect().put_file(script, "/tmp/spawn_steps.py")
+    step("capturing output, step by step in the guest (spawn_steps.py)")
+    out = m.succeed(f"python3 /tmp/spawn_steps.py {rounds}", timeout=1800)
+    rows = [line.split("\t") for line in out.splitlines() if line.count("\t") == 2]
+    return [(f"{name} (in the guest, ms)", p50, f"p25 {p25}") for name, p25, p50 in rows]
+
+
 def breakdown(m: Machine, tmp: Path, rounds: int, ref: str) -> None:
     """Where succeed("true")'s time goes: the agent's steps timed in the guest, the host's
     round trips, and (with `ref`) the agent of git `ref` against the image's, interleaved."""
@@ -917,6 +928,8 @@ def main() -> None:
                     help="the wall-time gap to the spawn server, in steps toward the agent (only)")
     ap.add_argument("--copy-steps", action="store_true",
                     help="the agent's get/put data path step by step in the guest (only)")
+    ap.add_argument("--spawn-steps", action="store_true",
+                    help="what capturing a command's output costs in the guest, step by step (only)")
     ap.add_argument("--ab", default="", metavar="GIT_REF",
                     help="with --breakdown, --cpu or --gap: also run the agent of GIT_REF in the guest, interleaved")
     args = ap.parse_args()
@@ -948,6 +961,8 @@ def main() -> None:
         client = m.connect()
         if args.idle:
             rows += idle_pings(m, client, max(10, args.rounds // 7))
+        elif args.spawn_steps:
+            rows += spawn_steps(m, args.rounds)
         elif args.cpu:
             old = old_agent_client(m, tmp, args.ab, SHELL) if args.ab else None
             rows += guest_cpu(m, client, args.rounds, old)
