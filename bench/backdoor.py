@@ -782,7 +782,7 @@ def ratios(m: Machine, client: Any, tmp: Path, rounds: int, copy_mb: int) -> lis
          f"floor + {med['raw_true'] - floor_true:.1f} / + {med['raw_bash'] - floor_bash:.1f}: the least "
          f"any Python agent on this port pays; ours over it: run + {med['argv'] - med['raw_true']:.1f}, "
          f"succeed + {med['succeed'] - med['raw_bash']:.1f}"),
-        ("the same server answering our frames (F): EXEC of `true` → its EOFs and EXIT, median (ms)",
+        ("the same server answering our frames (F): EXEC of `true` → its EXIT, median (ms)",
          f"{med['framed_true']:.1f}",
          f"floor + {med['framed_true'] - floor_true:.1f}: the least a Python agent speaking this protocol "
          f"pays (waiting as it must, the host watched); ours over it: run + {med['argv'] - med['framed_true']:.1f}"),
