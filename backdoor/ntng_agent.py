@@ -1020,9 +1020,9 @@ class ReadyPipes:
     """The next inline command's stdout and stderr pipes, and a poll over them and the host
     connection, made after a command's EXIT went out, while the agent waits for the next
     request: two pipe() calls, a poll object and three registrations taken off the command's
-    critical path (~0.3 ms of a command under TCG with the closes and scheduling after its
-    EXIT, docs/benchmarks.md, the tenth round).  Four close-on-exec fds, closed with the
-    session (Session.cancel_all)."""
+    critical path (with the closes and the scheduling policy's restore after the EXIT, 0.59 ms
+    of the agent's wait for a command under TCG: docs/benchmarks.md, the tenth round).  Four
+    close-on-exec fds, closed with the session (Session.cancel_all)."""
 
     def __init__(self, host_fd: int) -> None:
         self.host_fd = host_fd
@@ -1422,6 +1422,7 @@ def _describe(e: BaseException) -> str:
 
 
 PING_TYPE = bytes((P.FrameType.PING,))  # a frame header's type byte (offset 5)
+PING = int(P.FrameType.PING)
 
 
 def serve(conn: Connection, started_ns: int, key_file: str | None = None) -> bool:
@@ -1435,6 +1436,10 @@ def serve(conn: Connection, started_ns: int, key_file: str | None = None) -> boo
     session = Session(conn, key_file)
     session.ready = _ready_pipes(conn.rfd)  # the first command's too
     decoder = P.Decoder(P.DEFAULT_MAX_FRAME)
+    held = False  # the decoder holds part of a frame (only its branch below changes that)
+    # The frame handled last of a read may be served inline (Session.serve_inline); the
+    # decoder's branch clears this for the others of its batch and leaves it set.
+    session.inline_fd = conn.rfd
     try:
         while True:
             data = conn.read(READ_BUFFER)
@@ -1442,21 +1447,21 @@ def serve(conn: Connection, started_ns: int, key_file: str | None = None) -> boo
                 return True
             # A lone PING is answered from its bytes (the round trip is the measure), a lone
             # frame (an EXEC: the usual read) taken without the decoder.
-            pong = P.pong_for_ping(data) if data[5:6] == PING_TYPE and not decoder.buffered else None
+            pong = P.pong_for_ping(data) if data[5:6] == PING_TYPE and not held else None
             if pong is not None:
                 conn.write(pong)
                 continue
-            frame = None if decoder.buffered else P.lone_frame(data, P.DEFAULT_MAX_FRAME)
+            frame = None if held else P.lone_frame(data, P.DEFAULT_MAX_FRAME)
             if frame is not None:
-                pong = P.pong_frame(frame) if frame.type == P.FrameType.PING else None
+                pong = P.pong_frame(frame) if frame.type == PING else None
                 if pong is not None:  # answered here: the round trip is the measure
                     conn.write(pong)
                 else:
-                    session.inline_fd = conn.rfd
                     session.handle(frame)
                 continue
             decoder.feed(data)
             events = list(decoder.events())
+            held = decoder.buffered > 0
             for i, ev in enumerate(events):
                 session.inline_fd = conn.rfd if i == len(events) - 1 else None
                 if isinstance(ev, P.Garbage):
