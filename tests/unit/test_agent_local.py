@@ -3,6 +3,7 @@ the real BackdoorClient: every request type end to end, with real host commands,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
@@ -105,6 +106,13 @@ def pair(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
     if request.param == "cwd-root":
         monkeypatch.chdir("/")
         monkeypatch.setattr(agent, "_agent_cwd", lambda: "/")  # read once by the agent otherwise
+    with local_pair() as both:
+        yield both
+
+
+@contextlib.contextmanager
+def local_pair() -> Iterator[tuple[BackdoorClient, LocalAgent]]:
+    """The agent on a socketpair in a thread, a client for it; both stopped at the end."""
     host, guest = socket.socketpair()
     local = LocalAgent(guest)
     local.start()
@@ -706,12 +714,7 @@ def test_ready_pipes_leak_no_fd_and_reach_no_command(monkeypatch: pytest.MonkeyP
     agent._devnull()  # opened once for the agent's life, on its first command: not a leak
     before = _open_fds()
     inherited = _fd_targets()  # pytest's own pipes, passed on to every child of this process
-    host, guest = socket.socketpair()
-    local = LocalAgent(guest)
-    local.start()
-    client = BackdoorClient(host, name="local")
-    try:
-        client.wait_ready(10)
+    with local_pair() as (client, _local):
         for round_ in range(3):
             listing = client.execute(P.Exec(argv=["ls", "-l", "/proc/self/fd"]), wait=30).stdout.decode()
             pipes = {line.split()[-3]: line.split()[-1] for line in listing.splitlines() if "pipe:" in line}
@@ -726,10 +729,6 @@ def test_ready_pipes_leak_no_fd_and_reach_no_command(monkeypatch: pytest.MonkeyP
             r = sh(client, "sleep 1.2; echo late")  # past INLINE_FOR: a worker ends it
             assert r.stdout == b"late\n"
             assert sh(client, "echo after").stdout == b"after\n"
-    finally:
-        client.close()
-        local.stop()
-        guest.close()
     deadline = time.monotonic() + 10
     while _open_fds() - before and time.monotonic() < deadline:
         time.sleep(0.05)  # a worker may still be closing a finished command's pipes
