@@ -1026,21 +1026,32 @@ class ReadyPipes:
 
     def __init__(self, host_fd: int) -> None:
         self.host_fd = host_fd
-        self.out_r, self.out_w = os.pipe()
+        out_r, out_w = os.pipe()
         try:
-            self.err_r, self.err_w = os.pipe()
+            err_r, err_w = os.pipe()
         except OSError:
-            os.close(self.out_r)
-            os.close(self.out_w)
+            os.close(out_r)
+            os.close(out_w)
             raise
-        self.poller = select.poll()
-        self.poller.register(self.out_r, select.POLLIN)
-        self.poller.register(self.err_r, select.POLLIN)
-        self.poller.register(host_fd, select.POLLIN)
+        self.fds = (out_r, out_w, err_r, err_w)  # as _spawn_fast takes them
+        self.poller, self.pipes = _watch_inline(out_r, err_r, host_fd)
 
     def close(self) -> None:
-        for fd in (self.out_r, self.out_w, self.err_r, self.err_w):
+        for fd in self.fds:
             os.close(fd)
+
+
+def _watch_inline(out: int, err: int | None, host_fd: int) -> tuple[Any, dict[int, int]]:
+    """An inline command's poll over its output pipes and the host connection, and its pipes'
+    stream types (Session.serve_inline; `err` None: stderr merged into stdout)."""
+    poller = select.poll()
+    poller.register(out, select.POLLIN)
+    pipes = {out: STDOUT_TYPE}
+    if err is not None:
+        poller.register(err, select.POLLIN)
+        pipes[err] = STDERR_TYPE
+    poller.register(host_fd, select.POLLIN)
+    return poller, pipes
 
 
 def _ready_pipes(host_fd: int) -> ReadyPipes | None:
@@ -1206,23 +1217,15 @@ class Session:
         locals.  OSError: the command did not start."""
         started = time.monotonic()
         argv, env = _command(req)
-        err: int | None  # None: stderr merged into stdout
         ready = self.ready
         if ready is not None and not req.merge_stderr and ready.host_fd == host_fd:
             self.ready = None  # _spawn_fast closes its pipes if the command does not start
-            proc = _spawn_fast(argv, env, False, False, (ready.out_r, ready.out_w, ready.err_r, ready.err_w))
-            out, err, poller = ready.out_r, ready.err_r, ready.poller
-            pipes = {out: STDOUT_TYPE, err: STDERR_TYPE}
+            proc = _spawn_fast(argv, env, False, False, ready.fds)
+            poller, pipes = ready.poller, ready.pipes
         else:
             proc = _spawn_fast(argv, env, False, req.merge_stderr)
-            out, err = proc.stdout, proc.stderr
-            pipes = {out: STDOUT_TYPE}
-            poller = select.poll()
-            poller.register(out, select.POLLIN)
-            if err is not None:
-                pipes[err] = STDERR_TYPE
-                poller.register(err, select.POLLIN)
-            poller.register(host_fd, select.POLLIN)
+            poller, pipes = _watch_inline(proc.stdout, proc.stderr, host_fd)
+        out, err = proc.stdout, proc.stderr
         grown: frozenset[int] = frozenset()
         credit = self.window
         end = started + INLINE_FOR
