@@ -73,6 +73,7 @@ class Flood:
         caller is stuck waiting for credit, so nothing takes them off its queue."""
         rid = request_id(agent, P.FrameType.FILE_PUT)
         agent.drain_forever()
+        time.sleep(0.5)  # let the caller use up its window first, as a slow CI machine did
         frame = P.encode_frame(P.FrameType.EXIT, rid, bytes(P.DEFAULT_MAX_FRAME))
         for _ in range(self.total // len(frame)):
             agent.send(frame)
@@ -136,8 +137,11 @@ def call(scenario: str, client: BackdoorClient, tmp: Path) -> None:
     elif scenario == "default_limit":
         client.execute(P.Exec(argv=["yes"]), wait=120)
     elif scenario == "control_flood":
+        # Larger than the send window, so the caller stays in its wait for credit (which
+        # the scripted agent never gives) and no EXIT is taken off the queue: a file that
+        # fits the window raced the flood (CI: the copy was sent before 5 frames queued).
         src = tmp / "big"
-        src.write_bytes(bytes(4 * MiB))
+        src.write_bytes(bytes(4 * P.DEFAULT_WINDOW))
         client.put_file(src, "/tmp/big", timeout=120)
 
 
