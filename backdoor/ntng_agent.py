@@ -1054,6 +1054,95 @@ def _watch_inline(out: int, err: int | None, host_fd: int) -> tuple[Any, dict[in
     return poller, pipes
 
 
+# The script a waiting shell runs: wait for the go byte on fd 4 (EOF: the agent is gone, run
+# nothing), take the command's script from fd 3 (a memfd: seekable, so bash reads it whole
+# where it reads a pipe a byte per syscall), close both, and eval it.  `bash -c` and eval give
+# the same messages, line numbers, $0 and errexit behaviour (tests/unit/test_agent_local.py);
+# SECONDS restarts with the command.
+SHELL_WAITER = ("read -r -n 1 -u 4 __ntng || exit 125; IFS= read -r -d '' -u 3 __ntng; "
+                'exec 3<&- 4<&-; SECONDS=0; eval "unset __ntng; $__ntng"')
+
+
+class ShellWaiter:
+    """A `bash -c` started before its script is known (ntng's Machine.run and succeed send
+    every string command as `bash -c 'set -euo pipefail; …'`): made after such a command's
+    EXIT, it loads while the host reads the EXIT and the test goes on, and the next such
+    command only hands it its script.  Under TCG bash's start is most of a command's time
+    (the spawn floor, docs/benchmarks.md).  Its stdout and stderr pipes and their poll are
+    made with it, as ReadyPipes' are.  Guest-side only: the host cannot tell, except that the
+    shell's command line is the waiter's.  Killed with the session (Session.cancel_all)."""
+
+    def __init__(self, host_fd: int, env: dict[str, str]) -> None:
+        self.host_fd, self.env = host_fd, env
+        exe = _which("bash", env.get("PATH", os.defpath))
+        fds: list[int] = []
+        try:
+            # Above the fds the spawn dups onto (0-4), so no dup2 overwrites another's source.
+            for fd in (os.memfd_create("ntng-script", os.MFD_CLOEXEC), *os.pipe()):
+                fds.append(fd)
+                fds.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10))
+                os.close(fds[-2])
+                fds[-2] = -1
+            script, go_r, go_w = fds[1], fds[3], fds[5]
+            out_r, out_w = os.pipe()
+            fds += [out_r, out_w]
+            err_r, err_w = os.pipe()
+            fds += [err_r, err_w]
+            actions = [(os.POSIX_SPAWN_DUP2, _devnull(), 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
+                       (os.POSIX_SPAWN_DUP2, err_w, 2), (os.POSIX_SPAWN_DUP2, script, 3),
+                       (os.POSIX_SPAWN_DUP2, go_r, 4)]
+            pid = os.posix_spawn(exe, ["bash", "-c", SHELL_WAITER], env, setsid=True,
+                                 setsigdef=_ignored_signals(), setsigmask=(), file_actions=actions)
+        except BaseException:
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        for fd in (go_r, out_w, err_w):
+            os.close(fd)
+        self.script, self.go = script, go_w
+        self.proc = Spawned(pid, None, out_r, err_r)
+        self.poller, self.pipes = _watch_inline(out_r, err_r, host_fd)
+
+    def deliver(self, script: str) -> bool:
+        """Hand the shell its script; False: it is gone (killed from outside), discard() it."""
+        try:
+            os.pwrite(self.script, os.fsencode(script), 0)
+            os.write(self.go, b"x")
+            return True
+        except OSError:  # EPIPE: nobody reads the go pipe any more
+            return False
+        finally:
+            os.close(self.script)
+            os.close(self.go)
+            self.script = self.go = -1
+
+    def discard(self) -> None:
+        """Kill the shell (and anything it started), reap it on a worker, close our fds."""
+        _kill_group(self.proc.pid)
+        WORKERS.run(self.proc.wait)
+        for fd in (self.script, self.go, self.proc.stdout, self.proc.stderr):
+            if fd is not None and fd >= 0:
+                os.close(fd)
+        self.script = self.go = -1
+
+
+def _shell_waiter(host_fd: int, env: dict[str, str]) -> ShellWaiter | None:
+    try:
+        return ShellWaiter(host_fd, env)
+    except OSError:  # no bash, no fds: the next command spawns its own and reports what fails
+        return None
+
+
+def _waiter_script(argv: list[str], env: dict[str, str], req: Any) -> str | None:
+    """The script of an EXEC a ShellWaiter can run: exactly `bash -c SCRIPT` in the agent's
+    own environment, stderr apart (the inline path has checked cwd, user, stdin and pty)."""
+    if (len(argv) == 3 and argv[1] == "-c" and argv[0] == "bash" and env is _command_env()
+            and not req.merge_stderr and "\0" not in argv[2]):
+        return argv[2]
+    return None
+
+
 def _ready_pipes(host_fd: int) -> ReadyPipes | None:
     try:
         return ReadyPipes(host_fd)
@@ -1113,6 +1202,7 @@ class Session:
         # a command may then be served inline until the host sends more (Session.serve_inline).
         self.inline_fd: int | None = None
         self.ready: ReadyPipes | None = None  # the next inline command's (serve_inline)
+        self.shell: ShellWaiter | None = None  # the next inline `bash -c` command's
 
     def send(self, frame: bytes) -> None:
         self.conn.write(frame)
@@ -1149,6 +1239,9 @@ class Session:
         ready, self.ready = self.ready, None
         if ready is not None:
             ready.close()
+        shell, self.shell = self.shell, None
+        if shell is not None:
+            shell.discard()
 
     def handle(self, frame: P.Frame) -> None:
         ft, rid = frame.type, frame.request_id
@@ -1217,8 +1310,20 @@ class Session:
         locals.  OSError: the command did not start."""
         started = time.monotonic()
         argv, env = _command(req)
-        ready = self.ready
-        if ready is not None and not req.merge_stderr and ready.host_fd == host_fd:
+        script = _waiter_script(argv, env, req)
+        shell, ready = self.shell, self.ready
+        if script is not None and shell is not None and shell.host_fd == host_fd:
+            self.shell = None
+            if shell.deliver(script):
+                proc, poller, pipes = shell.proc, shell.poller, shell.pipes
+            else:
+                shell.discard()
+                shell = None
+        else:
+            shell = None
+        if shell is not None:
+            pass
+        elif ready is not None and not req.merge_stderr and ready.host_fd == host_fd:
             self.ready = None  # _spawn_fast closes its pipes if the command does not start
             proc = _spawn_fast(argv, env, False, False, ready.fds)
             poller, pipes = ready.poller, ready.pipes
@@ -1304,6 +1409,8 @@ class Session:
             os.close(err)
         if not lost and self.ready is None:
             self.ready = _ready_pipes(host_fd)
+        if not lost and script is not None and self.shell is None:
+            self.shell = _shell_waiter(host_fd, env)
 
     def send_last(self, rid: int, frames: bytes) -> None:
         """A request's last frames (finish(), or Session.serve_inline's, which has no task): a

@@ -736,6 +736,169 @@ def test_ready_pipes_leak_no_fd_and_reach_no_command(monkeypatch: pytest.MonkeyP
     assert left == {}, left
 
 
+def _bash_c(script: str) -> P.Exec:
+    """A command as Machine.run sends a string: `bash -c 'set -euo pipefail; …'`."""
+    return P.Exec(argv=["bash", "-c", f"set -euo pipefail; {script}"])
+
+
+def _children() -> dict[int, str]:
+    """This process's child processes (the local agent's commands), pid → command line."""
+    found = {}
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            for pid in Path(f"/proc/self/task/{task}/children").read_text().split():
+                with contextlib.suppress(OSError):
+                    found[int(pid)] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return found
+
+
+def _state(pid: int) -> str:
+    """A process's state letter from /proc ("" when it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
+def _waiters() -> list[int]:
+    return [pid for pid, cmdline in _children().items() if cmdline.startswith("bash -c ") and "__ntng" in cmdline]
+
+
+@pytest.fixture
+def inline_pair(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[BackdoorClient, LocalAgent]]:
+    """The agent as in a guest: its cwd "/", commands served inline."""
+    monkeypatch.chdir("/")
+    monkeypatch.setattr(agent, "_agent_cwd", lambda: "/")
+    with local_pair() as both:
+        yield both
+
+
+def test_a_bash_command_runs_in_a_shell_started_before_it(inline_pair: tuple[BackdoorClient, LocalAgent]) -> None:
+    """After a `bash -c` command the agent starts the next one's bash (ShellWaiter): the
+    next `bash -c` command only hands it its script, and its shell is a process that was
+    running before the EXEC was sent (its start time in /proc, in clock ticks since boot)."""
+    client, _ = inline_pair
+    assert client.execute(_bash_c("true"), wait=30).status == 0
+    time.sleep(0.3)
+    sent = time.clock_gettime(time.CLOCK_BOOTTIME)
+    r = client.execute(_bash_c("echo $$; cut -d ' ' -f 22 /proc/$$/stat"), wait=30)
+    pid, ticks = (int(x) for x in r.stdout.split())
+    started = ticks / os.sysconf("SC_CLK_TCK")
+    assert started < sent - 0.1, f"the command's shell {pid} started {started - sent:+.2f}s after its EXEC was sent"
+    assert r.stderr == b""
+
+
+# Scripts whose status, stdout and stderr must be what `bash -c` gives (run on this machine's
+# bash for the comparison): errors of set -e / -u / pipefail, messages with line numbers, $0,
+# the fds and the environment a command sees, stdin, traps, quoting, a large script.
+SAME_AS_BASH_C = [
+    "true", "exit 7", "false; echo not here", "echo $undefined_ntng_var", "false | true; echo piped",
+    "no-such-command-ntng", "echo \"$0\" \"$LINENO\" \"$#\" \"${BASH_SOURCE[0]:-none}\"; echo \"$-\"",
+    "echo one\necho two >&2\nno-such-command-ntng\necho unreached", "return 3", "(( 1 / 0 ))",
+    "ls /proc/self/fd | sort -n | awk '$1 < 10' | tr '\\n' ' '",  # 10 and up: pytest's, inherited
+    "env | grep -v '^_=' | sort", "cat; echo \"[$SECONDS]\"",
+    "trap 'echo trapped $?' EXIT; exit 5", "printf '%s|' \"a b\" 'c\\\\d' \"$((6 * 7))\" 'é ü'",
+    "x=" + "y" * 100_000 + "; echo ${#x}", "echo \"$IFS\" | od -c | head -1", "set -o | grep -E 'errexit|nounset|pipefail'",
+    "shopt | md5sum", "declare -p | grep -v -E '^declare -(-|r|ir|ar) (_|BASH|PPID|SHLVL|RANDOM|SRANDOM|EPOCH|SECONDS|LINENO|BASHPID|COLUMNS|LINES|PIPESTATUS)' | md5sum",
+]
+
+
+@pytest.mark.parametrize("script", SAME_AS_BASH_C, ids=range(len(SAME_AS_BASH_C)))
+def test_a_prestarted_shell_runs_a_script_as_bash_c_does(inline_pair: tuple[BackdoorClient, LocalAgent],
+                                                          script: str) -> None:
+    client, _ = inline_pair
+    client.execute(_bash_c("true"), wait=30)  # the next one's shell is started after it
+    time.sleep(0.2)
+    assert _waiters(), "no shell was started for the next command"
+    r = client.execute(_bash_c(script), wait=30)
+    want = subprocess.run(["bash", "-c", f"set -euo pipefail; {script}"], capture_output=True, cwd="/",
+                          stdin=subprocess.DEVNULL, env=agent._command_env(), start_new_session=True)
+    assert (r.status, r.stdout, r.stderr) == (want.returncode, want.stdout, want.stderr)
+
+
+def test_a_prestarted_shell_differs_from_bash_c_only_in_these_ways(inline_pair: tuple[BackdoorClient, LocalAgent]) -> None:
+    """What a script can tell: a syntax error's message has no `-c: line N` (still status 2,
+    nothing run), and the shell's command line is the waiter's (so `pgrep -f` no longer finds
+    the command's own shell, as with the NixOS driver's long-running shell)."""
+    client, _ = inline_pair
+    client.execute(_bash_c("true"), wait=30)
+    r = client.execute(_bash_c("echo ran; if"), wait=30)
+    assert r.status == 2 and r.stdout == b"" and b"syntax error" in r.stderr, r
+    r = client.execute(_bash_c("pgrep -f 'unique-ntng-marker' || echo none"), wait=30)
+    assert r.stdout == b"none\n", r
+
+
+def test_a_prestarted_shell_that_died_is_replaced(inline_pair: tuple[BackdoorClient, LocalAgent]) -> None:
+    """A waiting shell killed from outside (a test's `pkill bash`): the next command starts its
+    own bash and gets its right result; the dead one is reaped."""
+    client, _ = inline_pair
+    for _ in range(3):
+        client.execute(_bash_c("true"), wait=30)
+        time.sleep(0.2)
+        waiters = _waiters()
+        assert len(waiters) == 1, _children()
+        os.kill(waiters[0], signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while _state(waiters[0]) not in ("Z", "") and time.monotonic() < deadline:
+            time.sleep(0.01)  # dead (a command sent before it died would be killed with it)
+        r = client.execute(_bash_c("echo ok; echo err >&2; exit 3"), wait=30)
+        assert (r.status, r.stdout, r.stderr) == (3, b"ok\n", b"err\n")
+        deadline = time.monotonic() + 5
+        while waiters[0] in _children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert waiters[0] not in _children(), "the killed shell was not reaped"
+
+
+def test_commands_unlike_bash_c_keep_the_prestarted_shell(inline_pair: tuple[BackdoorClient, LocalAgent]) -> None:
+    """Only `bash -c SCRIPT` with the agent's environment, cwd and user, no stdin and stderr
+    apart goes to the waiting shell; the others start as before and leave it waiting."""
+    client, _ = inline_pair
+    client.execute(_bash_c("true"), wait=30)
+    time.sleep(0.2)
+    waiter = _waiters()
+    assert len(waiter) == 1
+    others = [
+        P.Exec(argv=["bash", "-c", "echo $NTNG_X"], env=[{"key": "NTNG_X", "value": "set"}]),
+        P.Exec(argv=["bash", "-c", "pwd"], cwd="/tmp"),
+        P.Exec(argv=["bash", "-c", "echo out; echo err >&2"], merge_stderr=True),
+        P.Exec(argv=["bash", "-c", "cat"], stdin=True),
+        P.Exec(argv=["bash", "--norc", "-c", "echo x"]),
+        P.Exec(argv=["/bin/echo", "plain"]),
+    ]
+    outs = [client.execute(e, stdin=b"in" if e.stdin else None, wait=30).stdout for e in others]
+    assert outs == [b"set\n", b"/tmp\n", b"out\nerr\n", b"in", b"x\n", b"plain\n"]
+    assert _waiters() == waiter, "a command unlike bash -c used or replaced the waiting shell"
+
+
+def test_a_prestarted_shell_obeys_the_timeout_and_signals(inline_pair: tuple[BackdoorClient, LocalAgent]) -> None:
+    client, _ = inline_pair
+    client.execute(_bash_c("true"), wait=30)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    r = client.execute(P.Exec(argv=["bash", "-c", "sleep 30 & wait"], timeout_ms=500), wait=30)
+    assert r.timed_out and time.monotonic() - t0 < 10, r
+    assert client.execute(_bash_c("echo after"), wait=30).stdout == b"after\n"
+
+
+def test_no_shell_waits_after_the_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The waiting shell is killed and reaped with its session, and its fds closed."""
+    monkeypatch.chdir("/")
+    monkeypatch.setattr(agent, "_agent_cwd", lambda: "/")
+    agent._devnull()
+    before = _open_fds()
+    with local_pair() as (client, _local):
+        for _ in range(3):
+            assert client.execute(_bash_c("echo hi"), wait=30).stdout == b"hi\n"
+        time.sleep(0.2)
+        assert _waiters()
+    deadline = time.monotonic() + 10
+    while (_children() or _open_fds() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _waiters() == [] and _children() == {}, _children()
+    left = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in _open_fds() - before}
+    assert left == {}, left
+
+
 def test_corrupted_frame_gets_an_error_and_the_connection_continues(client: BackdoorClient) -> None:
     rid = 0x7FFF0001  # far from the ids the client hands out
     pending = _Pending(rid, P.SendWindow(1), P.ReceiveWindow(1), queue.SimpleQueue())
