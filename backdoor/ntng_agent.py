@@ -1058,9 +1058,11 @@ def _watch_inline(out: int, err: int | None, host_fd: int) -> tuple[Any, dict[in
 # nothing), take the command's script from fd 3 (a memfd: seekable, so bash reads it whole
 # where it reads a pipe a byte per syscall), close both, and eval it.  `bash -c` and eval give
 # the same messages, line numbers, $0 and errexit behaviour (tests/unit/test_agent_local.py);
-# SECONDS restarts with the command.
-SHELL_WAITER = ("read -r -n 1 -u 4 __ntng || exit 125; IFS= read -r -d '' -u 3 __ntng; "
-                'exec 3<&- 4<&-; SECONDS=0; eval "unset __ntng; $__ntng"')
+# SECONDS restarts with the command, and $_ is what bash started with (the environment's _,
+# else argv[0]), as `bash -c` would have it.
+SHELL_WAITER = ('printf -v __ntng_ %q "$_"; read -r -n 1 -u 4 __ntng || exit 125; '
+                "IFS= read -r -d '' -u 3 __ntng; exec 3<&- 4<&-; SECONDS=0; "
+                'eval "unset __ntng __ntng_; : $__ntng_; $__ntng"')
 
 
 class ShellWaiter:

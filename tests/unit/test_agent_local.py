@@ -797,7 +797,7 @@ SAME_AS_BASH_C = [
     "echo one\necho two >&2\nno-such-command-ntng\necho unreached", "return 3", "(( 1 / 0 ))",
     "ls /proc/self/fd | sort -n | awk '$1 < 10' | tr '\\n' ' '",  # 10 and up: pytest's, inherited
     "env | grep -v '^_=' | sort", "cat; echo \"[$SECONDS]\"",
-    "trap 'echo trapped $?' EXIT; exit 5", "printf '%s|' \"a b\" 'c\\\\d' \"$((6 * 7))\" 'é ü'",
+    "echo \"[$_]\"", "trap 'echo trapped $?' EXIT; exit 5", "printf '%s|' \"a b\" 'c\\\\d' \"$((6 * 7))\" 'é ü'",
     "x=" + "y" * 100_000 + "; echo ${#x}", "echo \"$IFS\" | od -c | head -1", "set -o | grep -E 'errexit|nounset|pipefail'",
     "shopt | md5sum", "declare -p | grep -v -E '^declare -(-|r|ir|ar) (_|BASH|PPID|SHLVL|RANDOM|SRANDOM|EPOCH|SECONDS|LINENO|BASHPID|COLUMNS|LINES|PIPESTATUS)' | md5sum",
 ]
