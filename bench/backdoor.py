@@ -690,10 +690,26 @@ def ratios(m: Machine, client: Any, tmp: Path, rounds: int, copy_mb: int) -> lis
     s = socket_for_shell(m)
     echo_one, raw = raw_echo_fn(m)
     floor_sample = floor_fn(raw)
+    # `succeed` runs in a shell the agent started after the previous `bash -c` (ShellWaiter);
+    # in this rotation other cases come between, so it is ready.  `succeed_b2b` times a
+    # second succeed sent the moment the first answered (its shell then still loading), and
+    # `bash_on_arrival` a `bash -c` the waiter does not take (argv[0] a path): spawned when its
+    # EXEC comes, as every command was before.
+    b2b: list[float] = []
+
+    def succeed_b2b() -> None:
+        m.succeed("true")
+        t0 = time.perf_counter()
+        m.succeed("true")
+        b2b.append(time.perf_counter() - t0)
+
+    on_arrival = P.Exec(argv=["/bin/bash", "-c", "set -euo pipefail; true"], timeout_ms=900_000)
     cases: dict[str, Any] = {
         "ping": lambda: client.ping(),
         "echo": echo_one,
         "succeed": lambda: m.succeed("true"),
+        "succeed_b2b": succeed_b2b,
+        "bash_on_arrival": lambda: client.execute(on_arrival),
         "argv": lambda: m.run(["true"]),
         "shell": lambda: nixos_round_trip(s),
         "raw_true": raw_command_fn(raw, b"T"),
@@ -716,6 +732,7 @@ def ratios(m: Machine, client: Any, tmp: Path, rounds: int, copy_mb: int) -> lis
         # spreads over ±3 ms, more than the differences it bounds.
         floors += [floor_sample() for _ in range(3)]
     s.close()
+    samples["succeed_b2b"] = b2b[len(b2b) - n:]  # the timed second ones, not the pairs
     med = {k: pct(v, 50) * 1000 for k, v in samples.items()}
     floor_bash = pct([b for b, _ in floors], 50)
     floor_true = pct([t for _, t in floors], 50)
@@ -775,6 +792,10 @@ def ratios(m: Machine, client: Any, tmp: Path, rounds: int, copy_mb: int) -> lis
          f"floor + {med['succeed'] - floor_bash:.1f}; target ≤ floor + 4: "
          f"{verdict(med['succeed'] <= floor_bash + 4)}; NixOS-style shell {med['shell']:.1f} "
          f"({med['shell'] / med['succeed']:.2f}x ours)"),
+        ('succeed("true") sent the moment the one before answered, median (ms)', f"{med['succeed_b2b']:.1f}",
+         f"floor + {med['succeed_b2b'] - floor_bash:.1f}; target ≤ floor + 4: {verdict(med['succeed_b2b'] <= floor_bash + 4)}"),
+        ("a `bash -c` spawned when its EXEC comes (argv[0] /bin/bash: no waiting shell), median (ms)",
+         f"{med['bash_on_arrival']:.1f}", f"floor + {med['bash_on_arrival'] - floor_bash:.1f}"),
         ('run(["true"]) median (ms)', f"{med['argv']:.1f}",
          f"floor + {med['argv'] - floor_true:.1f}; target ≤ floor + 4: {verdict(med['argv'] <= floor_true + 4)}"),
         ("a minimal Python spawn server on a raw port: /bin/true / bash -c, median (ms)",
