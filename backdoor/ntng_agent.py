@@ -1065,6 +1065,16 @@ SHELL_WAITER = ('printf -v __ntng_ %q "$_"; read -r -n 1 -u 4 __ntng || exit 125
                 'eval "unset __ntng __ntng_; : $__ntng_; $__ntng"')
 
 
+def _fd_above_stdio(fd: int) -> int:
+    """`fd` moved to 10 or above (close-on-exec; the original closed): a spawn that dup2s
+    fds onto 0-4 in turn cannot overwrite it before its own dup2 (the go pipe's read end as
+    3 would be, by the script's)."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    finally:
+        os.close(fd)
+
+
 class ShellWaiter:
     """A `bash -c` started before its script is known (ntng's Machine.run and succeed send
     every string command as `bash -c 'set -euo pipefail; …'`): made after such a command's
@@ -1079,13 +1089,12 @@ class ShellWaiter:
         exe = _which("bash", env.get("PATH", os.defpath))
         fds: list[int] = []
         try:
-            # Above the fds the spawn dups onto (0-4), so no dup2 overwrites another's source.
-            for fd in (os.memfd_create("ntng-script", os.MFD_CLOEXEC), *os.pipe()):
-                fds.append(fd)
-                fds.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10))
-                os.close(fds[-2])
-                fds[-2] = -1
-            script, go_r, go_w = fds[1], fds[3], fds[5]
+            script = _fd_above_stdio(os.memfd_create("ntng-script", os.MFD_CLOEXEC))
+            fds.append(script)
+            go_r, go_w = os.pipe()
+            fds.append(go_w)
+            go_r = _fd_above_stdio(go_r)
+            fds.append(go_r)
             out_r, out_w = os.pipe()
             fds += [out_r, out_w]
             err_r, err_w = os.pipe()
@@ -1097,9 +1106,16 @@ class ShellWaiter:
                                  setsigdef=_ignored_signals(), setsigmask=(), file_actions=actions)
         except BaseException:
             for fd in fds:
-                if fd >= 0:
-                    os.close(fd)
+                os.close(fd)
             raise
+        # SCHED_IDLE while it loads and waits: it takes only CPU nothing else wants, so a
+        # command or a service running meanwhile is not slowed by it (measured: a bash -c
+        # spawned while a waiter loaded at the normal policy took twice its time).  Set from
+        # here: posix_spawn takes no SCHED_IDLE (glibc: EINVAL).
+        try:
+            os.sched_setscheduler(pid, os.SCHED_IDLE, _SCHED_PARAM)
+        except OSError:
+            pass  # it died already: deliver() finds out
         for fd in (go_r, out_w, err_w):
             os.close(fd)
         self.script, self.go = script, go_w
@@ -1107,12 +1123,14 @@ class ShellWaiter:
         self.poller, self.pipes = _watch_inline(out_r, err_r, host_fd)
 
     def deliver(self, script: str) -> bool:
-        """Hand the shell its script; False: it is gone (killed from outside), discard() it."""
+        """Hand the shell its script, back at the policy every command has (the nice value was
+        never changed); False: it is gone (killed from outside), discard() it."""
         try:
+            os.sched_setscheduler(self.proc.pid, os.SCHED_OTHER, _SCHED_PARAM)
             os.pwrite(self.script, os.fsencode(script), 0)
             os.write(self.go, b"x")
             return True
-        except OSError:  # EPIPE: nobody reads the go pipe any more
+        except OSError:  # ESRCH, EPIPE: nobody reads the go pipe any more
             return False
         finally:
             os.close(self.script)
@@ -1316,15 +1334,13 @@ class Session:
         shell, ready = self.shell, self.ready
         if script is not None and shell is not None and shell.host_fd == host_fd:
             self.shell = None
-            if shell.deliver(script):
-                proc, poller, pipes = shell.proc, shell.poller, shell.pipes
-            else:
+            if not shell.deliver(script):  # killed from outside: a bash of its own, below
                 shell.discard()
                 shell = None
         else:
             shell = None
-        if shell is not None:
-            pass
+        if shell is not None:  # the shell started after the last `bash -c` runs this one
+            proc, poller, pipes = shell.proc, shell.poller, shell.pipes
         elif ready is not None and not req.merge_stderr and ready.host_fd == host_fd:
             self.ready = None  # _spawn_fast closes its pipes if the command does not start
             proc = _spawn_fast(argv, env, False, False, ready.fds)

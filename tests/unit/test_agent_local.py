@@ -780,6 +780,9 @@ def test_a_bash_command_runs_in_a_shell_started_before_it(inline_pair: tuple[Bac
     client, _ = inline_pair
     assert client.execute(_bash_c("true"), wait=30).status == 0
     time.sleep(0.3)
+    waiters = _waiters()
+    assert len(waiters) == 1 and os.sched_getscheduler(waiters[0]) == os.SCHED_IDLE, \
+        "a waiting shell must take only idle CPU"
     sent = time.clock_gettime(time.CLOCK_BOOTTIME)
     r = client.execute(_bash_c("echo $$; cut -d ' ' -f 22 /proc/$$/stat"), wait=30)
     pid, ticks = (int(x) for x in r.stdout.split())
@@ -799,7 +802,7 @@ SAME_AS_BASH_C = [
     "env | grep -v '^_=' | sort", "cat; echo \"[$SECONDS]\"",
     "echo \"[$_]\"", "trap 'echo trapped $?' EXIT; exit 5", "printf '%s|' \"a b\" 'c\\\\d' \"$((6 * 7))\" 'é ü'",
     "x=" + "y" * 100_000 + "; echo ${#x}", "echo \"$IFS\" | od -c | head -1", "set -o | grep -E 'errexit|nounset|pipefail'",
-    "shopt | md5sum", "declare -p | grep -v -E '^declare -(-|r|ir|ar) (_|BASH|PPID|SHLVL|RANDOM|SRANDOM|EPOCH|SECONDS|LINENO|BASHPID|COLUMNS|LINES|PIPESTATUS)' | md5sum",
+    "ps -o cls=,ni= -p $$", "shopt | md5sum", "declare -p | grep -v -E '^declare -(-|r|ir|ar) (_|BASH|PPID|SHLVL|RANDOM|SRANDOM|EPOCH|SECONDS|LINENO|BASHPID|COLUMNS|LINES|PIPESTATUS)' | md5sum",
 ]
 
 
