@@ -1077,9 +1077,9 @@ def _fd_above_stdio(fd: int) -> int:
 
 class ShellWaiter:
     """A `bash -c` started before its script is known (ntng's Machine.run and succeed send
-    every string command as `bash -c 'set -euo pipefail; …'`): made after such a command's
-    EXIT, it loads while the host reads the EXIT and the test goes on, and the next such
-    command only hands it its script.  Under TCG bash's start is most of a command's time
+    every string command as `bash -c 'set -euo pipefail; …'`): asked for after such a
+    command's EXIT and started by SHELLS at SCHED_IDLE, it loads while the guest has nothing
+    else to run, and the next such command only hands it its script.  Under TCG bash's start is most of a command's time
     (the spawn floor, docs/benchmarks.md).  Its stdout and stderr pipes and their poll are
     made with it, as ReadyPipes' are.  Guest-side only: the host cannot tell, except that the
     shell's command line is the waiter's.  Killed with the session (Session.cancel_all)."""
@@ -1147,11 +1147,45 @@ class ShellWaiter:
         self.script = self.go = -1
 
 
-def _shell_waiter(host_fd: int, env: dict[str, str]) -> ShellWaiter | None:
-    try:
-        return ShellWaiter(host_fd, env)
-    except OSError:  # no bash, no fds: the next command spawns its own and reports what fails
-        return None
+class ShellStarter:
+    """The thread that starts waiting shells, at SCHED_IDLE for its life: the spawn's own
+    work (vfork, the child's exec) and the shell's loading then take only CPU nothing else
+    wants, and the reader is free for the host's next request at once.  Measured before it:
+    spawned on the reader's thread after the EXIT, a run(["true"]) sent right after a
+    succeed waited for that spawn (+ 8 ms under TCG).  Root only (as in a guest): putting the
+    shell back at the normal policy for its command needs CAP_SYS_NICE."""
+
+    def __init__(self) -> None:
+        self.enabled = os.geteuid() == 0
+        self._queue: queue.SimpleQueue[tuple[Session, int, int, dict[str, str]]] | None = None
+        self._lock = threading.Lock()
+
+    def start(self, session: Session, epoch: int, host_fd: int, env: dict[str, str]) -> None:
+        """Start a ShellWaiter for `session`; it gets it through session.shell_started."""
+        with self._lock:
+            if self._queue is None:
+                self._queue = queue.SimpleQueue()
+                threading.Thread(target=self._run, args=(self._queue,), name="ntng-shells",
+                                 daemon=True).start()
+        self._queue.put((session, epoch, host_fd, env))
+
+    @staticmethod
+    def _run(requests: queue.SimpleQueue[tuple[Session, int, int, dict[str, str]]]) -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, _SCHED_PARAM)
+        except OSError:
+            pass  # each shell is put at SCHED_IDLE after its spawn anyway
+        while True:
+            session, epoch, host_fd, env = requests.get()
+            try:
+                shell: ShellWaiter | None = ShellWaiter(host_fd, env)
+            except Exception as e:  # no bash, no fds: the next command spawns its own bash
+                log(f"no waiting shell: {e!r}")
+                shell = None
+            session.shell_started(shell, epoch)
+
+
+SHELLS = ShellStarter()
 
 
 def _waiter_script(argv: list[str], env: dict[str, str], req: Any) -> str | None:
@@ -1223,6 +1257,8 @@ class Session:
         self.inline_fd: int | None = None
         self.ready: ReadyPipes | None = None  # the next inline command's (serve_inline)
         self.shell: ShellWaiter | None = None  # the next inline `bash -c` command's
+        self.shell_coming = False  # SHELLS is starting one
+        self.epoch = 0  # a new session's (cancel_all): a shell asked for before is discarded
 
     def send(self, frame: bytes) -> None:
         self.conn.write(frame)
@@ -1259,7 +1295,19 @@ class Session:
         ready, self.ready = self.ready, None
         if ready is not None:
             ready.close()
-        shell, self.shell = self.shell, None
+        with self.lock:
+            self.epoch += 1
+            shell, self.shell = self.shell, None
+        if shell is not None:
+            shell.discard()
+
+    def shell_started(self, shell: ShellWaiter | None, epoch: int) -> None:
+        """From SHELLS' thread: the shell asked for after a `bash -c` command (None: none
+        could start), kept for the next one unless its session has ended since."""
+        with self.lock:
+            self.shell_coming = False
+            if epoch == self.epoch and self.shell is None:
+                self.shell, shell = shell, None
         if shell is not None:
             shell.discard()
 
@@ -1427,8 +1475,9 @@ class Session:
             os.close(err)
         if not lost and self.ready is None:
             self.ready = _ready_pipes(host_fd)
-        if not lost and script is not None and self.shell is None:
-            self.shell = _shell_waiter(host_fd, env)
+        if not lost and script is not None and self.shell is None and not self.shell_coming and SHELLS.enabled:
+            self.shell_coming = True
+            SHELLS.start(self, self.epoch, host_fd, env)
 
     def send_last(self, rid: int, frames: bytes) -> None:
         """A request's last frames (finish(), or Session.serve_inline's, which has no task): a

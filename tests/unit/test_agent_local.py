@@ -764,6 +764,16 @@ def _waiters() -> list[int]:
     return [pid for pid, cmdline in _children().items() if cmdline.startswith("bash -c ") and "__ntng" in cmdline]
 
 
+def _waiting_shell() -> int:
+    """The one waiting shell, once it has started (it starts at SCHED_IDLE: on a busy machine
+    that can take a while)."""
+    deadline = time.monotonic() + 30
+    while not (waiters := _waiters()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(waiters) == 1, f"no single waiting shell after a bash -c command: {_children()}"
+    return waiters[0]
+
+
 @pytest.fixture
 def inline_pair(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[BackdoorClient, LocalAgent]]:
     """The agent as in a guest: its cwd "/", commands served inline."""
@@ -779,10 +789,9 @@ def test_a_bash_command_runs_in_a_shell_started_before_it(inline_pair: tuple[Bac
     running before the EXEC was sent (its start time in /proc, in clock ticks since boot)."""
     client, _ = inline_pair
     assert client.execute(_bash_c("true"), wait=30).status == 0
-    time.sleep(0.3)
-    waiters = _waiters()
-    assert len(waiters) == 1 and os.sched_getscheduler(waiters[0]) == os.SCHED_IDLE, \
-        "a waiting shell must take only idle CPU"
+    waiter = _waiting_shell()
+    assert os.sched_getscheduler(waiter) == os.SCHED_IDLE, "a waiting shell must take only idle CPU"
+    time.sleep(0.3)  # its start time well before the EXEC (clock ticks: 10 ms)
     sent = time.clock_gettime(time.CLOCK_BOOTTIME)
     r = client.execute(_bash_c("echo $$; cut -d ' ' -f 22 /proc/$$/stat"), wait=30)
     pid, ticks = (int(x) for x in r.stdout.split())
@@ -811,8 +820,7 @@ def test_a_prestarted_shell_runs_a_script_as_bash_c_does(inline_pair: tuple[Back
                                                           script: str) -> None:
     client, _ = inline_pair
     client.execute(_bash_c("true"), wait=30)  # the next one's shell is started after it
-    time.sleep(0.2)
-    assert _waiters(), "no shell was started for the next command"
+    _waiting_shell()
     r = client.execute(_bash_c(script), wait=30)
     want = subprocess.run(["bash", "-c", f"set -euo pipefail; {script}"], capture_output=True, cwd="/",
                           stdin=subprocess.DEVNULL, env=agent._command_env(), start_new_session=True)
@@ -837,9 +845,7 @@ def test_a_prestarted_shell_that_died_is_replaced(inline_pair: tuple[BackdoorCli
     client, _ = inline_pair
     for _ in range(3):
         client.execute(_bash_c("true"), wait=30)
-        time.sleep(0.2)
-        waiters = _waiters()
-        assert len(waiters) == 1, _children()
+        waiters = [_waiting_shell()]
         os.kill(waiters[0], signal.SIGKILL)
         deadline = time.monotonic() + 5
         while _state(waiters[0]) not in ("Z", "") and time.monotonic() < deadline:
@@ -857,9 +863,7 @@ def test_commands_unlike_bash_c_keep_the_prestarted_shell(inline_pair: tuple[Bac
     apart goes to the waiting shell; the others start as before and leave it waiting."""
     client, _ = inline_pair
     client.execute(_bash_c("true"), wait=30)
-    time.sleep(0.2)
-    waiter = _waiters()
-    assert len(waiter) == 1
+    waiter = [_waiting_shell()]
     others = [
         P.Exec(argv=["bash", "-c", "echo $NTNG_X"], env=[{"key": "NTNG_X", "value": "set"}]),
         P.Exec(argv=["bash", "-c", "pwd"], cwd="/tmp"),
@@ -892,8 +896,7 @@ def test_no_shell_waits_after_the_session(monkeypatch: pytest.MonkeyPatch) -> No
     with local_pair() as (client, _local):
         for _ in range(3):
             assert client.execute(_bash_c("echo hi"), wait=30).stdout == b"hi\n"
-        time.sleep(0.2)
-        assert _waiters()
+        _waiting_shell()
     deadline = time.monotonic() + 10
     while (_children() or _open_fds() - before) and time.monotonic() < deadline:
         time.sleep(0.05)
