@@ -833,8 +833,10 @@ def test_a_prestarted_shell_differs_from_bash_c_only_in_these_ways(inline_pair: 
     the command's own shell, as with the NixOS driver's long-running shell)."""
     client, _ = inline_pair
     client.execute(_bash_c("true"), wait=30)
+    _waiting_shell()
     r = client.execute(_bash_c("echo ran; if"), wait=30)
-    assert r.status == 2 and r.stdout == b"" and b"syntax error" in r.stderr, r
+    assert r.status == 2 and r.stdout == b"" and b"syntax error" in r.stderr and b"-c:" not in r.stderr, r
+    _waiting_shell()
     r = client.execute(_bash_c("pgrep -f 'unique-ntng-marker' || echo none"), wait=30)
     assert r.stdout == b"none\n", r
 
@@ -880,7 +882,7 @@ def test_commands_unlike_bash_c_keep_the_prestarted_shell(inline_pair: tuple[Bac
 def test_a_prestarted_shell_obeys_the_timeout_and_signals(inline_pair: tuple[BackdoorClient, LocalAgent]) -> None:
     client, _ = inline_pair
     client.execute(_bash_c("true"), wait=30)
-    time.sleep(0.2)
+    _waiting_shell()
     t0 = time.monotonic()
     r = client.execute(P.Exec(argv=["bash", "-c", "sleep 30 & wait"], timeout_ms=500), wait=30)
     assert r.timed_out and time.monotonic() - t0 < 10, r
