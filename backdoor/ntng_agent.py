@@ -1057,9 +1057,9 @@ def _watch_inline(out: int, err: int | None, host_fd: int) -> tuple[Any, dict[in
 # The script a waiting shell runs: wait for the go byte on fd 4 (EOF: the agent is gone, run
 # nothing), take the command's script from fd 3 (a memfd: seekable, so bash reads it whole
 # where it reads a pipe a byte per syscall), close both, and eval it.  `bash -c` and eval give
-# the same messages, line numbers, $0 and errexit behaviour (tests/unit/test_agent_local.py);
-# SECONDS restarts with the command, and $_ is what bash started with (the environment's _,
-# else argv[0]), as `bash -c` would have it.
+# the same messages (but a syntax error's), line numbers, $0 and errexit behaviour
+# (tests/unit/test_agent_local.py); SECONDS restarts with the command, and $_ is what bash
+# started with (the environment's _, else argv[0]), as `bash -c` would have it.
 SHELL_WAITER = ('printf -v __ntng_ %q "$_"; read -r -n 1 -u 4 __ntng || exit 125; '
                 "IFS= read -r -d '' -u 3 __ntng; exec 3<&- 4<&-; SECONDS=0; "
                 'eval "unset __ntng __ntng_; : $__ntng_; $__ntng"')
@@ -1079,10 +1079,11 @@ class ShellWaiter:
     """A `bash -c` started before its script is known (ntng's Machine.run and succeed send
     every string command as `bash -c 'set -euo pipefail; …'`): asked for after such a
     command's EXIT and started by SHELLS at SCHED_IDLE, it loads while the guest has nothing
-    else to run, and the next such command only hands it its script.  Under TCG bash's start is most of a command's time
-    (the spawn floor, docs/benchmarks.md).  Its stdout and stderr pipes and their poll are
-    made with it, as ReadyPipes' are.  Guest-side only: the host cannot tell, except that the
-    shell's command line is the waiter's.  Killed with the session (Session.cancel_all)."""
+    else to run, and the next such command only hands it its script.  Under TCG bash's start
+    is most of a command's time (docs/benchmarks.md, the eleventh round).  Its stdout and
+    stderr pipes and their poll are made with it, as ReadyPipes' are.  Guest-side only: the
+    host cannot tell; a script can by its shell's command line (the waiter's) and a syntax
+    error's message.  Killed with the session (Session.cancel_all)."""
 
     def __init__(self, host_fd: int, env: dict[str, str]) -> None:
         self.host_fd, self.env = host_fd, env
