@@ -764,18 +764,38 @@ def _waiters() -> list[int]:
     return [pid for pid, cmdline in _children().items() if cmdline.startswith("bash -c ") and "__ntng" in cmdline]
 
 
+KEPT_SHELLS: list[int] = []  # pids of the waiting shells a session took (Session.shell_started)
+
+
 def _waiting_shell() -> int:
-    """The one waiting shell, once it has started (it starts at SCHED_IDLE: on a busy machine
-    that can take a while)."""
+    """The one waiting shell, once the agent holds it: its process exists as soon as it is
+    exec'd, but the starter thread (SCHED_IDLE: on a busy machine that can take a while) hands
+    it to the session after that, and a command sent in between spawns its own bash (CI)."""
     deadline = time.monotonic() + 30
-    while not (waiters := _waiters()) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        waiters = _waiters()
+        if len(waiters) == 1 and waiters[0] in KEPT_SHELLS:
+            return waiters[0]
         time.sleep(0.02)
-    assert len(waiters) == 1, f"no single waiting shell after a bash -c command: {_children()}"
-    return waiters[0]
+    raise AssertionError(f"no single waiting shell held by the agent after a bash -c command: "
+                         f"{_children()}, held {KEPT_SHELLS}")
 
 
 @pytest.fixture
-def inline_pair(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[BackdoorClient, LocalAgent]]:
+def kept_shells(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Record each waiting shell a session keeps (KEPT_SHELLS), for _waiting_shell."""
+    started = agent.Session.shell_started
+
+    def recorded(self: agent.Session, shell: agent.ShellWaiter | None, epoch: int) -> None:
+        started(self, shell, epoch)
+        if shell is not None and self.shell is shell:
+            KEPT_SHELLS.append(shell.proc.pid)
+
+    monkeypatch.setattr(agent.Session, "shell_started", recorded)
+
+
+@pytest.fixture
+def inline_pair(monkeypatch: pytest.MonkeyPatch, kept_shells: None) -> Iterator[tuple[BackdoorClient, LocalAgent]]:
     """The agent as in a guest: its cwd "/", commands served inline."""
     monkeypatch.chdir("/")
     monkeypatch.setattr(agent, "_agent_cwd", lambda: "/")
@@ -889,7 +909,7 @@ def test_a_prestarted_shell_obeys_the_timeout_and_signals(inline_pair: tuple[Bac
     assert client.execute(_bash_c("echo after"), wait=30).stdout == b"after\n"
 
 
-def test_no_shell_waits_after_the_session(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_shell_waits_after_the_session(monkeypatch: pytest.MonkeyPatch, kept_shells: None) -> None:
     """The waiting shell is killed and reaped with its session, and its fds closed."""
     monkeypatch.chdir("/")
     monkeypatch.setattr(agent, "_agent_cwd", lambda: "/")
