@@ -828,7 +828,7 @@ SAME_AS_BASH_C = [
     "no-such-command-ntng", "echo \"$0\" \"$LINENO\" \"$#\" \"${BASH_SOURCE[0]:-none}\"; echo \"$-\"",
     "echo one\necho two >&2\nno-such-command-ntng\necho unreached", "return 3", "(( 1 / 0 ))",
     "ls /proc/self/fd | sort -n | awk '$1 < 10' | tr '\\n' ' '",  # 10 and up: pytest's, inherited
-    "env | grep -v '^_=' | sort", "cat; echo \"[$SECONDS]\"",
+    "env | grep -v '^_=' | sort", "cat; echo \"[stdin ended]\"",
     "echo \"[$_]\"", "trap 'echo trapped $?' EXIT; exit 5", "printf '%s|' \"a b\" 'c\\\\d' \"$((6 * 7))\" 'é ü'",
     "x=" + "y" * 100_000 + "; echo ${#x}", "echo \"$IFS\" | od -c | head -1", "set -o | grep -E 'errexit|nounset|pipefail'",
     "ps -o cls=,ni= -p $$", "shopt | md5sum", "declare -p | grep -v -E '^declare -(-|r|ir|ar) (_|BASH|PPID|SHLVL|RANDOM|SRANDOM|EPOCH|SECONDS|LINENO|BASHPID|COLUMNS|LINES|PIPESTATUS)' | md5sum",
@@ -897,6 +897,15 @@ def test_commands_unlike_bash_c_keep_the_prestarted_shell(inline_pair: tuple[Bac
     outs = [client.execute(e, stdin=b"in" if e.stdin else None, wait=30).stdout for e in others]
     assert outs == [b"set\n", b"/tmp\n", b"out\nerr\n", b"in", b"x\n", b"plain\n"]
     assert _waiters() == waiter, "a command unlike bash -c used or replaced the waiting shell"
+
+
+def test_a_prestarted_shell_counts_seconds_from_its_command(inline_pair: tuple[BackdoorClient, LocalAgent]) -> None:
+    """$SECONDS counts from the command, not from the shell's start (whole seconds: ≤ 1)."""
+    client, _ = inline_pair
+    client.execute(_bash_c("true"), wait=30)
+    _waiting_shell()
+    time.sleep(2.5)
+    assert int(client.execute(_bash_c("echo $SECONDS"), wait=30).stdout) <= 1
 
 
 def test_a_prestarted_shell_obeys_the_timeout_and_signals(inline_pair: tuple[BackdoorClient, LocalAgent]) -> None:
