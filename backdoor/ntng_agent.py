@@ -1086,7 +1086,7 @@ class ShellWaiter:
     error's message.  Killed with the session (Session.cancel_all)."""
 
     def __init__(self, host_fd: int, env: dict[str, str]) -> None:
-        self.host_fd, self.env = host_fd, env
+        self.host_fd = host_fd
         exe = _which("bash", env.get("PATH", os.defpath))
         fds: list[int] = []
         try:
