@@ -1075,6 +1075,78 @@ def _fd_above_stdio(fd: int) -> int:
         os.close(fd)
 
 
+class OpenSpawn:
+    """posix_spawn through the C library with the interpreter's lock released (ctypes releases
+    it around a foreign call).  os.posix_spawn holds it from vfork until the child's execve has
+    loaded the program, and so did every other agent thread wait: under TCG a PING sent right
+    after a succeed took 2.4 times the framed echo while the next command's bash was spawned
+    (docs/benchmarks.md, the twelfth round).  For ShellStarter's spawns; commands on the
+    reader's own thread keep os.posix_spawn (nothing else waits on them there).  The same
+    child as os.posix_spawn(exe, argv, env, setsid=True, setsigdef=..., setsigmask=(),
+    file_actions=DUP2s) makes; None when this C library has no such calls (the caller then
+    uses os.posix_spawn)."""
+
+    # glibc's <spawn.h>
+    SETSIGDEF, SETSIGMASK, SETSID = 0x04, 0x08, 0x80
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self._c = ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._spawn = libc.posix_spawn
+        self._actions_init = libc.posix_spawn_file_actions_init
+        self._adddup2 = libc.posix_spawn_file_actions_adddup2
+        self._actions_destroy = libc.posix_spawn_file_actions_destroy
+        attr_init, setflags = libc.posix_spawnattr_init, libc.posix_spawnattr_setflags
+        setflags.argtypes = [ctypes.c_void_p, ctypes.c_short]
+        # Opaque C types by size, generously: 80, 336 and 128 bytes in glibc on x86-64.
+        self._attr = (ctypes.c_uint64 * 128)()
+        self._fa_type = ctypes.c_uint64 * 64
+        if attr_init(self._attr) or setflags(self._attr, self.SETSIGDEF | self.SETSIGMASK | self.SETSID):
+            raise OSError("posix_spawnattr")
+        default, empty = (ctypes.c_uint64 * 32)(), (ctypes.c_uint64 * 32)()
+        libc.sigemptyset(default)
+        libc.sigemptyset(empty)
+        for sig in _ignored_signals():
+            libc.sigaddset(default, sig)
+        if libc.posix_spawnattr_setsigdefault(self._attr, default) or libc.posix_spawnattr_setsigmask(self._attr, empty):
+            raise OSError("posix_spawnattr")
+        self._envp: tuple[dict[str, str], Any] | None = None
+
+    def __call__(self, exe: str, argv: list[str], env: dict[str, str], dups: list[tuple[int, int]]) -> int:
+        """The child's pid; OSError as os.posix_spawn raises it."""
+        c = self._c
+        if self._envp is None or self._envp[0] is not env:  # the agent's command env: made once
+            pairs = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
+            self._envp = (env, (c.c_char_p * (len(pairs) + 1))(*pairs, None))
+        args = (c.c_char_p * (len(argv) + 1))(*[os.fsencode(a) for a in argv], None)
+        actions = self._fa_type()
+        if self._actions_init(actions):
+            raise OSError(errno.ENOMEM, "posix_spawn_file_actions_init")
+        try:
+            for fd, target in dups:
+                err = self._adddup2(actions, fd, target)
+                if err:
+                    raise OSError(err, os.strerror(err))
+            pid = c.c_int()
+            err = self._spawn(c.byref(pid), os.fsencode(exe), actions, self._attr, args, self._envp[1])
+        finally:
+            self._actions_destroy(actions)
+        if err:
+            raise OSError(err, f"{os.strerror(err)}: {exe!r}")
+        return pid.value
+
+
+@functools.cache
+def _open_spawn() -> OpenSpawn | None:
+    try:
+        return OpenSpawn()
+    except (ImportError, OSError, AttributeError) as e:  # no ctypes, or not glibc
+        log(f"spawning waiting shells with os.posix_spawn: {e!r}")
+        return None
+
+
 class ShellWaiter:
     """A `bash -c` started before its script is known (ntng's Machine.run and succeed send
     every string command as `bash -c 'set -euo pipefail; …'`): asked for after such a
@@ -1100,11 +1172,14 @@ class ShellWaiter:
             fds += [out_r, out_w]
             err_r, err_w = os.pipe()
             fds += [err_r, err_w]
-            actions = [(os.POSIX_SPAWN_DUP2, _devnull(), 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
-                       (os.POSIX_SPAWN_DUP2, err_w, 2), (os.POSIX_SPAWN_DUP2, script, 3),
-                       (os.POSIX_SPAWN_DUP2, go_r, 4)]
-            pid = os.posix_spawn(exe, ["bash", "-c", SHELL_WAITER], env, setsid=True,
-                                 setsigdef=_ignored_signals(), setsigmask=(), file_actions=actions)
+            dups = [(_devnull(), 0), (out_w, 1), (err_w, 2), (script, 3), (go_r, 4)]
+            spawn = _open_spawn()
+            if spawn is not None:
+                pid = spawn(exe, ["bash", "-c", SHELL_WAITER], env, dups)
+            else:
+                pid = os.posix_spawn(exe, ["bash", "-c", SHELL_WAITER], env, setsid=True,
+                                     setsigdef=_ignored_signals(), setsigmask=(),
+                                     file_actions=[(os.POSIX_SPAWN_DUP2, fd, to) for fd, to in dups])
         except BaseException:
             for fd in fds:
                 os.close(fd)

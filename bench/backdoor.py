@@ -453,6 +453,12 @@ def wall_gap(m: Machine, rounds: int, old: Any = None) -> list[tuple[str, str, s
         'our agent: run(["/bin/true"])': lambda: m.run(["/bin/true"]),
         'our agent: run(["true"])': lambda: m.run(["true"]),
     }
+    if old is None:  # the SHELL port is free: the agent's side alone, without the client's
+        agent_exec, agent_sock = agent_exec_fn(m)
+        cases['a second agent, one-thread raw socket: EXEC ["true"]'] = agent_exec
+        ours = m.connect()
+        req = P.Exec(argv=["true"], timeout_ms=900_000)
+        cases['our agent: client.execute(["true"])'] = lambda: ours.execute(req)
     timed_inside = {
         "W": "the floor through the port: posix_spawn /bin/true + waitpid, timed inside (W)",
         "X": "T timed inside: its pipes, reads to EOF and waitpid (X)",
@@ -477,6 +483,8 @@ def wall_gap(m: Machine, rounds: int, old: Any = None) -> list[tuple[str, str, s
             wall[name].append(t1 - t0)
             host[name].append(c1 - c0)
     raw.close()
+    if old is None:
+        agent_sock.close()
     base = pct(wall[names[0]], 50)
     rows = []
     for name in names:
@@ -951,8 +959,111 @@ def idle_pings(m: Machine, client: Any, rounds: int) -> list[tuple[str, str, str
         m.succeed("true")
         least.append(timed(framed))
     rows.append(row('PING right after a succeed("true"), median (ms)', ping, raw, least))
+    rows += ping_split(m, client, echo, framed, rounds * 3)
     s.close()
     return rows
+
+
+def agent_ping_fn(m: Machine) -> tuple[Any, socket.socket]:
+    """PINGs to a second agent of this tree's image (its own process, on the SHELL port) from
+    a one-thread raw socket, as the echoes are timed: the agent's side of a PING without the
+    client's.  A PING is answered before any handshake, so the socket sends nothing else."""
+    m.succeed(f"setsid python3 /usr/lib/ntng-backdoor/ntng_agent.py --device /dev/virtio-ports/{SHELL} "
+              "</dev/null >/dev/null 2>&1 &")
+    s = connect_unix(m.plan["sockets"][f"port:{SHELL}"], 10)
+    ping = P.ping_frame(os.urandom(8))
+    pong = P.pong_for_ping(ping)
+    assert pong is not None
+    s.settimeout(30)
+    while True:  # the agent's ANNOUNCE (and any repeat of it) comes first: skip to our PONG
+        s.sendall(ping)
+        got = s.recv(65536)
+        if got.endswith(pong):
+            break
+        time.sleep(0.2)
+    return framed_fn(s, ping, pong), s
+
+
+def after_succeed_ab(client: Any, old: Any, rounds: int) -> list[tuple[str, str, str]]:
+    """A request sent the moment a succeed("true") answered, to this tree's agent (the image's)
+    and to GIT_REF's on the same VM, interleaved: after such a command the agent starts the
+    next one's bash (ShellWaiter), and the request lands while that shell loads."""
+    succeed = P.Exec(argv=["bash", "-c", "set -euo pipefail; true"], timeout_ms=900_000)
+    true = P.Exec(argv=["true"], timeout_ms=900_000)
+    agents = {"this tree's agent": client, "the older agent (--ab)": old}
+    got: dict[tuple[str, str], list[float]] = {}
+    for _ in range(rounds):
+        for what, request in (("PING", lambda c: c.ping()), ('run(["true"])', lambda c: c.execute(true))):
+            for name, c in agents.items():
+                c.execute(succeed)
+                t0 = time.perf_counter()
+                request(c)
+                got.setdefault((what, name), []).append(time.perf_counter() - t0)
+    return [(f"{what} sent the moment a succeed answered: {name}, median (ms)", f"{pct(v, 50) * 1000:.3f}",
+             f"p90 {pct(v, 90) * 1000:.3f}") for (what, name), v in sorted(got.items())]
+
+
+def agent_exec_fn(m: Machine) -> tuple[Any, socket.socket]:
+    """EXEC `true` to a second agent of this tree's image (its own process, on the SHELL port)
+    from a one-thread raw socket: HELLO, then each request sent and its EXIT read on the same
+    thread, with the protocol's Decoder.  The agent's side of run(["true"]) without the client's."""
+    m.succeed(f"setsid python3 /usr/lib/ntng-backdoor/ntng_agent.py --device /dev/virtio-ports/{SHELL} "
+              "</dev/null >/dev/null 2>&1 &")
+    s = connect_unix(m.plan["sockets"][f"port:{SHELL}"], 10)
+    s.settimeout(30)
+    decoder = P.Decoder(P.DEFAULT_MAX_FRAME)
+
+    def until(ftype: int) -> P.Frame:
+        while True:
+            for ev in decoder.events():
+                if isinstance(ev, P.Frame) and ev.type == ftype:
+                    return ev
+            data = s.recv(1 << 20)
+            if not data:
+                raise ConnectionError("the second agent closed its port")
+            decoder.feed(data)
+
+    until(P.FrameType.ANNOUNCE)  # written once the agent has opened the port: HELLO is read then
+    nonce = os.urandom(16)
+    s.sendall(P.Hello(P.MIN_SESSION_VERSION, P.VERSION, nonce).frame(P.HANDSHAKE_REQUEST_ID))
+    # The guest's agent reads the run's key (QEMU's fw_cfg file): prove it, as the client does.
+    challenge = P.parse_message(until(P.FrameType.AUTH_CHALLENGE)).challenge
+    proof = P.auth_proof(m.connect().key, P.AUTH_HOST, challenge, nonce)
+    s.sendall(P.Auth(nonce, proof).frame(P.HANDSHAKE_REQUEST_ID))
+    until(P.FrameType.HELLO_ACK)
+    request = P.Exec(argv=["true"], timeout_ms=900_000).frame(7)
+
+    def one() -> None:
+        s.sendall(request)
+        end = P.Exit.parse(until(P.FrameType.EXIT).payload)
+        assert end.code == 0, end
+
+    return one, s
+
+
+def ping_split(m: Machine, client: Any, echo: Any, framed: Any, rounds: int) -> list[tuple[str, str, str]]:
+    """Whose PING time is it: the same round trip timed four ways, interleaved in rotated
+    order: client.ping() to the image's agent, a raw socket to a second agent process, the
+    framed echo (pong_for_ping in the echo's loop) and the raw echo."""
+    agent_raw, s = agent_ping_fn(m)
+    reported: list[float] = []  # what ping() returns: its send to the reader's decode of the PONG
+    cases = {"client.ping(), the image's agent": lambda: reported.append(client.ping()),
+             "raw socket, a second agent": agent_raw,
+             "raw socket, the framed echo": framed, "raw socket, the raw echo": echo}
+    got: dict[str, list[float]] = {k: [] for k in cases}
+    names = list(cases)
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            t0 = time.perf_counter()
+            cases[name]()
+            got[name].append(time.perf_counter() - t0)
+    s.close()
+    raw = pct(got["raw socket, the raw echo"], 50)
+    framed_ms = pct(got["raw socket, the framed echo"], 50)
+    got["client.ping() as it reports itself (send → the reader decoded the PONG)"] = reported
+    return [(f"PING split, rotated: {name}, median (ms)", f"{pct(v, 50) * 1000:.3f}",
+             f"p90 {pct(v, 90) * 1000:.3f}; ×{pct(v, 50) / raw:.2f} of the raw echo, "
+             f"×{pct(v, 50) / framed_ms:.2f} of the framed echo") for name, v in got.items()]
 
 
 def main() -> None:
@@ -971,7 +1082,7 @@ def main() -> None:
     ap.add_argument("--spawn-steps", action="store_true",
                     help="what capturing a command's output costs in the guest, step by step (only)")
     ap.add_argument("--ab", default="", metavar="GIT_REF",
-                    help="with --breakdown, --cpu or --gap: also run the agent of GIT_REF in the guest, interleaved")
+                    help="with --breakdown, --cpu or --gap: also run the agent of GIT_REF in the guest, interleaved; with --idle: only requests right after a succeed, both agents")
     args = ap.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where it is now
     # `kill PID` unwinds like Ctrl-C: the VM released and the copies' temp folder removed.
@@ -999,7 +1110,9 @@ def main() -> None:
             copy_steps(m, args.copy_mb)
             return
         client = m.connect()
-        if args.idle:
+        if args.idle and args.ab:
+            rows += after_succeed_ab(client, old_agent_client(m, tmp, args.ab, SHELL), args.rounds)
+        elif args.idle:
             rows += idle_pings(m, client, max(10, args.rounds // 7))
         elif args.spawn_steps:
             rows += spawn_steps(m, args.rounds)

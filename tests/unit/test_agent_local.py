@@ -3,6 +3,7 @@ the real BackdoorClient: every request type end to end, with real host commands,
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import os
@@ -934,6 +935,71 @@ def test_no_shell_waits_after_the_session(monkeypatch: pytest.MonkeyPatch, kept_
     assert _waiters() == [] and _children() == {}, _children()
     left = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in _open_fds() - before}
     assert left == {}, left
+
+
+def test_a_waiting_shell_is_spawned_with_the_interpreter_free() -> None:
+    """The waiting shells' spawn (agent.OpenSpawn, on the starter thread) leaves the GIL to
+    the agent's other threads until the child has exec'd: os.posix_spawn holds it, and a PING
+    or a command that came then waited for the exec (bench/backdoor.py --idle --ab).  Here a
+    thread counts while the spawns run: it can count inside a spawn only if the lock is free.
+    Each spawn also waits for the lock back from the counter, so a free spawn lasts a switch
+    interval (5 ms): the counter has time to run even on a busy machine."""
+    spawn = agent._open_spawn()
+    assert spawn is not None, "this C library has posix_spawn: the agent must use it"
+    stamps: list[float] = []
+    stop = threading.Event()
+
+    def count() -> None:
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    windows = []
+    try:
+        for _ in range(20):
+            t0 = time.perf_counter()
+            pid = spawn("/bin/true", ["true"], {}, [])
+            windows.append((t0, time.perf_counter()))
+            os.waitpid(pid, 0)
+    finally:
+        stop.set()
+        counter.join()
+    free = sum(bisect.bisect_right(stamps, t0) < bisect.bisect_left(stamps, t1) for t0, t1 in windows)
+    assert free >= 10, f"another thread ran inside {free} of 20 spawns"
+
+
+def test_the_open_spawn_makes_the_child_os_posix_spawn_makes() -> None:
+    """Its own session, the signals the agent ignores back to SIG_DFL (Python ignores SIGPIPE
+    and SIGXFSZ), nothing blocked, the fds dup'ed where asked, the environment and argv given;
+    an exec that fails is OSError."""
+    spawn = agent._open_spawn()
+    assert spawn is not None
+    script = ('read -r sid _ < <(ps -o sess= -p $$); echo "sid=$((sid == $$))"; '
+              'grep -E "^Sig(Blk|Ign)" /proc/self/status; echo "$0 $1 $FOO"; ls /proc/self/fd')
+    argv, env = ["bash", "-c", script, "zero", "one"], {"FOO": "bar b=c", "PATH": os.defpath}
+    outputs = []
+    for how in ("open", "os"):
+        r, w = os.pipe()
+        dups = [(agent._devnull(), 0), (w, 1), (w, 2)]
+        if how == "open":
+            pid = spawn("/bin/bash", argv, env, dups)
+        else:
+            pid = os.posix_spawn("/bin/bash", argv, env, setsid=True, setsigdef=agent._ignored_signals(),
+                                 setsigmask=(), file_actions=[(os.POSIX_SPAWN_DUP2, f, t) for f, t in dups])
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            outputs.append(f.read())
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert outputs[0] == outputs[1]
+    lines = outputs[0].decode().splitlines()
+    assert lines[:2] == ["sid=1", "SigBlk:\t0000000000000000"], lines
+    assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN  # so the reset is tested
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        assert int(lines[2].split()[1], 16) & (1 << (sig - 1)) == 0, lines
+    assert lines[3] == "zero one bar b=c"
+    with pytest.raises(OSError):
+        spawn("/nonexistent/bash", ["bash"], {}, [])
 
 
 def test_corrupted_frame_gets_an_error_and_the_connection_continues(client: BackdoorClient) -> None:
