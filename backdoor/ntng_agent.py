@@ -738,6 +738,9 @@ WORKERS = Workers()
 # while the host sends nothing; after its output ends it is given INLINE_REAP to exit.
 INLINE_FOR = 1.0
 INLINE_REAP = 0.05
+# A waiting shell (ShellWaiter) starts once the host has sent nothing for this long after the
+# `bash -c` command that asked for it (Session.start_shell_when_quiet).
+SHELL_QUIET = 0.01
 
 
 class Spawned:
@@ -1333,7 +1336,8 @@ class Session:
         self.inline_fd: int | None = None
         self.ready: ReadyPipes | None = None  # the next inline command's (serve_inline)
         self.shell: ShellWaiter | None = None  # the next inline `bash -c` command's
-        self.shell_coming = False  # SHELLS is starting one
+        self.shell_coming = False  # one is wanted (shell_wanted) or SHELLS is starting it
+        self.shell_wanted: tuple[int, dict[str, str]] | None = None  # (host fd, env): start_shell_when_quiet
         self.epoch = 0  # a new session's (cancel_all): a shell asked for before is discarded
 
     def send(self, frame: bytes) -> None:
@@ -1374,8 +1378,29 @@ class Session:
         with self.lock:
             self.epoch += 1
             shell, self.shell = self.shell, None
+            if self.shell_wanted is not None:  # not started: the next `bash -c` asks again
+                self.shell_wanted, self.shell_coming = None, False
         if shell is not None:
             shell.discard()
+
+    def start_shell_when_quiet(self, host_fd: int) -> None:
+        """Start the wanted shell once the host has sent nothing for SHELL_QUIET (the reader,
+        before it reads).  A shell that loads while a request runs costs that request its
+        context switches (at SCHED_IDLE too: every time the request's processes wait, the
+        shell runs and the next switch back flushes TCG's TLB): under TCG a PING sent right
+        after a succeed took 3-4.6 ms against 1.2-1.8 after a run, a run(["true"]) 5 ms more
+        (docs/benchmarks.md, the twelfth round).  The host's next request usually comes
+        within a few ms of an answer, or after much longer."""
+        try:
+            if select.select([host_fd], [], [], SHELL_QUIET)[0]:
+                return  # a request came: after it
+        except (OSError, ValueError):
+            pass
+        with self.lock:
+            wanted, self.shell_wanted = self.shell_wanted, None
+            epoch = self.epoch
+        if wanted is not None:
+            SHELLS.start(self, epoch, *wanted)
 
     def shell_started(self, shell: ShellWaiter | None, epoch: int) -> None:
         """From SHELLS' thread: the shell asked for after a `bash -c` command (None: none
@@ -1553,7 +1578,7 @@ class Session:
             self.ready = _ready_pipes(host_fd)
         if not lost and script is not None and self.shell is None and not self.shell_coming and SHELLS.enabled:
             self.shell_coming = True
-            SHELLS.start(self, self.epoch, host_fd, env)
+            self.shell_wanted = (host_fd, env)  # started by the reader's loop (serve)
 
     def send_last(self, rid: int, frames: bytes) -> None:
         """A request's last frames (finish(), or Session.serve_inline's, which has no task): a
@@ -1695,6 +1720,8 @@ def serve(conn: Connection, started_ns: int, key_file: str | None = None) -> boo
     session.inline_fd = conn.rfd
     try:
         while True:
+            if session.shell_wanted is not None:
+                session.start_shell_when_quiet(conn.rfd)
             data = conn.read(READ_BUFFER)
             if not data:
                 return True

@@ -1003,6 +1003,33 @@ def after_succeed_ab(client: Any, old: Any, rounds: int) -> list[tuple[str, str,
              f"p90 {pct(v, 90) * 1000:.3f}") for (what, name), v in sorted(got.items())]
 
 
+def after_answers(agents: dict[str, Any], rounds: int) -> list[tuple[str, str, str]]:
+    """A PING, a run(["true"]) or a succeed("true") sent 0, 5 or 30 ms after a succeed or a
+    run(["true"]) answered, each pair after 0.3 s idle (the waiting shell, if any, is ready
+    then, and a succeed takes it and wants the next one): what a request pays when it comes
+    while the next command's bash (ShellWaiter) loads.  Interleaved over `agents` (name →
+    client), one VM."""
+    succeed = P.Exec(argv=["bash", "-c", "set -euo pipefail; true"], timeout_ms=900_000)
+    true = P.Exec(argv=["true"], timeout_ms=900_000)
+    firsts = {"a succeed": succeed, "a run": true}
+    seconds = {"PING": None, 'run(["true"])': true, 'succeed("true")': succeed}
+    got: dict[tuple[str, str, str, float], list[float]] = {}
+    for _ in range(rounds):
+        for second, request in seconds.items():
+            for first, before in firsts.items():
+                for gap in (0.0, 0.005, 0.03):
+                    for name, c in agents.items():
+                        time.sleep(0.3)
+                        c.execute(before)
+                        if gap:
+                            time.sleep(gap)
+                        t0 = time.perf_counter()
+                        c.ping() if request is None else c.execute(request)
+                        got.setdefault((second, first, name, gap), []).append(time.perf_counter() - t0)
+    return [(f"{second} {gap * 1000:.0f} ms after {first} answered: {name}, median (ms)", f"{pct(v, 50) * 1000:.2f}",
+             f"p90 {pct(v, 90) * 1000:.2f}") for (second, first, name, gap), v in got.items()]
+
+
 def agent_exec_fn(m: Machine) -> tuple[Any, socket.socket]:
     """EXEC `true` to a second agent of this tree's image (its own process, on the SHELL port)
     from a one-thread raw socket: HELLO, then each request sent and its EXIT read on the same
@@ -1073,6 +1100,8 @@ def main() -> None:
     ap.add_argument("--accel", default=os.environ.get("NTNG_ACCEL", "auto"))
     ap.add_argument("--breakdown", action="store_true", help="where a command's time goes (only)")
     ap.add_argument("--idle", action="store_true", help="PING vs raw echo after idle periods (only)")
+    ap.add_argument("--after", action="store_true",
+                    help="requests sent 0, 5 and 30 ms after a succeed or a run answered (only; --ab: both agents)")
     ap.add_argument("--cpu", action="store_true",
                     help="guest CPU per command: our agent against the minimal spawn server (only)")
     ap.add_argument("--gap", action="store_true",
@@ -1110,7 +1139,12 @@ def main() -> None:
             copy_steps(m, args.copy_mb)
             return
         client = m.connect()
-        if args.idle and args.ab:
+        if args.after:
+            agents = {"this tree's agent": client}
+            if args.ab:
+                agents["the older agent (--ab)"] = old_agent_client(m, tmp, args.ab, SHELL)
+            rows += after_answers(agents, max(5, args.rounds // 4))
+        elif args.idle and args.ab:
             rows += after_succeed_ab(client, old_agent_client(m, tmp, args.ab, SHELL), args.rounds)
         elif args.idle:
             rows += idle_pings(m, client, max(10, args.rounds // 7))

@@ -900,6 +900,34 @@ def test_commands_unlike_bash_c_keep_the_prestarted_shell(inline_pair: tuple[Bac
     assert _waiters() == waiter, "a command unlike bash -c used or replaced the waiting shell"
 
 
+def test_a_shell_waits_for_the_host_to_be_quiet_before_it_starts(
+        inline_pair: tuple[BackdoorClient, LocalAgent], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next command's shell starts only after the host has sent nothing for SHELL_QUIET:
+    one that loads while a request is served costs that request (the twelfth round), and the
+    host's next request mostly comes at once.  While PINGs keep coming, none starts; once
+    they stop, one does, no sooner than SHELL_QUIET after the last."""
+    client, _local = inline_pair
+    quiet = 0.5  # the agent's 10 ms, widened: a test thread stalled that long would start it
+    monkeypatch.setattr(agent, "SHELL_QUIET", quiet)
+    starts: list[float] = []
+    start = agent.SHELLS.start
+
+    def recorded(*args: object) -> None:
+        starts.append(time.monotonic())
+        start(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(agent.SHELLS, "start", recorded)
+    assert client.execute(_bash_c("true"), wait=30).status == 0
+    busy_until = time.monotonic() + 2 * quiet
+    while time.monotonic() < busy_until:
+        client.ping()
+        last = time.monotonic()
+        time.sleep(0.02)
+    assert starts == [], "a shell started while the host kept sending"
+    _waiting_shell()
+    assert len(starts) == 1 and starts[0] >= last + quiet * 0.9, (starts, last)
+
+
 def test_a_prestarted_shell_counts_seconds_from_its_command(inline_pair: tuple[BackdoorClient, LocalAgent]) -> None:
     """$SECONDS counts from the command, not from the shell's start (whole seconds: ≤ 1)."""
     client, _ = inline_pair
