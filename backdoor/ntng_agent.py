@@ -1081,9 +1081,9 @@ def _fd_above_stdio(fd: int) -> int:
 class OpenSpawn:
     """posix_spawn through the C library with the interpreter's lock released (ctypes releases
     it around a foreign call).  os.posix_spawn holds it from vfork until the child's execve has
-    loaded the program, and so did every other agent thread wait: under TCG a PING sent right
-    after a succeed took 2.4 times the framed echo while the next command's bash was spawned
-    (docs/benchmarks.md, the twelfth round).  For ShellStarter's spawns; commands on the
+    loaded the program, and every other agent thread waited that long: under TCG a request sent
+    right after a succeed, while the next command's bash was spawned, took 0.1 ms (PING) to
+    1.1 ms (run) more (docs/benchmarks.md, the twelfth round).  For ShellStarter's spawns; commands on the
     reader's own thread keep os.posix_spawn (nothing else waits on them there).  The same
     child as os.posix_spawn(exe, argv, env, setsid=True, setsigdef=..., setsigmask=(),
     file_actions=DUP2s) makes; None when this C library has no such calls (the caller then
