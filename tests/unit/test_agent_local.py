@@ -968,12 +968,16 @@ def test_no_shell_waits_after_the_session(monkeypatch: pytest.MonkeyPatch, kept_
 def test_a_waiting_shell_is_spawned_with_the_interpreter_free() -> None:
     """The waiting shells' spawn (agent.OpenSpawn, on the starter thread) leaves the GIL to
     the agent's other threads until the child has exec'd: os.posix_spawn holds it, and a PING
-    or a command that came then waited for the exec (bench/backdoor.py --idle --ab).  Here a
-    thread counts while the spawns run: it can count inside a spawn only if the lock is free.
-    Each spawn also waits for the lock back from the counter, so a free spawn lasts a switch
-    interval (5 ms): the counter has time to run even on a busy machine."""
+    or a command that came then waited for the exec (bench/backdoor.py --idle --ab).  The call
+    goes through a CDLL function, around which ctypes releases the lock (a PyDLL one keeps it).
+    And a thread that counts while the spawns run counts inside some of them: with the lock
+    held through the spawn it never can (0 of 60 in docs/benchmarks.md, the twelfth round).
+    It needs a CPU within the spawn's ~0.3 ms to do so, hence a low bar on a busy machine."""
+    import ctypes
+
     spawn = agent._open_spawn()
     assert spawn is not None, "this C library has posix_spawn: the agent must use it"
+    assert not spawn._spawn._flags_ & ctypes._FUNCFLAG_PYTHONAPI  # type: ignore[attr-defined]
     stamps: list[float] = []
     stop = threading.Event()
 
@@ -985,16 +989,16 @@ def test_a_waiting_shell_is_spawned_with_the_interpreter_free() -> None:
     counter.start()
     windows = []
     try:
-        for _ in range(20):
+        for _ in range(30):
             t0 = time.perf_counter()
-            pid = spawn("/bin/true", ["true"], {}, [])
+            pid = spawn("/bin/true", ["true"], dict(os.environ), [])
             windows.append((t0, time.perf_counter()))
             os.waitpid(pid, 0)
     finally:
         stop.set()
         counter.join()
     free = sum(bisect.bisect_right(stamps, t0) < bisect.bisect_left(stamps, t1) for t0, t1 in windows)
-    assert free >= 10, f"another thread ran inside {free} of 20 spawns"
+    assert free >= 3, f"another thread ran inside {free} of 30 spawns"
 
 
 def test_the_open_spawn_makes_the_child_os_posix_spawn_makes() -> None:
