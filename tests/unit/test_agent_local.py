@@ -925,7 +925,9 @@ def test_a_shell_waits_for_the_host_to_be_quiet_before_it_starts(
         time.sleep(0.02)
     assert starts == [], "a shell started while the host kept sending"
     _waiting_shell()
-    assert len(starts) == 1 and starts[0] >= last + quiet * 0.9, (starts, last)
+    # The agent's quiet period began a little before `last` (its PONG was on the way): a
+    # margin for a busy machine's thread wake-ups, and still far from a start at once.
+    assert len(starts) == 1 and starts[0] >= last + quiet / 2, (starts, last)
 
 
 def test_a_prestarted_shell_counts_seconds_from_its_command(inline_pair: tuple[BackdoorClient, LocalAgent]) -> None:
