@@ -1125,8 +1125,9 @@ class OpenSpawn:
             self._envp = (env, (c.c_char_p * (len(pairs) + 1))(*pairs, None))
         args = (c.c_char_p * (len(argv) + 1))(*[os.fsencode(a) for a in argv], None)
         actions = self._fa_type()
-        if self._actions_init(actions):
-            raise OSError(errno.ENOMEM, "posix_spawn_file_actions_init")
+        err = self._actions_init(actions)
+        if err:
+            raise OSError(err, f"posix_spawn_file_actions_init: {os.strerror(err)}")
         try:
             for fd, target in dups:
                 err = self._adddup2(actions, fd, target)
@@ -1337,7 +1338,7 @@ class Session:
         self.ready: ReadyPipes | None = None  # the next inline command's (serve_inline)
         self.shell: ShellWaiter | None = None  # the next inline `bash -c` command's
         self.shell_coming = False  # one is wanted (shell_wanted) or SHELLS is starting it
-        self.shell_wanted: tuple[int, dict[str, str]] | None = None  # (host fd, env): start_shell_when_quiet
+        self.shell_wanted = False  # by the last `bash -c` command: start_shell_when_quiet starts it
         self.epoch = 0  # a new session's (cancel_all): a shell asked for before is discarded
 
     def send(self, frame: bytes) -> None:
@@ -1378,8 +1379,8 @@ class Session:
         with self.lock:
             self.epoch += 1
             shell, self.shell = self.shell, None
-            if self.shell_wanted is not None:  # not started: the next `bash -c` asks again
-                self.shell_wanted, self.shell_coming = None, False
+            if self.shell_wanted:  # not started: the next `bash -c` asks again
+                self.shell_wanted = self.shell_coming = False
         if shell is not None:
             shell.discard()
 
@@ -1390,17 +1391,18 @@ class Session:
         shell runs and the next switch back flushes TCG's TLB): under TCG a PING sent right
         after a succeed took 3-4.6 ms against 1.2-1.8 after a run, a run(["true"]) 5 ms more
         (docs/benchmarks.md, the twelfth round).  The host's next request usually comes
-        within a few ms of an answer, or after much longer."""
+        within a few ms of an answer, or after much longer.  The shell is for the command
+        the waiter serves (_waiter_script): in the agent's environment, on this connection."""
         try:
             if select.select([host_fd], [], [], SHELL_QUIET)[0]:
                 return  # a request came: after it
         except (OSError, ValueError):
             pass
         with self.lock:
-            wanted, self.shell_wanted = self.shell_wanted, None
+            wanted, self.shell_wanted = self.shell_wanted, False
             epoch = self.epoch
-        if wanted is not None:
-            SHELLS.start(self, epoch, *wanted)
+        if wanted:
+            SHELLS.start(self, epoch, host_fd, _command_env())
 
     def shell_started(self, shell: ShellWaiter | None, epoch: int) -> None:
         """From SHELLS' thread: the shell asked for after a `bash -c` command (None: none
@@ -1578,7 +1580,7 @@ class Session:
             self.ready = _ready_pipes(host_fd)
         if not lost and script is not None and self.shell is None and not self.shell_coming and SHELLS.enabled:
             self.shell_coming = True
-            self.shell_wanted = (host_fd, env)  # started by the reader's loop (serve)
+            self.shell_wanted = True  # started by the reader's loop (serve)
 
     def send_last(self, rid: int, frames: bytes) -> None:
         """A request's last frames (finish(), or Session.serve_inline's, which has no task): a
@@ -1720,7 +1722,7 @@ def serve(conn: Connection, started_ns: int, key_file: str | None = None) -> boo
     session.inline_fd = conn.rfd
     try:
         while True:
-            if session.shell_wanted is not None:
+            if session.shell_wanted:
                 session.start_shell_when_quiet(conn.rfd)
             data = conn.read(READ_BUFFER)
             if not data:
