@@ -46,6 +46,9 @@ from ntng.driver import Driver  # noqa: E402
 from ntng.machine import Machine  # noqa: E402
 
 RAW = "org.ntng.raw"
+# What run(["true"]) and succeed("true") send, for the benches that drive a client directly.
+RUN_TRUE = P.Exec(argv=["true"], timeout_ms=900_000)
+SUCCEED_TRUE = P.Exec(argv=["bash", "-c", "set -euo pipefail; true"], timeout_ms=900_000)
 SHELL = "org.ntng.shell"
 SHARES = (("p9", "9p"), ("vfs", "virtiofs"))  # tag, type
 
@@ -453,23 +456,20 @@ def wall_gap(m: Machine, rounds: int, old: Any = None) -> list[tuple[str, str, s
         'our agent: run(["/bin/true"])': lambda: m.run(["/bin/true"]),
         'our agent: run(["true"])': lambda: m.run(["true"]),
     }
+    ours = m.connect()
+    cases['our agent: client.execute(["true"])'] = lambda: ours.execute(RUN_TRUE)
+    agent_sock = None
     if old is None:  # the SHELL port is free: the agent's side alone, without the client's
         agent_exec, agent_sock = agent_exec_fn(m)
         cases['a second agent, one-thread raw socket: EXEC ["true"]'] = agent_exec
-        ours = m.connect()
-        req = P.Exec(argv=["true"], timeout_ms=900_000)
-        cases['our agent: client.execute(["true"])'] = lambda: ours.execute(req)
+    else:
+        cases['the older agent (--ab): client.execute(["true"])'] = lambda: old.execute(RUN_TRUE)
     timed_inside = {
         "W": "the floor through the port: posix_spawn /bin/true + waitpid, timed inside (W)",
         "X": "T timed inside: its pipes, reads to EOF and waitpid (X)",
     }
     cases["the raw echo (16 bytes; the same process)"] = echo
     cases.update({name: inside_fn(raw, key.encode(), inside[key]) for key, name in timed_inside.items()})
-    if old is not None:
-        req = P.Exec(argv=["true"], timeout_ms=900_000)
-        ours = m.connect()
-        cases['our agent: client.execute(["true"])'] = lambda: ours.execute(req)
-        cases['the older agent (--ab): client.execute(["true"])'] = lambda: old.execute(req)
     for one in cases.values():
         one()
     wall: dict[str, list[float]] = {k: [] for k in cases}
@@ -483,7 +483,7 @@ def wall_gap(m: Machine, rounds: int, old: Any = None) -> list[tuple[str, str, s
             wall[name].append(t1 - t0)
             host[name].append(c1 - c0)
     raw.close()
-    if old is None:
+    if agent_sock is not None:
         agent_sock.close()
     base = pct(wall[names[0]], 50)
     rows = []
@@ -964,17 +964,24 @@ def idle_pings(m: Machine, client: Any, rounds: int) -> list[tuple[str, str, str
     return rows
 
 
-def agent_ping_fn(m: Machine) -> tuple[Any, socket.socket]:
-    """PINGs to a second agent of this tree's image (its own process, on the SHELL port) from
-    a one-thread raw socket, as the echoes are timed: the agent's side of a PING without the
-    client's.  A PING is answered before any handshake, so the socket sends nothing else."""
+def second_agent(m: Machine) -> socket.socket:
+    """A second agent of this tree's image started in the guest on the SHELL port (its own
+    process), and a raw socket to it (30 s timeout): the agent's side of a request timed from
+    one host thread, without the client's."""
     m.succeed(f"setsid python3 /usr/lib/ntng-backdoor/ntng_agent.py --device /dev/virtio-ports/{SHELL} "
               "</dev/null >/dev/null 2>&1 &")
     s = connect_unix(m.plan["sockets"][f"port:{SHELL}"], 10)
+    s.settimeout(30)
+    return s
+
+
+def agent_ping_fn(m: Machine) -> tuple[Any, socket.socket]:
+    """PINGs to a second agent (second_agent) as the echoes are timed.  A PING is answered
+    before any handshake, so the socket sends nothing else."""
+    s = second_agent(m)
     ping = P.ping_frame(os.urandom(8))
     pong = P.pong_for_ping(ping)
     assert pong is not None
-    s.settimeout(30)
     while True:  # the agent's ANNOUNCE (and any repeat of it) comes first: skip to our PONG
         s.sendall(ping)
         got = s.recv(65536)
@@ -988,14 +995,12 @@ def after_succeed_ab(client: Any, old: Any, rounds: int) -> list[tuple[str, str,
     """A request sent the moment a succeed("true") answered, to this tree's agent (the image's)
     and to GIT_REF's on the same VM, interleaved: after such a command the agent starts the
     next one's bash (ShellWaiter), and the request lands while that shell loads."""
-    succeed = P.Exec(argv=["bash", "-c", "set -euo pipefail; true"], timeout_ms=900_000)
-    true = P.Exec(argv=["true"], timeout_ms=900_000)
     agents = {"this tree's agent": client, "the older agent (--ab)": old}
     got: dict[tuple[str, str], list[float]] = {}
     for _ in range(rounds):
-        for what, request in (("PING", lambda c: c.ping()), ('run(["true"])', lambda c: c.execute(true))):
+        for what, request in (("PING", lambda c: c.ping()), ('run(["true"])', lambda c: c.execute(RUN_TRUE))):
             for name, c in agents.items():
-                c.execute(succeed)
+                c.execute(SUCCEED_TRUE)
                 t0 = time.perf_counter()
                 request(c)
                 got.setdefault((what, name), []).append(time.perf_counter() - t0)
@@ -1009,10 +1014,8 @@ def after_answers(agents: dict[str, Any], rounds: int) -> list[tuple[str, str, s
     then, and a succeed takes it and wants the next one): what a request pays when it comes
     while the next command's bash (ShellWaiter) loads.  Interleaved over `agents` (name →
     client), one VM."""
-    succeed = P.Exec(argv=["bash", "-c", "set -euo pipefail; true"], timeout_ms=900_000)
-    true = P.Exec(argv=["true"], timeout_ms=900_000)
-    firsts = {"a succeed": succeed, "a run": true}
-    seconds = {"PING": None, 'run(["true"])': true, 'succeed("true")': succeed}
+    firsts = {"a succeed": SUCCEED_TRUE, "a run": RUN_TRUE}
+    seconds = {"PING": None, 'run(["true"])': RUN_TRUE, 'succeed("true")': SUCCEED_TRUE}
     got: dict[tuple[str, str, str, float], list[float]] = {}
     for _ in range(rounds):
         for second, request in seconds.items():
@@ -1031,13 +1034,9 @@ def after_answers(agents: dict[str, Any], rounds: int) -> list[tuple[str, str, s
 
 
 def agent_exec_fn(m: Machine) -> tuple[Any, socket.socket]:
-    """EXEC `true` to a second agent of this tree's image (its own process, on the SHELL port)
-    from a one-thread raw socket: HELLO, then each request sent and its EXIT read on the same
-    thread, with the protocol's Decoder.  The agent's side of run(["true"]) without the client's."""
-    m.succeed(f"setsid python3 /usr/lib/ntng-backdoor/ntng_agent.py --device /dev/virtio-ports/{SHELL} "
-              "</dev/null >/dev/null 2>&1 &")
-    s = connect_unix(m.plan["sockets"][f"port:{SHELL}"], 10)
-    s.settimeout(30)
+    """EXEC `true` to a second agent (second_agent): HELLO, then each request sent and its
+    EXIT read on the same thread, with the protocol's Decoder."""
+    s = second_agent(m)
     decoder = P.Decoder(P.DEFAULT_MAX_FRAME)
 
     def until(ftype: int) -> P.Frame:
@@ -1058,7 +1057,7 @@ def agent_exec_fn(m: Machine) -> tuple[Any, socket.socket]:
     proof = P.auth_proof(m.connect().key, P.AUTH_HOST, challenge, nonce)
     s.sendall(P.Auth(nonce, proof).frame(P.HANDSHAKE_REQUEST_ID))
     until(P.FrameType.HELLO_ACK)
-    request = P.Exec(argv=["true"], timeout_ms=900_000).frame(7)
+    request = RUN_TRUE.frame(7)
 
     def one() -> None:
         s.sendall(request)
