@@ -165,6 +165,14 @@ class Connection:
                 if views and n:
                     views[0] = views[0][n:]
 
+    def let_go(self) -> None:
+        """Stop using the fds before their owner closes them (accept_forever): a write still
+        under way ends first, and a late one from a task of the ended session (a worker
+        between its checks) fails as a disconnect, where it would have gone to whatever the
+        fd number is next: the next host's connection, accepted as the same number."""
+        with self._lock:
+            self.rfd = self.wfd = -1
+
     def write(self, data: bytes) -> None:
         with self._lock:
             try:  # a small frame goes whole: one call, no view (a PONG's, an EXIT's path)
@@ -1848,7 +1856,11 @@ def accept_forever(srv: socket.socket, started_ns: int, key_file: str | None = N
     while True:
         c, _ = srv.accept()
         with c:
-            served = serve(Connection(c.fileno(), c.fileno()), started_ns, key_file)
+            conn = Connection(c.fileno(), c.fileno())
+            try:
+                served = serve(conn, started_ns, key_file)
+            finally:
+                conn.let_go()
         log("host disconnected" if served else "host disconnected before the ANNOUNCE")
 
 

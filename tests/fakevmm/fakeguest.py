@@ -152,7 +152,9 @@ class Guest:
                          daemon=True).start()
 
         def run_agent() -> None:
-            agent.serve(agent.Connection(agent_end.fileno(), agent_end.fileno()), self.started_ns)
+            conn = agent.Connection(agent_end.fileno(), agent_end.fileno())
+            agent.serve(conn, self.started_ns)
+            conn.let_go()  # as accept_forever: no late write reaches the fd number's next owner
             agent_end.close()
 
         threading.Thread(target=run_agent, name="agent", daemon=True).start()

@@ -42,7 +42,7 @@ class Agent:
 
     def __init__(self, key_file: Path | None) -> None:
         self.host, self.guest = socket.socketpair()
-        conn = agent.Connection(self.guest.fileno(), self.guest.fileno())
+        self.conn = conn = agent.Connection(self.guest.fileno(), self.guest.fileno())
         key = None if key_file is None else str(key_file)
         self.thread = threading.Thread(target=agent.serve, args=(conn, time.time_ns()),
                                        kwargs={"key_file": key}, daemon=True)
@@ -55,6 +55,7 @@ class Agent:
             except OSError:
                 pass
         self.thread.join(10)
+        self.conn.let_go()  # as accept_forever: no late write reaches the fd number's next owner
         self.host.close()
         self.guest.close()
 

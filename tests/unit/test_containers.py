@@ -3,11 +3,13 @@ in a thread, the real BackdoorClient), the plan nixlib makes, the backend's setu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import subprocess
 import sys
-import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +55,24 @@ def test_in_a_container_the_command_line_is_inits_arguments(
     assert agent.read_cmdline() == init
 
 
-def serve_folder(folder: Path) -> threading.Thread:
-    t = threading.Thread(target=agent.run_on_folder, args=(str(folder),), daemon=True)
-    t.start()
-    return t
+BACKDOOR = Path(agent.__file__).resolve().parent
+
+
+@contextlib.contextmanager
+def serve_folder(folder: Path) -> Iterator[None]:
+    """The agent serving `folder` in a process of its own, as in a container: in this one it
+    would share the fd table with the test's client (one's late use of a closed fd number could
+    reach the other's socket)."""
+    code = f"import sys; sys.path.insert(0, {str(BACKDOOR)!r}); import ntng_agent; ntng_agent.run_on_folder(sys.argv[1])"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stderr=subprocess.PIPE)
+    try:
+        yield
+        assert proc.poll() is None, f"the agent exited: {proc.communicate(timeout=5)[1].decode()[-800:]}"
+    finally:
+        proc.kill()
+        proc.wait(10)
+        assert proc.stderr is not None
+        proc.stderr.close()
 
 
 def wait_socket(path: Path) -> None:
@@ -76,7 +92,11 @@ def test_the_agent_serves_the_folder_with_the_key_it_finds_there(tmp_path: Path)
     stale.bind(str(folder / agent.FOLDER_SOCKET))
     stale.close()
     os.utime(folder / agent.FOLDER_SOCKET, (0, 0))
-    serve_folder(folder)
+    with serve_folder(folder):
+        talk_through_the_folder(folder, key)
+
+
+def talk_through_the_folder(folder: Path, key: bytes) -> None:
     sock_path = folder / agent.FOLDER_SOCKET
     deadline = time.monotonic() + 10
 
@@ -104,11 +124,36 @@ def test_the_agent_serves_the_folder_with_the_key_it_finds_there(tmp_path: Path)
 
 def test_without_a_key_file_the_agent_serves_unauthenticated(tmp_path: Path) -> None:
     folder = paths.private_dir(tmp_path / "backdoor")
-    serve_folder(folder)
-    wait_socket(folder / agent.FOLDER_SOCKET)
-    client = BackdoorClient(connect_unix(folder / agent.FOLDER_SOCKET, timeout=10), "c")
-    assert "auth" not in client.wait_ready(10).capabilities
-    client.close()
+    with serve_folder(folder):
+        wait_socket(folder / agent.FOLDER_SOCKET)
+        client = BackdoorClient(connect_unix(folder / agent.FOLDER_SOCKET, timeout=10), "c")
+        assert "auth" not in client.wait_ready(10).capabilities
+        client.close()
+
+
+def test_a_connections_fds_let_go_take_no_late_write() -> None:
+    """accept_forever lets go of a connection's fds before it closes them: a late write of the
+    ended session fails as a disconnect, and does not reach the socket the next host's
+    connection gets under the same fd number."""
+    ended, its_host = socket.socketpair()
+    conn = agent.Connection(ended.fileno(), ended.fileno())
+    conn.let_go()
+    number = ended.fileno()
+    ended.close()
+    its_host.close()
+    nxt, next_host = socket.socketpair()
+    with nxt, next_host:
+        assert nxt.fileno() == number or next_host.fileno() == number, "the fd number was not reused"
+        with pytest.raises(agent.Disconnected):
+            conn.write(b"a frame of the ended session")
+        with pytest.raises(agent.Disconnected):
+            conn.writev([b"x" * 100])
+        assert conn.read(4096) == b""
+        next_host.setblocking(False)
+        nxt.setblocking(False)
+        for s in (nxt, next_host):
+            with pytest.raises(BlockingIOError):
+                s.recv(100)
 
 
 # --- the plan ------------------------------------------------------------------------------------
