@@ -13,7 +13,7 @@
   memory    the runner's peak RSS during the download
 
 Usage: .venv/bin/python bench/backdoor.py [--rounds 200] [--copy-mb 64]
-       (--breakdown, --idle, --cpu, --gap, --copy-steps and --spawn-steps print one part each; --ab REF)
+       (--breakdown, --idle, --after, --predecessor, --cpu, --gap, --copy-steps and --spawn-steps print one part each; --ab REF)
 Prints a markdown table.  Not a test: numbers vary with the machine and the accelerator.
 """
 
@@ -1033,6 +1033,41 @@ def after_answers(agents: dict[str, Any], rounds: int) -> list[tuple[str, str, s
              f"p90 {pct(v, 90) * 1000:.2f}") for (second, first, name, gap), v in got.items()]
 
 
+def after_predecessors(m: Machine, client: Any, rounds: int) -> list[tuple[str, str, str]]:
+    """Our run(["true"]) and the framed server's EXEC of `true` (`F`), each timed the moment
+    one of the ratio rotation's cases answered, as that rotation sends them: what each pays
+    for what ran just before it (a bash, a copy of the spawn server, our agent, idleness)."""
+    _, raw = raw_echo_fn(m)
+    on_arrival = P.Exec(argv=["/bin/bash", "-c", "set -euo pipefail; true"], timeout_ms=900_000)
+    timed = {'run(["true"])': lambda: m.run(["true"]), "F, EXEC of true": framed_exec_fn(raw)}
+    before = {
+        'our run(["true"])': lambda: m.run(["true"]),
+        "our `bash -c` spawned on arrival": lambda: client.execute(on_arrival),
+        'our succeed("true")': lambda: m.succeed("true"),
+        "our PING": lambda: client.ping(),
+        "the spawn server's /bin/true (T)": raw_command_fn(raw, b"T"),
+        "the spawn server's bash -c (B)": raw_command_fn(raw, b"B"),
+        "F, EXEC of true": timed["F, EXEC of true"],
+        "0.2 s idle": lambda: time.sleep(0.2),
+    }
+    got: dict[tuple[str, str], list[float]] = {}
+    for r in range(rounds):
+        pairs = [(b, t) for b in before for t in timed]
+        for b, t in pairs[r % len(pairs):] + pairs[:r % len(pairs)]:
+            time.sleep(0.05)
+            before[b]()
+            t0 = time.perf_counter()
+            timed[t]()
+            got.setdefault((t, b), []).append(time.perf_counter() - t0)
+    raw.close()
+    rows = []
+    for t in timed:
+        for b in before:
+            v = got[(t, b)]
+            rows.append((f"{t} right after {b}, median (ms)", f"{pct(v, 50) * 1000:.2f}", f"p90 {pct(v, 90) * 1000:.2f}"))
+    return rows
+
+
 def agent_exec_fn(m: Machine) -> tuple[Any, socket.socket]:
     """EXEC `true` to a second agent (second_agent): HELLO, then each request sent and its
     EXIT read on the same thread, with the protocol's Decoder."""
@@ -1101,6 +1136,8 @@ def main() -> None:
     ap.add_argument("--idle", action="store_true", help="PING vs raw echo after idle periods (only)")
     ap.add_argument("--after", action="store_true",
                     help="requests sent 0, 5 and 30 ms after a succeed or a run answered (only; --ab: both agents)")
+    ap.add_argument("--predecessor", action="store_true",
+                    help='run(["true"]) and the framed server\'s EXEC right after each of the ratio rotation\'s cases (only)')
     ap.add_argument("--cpu", action="store_true",
                     help="guest CPU per command: our agent against the minimal spawn server (only)")
     ap.add_argument("--gap", action="store_true",
@@ -1143,6 +1180,8 @@ def main() -> None:
             if args.ab:
                 agents["the older agent (--ab)"] = old_agent_client(m, tmp, args.ab, SHELL)
             rows += after_answers(agents, max(5, args.rounds // 4))
+        elif args.predecessor:
+            rows += after_predecessors(m, client, max(5, args.rounds // 4))
         elif args.idle and args.ab:
             rows += after_succeed_ab(client, old_agent_client(m, tmp, args.ab, SHELL), args.rounds)
         elif args.idle:
