@@ -24,6 +24,7 @@ import atexit
 import faulthandler
 import hashlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -741,10 +742,14 @@ def ratios(m: Machine, client: Any, tmp: Path, rounds: int, copy_mb: int) -> lis
     for fn in cases.values():
         fn()
     order = list(cases.items())
-    for r in range(n):
-        # Rotated each round: the sample taken right after the floors' spawns (another
-        # process ran, a cold guest cache) is a different case every time, not always the PING.
-        for k, fn in order[r % len(order):] + order[:r % len(order)]:
+    shuffle = random.Random(0)
+    for _ in range(n):
+        # A new order each round: what ran just before a case (our agent, or the spawn
+        # server's process: then the case's own process starts cold under TCG) differs from
+        # round to round.  Rotating one order left each case behind the same one: the PING
+        # always came right after the framed echo, the framed echo after the framed EXEC in
+        # its own process (warm), and --predecessor showed what that costs.
+        for k, fn in shuffle.sample(order, len(order)):
             t0 = time.perf_counter()
             fn()
             samples[k].append(time.perf_counter() - t0)
@@ -905,14 +910,20 @@ def nixos_round_trip(s: socket.socket) -> None:
 def raw_echo_fn(m: Machine) -> tuple[Any, socket.socket]:
     m.succeed(f"setsid python3 -c \"{ECHO}\" </dev/null >/dev/null 2>&1 &")
     s = connect_unix(m.plan["sockets"][f"port:{RAW}"], 10)
+    one = raw_echo_on(s)
+    one()
+    return one, s
+
+
+def raw_echo_on(s: socket.socket) -> Any:
+    """16 bytes echoed by the spawn server (ECHO) on `s`."""
     msg = b"x" * 16
 
     def one() -> None:
         s.sendall(msg)
         recv_exact(s, len(msg))
 
-    one()
-    return one, s
+    return one
 
 
 def idle_pings(m: Machine, client: Any, rounds: int) -> list[tuple[str, str, str]]:
@@ -988,6 +999,15 @@ def agent_ping_fn(m: Machine) -> tuple[Any, socket.socket]:
         if got.endswith(pong):
             break
         time.sleep(0.2)
+    # PINGs sent while the agent started are answered late: their PONGs, left queued, would
+    # answer the timed ones at once (a round trip of 0.07 ms was measured so).
+    s.settimeout(0.5)
+    try:
+        while s.recv(65536):
+            pass
+    except TimeoutError:
+        pass
+    s.settimeout(30)
     return framed_fn(s, ping, pong), s
 
 
@@ -1039,7 +1059,9 @@ def after_predecessors(m: Machine, client: Any, rounds: int) -> list[tuple[str, 
     for what ran just before it (a bash, a copy of the spawn server, our agent, idleness)."""
     _, raw = raw_echo_fn(m)
     on_arrival = P.Exec(argv=["/bin/bash", "-c", "set -euo pipefail; true"], timeout_ms=900_000)
-    timed = {'run(["true"])': lambda: m.run(["true"]), "F, EXEC of true": framed_exec_fn(raw)}
+    timed: dict[str, Any] = {'run(["true"])': lambda: m.run(["true"]), "F, EXEC of true": framed_exec_fn(raw),
+             "PING": lambda: client.ping(), "the framed echo": framed_ping_fn(raw),
+             "the raw echo": raw_echo_on(raw)}
     before = {
         'our run(["true"])': lambda: m.run(["true"]),
         "our `bash -c` spawned on arrival": lambda: client.execute(on_arrival),
