@@ -50,6 +50,9 @@ RAW = "org.ntng.raw"
 # What run(["true"]) and succeed("true") send, for the benches that drive a client directly.
 RUN_TRUE = P.Exec(argv=["true"], timeout_ms=900_000)
 SUCCEED_TRUE = P.Exec(argv=["bash", "-c", "set -euo pipefail; true"], timeout_ms=900_000)
+# The same script with bash named by its path: no waiting shell takes it, its bash is spawned
+# when the EXEC comes, as every command's was before the eleventh round.
+BASH_ON_ARRIVAL = P.Exec(argv=["/bin/bash", "-c", "set -euo pipefail; true"], timeout_ms=900_000)
 SHELL = "org.ntng.shell"
 SHARES = (("p9", "9p"), ("vfs", "virtiofs"))  # tag, type
 
@@ -705,7 +708,6 @@ def ratios(m: Machine, client: Any, tmp: Path, rounds: int, copy_mb: int) -> lis
     # still loading; a `bash -c` the waiter does not take (argv[0] a path), spawned when its
     # EXEC comes as every command was before; run(["true"]) after a run(["true"]) and after
     # a succeed (a shell then loads beside it, at SCHED_IDLE).
-    on_arrival = P.Exec(argv=["/bin/bash", "-c", "set -euo pipefail; true"], timeout_ms=900_000)
     seconds: dict[str, list[float]] = {}
 
     def second_of(name: str, first: Any, timed: Any) -> Any:
@@ -723,14 +725,14 @@ def ratios(m: Machine, client: Any, tmp: Path, rounds: int, copy_mb: int) -> lis
         "echo": echo_one,
         "succeed": lambda: m.succeed("true"),
         "succeed_b2b": second_of("succeed_b2b", lambda: m.succeed("true"), lambda: m.succeed("true")),
-        "arrival_b2b": second_of("arrival_b2b", lambda: client.execute(on_arrival),
-                                 lambda: client.execute(on_arrival)),
+        "arrival_b2b": second_of("arrival_b2b", lambda: client.execute(BASH_ON_ARRIVAL),
+                                 lambda: client.execute(BASH_ON_ARRIVAL)),
         "argv_b2b": second_of("argv_b2b", lambda: m.run(["true"]), lambda: m.run(["true"])),
         "argv_after_succeed": second_of("argv_after_succeed", lambda: m.succeed("true"),
                                         lambda: m.run(["true"])),
         # After 0.2 s of nothing (a test's own work, a poll's sleep): the guest idle meanwhile.
         "succeed_idle": second_of("succeed_idle", lambda: time.sleep(0.2), lambda: m.succeed("true")),
-        "arrival_idle": second_of("arrival_idle", lambda: time.sleep(0.2), lambda: client.execute(on_arrival)),
+        "arrival_idle": second_of("arrival_idle", lambda: time.sleep(0.2), lambda: client.execute(BASH_ON_ARRIVAL)),
         "argv": lambda: m.run(["true"]),
         "shell": lambda: nixos_round_trip(s),
         "raw_true": raw_command_fn(raw, b"T"),
@@ -1001,13 +1003,14 @@ def agent_ping_fn(m: Machine) -> tuple[Any, socket.socket]:
         time.sleep(0.2)
     # PINGs sent while the agent started are answered late: their PONGs, left queued, would
     # answer the timed ones at once (a round trip of 0.07 ms was measured so).
+    timeout = s.gettimeout()
     s.settimeout(0.5)
     try:
         while s.recv(65536):
             pass
     except TimeoutError:
         pass
-    s.settimeout(30)
+    s.settimeout(timeout)
     return framed_fn(s, ping, pong), s
 
 
@@ -1054,17 +1057,17 @@ def after_answers(agents: dict[str, Any], rounds: int) -> list[tuple[str, str, s
 
 
 def after_predecessors(m: Machine, client: Any, rounds: int) -> list[tuple[str, str, str]]:
-    """Our run(["true"]) and the framed server's EXEC of `true` (`F`), each timed the moment
-    one of the ratio rotation's cases answered, as that rotation sends them: what each pays
-    for what ran just before it (a bash, a copy of the spawn server, our agent, idleness)."""
+    """Our run(["true"]) and PING, the framed server's EXEC of `true` (`F`), the framed and
+    the raw echo, each timed the moment one of the ratio rotation's cases answered (50 ms
+    after the pair before): what each pays for what ran just before it (a bash, the spawn
+    server's process, our agent, idleness)."""
     _, raw = raw_echo_fn(m)
-    on_arrival = P.Exec(argv=["/bin/bash", "-c", "set -euo pipefail; true"], timeout_ms=900_000)
     timed: dict[str, Any] = {'run(["true"])': lambda: m.run(["true"]), "F, EXEC of true": framed_exec_fn(raw),
              "PING": lambda: client.ping(), "the framed echo": framed_ping_fn(raw),
              "the raw echo": raw_echo_on(raw)}
     before = {
         'our run(["true"])': lambda: m.run(["true"]),
-        "our `bash -c` spawned on arrival": lambda: client.execute(on_arrival),
+        "our `bash -c` spawned on arrival": lambda: client.execute(BASH_ON_ARRIVAL),
         'our succeed("true")': lambda: m.succeed("true"),
         "our PING": lambda: client.ping(),
         "the spawn server's /bin/true (T)": raw_command_fn(raw, b"T"),
@@ -1073,8 +1076,8 @@ def after_predecessors(m: Machine, client: Any, rounds: int) -> list[tuple[str, 
         "0.2 s idle": lambda: time.sleep(0.2),
     }
     got: dict[tuple[str, str], list[float]] = {}
+    pairs = [(b, t) for b in before for t in timed]
     for r in range(rounds):
-        pairs = [(b, t) for b in before for t in timed]
         for b, t in pairs[r % len(pairs):] + pairs[:r % len(pairs)]:
             time.sleep(0.05)
             before[b]()
@@ -1159,7 +1162,7 @@ def main() -> None:
     ap.add_argument("--after", action="store_true",
                     help="requests sent 0, 5 and 30 ms after a succeed or a run answered (only; --ab: both agents)")
     ap.add_argument("--predecessor", action="store_true",
-                    help='run(["true"]) and the framed server\'s EXEC right after each of the ratio rotation\'s cases (only)')
+                    help="run([\"true\"]), PING, the framed server's EXEC and both echoes right after each of the ratio rotation's cases (only)")
     ap.add_argument("--cpu", action="store_true",
                     help="guest CPU per command: our agent against the minimal spawn server (only)")
     ap.add_argument("--gap", action="store_true",

@@ -1,5 +1,5 @@
 """Containers (backend nspawn) without booting one: the agent's folder transport (the REAL agent
-in a thread, the real BackdoorClient), the plan nixlib makes, the backend's setup errors."""
+in a process of its own, the real BackdoorClient), the plan nixlib makes, the backend's setup errors."""
 
 from __future__ import annotations
 
